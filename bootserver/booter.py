@@ -1,0 +1,198 @@
+"""The core: decides what each machine gets and records what happened to it.
+
+Every protocol (HTTP, TFTP, and later DHCP) only translates its wire format into calls on one
+Booter, the way Pixiecore's protocol servers all ask one Booter. Nothing here knows about sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import FACT_KEYS, Config, Machine, Profile
+from .errors import BadRequest, NotFound
+from .mac import canonical_mac, hyphenated
+from .payload import Payload
+from .store import Store
+from .templates import Templates
+
+log = logging.getLogger(__name__)
+
+# What iPXE's bootstrap script reports, by query parameter. Anything else is ignored.
+REPORTED_FACTS = ("platform", "arch", "uuid", "serial", "asset", "manufacturer", "product")
+MAX_FACT_LENGTH = 128
+
+# The iPXE binary a firmware gets, by DHCP option 93 client architecture (RFC 4578, IANA registry).
+# 7 and 9 are both x86-64 UEFI in practice (RFC 4578 had them swapped).
+FIRMWARE_BINARIES = {
+    0: "undionly.kpxe",  # BIOS: uses the NIC's own UNDI driver
+    7: "ipxe.efi",
+    9: "ipxe.efi",
+    11: "snponly-arm64.efi",  # arm64: the all-drivers build does not work there
+    16: "ipxe.efi",  # x86-64 UEFI HTTP boot
+}
+
+
+@dataclass(frozen=True)
+class Urls:
+    """Where a machine finds us: `files` over the transport it used, `api` over HTTP for its OS."""
+
+    files: str
+    api: str
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What one machine boots, and why; `profile` None means it boots nothing from us."""
+
+    mac: str
+    profile: Profile | None
+    group: str | None
+    reason: str
+    machine: Machine | None = None
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+class Booter:
+    def __init__(self, config: Config, store: Store, templates: Templates) -> None:
+        self.config = config
+        self.store = store
+        self.templates = templates
+
+    # -- deciding -------------------------------------------------------------------------------
+
+    def boot_spec(self, mac: str, facts: dict[str, str] | None = None) -> BootSpec:
+        """The most specific group whose selector the machine matches; ties go to the first listed.
+
+        Selector keys are the machine's configured labels plus what it reports (mac, arch, platform).
+        """
+        facts = facts or {}
+        machine = self.config.machines.get(mac)
+        attributes = {**(machine.labels if machine else {}), **facts, "mac": mac}
+        matching = [g for g in self.config.groups
+                    if all(attributes.get(k) == v for k, v in g.selector.items())]
+        if not matching:
+            known = "a configured machine" if machine else "an unknown machine"
+            return BootSpec(mac, None, None, f"{mac} is {known} and no group matches it", machine, facts)
+        best = max(matching, key=lambda g: len(g.selector))  # max() keeps the first of equals
+        why = (", ".join(f"{k}={v}" for k, v in sorted(best.selector.items())) or "no selector: matches all")
+        others = [g.name for g in matching if g is not best]
+        reason = f"group {best.name} ({why})" + (f"; also matched, less specific: {', '.join(others)}"
+                                                 if others else "")
+        return BootSpec(mac, self.config.profiles[best.profile], best.name, reason, machine, facts)
+
+    @staticmethod
+    def firmware_binary(client_arch: int) -> str:
+        """The iPXE binary to chainload for a PXE firmware of this option-93 architecture."""
+        try:
+            return FIRMWARE_BINARIES[client_arch]
+        except KeyError:
+            raise NotFound(f"no iPXE binary for client architecture {client_arch}") from None
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def bootstrap(self, urls: Urls) -> Payload:
+        """The script every machine fetches first; it chains to the machine's own script by MAC."""
+        text = self.templates.render("bootstrap.ipxe.j2", files_url=urls.files, api_url=urls.api)
+        return Payload("boot.ipxe", data=text.encode())
+
+    def machine_script(self, mac_text: str, reported: dict[str, str], urls: Urls,
+                       transport: str) -> Payload:
+        """The iPXE script for one machine, recorded as an event whatever it says."""
+        mac = canonical_mac(mac_text)
+        facts = clean_facts(reported)
+        spec = self.boot_spec(mac, {k: v for k, v in facts.items() if k in FACT_KEYS})
+        missing = self._missing_assets(spec.profile)
+        if spec.profile is None or missing:
+            reason = spec.reason if spec.profile is None else (
+                f"profile {spec.profile.name} needs {', '.join(missing)}, which is missing on the server "
+                f"(for the default agent image: run `bootserver image build`)")
+            self.store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
+            text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=reason)
+            return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+        text = self.render_profile(spec, urls)
+        self.store.record(mac, "script-served", {"profile": spec.profile.name, "group": spec.group,
+                                                 "reason": spec.reason, "transport": transport},
+                          state="script-served", facts=facts)
+        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+
+    def render_profile(self, spec: BootSpec, urls: Urls) -> str:
+        assert spec.profile is not None
+        context = {
+            "mac": spec.mac,
+            "mac_hyphenated": hyphenated(spec.mac),
+            "hostname": (spec.machine.hostname if spec.machine else None) or "",
+            "labels": spec.machine.labels if spec.machine else {},
+            "facts": spec.facts,
+            "platform": spec.facts.get("platform", ""),
+            "files_url": urls.files,
+            "api_url": urls.api,
+        }
+        cmdline = self.templates.render_string(spec.profile.cmdline, **context)
+        return self.templates.render(spec.profile.template, profile=spec.profile, group=spec.group,
+                                     cmdline=cmdline, **context)
+
+    def boot_file(self, mac_text: str, name: str) -> Payload:
+        """A kernel or initrd by asset name, for one machine."""
+        mac = canonical_mac(mac_text)
+        path = self.config.assets.get(name)
+        if path is None:
+            raise NotFound(f"no asset named {name!r}")
+        if not path.is_file():
+            raise NotFound(f"asset {name!r} is configured as {path}, which does not exist")
+        return Payload(name, path=path, mac=mac)
+
+    def ipxe_binary(self, name: str) -> Payload:
+        """An iPXE binary for chainloading, from the configured iPXE directory."""
+        if name not in set(FIRMWARE_BINARIES.values()) | {"snponly.efi", "undionly.kkpxe", "ipxe.pxe"}:
+            raise NotFound(f"{name!r} is not an iPXE binary bootserver serves")
+        path = self.config.server.ipxe_dir / name
+        if not path.is_file():
+            raise NotFound(f"{path} is missing: install Debian's ipxe package or set server.ipxe_dir")
+        return Payload(name, path=path)
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def file_sent(self, payload: Payload, protocol: str, sent: int, seconds: float,
+                  error: str | None = None) -> None:
+        """A protocol finished sending `payload` (or gave up). Files of a machine become its events."""
+        if payload.mac is None:
+            return
+        detail = {"file": payload.name, "protocol": protocol, "bytes": sent, "size": payload.size,
+                  "seconds": round(seconds, 3)}
+        if error:
+            self.store.record(payload.mac, "file-failed", {**detail, "error": error})
+            return
+        profile_kernel = {p.kernel for p in self.config.profiles.values()}
+        state = "kernel-served" if payload.name in profile_kernel and sent == payload.size else None
+        self.store.record(payload.mac, "file-served", detail, state=state)
+
+    def booted(self, mac_text: str, report: dict[str, object]) -> None:
+        """The booted system called home: its kernel and init are running."""
+        mac = canonical_mac(mac_text)
+        detail = {k: str(v)[:MAX_FACT_LENGTH] for k, v in report.items() if k in ("ip", "kernel", "mac")}
+        self.store.record(mac, "booted", detail, state="booted")
+
+    def _missing_assets(self, profile: Profile | None) -> list[str]:
+        if profile is None:
+            return []
+        names = ([profile.kernel] if profile.kernel else []) + list(profile.initrd)
+        return [f"{n} ({self.config.assets[n]})" for n in names if not Path(self.config.assets[n]).is_file()]
+
+
+def clean_facts(reported: dict[str, str]) -> dict[str, str]:
+    """What a machine reported about itself, reduced to known keys and sane printable values.
+
+    Unset iPXE variables arrive as empty strings; they are dropped, not stored.
+    """
+    facts = {}
+    for key in REPORTED_FACTS:
+        value = reported.get(key, "")
+        if not value:
+            continue
+        if len(value) > MAX_FACT_LENGTH or not value.isprintable():
+            raise BadRequest(f"reported {key} is not a printable string of at most "
+                             f"{MAX_FACT_LENGTH} characters")
+        facts[key] = value
+    return facts

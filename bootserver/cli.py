@@ -1,0 +1,117 @@
+"""The `bootserver` command: serve, explain what a machine would get, list machines, build images."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import config as configuration
+from .booter import Booter, Urls
+from .errors import BootserverError
+from .mac import canonical_mac
+from .store import Store
+from .templates import Templates
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.command(args)
+    except BootserverError as exc:
+        print(f"bootserver: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bootserver", description=__doc__)
+    parser.add_argument("--config", type=Path, help="TOML config file (default: embedded defaults)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP and TFTP servers")
+    serve.set_defaults(command=cmd_serve)
+
+    render = commands.add_parser("render", help="print the iPXE script a machine would get, and why")
+    render.add_argument("mac")
+    render.add_argument("--platform", default="", help="as iPXE reports it: pcbios or efi")
+    render.add_argument("--arch", default="", help="as iPXE reports it: i386, x86_64, arm64")
+    render.add_argument("--url", default="", help="base URL to render with (default: from the config)")
+    render.set_defaults(command=cmd_render)
+
+    nodes = commands.add_parser("nodes", help="list the machines this server has seen")
+    nodes.set_defaults(command=cmd_nodes)
+
+    image = commands.add_parser("image", help="build the default agent netboot image")
+    image_commands = image.add_subparsers(required=True, metavar="ACTION")
+    build = image_commands.add_parser("build", help="kernel + initramfs from Debian packages")
+    build.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/images/agent)")
+    build.set_defaults(command=cmd_image_build)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import App  # aiohttp is only needed when serving
+
+    config = configuration.load(args.config)
+    asyncio.run(App.open(config).serve_forever())
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    mac = canonical_mac(args.mac)
+    facts = {k: v for k, v in (("platform", args.platform), ("arch", args.arch)) if v}
+    base = args.url or f"http://{config.server.public_address or 'SERVER'}:{config.server.http.port}"
+    store = Store(config.server.database)
+    booter = Booter(config, store, Templates(config.server.templates_dir))
+    spec = booter.boot_spec(mac, facts)
+    machine = f"configured as {spec.machine.hostname or 'no hostname'}" if spec.machine else "not in [machines]"
+    print(f"# {mac}: {machine}; facts {facts or 'none given'}")
+    print(f"# matched: {spec.reason}")
+    if spec.profile is None:
+        print("# no profile: the machine gets the no-boot script and falls through to its next boot device")
+        return 1
+    print(f"# profile: {spec.profile.name} (template {spec.profile.template})")
+    print(booter.render_profile(spec, Urls(files=base, api=base)), end="")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    store = Store(config.server.database)
+    rows = [(n.mac, n.state, n.facts.get("platform", "-"), _ago(n.last_seen)) for n in store.nodes()]
+    if not rows:
+        print(f"no machines yet (store: {config.server.database})")
+        return 0
+    header = ("MAC", "STATE", "PLATFORM", "LAST SEEN")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from .image import build_agent_image
+
+    config = configuration.load(args.config)
+    out = args.out or config.server.data_dir / "images" / "agent"
+    image = build_agent_image(out)
+    print(f"agent image {image.version}: {image.kernel}, {image.initrd}")
+    return 0
+
+
+def _ago(when: float) -> str:
+    seconds = int(time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The configuration: one TOML file, or embedded defaults when there is none.
+
+Everything is validated at start-up; a bad key or value raises ConfigError naming it, so a typo
+never becomes a machine that silently boots the wrong thing.
+
+    [server]
+    http = "0.0.0.0:8080"              # host:port; 80 when root
+    tftp = "0.0.0.0:6969"              # 69 when root
+    public_address = "192.0.2.10"      # how machines reach us, when it differs from what they ask for
+    data_dir = "/var/lib/bootserver"
+
+    [assets]                           # files by name; relative paths are under data_dir
+    agent-kernel = "images/agent/vmlinuz"
+
+    [profiles.agent]                   # what a machine boots
+    kernel = "agent-kernel"
+    initrd = ["agent-initrd"]
+    cmdline = "console=ttyS0"
+
+    [groups.default]                   # which machines get which profile; the most specific match wins
+    profile = "agent"
+    selector = {}                      # keys: mac, arch, platform, or any machine label
+
+    [machines."52:54:00:12:34:56"]
+    hostname = "node1"
+    labels = { role = "raft" }
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRequest, ConfigError
+from .mac import canonical_mac
+
+# Selector keys that come from the machine's request rather than from its configured labels.
+FACT_KEYS = ("mac", "arch", "platform")
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    http: Listen
+    tftp: Listen | None  # None: TFTP off
+    data_dir: Path
+    public_address: str | None = None  # None: answer with the address the machine asked us on
+    ipxe_dir: Path = Path("/usr/lib/ipxe")  # iPXE binaries served over TFTP for chainloading
+    templates_dir: Path | None = None  # the operator's own iPXE templates, searched before ours
+
+    @property
+    def tftp_root(self) -> Path:
+        return self.data_dir / "tftp"
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "bootserver.sqlite3"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a machine boots: a kernel, its initrds and command line, rendered by one iPXE template."""
+
+    name: str
+    kernel: str | None = None  # asset name; None for templates that boot no kernel (local disk)
+    initrd: tuple[str, ...] = ()
+    cmdline: str = ""
+    template: str = "linux.ipxe.j2"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of machines chosen by selector; the group with most matching selector keys wins."""
+
+    name: str
+    profile: str
+    selector: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine the operator knows by MAC, with the labels groups select on."""
+
+    mac: str
+    hostname: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    assets: dict[str, Path]
+    profiles: dict[str, Profile]
+    groups: tuple[Group, ...]
+    machines: dict[str, Machine]
+    source: Path | None = None  # the file this came from; None for embedded defaults
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/bootserver")
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share"
+    return Path(base) / "bootserver"
+
+
+def _default_ports() -> tuple[int, int]:
+    """Privileged well-known ports when we may bind them, unprivileged ones otherwise."""
+    return (80, 69) if os.geteuid() == 0 else (8080, 6969)
+
+
+def load(path: Path | None) -> Config:
+    """The configuration in `path`, or the embedded defaults when `path` is None."""
+    if path is None:
+        return parse({}, source=None)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, source=path)
+
+
+def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
+    """Validate a decoded TOML document into a Config. Missing sections get the embedded defaults."""
+    where = str(source) if source else "config"
+    _only_keys(raw, {"server", "assets", "profiles", "groups", "machines"}, where)
+    server = _server(_table(raw, "server", where), f"{where}: [server]")
+    assets = _assets(_table(raw, "assets", where), server.data_dir, f"{where}: [assets]")
+    profiles = {
+        name: _profile(name, _table(body, None, f"{where}: [profiles.{name}]"), f"{where}: [profiles.{name}]")
+        for name, body in _table(raw, "profiles", where).items()
+    }
+    groups = tuple(
+        _group(name, _table(body, None, f"{where}: [groups.{name}]"), f"{where}: [groups.{name}]")
+        for name, body in _table(raw, "groups", where).items()
+    )
+    machines = _machines(_table(raw, "machines", where), f"{where}: [machines]")
+    if not profiles and not groups and not assets:
+        assets, profiles, groups = _embedded_agent(server.data_dir)
+    config = Config(server, assets, profiles, groups, machines, source)
+    _check_references(config, where)
+    return config
+
+
+def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile], tuple[Group, ...]]:
+    """Out of the box every machine boots the agent image that `bootserver image build` makes."""
+    images = data_dir / "images" / "agent"
+    assets = {"agent-kernel": images / "vmlinuz", "agent-initrd": images / "initrd.img"}
+    profile = Profile("agent", "agent-kernel", ("agent-initrd",), "console=tty0 console=ttyS0")
+    return assets, {"agent": profile}, (Group("default", "agent"),)
+
+
+def _server(raw: dict[str, Any], where: str) -> ServerConfig:
+    _only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir"}, where)
+    http_port, tftp_port = _default_ports()
+    data_dir = Path(_str(raw, "data_dir", where, str(default_data_dir()))).expanduser()
+    tftp_raw = raw.get("tftp", f"0.0.0.0:{tftp_port}")
+    templates = raw.get("templates_dir")
+    return ServerConfig(
+        http=_listen(_str(raw, "http", where, f"0.0.0.0:{http_port}"), f"{where} http"),
+        tftp=None if tftp_raw in ("", "off") else _listen(_str(raw, "tftp", where, tftp_raw), f"{where} tftp"),
+        data_dir=data_dir,
+        public_address=raw.get("public_address") and _str(raw, "public_address", where),
+        ipxe_dir=Path(_str(raw, "ipxe_dir", where, "/usr/lib/ipxe")),
+        templates_dir=Path(_str(raw, "templates_dir", where)) if templates is not None else None,
+    )
+
+
+def _listen(text: str, where: str) -> Listen:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {text!r} is not host:port with a port 0-65535")
+    return Listen(host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _assets(raw: dict[str, Any], data_dir: Path, where: str) -> dict[str, Path]:
+    assets = {}
+    for name in raw:
+        _check_name(name, where)
+        path = Path(_str(raw, name, where)).expanduser()
+        assets[name] = path if path.is_absolute() else data_dir / path
+    return assets
+
+
+def _profile(name: str, raw: dict[str, Any], where: str) -> Profile:
+    _check_name(name, where)
+    _only_keys(raw, {"kernel", "initrd", "cmdline", "template"}, where)
+    initrd = raw.get("initrd", [])
+    if isinstance(initrd, str):
+        initrd = [initrd]
+    if not isinstance(initrd, list) or not all(isinstance(i, str) for i in initrd):
+        raise ConfigError(f"{where} initrd: expected an asset name or a list of asset names")
+    return Profile(
+        name=name,
+        kernel=raw.get("kernel") and _str(raw, "kernel", where),
+        initrd=tuple(initrd),
+        cmdline=_str(raw, "cmdline", where, ""),
+        template=_str(raw, "template", where, "linux.ipxe.j2"),
+    )
+
+
+def _group(name: str, raw: dict[str, Any], where: str) -> Group:
+    _check_name(name, where)
+    _only_keys(raw, {"profile", "selector"}, where)
+    if "profile" not in raw:
+        raise ConfigError(f"{where}: missing key 'profile'")
+    selector = _string_table(raw.get("selector", {}), f"{where} selector")
+    if "mac" in selector:
+        selector["mac"] = _mac(selector["mac"], f"{where} selector.mac")
+    return Group(name, _str(raw, "profile", where), selector)
+
+
+def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
+    machines: dict[str, Machine] = {}
+    for key, body in raw.items():
+        mac = _mac(key, where)
+        here = f"{where.removesuffix(']')}.\"{key}\"]"
+        if mac in machines:
+            raise ConfigError(f"{here}: the same MAC as another [machines] entry ({mac})")
+        body = _table(body, None, here)
+        _only_keys(body, {"hostname", "labels"}, here)
+        labels = _string_table(body.get("labels", {}), f"{here} labels")
+        clash = set(labels) & set(FACT_KEYS)
+        if clash:
+            raise ConfigError(f"{here} labels: {sorted(clash)} are reserved for what machines report")
+        hostname = body.get("hostname") and _str(body, "hostname", here)
+        machines[mac] = Machine(mac, hostname, labels)
+    return machines
+
+
+def _check_references(config: Config, where: str) -> None:
+    for profile in config.profiles.values():
+        for asset in ([profile.kernel] if profile.kernel else []) + list(profile.initrd):
+            if asset not in config.assets:
+                raise ConfigError(f"{where}: [profiles.{profile.name}] names asset {asset!r}, "
+                                  f"which is not in [assets]")
+    seen: dict[tuple[tuple[str, str], ...], str] = {}
+    for group in config.groups:
+        if group.profile not in config.profiles:
+            raise ConfigError(f"{where}: [groups.{group.name}] names profile {group.profile!r}, "
+                              f"which is not in [profiles]")
+        key = tuple(sorted(group.selector.items()))
+        if key in seen:
+            raise ConfigError(f"{where}: [groups.{group.name}] has the same selector as "
+                              f"[groups.{seen[key]}], so neither could win")
+        seen[key] = group.name
+
+
+# Small validators: each names the key it refuses.
+
+def _table(raw: dict[str, Any], key: str | None, where: str) -> dict[str, Any]:
+    value = raw if key is None else raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}{f' {key}' if key else ''}: expected a table")
+    return value
+
+
+def _only_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+def _str(raw: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} {key}: expected a string, got {value!r}")
+    return value
+
+
+def _string_table(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"{where}: expected a table of strings")
+    return dict(value)
+
+
+def _mac(text: Any, where: str) -> str:
+    try:
+        return canonical_mac(str(text))
+    except BadRequest as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_name(name: str, where: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ConfigError(f"{where}: name {name!r} may hold only letters, digits, '-', '_' and '.'")

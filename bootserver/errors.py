@@ -1,0 +1,24 @@
+"""Exceptions with messages a person can act on.
+
+Protocol modules translate these into their own wire answers (HTTP status, TFTP ERROR code).
+"""
+
+
+class BootserverError(Exception):
+    """Base class for every error bootserver raises on purpose."""
+
+
+class ConfigError(BootserverError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class BadRequest(BootserverError):
+    """A client sent something malformed (a bad MAC, a bad option)."""
+
+
+class NotFound(BootserverError):
+    """The thing asked for does not exist."""
+
+
+class Forbidden(BootserverError):
+    """The thing asked for exists or might, but may not be served (a traversal, a write)."""

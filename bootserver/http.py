@@ -1,0 +1,181 @@
+"""HTTP: translates requests into calls on the Booter and its answers into responses.
+
+    GET  /boot.ipxe                 the bootstrap script every machine chains to first
+    GET  /boot/{mac}.ipxe           one machine's script (firmware facts in the query string)
+    GET  /boot/{mac}/{asset}        a kernel or initrd for that machine (Range, sendfile)
+    POST /boot/{mac}/booted         the booted system reporting in
+    GET  /ipxe/{binary}             iPXE binaries, for UEFI HTTP boot
+    GET  /healthz                   what works and what is missing
+    GET  /api/v1/machines[/{mac}]   machines and their events as JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+from .booter import Booter, Urls
+from .errors import BadRequest, BootserverError, Forbidden, NotFound
+from .mac import canonical_mac
+from .payload import Payload
+
+log = logging.getLogger(__name__)
+
+BOOTER = web.AppKey("booter", Booter)
+PUBLIC_ADDRESS = web.AppKey("public_address", str)
+
+MAX_BODY = 64 * 1024  # phone-home reports are small; anything larger is refused with 413
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+_STATUS = {BadRequest: 400, Forbidden: 403, NotFound: 404}
+
+
+def create_app(booter: Booter, public_address: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app[BOOTER] = booter
+    app[PUBLIC_ADDRESS] = public_address or ""
+    app.router.add_get("/boot.ipxe", bootstrap)
+    app.router.add_get("/boot/{mac}.ipxe", machine_script)
+    app.router.add_get("/boot/{mac}/{name}", boot_file)
+    app.router.add_post("/boot/{mac}/booted", booted)
+    app.router.add_get("/ipxe/{name}", ipxe_binary)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/v1/machines", machines)
+    app.router.add_get("/api/v1/machines/{mac}", machine)
+    return app
+
+
+@web.middleware
+async def _errors(request: web.Request,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Our exceptions become plain-text answers a person (or iPXE's console) can read."""
+    try:
+        return await handler(request)
+    except BootserverError as exc:
+        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+        if status == 500:
+            log.exception("request %s failed", request.path)
+        return web.Response(status=status, text=f"{exc}\n")
+
+
+def urls(request: web.Request) -> Urls:
+    """Our base URL as the machine should use it: the configured public address, else what it asked for."""
+    public = request.app[PUBLIC_ADDRESS]
+    if public:
+        port = request.transport.get_extra_info("sockname")[1] if request.transport else 80
+        base = f"http://{_host_port(public, port)}"
+    else:
+        host = request.headers.get("Host", "")
+        if not _HOST.match(host):
+            sockname = request.transport.get_extra_info("sockname") if request.transport else None
+            if not sockname:
+                raise BadRequest("request has no usable Host header")
+            host = _host_port(sockname[0], sockname[1])
+        base = f"http://{host}"
+    return Urls(files=base, api=base)
+
+
+def _host_port(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return host if port == 80 else f"{host}:{port}"
+
+
+def _text(payload: Payload) -> web.Response:
+    assert payload.data is not None
+    # iPXE is far slower without Content-Length; web.Response always sets it for a body.
+    return web.Response(body=payload.data, content_type="text/plain", charset="utf-8")
+
+
+async def bootstrap(request: web.Request) -> web.Response:
+    return _text(request.app[BOOTER].bootstrap(urls(request)))
+
+
+async def machine_script(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    payload = booter.machine_script(request.match_info["mac"], dict(request.query), urls(request), "http")
+    return _text(payload)
+
+
+async def boot_file(request: web.Request) -> web.StreamResponse:
+    payload = request.app[BOOTER].boot_file(request.match_info["mac"], request.match_info["name"])
+    return await _send_file(request, payload)
+
+
+async def ipxe_binary(request: web.Request) -> web.StreamResponse:
+    return await _send_file(request, request.app[BOOTER].ipxe_binary(request.match_info["name"]))
+
+
+async def _send_file(request: web.Request, payload: Payload) -> web.StreamResponse:
+    assert payload.path is not None
+    return RecordedFileResponse(request.app[BOOTER], payload)
+
+
+class RecordedFileResponse(web.FileResponse):
+    """A FileResponse (sendfile, Range) that records the transfer once it is done or broken."""
+
+    def __init__(self, booter: Booter, payload: Payload) -> None:
+        super().__init__(payload.path, headers={"Content-Type": "application/octet-stream"})
+        self._booter = booter
+        self._payload = payload
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        started = time.monotonic()
+        try:
+            writer = await super().prepare(request)  # sends the whole body (or the range) before returning
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            self._booter.file_sent(self._payload, "http", 0, time.monotonic() - started,
+                                   error=f"client went away: {exc!r}")
+            raise
+        if request.method == "GET" and self.status in (200, 206):
+            self._booter.file_sent(self._payload, "http", self.content_length or 0, time.monotonic() - started)
+        return writer
+
+
+async def booted(request: web.Request) -> web.Response:
+    try:
+        report = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("body is not JSON") from None
+    if not isinstance(report, dict):
+        raise BadRequest("body must be a JSON object")
+    request.app[BOOTER].booted(request.match_info["mac"], report)
+    return web.json_response({"ok": True})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    config = booter.config
+    missing_assets = sorted(n for n, p in config.assets.items() if not p.is_file())
+    binaries = sorted(p.name for p in config.server.ipxe_dir.glob("*") if p.suffix in (".efi", ".kpxe"))
+    body = {
+        "ok": True,
+        "missing_assets": missing_assets,
+        "ipxe_binaries": binaries,
+        "tftp_root": str(config.server.tftp_root) if config.server.tftp_root.is_dir() else None,
+    }
+    return web.json_response(body)
+
+
+async def machines(request: web.Request) -> web.Response:
+    nodes = request.app[BOOTER].store.nodes()
+    return web.json_response({"machines": [_node_json(n) for n in nodes]})
+
+
+async def machine(request: web.Request) -> web.Response:
+    store = request.app[BOOTER].store
+    mac = canonical_mac(request.match_info["mac"])
+    node = store.node(mac)
+    if node is None:
+        raise NotFound(f"no machine {mac} has asked this server for anything")
+    events = [{"id": e.id, "time": e.time, "kind": e.kind, "detail": e.detail} for e in store.events(mac)]
+    return web.json_response({**_node_json(node), "events": events})
+
+
+def _node_json(node: object) -> dict[str, object]:
+    return dict(vars(node))

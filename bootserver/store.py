@@ -1,0 +1,140 @@
+"""The store: machines and their event log in SQLite. The only module that speaks SQL.
+
+WAL mode so readers (the CLI, status pages) never block the server; every write is its own
+transaction, committed before the call returns, so a killed server loses no recorded event.
+The schema is versioned with `PRAGMA user_version`; MIGRATIONS[n] takes version n to n+1.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS = [
+    """
+    CREATE TABLE machines (
+        mac        TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen  REAL NOT NULL,
+        facts      TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE events (
+        id     INTEGER PRIMARY KEY,
+        mac    TEXT NOT NULL REFERENCES machines(mac),
+        time   REAL NOT NULL,
+        kind   TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_by_mac ON events(mac, id);
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A machine as the store knows it: what it reported and how far it got."""
+
+    mac: str
+    state: str
+    first_seen: float
+    last_seen: float
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened to a machine: a script served, a file sent, a report received."""
+
+    id: int
+    mac: str
+    time: float
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # isolation_level=None: we open transactions ourselves, explicitly, in _transaction().
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # an event acknowledged is an event kept
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        with self._transaction():
+            version = self.schema_version
+            if version > len(MIGRATIONS):
+                raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
+                                   f"bootserver knows ({len(MIGRATIONS)}): upgrade bootserver")
+            for step in MIGRATIONS[version:]:
+                for statement in filter(str.strip, step.split(";")):
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def record(self, mac: str, kind: str, detail: dict[str, Any] | None = None, *,
+               state: str | None = None, facts: dict[str, str] | None = None) -> Event:
+        """Append an event for `mac`, creating the machine on first sight, in one transaction.
+
+        `state` moves the machine to a new state; `facts` merges into what it has reported.
+        """
+        now = time.time()
+        body = json.dumps(detail or {}, sort_keys=True)
+        with self._transaction() as db:
+            row = db.execute("SELECT facts FROM machines WHERE mac = ?", (mac,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (mac, state or "discovered", now, now, json.dumps(facts or {})))
+            else:
+                merged = {**json.loads(row["facts"]), **(facts or {})}
+                db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? "
+                           "WHERE mac = ?", (now, state, json.dumps(merged), mac))
+            cursor = db.execute("INSERT INTO events (mac, time, kind, detail) VALUES (?, ?, ?, ?)",
+                                (mac, now, kind, body))
+        return Event(cursor.lastrowid or 0, mac, now, kind, detail or {})
+
+    def node(self, mac: str) -> Node | None:
+        row = self._db.execute("SELECT * FROM machines WHERE mac = ?", (mac,)).fetchone()
+        return _node(row) if row else None
+
+    def nodes(self) -> list[Node]:
+        return [_node(row) for row in self._db.execute("SELECT * FROM machines ORDER BY mac")]
+
+    def events(self, mac: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Events of `mac` with id greater than `after`, oldest first."""
+        rows = self._db.execute("SELECT * FROM events WHERE mac = ? AND id > ? ORDER BY id LIMIT ?",
+                                (mac, after, limit))
+        return [Event(r["id"], r["mac"], r["time"], r["kind"], json.loads(r["detail"])) for r in rows]
+
+
+def _node(row: sqlite3.Row) -> Node:
+    return Node(row["mac"], row["state"], row["first_seen"], row["last_seen"], json.loads(row["facts"]))

@@ -1,0 +1,38 @@
+"""iPXE scripts are jinja2 templates in `ipxe/`; this module is the one place that renders them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+
+def builtin_templates_dir() -> Path:
+    """`ipxe/` in a source checkout, or the copy packed into the wheel next to this module."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "ipxe", here.parent / "ipxe"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"bootserver's iPXE templates are missing (looked in {here}/ipxe and "
+                            f"{here.parent}/ipxe): reinstall bootserver")
+
+
+class Templates:
+    """The operator's templates (if any) first, then ours. Undefined variables are errors, not blanks."""
+
+    def __init__(self, extra_dir: Path | None = None) -> None:
+        dirs = [str(d) for d in (extra_dir, builtin_templates_dir()) if d is not None]
+        self._env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(dirs),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,  # iPXE scripts, not HTML; values are checked before they get here
+            keep_trailing_newline=True,
+        )
+
+    def render(self, name: str, **context: Any) -> str:
+        return self._env.get_template(name).render(**context)
+
+    def render_string(self, source: str, **context: Any) -> str:
+        """Render a snippet from the config (a kernel command line) with the same rules."""
+        return self._env.from_string(source).render(**context)

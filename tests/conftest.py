@@ -1,0 +1,107 @@
+"""Shared fixtures: a config on a temporary data directory, with small real files as assets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bootserver import config as configuration
+from bootserver.booter import Booter
+from bootserver.store import Store
+from bootserver.templates import Templates
+
+EXAMPLE_TOML = """
+[server]
+http = "127.0.0.1:0"
+tftp = "127.0.0.1:0"
+data_dir = "{data_dir}"
+
+[assets]
+vmlinuz = "images/vmlinuz"
+initrd = "images/initrd.img"
+raft-initrd = "images/raft.img"
+
+[profiles.discovery]
+kernel = "vmlinuz"
+initrd = ["initrd"]
+cmdline = "console=ttyS0 quiet"
+
+[profiles.raft]
+kernel = "vmlinuz"
+initrd = ["initrd", "raft-initrd"]
+cmdline = "console=ttyS0 hostname={{{{ hostname }}}}"
+
+[profiles.disk]
+template = "localdisk.ipxe.j2"
+
+[groups.default]
+profile = "discovery"
+
+[groups.raft]
+profile = "raft"
+selector = {{ role = "raft" }}
+
+[groups.raft-efi]
+profile = "raft"
+selector = {{ role = "raft", platform = "efi" }}
+
+[groups.done]
+profile = "disk"
+selector = {{ mac = "52:54:00:00:00:99" }}
+
+[machines."52:54:00:00:00:01"]
+hostname = "node1"
+labels = {{ role = "raft" }}
+
+[machines."52-54-00-00-00-02"]
+hostname = "node2"
+labels = {{ role = "raft" }}
+"""
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    (images / "vmlinuz").write_bytes(b"K" * 100_000 + b"kernel-end")
+    (images / "initrd.img").write_bytes(b"I" * 50_000)
+    (images / "raft.img").write_bytes(b"R" * 1000)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, data_dir: Path) -> Path:
+    path = tmp_path / "bootserver.toml"
+    path.write_text(EXAMPLE_TOML.format(data_dir=data_dir))
+    return path
+
+
+@pytest.fixture
+def config(config_file: Path) -> configuration.Config:
+    return configuration.load(config_file)
+
+
+@pytest.fixture
+def store(config: configuration.Config):
+    store = Store(config.server.database)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def booter(config: configuration.Config, store: Store) -> Booter:
+    return Booter(config, store, Templates())
+
+
+async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):
+    """Wait until predicate() is truthy (a server records a transfer just after the client has it all)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+    return result

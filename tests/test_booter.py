@@ -1,0 +1,96 @@
+"""The core: group matching, golden iPXE scripts, events recorded for every decision."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootserver.booter import Booter, Urls, clean_facts
+from bootserver.errors import BadRequest, NotFound
+
+GOLDEN = Path(__file__).parent / "golden"
+URLS = Urls(files="http://192.0.2.1:8080", api="http://192.0.2.1:8080")
+
+
+def golden(name: str, text: str) -> None:
+    """Compare with tests/golden/NAME; BOOTSERVER_UPDATE_GOLDEN=1 rewrites it (review the diff!)."""
+    path = GOLDEN / name
+    if os.environ.get("BOOTSERVER_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_most_specific_group_wins(booter: Booter):
+    assert booter.boot_spec("52:54:00:00:00:03").group == "default"  # unknown MAC: the catch-all
+    assert booter.boot_spec("52:54:00:00:00:01").group == "raft"  # label role=raft
+    efi = booter.boot_spec("52:54:00:00:00:01", {"platform": "efi"})
+    assert efi.group == "raft-efi"  # two keys beat one
+    assert "also matched, less specific: default, raft" in efi.reason
+    assert booter.boot_spec("52:54:00:00:00:99").group == "done"  # selector on MAC
+
+
+def test_no_group_means_no_profile(booter: Booter):
+    booter.config = booter.config.__class__(**{**vars(booter.config), "groups": booter.config.groups[1:]})
+    spec = booter.boot_spec("52:54:00:00:00:03")
+    assert spec.profile is None
+    assert "unknown machine and no group matches" in spec.reason
+
+
+def test_bootstrap_script_golden(booter: Booter):
+    golden("bootstrap.ipxe", booter.bootstrap(URLS).data.decode())
+
+
+def test_raft_script_golden_and_event(booter: Booter):
+    payload = booter.machine_script("52-54-00-00-00-01", {"platform": "efi", "arch": "x86_64", "uuid": ""},
+                                    URLS, "http")
+    golden("raft-efi.ipxe", payload.data.decode())
+    node = booter.store.node("52:54:00:00:00:01")
+    assert node.state == "script-served"
+    assert node.facts == {"platform": "efi", "arch": "x86_64"}  # empty uuid dropped
+    event = booter.store.events("52:54:00:00:00:01")[-1]
+    assert event.kind == "script-served"
+    assert event.detail["group"] == "raft-efi" and event.detail["profile"] == "raft"
+
+
+def test_local_disk_script_golden(booter: Booter):
+    golden("localdisk-bios.ipxe", booter.machine_script("52:54:00:00:00:99", {"platform": "pcbios"},
+                                                        URLS, "http").data.decode())
+
+
+def test_missing_asset_gets_noboot_script_naming_it(booter: Booter, data_dir: Path):
+    (data_dir / "images" / "raft.img").unlink()
+    text = booter.machine_script("52:54:00:00:00:01", {}, URLS, "http").data.decode()
+    assert "raft-initrd" in text and "missing" in text and "exit 0" in text
+    assert booter.store.events("52:54:00:00:00:01")[-1].kind == "no-boot"
+
+
+def test_hostile_facts_are_refused(booter: Booter):
+    with pytest.raises(BadRequest):
+        clean_facts({"serial": "x\nkernel http://evil/"})
+    with pytest.raises(BadRequest):
+        clean_facts({"uuid": "u" * 500})
+    assert clean_facts({"colour": "red", "platform": "efi"}) == {"platform": "efi"}
+
+
+def test_boot_file_and_transfer_events(booter: Booter):
+    payload = booter.boot_file("52:54:00:00:00:01", "vmlinuz")
+    assert payload.path.name == "vmlinuz" and payload.mac == "52:54:00:00:00:01"
+    booter.file_sent(payload, "tftp", payload.size, 0.5)
+    assert booter.store.node("52:54:00:00:00:01").state == "kernel-served"
+    booter.file_sent(payload, "http", 10, 0.1, error="client went away")
+    assert booter.store.events("52:54:00:00:00:01")[-1].kind == "file-failed"
+    with pytest.raises(NotFound):
+        booter.boot_file("52:54:00:00:00:01", "nope")
+    with pytest.raises(BadRequest):
+        booter.boot_file("not-a-mac", "vmlinuz")
+
+
+@pytest.mark.parametrize(("arch", "binary"), [(0, "undionly.kpxe"), (7, "ipxe.efi"), (9, "ipxe.efi"),
+                                               (11, "snponly-arm64.efi")])
+def test_firmware_binary_by_client_arch(arch, binary):
+    assert Booter.firmware_binary(arch) == binary
+
+
+def test_unknown_client_arch_is_not_found():
+    with pytest.raises(NotFound, match="architecture 99"):
+        Booter.firmware_binary(99)

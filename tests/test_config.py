@@ -1,0 +1,62 @@
+"""Config: defaults, the example file, and every refusal naming the key it refuses."""
+
+from pathlib import Path
+
+import pytest
+
+from bootserver import config as configuration
+from bootserver.errors import ConfigError
+
+
+def test_embedded_defaults_boot_the_agent_image(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    config = configuration.load(None)
+    assert config.source is None
+    assert config.profiles["agent"].kernel == "agent-kernel"
+    assert [g.name for g in config.groups] == ["default"]
+    assert config.assets["agent-initrd"].name == "initrd.img"
+    # Unprivileged ports unless we run as root.
+    import os
+    expected = (80, 69) if os.geteuid() == 0 else (8080, 6969)
+    assert (config.server.http.port, config.server.tftp.port) == expected
+
+
+def test_example_file_parses(config):
+    assert set(config.profiles) == {"discovery", "raft", "disk"}
+    assert config.machines["52:54:00:00:00:02"].hostname == "node2"  # hyphenated key made canonical
+    assert config.assets["vmlinuz"].is_absolute()
+    assert config.groups[3].selector == {"mac": "52:54:00:00:00:99"}
+
+
+@pytest.mark.parametrize(("toml", "named"), [
+    ('[server]\nhttp_port = 1', "unknown key 'http_port'"),
+    ('[server]\nhttp = "nohost"', "http"),
+    ('[server]\nhttp = "0.0.0.0:99999"', "http"),
+    ('[server]\ndata_dir = 5', "data_dir"),
+    ('[bogus]\nx = 1', "unknown key 'bogus'"),
+    ('[profiles.p]\nkernel = "missing"\n[groups.g]\nprofile = "p"', "asset 'missing'"),
+    ('[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\ncolour = "red"', "[profiles.p]: unknown key 'colour'"),
+    ('[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\n[groups.g]\nprofile = "nope"', "profile 'nope'"),
+    ('[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\n[groups.g]\nselector = {}', "missing key 'profile'"),
+    ('[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\n[groups.a]\nprofile = "p"\n[groups.b]\nprofile = "p"',
+     "same selector"),
+    ('[machines."zz:zz"]\nhostname = "x"', "not a MAC address: 'zz:zz'"),
+    ('[machines."52:54:00:00:00:01"]\nhostname = "a"\n[machines."525400000001"]\nhostname = "b"',
+     "same MAC"),
+    ('[machines."52:54:00:00:00:01"]\nlabels = { mac = "x" }', "reserved"),
+    ('[machines."52:54:00:00:00:01"]\nlabels = { role = 3 }', "labels"),
+    ('[assets]\n"bad/name" = "x"', "name 'bad/name'"),
+    ('[server\n', "not valid TOML"),
+])
+def test_bad_config_is_refused_with_the_key_named(tmp_path: Path, toml: str, named: str):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        configuration.load(path)
+    assert named in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        configuration.load(tmp_path / "nope.toml")

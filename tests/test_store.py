@@ -1,0 +1,47 @@
+"""Store: schema version, events survive reopening, WAL mode."""
+
+import sqlite3
+
+import pytest
+
+from bootserver.store import MIGRATIONS, Store
+
+
+def test_events_and_state_survive_reopen(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    store = Store(path)
+    store.record("52:54:00:00:00:01", "script-served", {"profile": "p"}, state="script-served",
+                 facts={"platform": "efi"})
+    store.record("52:54:00:00:00:01", "file-served", {"file": "vmlinuz"}, state="kernel-served",
+                 facts={"arch": "x86_64"})
+    store.record("52:54:00:00:00:02", "no-boot", {"reason": "r"})
+    store.close()
+
+    store = Store(path)
+    node = store.node("52:54:00:00:00:01")
+    assert node.state == "kernel-served"
+    assert node.facts == {"platform": "efi", "arch": "x86_64"}  # facts merge across events
+    assert store.node("52:54:00:00:00:02").state == "discovered"
+    events = store.events("52:54:00:00:00:01")
+    assert [e.kind for e in events] == ["script-served", "file-served"]
+    assert events[1].detail == {"file": "vmlinuz"}
+    assert [e.kind for e in store.events("52:54:00:00:00:01", after=events[0].id)] == ["file-served"]
+    assert [n.mac for n in store.nodes()] == ["52:54:00:00:00:01", "52:54:00:00:00:02"]
+    assert store.schema_version == len(MIGRATIONS)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="upgrade bootserver"):
+        Store(path)
+
+
+def test_unknown_machine_has_no_node(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    assert store.node("52:54:00:00:00:09") is None
+    assert store.events("52:54:00:00:00:09") == []
