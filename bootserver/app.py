@@ -46,9 +46,10 @@ class App:
         await self._runner.setup()
         await web.TCPSite(self._runner, server.http.host, server.http.port).start()
         if server.tftp is not None:
-            self._tftp = tftp.TftpServer(tftp.resolver(self.booter, server.public_address, self.http_port),
-                                         tftp.recorder(self.booter))
+            routes = tftp.Routes(self.booter, server.public_address, self.http_port)
+            self._tftp = tftp.TftpServer(routes.resolve, routes.record)
             await self._tftp.start(server.tftp.host, server.tftp.port)
+            routes.tftp_port = self._tftp.address[1]
         log.info("serving HTTP on %s, TFTP on %s, data in %s", self.http_address,
                  self._tftp.address if self._tftp else "(off)", server.data_dir)
 

@@ -32,6 +32,8 @@ FIRMWARE_BINARIES = {
     11: "snponly-arm64.efi",  # arm64: the all-drivers build does not work there
     16: "ipxe.efi",  # x86-64 UEFI HTTP boot
 }
+# Every iPXE binary we hand out by name, over TFTP or HTTP, from server.ipxe_dir.
+IPXE_BINARIES = frozenset(FIRMWARE_BINARIES.values()) | {"snponly.efi", "undionly.kkpxe", "ipxe.pxe"}
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ class Booter:
 
     def ipxe_binary(self, name: str) -> Payload:
         """An iPXE binary for chainloading, from the configured iPXE directory."""
-        if name not in set(FIRMWARE_BINARIES.values()) | {"snponly.efi", "undionly.kkpxe", "ipxe.pxe"}:
+        if name not in IPXE_BINARIES:
             raise NotFound(f"{name!r} is not an iPXE binary bootserver serves")
         path = self.config.server.ipxe_dir / name
         if not path.is_file():

@@ -105,3 +105,30 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
     return result
+
+
+# --- the agent image (tests/test_image.py, and VM tests that netboot it) ---------------------
+
+
+@pytest.fixture(scope="session")
+def agent_image():
+    """The agent image, built once into a directory that survives runs.
+
+    $BOOTSERVER_TEST_IMAGE_DIR, or ~/.cache/bootserver/test-image. Rebuilt only when a file is
+    missing or bootserver/image.py changed since it was built (its SHA256 is kept beside the image),
+    so that editing /init is never tested against a stale initrd.
+    """
+    import hashlib
+    import os
+
+    from bootserver import image
+
+    out = Path(os.environ.get("BOOTSERVER_TEST_IMAGE_DIR") or Path.home() / ".cache/bootserver/test-image")
+    source = hashlib.sha256(Path(image.__file__).read_bytes()).hexdigest()
+    stamp = out / "image.py.sha256"
+    files = [out / "vmlinuz", out / "initrd.img", out / "version"]
+    if all(f.is_file() for f in files) and stamp.is_file() and stamp.read_text().strip() == source:
+        return image.AgentImage(kernel=files[0], initrd=files[1], version=files[2].read_text().strip())
+    built = image.build_agent_image(out)
+    stamp.write_text(source + "\n")
+    return built

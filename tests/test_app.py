@@ -1,0 +1,87 @@
+"""The whole server as `bootserver serve` runs it: HTTP and TFTP on real loopback sockets, one store."""
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import eventually
+
+from bootserver.app import App
+
+
+@pytest.fixture
+async def app(config):
+    # Machines reach this server as 127.0.0.1 in these tests; the VM tests use 10.0.2.2.
+    server = dataclasses.replace(config.server, public_address="127.0.0.1")
+    app = App.open(dataclasses.replace(config, server=server))
+    await app.start()
+    yield app
+    await app.stop()
+
+
+async def curl(*args: str) -> tuple[int, bytes]:
+    process = await asyncio.create_subprocess_exec("curl", "-sS", *args, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    return process.returncode, out + err
+
+
+async def test_boot_paths_over_tftp_match_http(app: App, data_dir: Path):
+    tftp = f"tftp://127.0.0.1:{app.tftp_address[1]}"
+    code, bootstrap = await curl(f"{tftp}/boot.ipxe")
+    assert code == 0
+    assert f"chain --autofree {tftp}/boot/${{mac:hexhyp}}/${{platform}}/${{buildarch}}.ipxe" in bootstrap.decode()
+
+    code, script = await curl(f"{tftp}/boot/52-54-00-00-00-01/efi/x86_64.ipxe")
+    assert code == 0
+    text = script.decode()
+    assert f"kernel {tftp}/boot/52-54-00-00-00-01/vmlinuz" in text
+    assert f"bootserver.url=http://127.0.0.1:{app.http_address[1]} " in text  # the OS calls home over HTTP
+    assert "group raft-efi" in text  # the platform fact reached the decision
+
+    code, kernel = await curl("--tftp-blksize", "1468", f"{tftp}/boot/52-54-00-00-00-01/vmlinuz")
+    assert code == 0 and kernel == (data_dir / "images" / "vmlinuz").read_bytes()
+    store = app.store
+
+    def kernel_events():
+        return [e for e in store.events("52:54:00:00:00:01")
+                if e.kind == "file-served" and e.detail["file"] == "vmlinuz"]
+
+    (event,) = await eventually(kernel_events)
+    assert event.detail["protocol"] == "tftp" and event.detail["bytes"] == len(kernel)
+    assert store.node("52:54:00:00:00:01").state == "kernel-served"
+    assert store.node("52:54:00:00:00:01").facts == {"platform": "efi", "arch": "x86_64"}
+
+
+async def test_ipxe_binary_and_tftp_root_files(app: App):
+    tftp = f"tftp://127.0.0.1:{app.tftp_address[1]}"
+    code, binary = await curl(f"{tftp}/undionly.kpxe")
+    assert code == 0 and binary == (app.config.server.ipxe_dir / "undionly.kpxe").read_bytes()
+    (app.config.server.tftp_root / "pxelinux.cfg").mkdir()
+    (app.config.server.tftp_root / "pxelinux.cfg" / "default").write_text("DEFAULT local\n")
+    code, body = await curl(f"{tftp}/pxelinux.cfg/default")
+    assert code == 0 and body == b"DEFAULT local\n"
+
+
+@pytest.mark.parametrize("name", ["../bootserver.sqlite3", "/etc/passwd", "boot/zz/vmlinuz", "nope"])
+async def test_tftp_refusals_keep_the_server_serving(app: App, name: str):
+    tftp = f"tftp://127.0.0.1:{app.tftp_address[1]}"
+    code, _ = await curl(f"{tftp}/{name}")
+    assert code != 0
+    code, _ = await curl(f"{tftp}/boot.ipxe")
+    assert code == 0
+
+
+async def test_http_and_tftp_share_one_store(app: App):
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{app.http_address[1]}/boot/52-54-00-00-00-02.ipxe?platform=pcbios"
+        async with session.get(url) as response:
+            assert response.status == 200
+    code, _ = await curl(f"tftp://127.0.0.1:{app.tftp_address[1]}/boot/52-54-00-00-00-02/initrd")
+    assert code == 0
+    events = await eventually(lambda: len(app.store.events("52:54:00:00:00:02")) == 2
+                              and app.store.events("52:54:00:00:00:02"))
+    assert [(e.kind, e.detail.get("transport") or e.detail.get("protocol")) for e in events] == [
+        ("script-served", "http"), ("file-served", "tftp")]

@@ -1,0 +1,726 @@
+"""Tests for bootserver.tftp against real sockets on loopback: tftpy's client, curl, atftp and raw UDP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tftpy
+
+from bootserver.errors import BadRequest
+from bootserver.payload import Payload, resolve_under
+from bootserver.tftp import (
+    MAX_BLKSIZE,
+    Address,
+    TftpServer,
+    Transfer,
+    clamp_blksize,
+    negotiate,
+    parse_request,
+)
+
+RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
+MEMORY = b"#!ipxe\nchain http://example.invalid/boot\n" * 50
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    server: TftpServer
+    root: Path
+    outside: Path
+    done: list[Transfer]
+    files: dict[str, bytes]
+
+    @property
+    def addr(self) -> Address:
+        return self.server.address
+
+    async def wait_done(self, count: int = 1) -> list[Transfer]:
+        """on_done runs on the server's side after the last ACK, so the client may finish first."""
+        for _ in range(500):
+            if len(self.done) >= count:
+                return self.done
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"on_done called {len(self.done)} times, expected {count}")
+
+
+def make_tree(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    root = tmp_path / "root"
+    (root / "sub" / "dir").mkdir(parents=True)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"secret\n")
+    files = {
+        "kernel": os.urandom(300 * 1024 + 17),
+        "exact.bin": os.urandom(4 * 512),  # a multiple of the block size: ends with an empty block
+        "empty.bin": b"",
+        "sub/dir/file.bin": os.urandom(3000),
+        "rollover.bin": os.urandom(65536 * 8 + 100),  # over 65535 blocks of 8 bytes
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "escape").symlink_to(outside)
+    (root / "a").mkdir()
+    files["memory.cfg"] = MEMORY
+    return root, outside, files
+
+
+def make_resolve(root: Path) -> Callable[[str, Address], Payload]:
+    def resolve(name: str, peer: Address) -> Payload:
+        if name == "memory.cfg":
+            return Payload(name, data=MEMORY)
+        if name == "boom":
+            raise RuntimeError("resolver bug")
+        if name.startswith("bad-"):
+            raise BadRequest(f"cannot parse {name!r}")
+        return Payload(name, path=resolve_under(root, name))
+
+    return resolve
+
+
+ServerFactory = Callable[..., Awaitable[Env]]
+
+
+@pytest.fixture
+async def make_env(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    servers: list[TftpServer] = []
+    root, outside, files = make_tree(tmp_path)
+
+    async def factory(host: str = "127.0.0.1", on_done: Callable[[Transfer], None] | None = None,
+                      **kwargs: Any) -> Env:
+        done: list[Transfer] = []
+        server = TftpServer(make_resolve(root), on_done or done.append, **kwargs)
+        await server.start(host, 0)
+        servers.append(server)
+        return Env(server, root, outside, done, files)
+
+    yield factory
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def env(make_env: ServerFactory) -> Env:
+    return await make_env(timeout=1.0, retries=2)
+
+
+# --------------------------------------------------------------------------------------------
+# A raw UDP client, run in a thread (asyncio.to_thread) while the server runs on the loop
+# --------------------------------------------------------------------------------------------
+
+
+def rrq(name: str | bytes, mode: bytes = b"octet", opcode: int = RRQ, **options: object) -> bytes:
+    raw_name = name.encode() if isinstance(name, str) else name
+    packet = struct.pack("!H", opcode) + raw_name + b"\0" + mode + b"\0"
+    for key, value in options.items():
+        packet += key.encode() + b"\0" + str(value).encode() + b"\0"
+    return packet
+
+
+def ack(block: int) -> bytes:
+    return struct.pack("!HH", ACK, block & 0xFFFF)
+
+
+@dataclass
+class Packet:
+    opcode: int
+    number: int  # block number or error code
+    body: bytes
+    addr: tuple[Any, ...]
+
+    @property
+    def message(self) -> str:
+        return self.body.split(b"\0", 1)[0].decode()
+
+    def options(self) -> dict[str, str]:
+        parts = self.body.split(b"\0")[:-1]
+        return {parts[i].decode(): parts[i + 1].decode() for i in range(0, len(parts), 2)}
+
+
+class RawClient:
+    def __init__(self, server: Address, bind_host: str | None = None) -> None:
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self.server = server
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((bind_host or server[0], 0))
+
+    def send(self, data: bytes, to: tuple[Any, ...] | None = None) -> None:
+        self.sock.sendto(data, to or self.server)
+
+    def recv(self, timeout: float = 3.0) -> Packet:
+        self.sock.settimeout(timeout)
+        data, addr = self.sock.recvfrom(70000)
+        opcode = struct.unpack("!H", data[:2])[0]
+        if opcode == OACK:
+            return Packet(opcode, 0, data[2:], addr)
+        return Packet(opcode, struct.unpack("!H", data[2:4])[0], data[4:], addr)
+
+    def recv_or_none(self, timeout: float) -> Packet | None:
+        try:
+            return self.recv(timeout)
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Download:
+    data: bytes
+    oack: dict[str, str] | None
+    blocks: list[int] = field(default_factory=list)  # wire block numbers, in arrival order
+    strays: list[Packet] = field(default_factory=list)  # packets from any other port than the TID
+
+
+def raw_download(client: RawClient, name: str, **options: object) -> Download:
+    """A small RFC 1350/2347/7440 client: ACKs each window's last block, or the last in-order one."""
+    client.send(rrq(name, **options))
+    first = client.recv()
+    assert first.opcode in (DATA, OACK), f"got opcode {first.opcode}: {first.body!r}"
+    tid = first.addr
+    result = Download(b"", first.options() if first.opcode == OACK else None)
+    blksize = int((result.oack or {}).get("blksize", 512))
+    window = int((result.oack or {}).get("windowsize", 1))
+    pending = [first] if first.opcode == DATA else []
+    if first.opcode == OACK:
+        client.send(ack(0), tid)
+    received = bytearray()
+    expected = 1
+    while True:
+        packet = pending.pop() if pending else client.recv()
+        if packet.addr != tid:
+            result.strays.append(packet)
+            continue
+        assert packet.opcode == DATA, f"got opcode {packet.opcode}: {packet.body!r}"
+        result.blocks.append(packet.number)
+        if packet.number != expected & 0xFFFF:
+            client.send(ack(expected - 1), tid)  # RFC 7440: ACK the last block received in order
+            continue
+        received += packet.body
+        expected += 1
+        if len(packet.body) < blksize:
+            client.send(ack(expected - 1), tid)
+            result.data = bytes(received)
+            return result
+        if (expected - 1) % window == 0:
+            client.send(ack(expected - 1), tid)
+
+
+async def download_raw(env: Env, name: str, **options: object) -> Download:
+    client = RawClient(env.addr)
+    try:
+        return await asyncio.to_thread(raw_download, client, name, **options)
+    finally:
+        client.close()
+
+
+async def exchange(env: Env, packet: bytes, *, timeout: float = 3.0) -> Packet | None:
+    """Send one datagram to the listening port; the reply, if any arrives within `timeout`."""
+    client = RawClient(env.addr)
+    try:
+        client.send(packet)
+        return await asyncio.to_thread(client.recv_or_none, timeout)
+    finally:
+        client.close()
+
+
+async def run(*argv: str) -> int:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    return await proc.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Real clients
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blksize", [512, 1468, 8192])
+async def test_tftpy_client_downloads_with_blksize_and_tsize(env: Env, tmp_path: Path, blksize: int) -> None:
+    out = tmp_path / "out"
+    client = tftpy.TftpClient(*env.addr, options={"blksize": blksize, "tsize": 0})
+    await asyncio.to_thread(client.download, "kernel", str(out))
+    assert out.read_bytes() == env.files["kernel"]
+    [transfer] = await env.wait_done()
+    assert transfer.error is None
+    assert transfer.blksize == blksize
+    assert transfer.bytes_sent == len(env.files["kernel"])
+    assert transfer.payload is not None and transfer.payload.path == env.root / "kernel"
+
+
+@pytest.mark.parametrize("name", ["memory.cfg", "exact.bin", "empty.bin", "sub/dir/file.bin"])
+async def test_tftpy_client_downloads_edge_payloads(env: Env, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "out"
+    await asyncio.to_thread(tftpy.TftpClient(*env.addr).download, name, str(out))
+    assert out.read_bytes() == env.files[name]
+    [transfer] = await env.wait_done()
+    assert (transfer.error, transfer.bytes_sent) == (None, len(env.files[name]))
+
+
+async def test_curl_downloads(env: Env, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    host, port = env.addr
+    assert await run("curl", "-s", f"tftp://{host}:{port}/kernel", "--tftp-blksize", "1468", "-o", str(out)) == 0
+    assert out.read_bytes() == env.files["kernel"]
+    [transfer] = await env.wait_done()
+    assert (transfer.error, transfer.blksize) == (None, 1468)
+
+
+async def test_curl_missing_file_fails(env: Env, tmp_path: Path) -> None:
+    host, port = env.addr
+    assert await run("curl", "-s", f"tftp://{host}:{port}/nope", "-o", str(tmp_path / "out")) != 0
+    [transfer] = await env.wait_done()
+    assert transfer.payload is None and transfer.error is not None and transfer.error.startswith("not found")
+
+
+# atftp 0.8.0 in Debian 12 implements RFC 7440 windowsize (`--option "windowsize N"`).
+@pytest.mark.parametrize(("options", "blksize", "windowsize"), [
+    ([], 512, 1),
+    (["--option", "windowsize 16", "--option", "blksize 1468"], 1468, 16),
+])
+async def test_atftp_downloads(env: Env, tmp_path: Path, options: list[str], blksize: int, windowsize: int) -> None:
+    out = tmp_path / "out"
+    host, port = env.addr
+    assert await run("atftp", *options, "-g", "-r", "kernel", "-l", str(out), host, str(port)) == 0
+    assert out.read_bytes() == env.files["kernel"]
+    [transfer] = await env.wait_done()
+    assert (transfer.error, transfer.blksize, transfer.windowsize) == (None, blksize, windowsize)
+
+
+async def test_atftp_block_numbers_roll_over(env: Env, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    host, port = env.addr
+    argv = ["atftp", "--option", "windowsize 64", "--option", "blksize 8", "-g", "-r", "rollover.bin"]
+    assert await run(*argv, "-l", str(out), host, str(port)) == 0
+    assert out.read_bytes() == env.files["rollover.bin"]
+
+
+# --------------------------------------------------------------------------------------------
+# Raw sockets: protocol details
+# --------------------------------------------------------------------------------------------
+
+
+async def test_raw_block_numbers_roll_over_to_zero(env: Env) -> None:
+    result = await download_raw(env, "rollover.bin", blksize=8, windowsize=32)
+    assert result.data == env.files["rollover.bin"]
+    wrap = result.blocks.index(65535)
+    assert result.blocks[wrap + 1] == 0  # after 65535 comes 0, not 1
+    assert result.blocks[-1] == (len(env.files["rollover.bin"]) // 8 + 1) & 0xFFFF
+
+
+async def test_oack_answers_accepted_options_and_ignores_unknown(env: Env) -> None:
+    result = await download_raw(env, "kernel", blksize=1024, tsize=0, timeout=3, windowsize=2, color="blue")
+    assert result.oack == {"blksize": "1024", "tsize": str(len(env.files["kernel"])), "timeout": "3",
+                           "windowsize": "2"}
+    assert result.data == env.files["kernel"]
+
+
+async def test_option_names_are_case_insensitive(env: Env) -> None:
+    result = await download_raw(env, "kernel", BlkSize=1024)
+    assert result.oack == {"blksize": "1024"}
+
+
+async def test_only_unknown_options_means_no_oack(env: Env) -> None:
+    result = await download_raw(env, "kernel", color="blue")
+    assert result.oack is None
+    assert result.data == env.files["kernel"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "7", "-5", "+600", "1_000", "512.0"])
+async def test_invalid_blksize_is_ignored(env: Env, value: str) -> None:
+    result = await download_raw(env, "sub/dir/file.bin", blksize=value)
+    assert result.oack is None  # nothing accepted: the server starts with DATA 1 of 512 bytes
+    assert result.data == env.files["sub/dir/file.bin"]
+
+
+@pytest.mark.parametrize(("asked", "granted"), [(65464, 65464), (70000, MAX_BLKSIZE), (9999999999, MAX_BLKSIZE)])
+async def test_large_blksize_is_clamped_to_rfc_maximum(env: Env, asked: int, granted: int) -> None:
+    # Loopback's MTU is 64 KiB, so only the RFC 2348 maximum limits the size here.
+    result = await download_raw(env, "kernel", blksize=asked)
+    assert result.oack == {"blksize": str(granted)}
+    assert result.data == env.files["kernel"]
+
+
+def test_clamp_blksize_to_path_mtu() -> None:
+    assert clamp_blksize(65464, 1500, ipv6=False) == 1468  # 1500 - 20 IP - 8 UDP - 4 TFTP
+    assert clamp_blksize(65464, 1500, ipv6=True) == 1448  # 40-byte IPv6 header
+    assert clamp_blksize(8192, 9000, ipv6=False) == 8192
+    assert clamp_blksize(1024, 1500, ipv6=False) == 1024
+    assert clamp_blksize(70000, None, ipv6=False) == MAX_BLKSIZE
+    assert clamp_blksize(65464, 65536, ipv6=False) == 65464
+
+
+def test_negotiate_rules() -> None:
+    assert negotiate({"blksize": "abc"}, size=10, mtu=1500, ipv6=False).oack == {}
+    assert negotiate({"blksize": "9000"}, size=10, mtu=1500, ipv6=False).blksize == 1468
+    assert negotiate({"timeout": "0"}, size=10, mtu=None, ipv6=False).oack == {}
+    assert negotiate({"timeout": "256"}, size=10, mtu=None, ipv6=False).oack == {}
+    assert negotiate({"timeout": "255"}, size=10, mtu=None, ipv6=False).timeout == 255
+    assert negotiate({"windowsize": "0"}, size=10, mtu=None, ipv6=False).oack == {}
+    assert negotiate({"windowsize": "70000"}, size=10, mtu=None, ipv6=False).windowsize == 65535
+    assert negotiate({"tsize": "0"}, size=1234, mtu=None, ipv6=False).oack == {"tsize": "1234"}
+    assert negotiate({"tsize": "x"}, size=1234, mtu=None, ipv6=False).oack == {}
+
+
+def test_parse_request_strips_nul_padding_and_lowercases() -> None:
+    request = parse_request(rrq("pxelinux.0", mode=b"OCTET", TSIZE=0) + b"\0" * 20)
+    assert (request.filename, request.mode, request.options) == ("pxelinux.0", "octet", {"tsize": "0"})
+
+
+async def test_windowsize_sends_a_window_then_waits(env: Env) -> None:
+    def scenario(client: RawClient) -> None:
+        client.send(rrq("kernel", windowsize=4))
+        oack = client.recv()
+        assert (oack.opcode, oack.options()) == (OACK, {"windowsize": "4"})
+        tid = oack.addr
+        client.send(ack(0), tid)
+        assert [client.recv().number for _ in range(4)] == [1, 2, 3, 4]
+        # The server's timeout is 1 s, so in 0.3 s a fifth block could only be a window overrun.
+        assert client.recv_or_none(0.3) is None
+        # An ACK inside the window restarts the window right after the acknowledged block.
+        client.send(ack(2), tid)
+        assert [client.recv().number for _ in range(4)] == [3, 4, 5, 6]
+        client.send(ack(6), tid)
+        assert [client.recv().number for _ in range(4)] == [7, 8, 9, 10]
+        client.send(struct.pack("!HH", ERROR, 0) + b"enough\0", tid)
+
+    client = RawClient(env.addr)
+    try:
+        await asyncio.to_thread(scenario, client)
+    finally:
+        client.close()
+    [transfer] = await env.wait_done()
+    assert transfer.windowsize == 4 and transfer.bytes_sent == 6 * 512
+
+
+async def test_duplicate_ack_does_not_resend_data(env: Env) -> None:
+    def scenario(client: RawClient) -> None:
+        client.send(rrq("kernel"))
+        first = client.recv()
+        assert (first.opcode, first.number) == (DATA, 1)
+        client.send(ack(1), first.addr)
+        assert client.recv().number == 2
+        client.send(ack(1), first.addr)  # a duplicate: must not trigger a second DATA 2
+        client.send(ack(1), first.addr)
+        client.send(ack(2), first.addr)
+        assert client.recv().number == 3  # had the duplicates caused resends, DATA 2 would come first
+        client.send(struct.pack("!HH", ERROR, 0) + b"enough\0", first.addr)
+
+    client = RawClient(env.addr)
+    try:
+        await asyncio.to_thread(scenario, client)
+    finally:
+        client.close()
+    [transfer] = await env.wait_done()
+    assert transfer.bytes_sent == 2 * 512
+
+
+async def test_packet_from_wrong_tid_gets_error_5_and_transfer_continues(env: Env) -> None:
+    def scenario(client: RawClient, stray: RawClient) -> bytes:
+        client.send(rrq("kernel"))
+        first = client.recv()
+        tid = first.addr
+        stray.send(ack(1), tid)
+        reply = stray.recv()
+        assert (reply.opcode, reply.number, reply.message) == (ERROR, 5, "unknown transfer ID")
+        received = first.body
+        block = 1
+        while True:  # finish the transfer normally; the stray ACK must not have moved it on
+            client.send(ack(block), tid)
+            packet = client.recv()
+            assert packet.number == (block + 1) & 0xFFFF
+            block += 1
+            received += packet.body
+            if len(packet.body) < 512:
+                client.send(ack(block), tid)
+                return received
+
+    client, stray = RawClient(env.addr), RawClient(env.addr)
+    try:
+        data = await asyncio.to_thread(scenario, client, stray)
+    finally:
+        client.close()
+        stray.close()
+    assert data == env.files["kernel"]
+    [transfer] = await env.wait_done()
+    assert transfer.error is None
+
+
+async def test_client_that_never_acks_times_out(make_env: ServerFactory) -> None:
+    env = await make_env(timeout=0.2, retries=2)
+
+    def scenario(client: RawClient) -> list[Packet]:
+        client.send(rrq("kernel"))
+        packets = [client.recv()]
+        while packets[-1].opcode == DATA:
+            packets.append(client.recv())
+        return packets
+
+    client = RawClient(env.addr)
+    try:
+        packets = await asyncio.to_thread(scenario, client)
+    finally:
+        client.close()
+    # The first DATA 1, two retransmissions, then an ERROR telling the client why.
+    assert [(p.opcode, p.number) for p in packets] == [(DATA, 1)] * 3 + [(ERROR, 0)]
+    [transfer] = await env.wait_done()
+    assert transfer.error == "timed out after 2 retries"
+    assert transfer.bytes_sent == 0 and transfer.payload is not None
+
+
+async def test_unacknowledged_oack_is_retransmitted(make_env: ServerFactory) -> None:
+    env = await make_env(timeout=0.2, retries=1)
+    client = RawClient(env.addr)
+    try:
+        client.send(rrq("kernel", tsize=0))
+        first = await asyncio.to_thread(client.recv)
+        again = await asyncio.to_thread(client.recv)
+    finally:
+        client.close()
+    assert first.opcode == again.opcode == OACK
+    [transfer] = await env.wait_done()
+    assert transfer.error == "timed out after 1 retries"
+
+
+async def test_client_error_aborts_quietly(env: Env) -> None:
+    client = RawClient(env.addr)
+    try:
+        client.send(rrq("kernel", tsize=0))
+        oack = await asyncio.to_thread(client.recv)
+        assert oack.options() == {"tsize": str(len(env.files["kernel"]))}
+        client.send(struct.pack("!HH", ERROR, 8) + b"tsize probe only\0", oack.addr)
+        [transfer] = await env.wait_done()
+        assert transfer.error == "client sent ERROR 8: tsize probe only"
+        # Quietly: the server answers the client's ERROR with nothing.
+        assert await asyncio.to_thread(client.recv_or_none, 0.3) is None
+    finally:
+        client.close()
+
+
+async def test_duplicate_rrq_from_same_port_is_one_transfer(env: Env) -> None:
+    client = RawClient(env.addr)
+    try:
+        client.send(rrq("sub/dir/file.bin"))  # a retransmitted RRQ: the same client TID
+        result = await asyncio.to_thread(raw_download, client, "sub/dir/file.bin")
+    finally:
+        client.close()
+    assert result.data == env.files["sub/dir/file.bin"]
+    assert result.strays == []  # no second session sending from another port
+    await env.wait_done()
+    await asyncio.sleep(0.1)
+    assert len(env.done) == 1
+
+
+async def test_file_is_read_block_by_block_not_loaded_whole(env: Env) -> None:
+    # Truncating the file mid-transfer shows up at the next block: it was never read in one go.
+    def scenario(client: RawClient) -> Packet:
+        client.send(rrq("kernel"))
+        first = client.recv()
+        (env.root / "kernel").write_bytes(b"")
+        client.send(ack(1), first.addr)
+        return client.recv()
+
+    client = RawClient(env.addr)
+    try:
+        reply = await asyncio.to_thread(scenario, client)
+    finally:
+        client.close()
+    assert (reply.opcode, reply.number) == (ERROR, 0)
+    [transfer] = await env.wait_done()
+    assert transfer.error is not None and "shrank" in transfer.error
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------------
+
+
+async def test_wrq_is_refused_and_nothing_written(env: Env) -> None:
+    for name in ["new.bin", "kernel"]:
+        reply = await exchange(env, rrq(name, opcode=WRQ))
+        assert reply is not None and (reply.opcode, reply.number) == (ERROR, 2)
+        assert reply.message == "read-only server"
+    assert not (env.root / "new.bin").exists()
+    assert (env.root / "kernel").read_bytes() == env.files["kernel"]
+    transfers = await env.wait_done(2)
+    assert all(t.payload is None and t.error and "read-only" in t.error for t in transfers)
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/passwd", "a\\b", "escape", "sub/../../outside.txt"])
+async def test_traversal_is_refused(env: Env, name: str) -> None:
+    reply = await exchange(env, rrq(name))
+    assert reply is not None and (reply.opcode, reply.number) == (ERROR, 2)
+    assert b"secret" not in reply.body
+    [transfer] = await env.wait_done()
+    assert transfer.payload is None and transfer.error is not None and transfer.error.startswith("forbidden")
+
+
+async def test_missing_file_is_error_1(env: Env) -> None:
+    reply = await exchange(env, rrq("no/such/file"))
+    assert reply is not None and (reply.opcode, reply.number) == (ERROR, 1)
+    [transfer] = await env.wait_done()
+    assert transfer.payload is None and transfer.error is not None and transfer.error.startswith("not found")
+
+
+async def test_netascii_is_refused(env: Env) -> None:
+    reply = await exchange(env, rrq("kernel", mode=b"netascii"))
+    assert reply is not None and (reply.opcode, reply.number) == (ERROR, 4)
+    [transfer] = await env.wait_done()
+    assert transfer.error == "unsupported mode 'netascii'"
+
+
+@pytest.mark.parametrize(("name", "code", "message", "error"), [
+    ("bad-mac", 4, "bad request", "bad request: cannot parse 'bad-mac'"),
+    ("boom", 0, "internal error", "internal error: RuntimeError('resolver bug')"),
+])
+async def test_resolve_exceptions_become_errors(env: Env, name: str, code: int, message: str, error: str) -> None:
+    reply = await exchange(env, rrq(name))
+    assert reply is not None and (reply.opcode, reply.number, reply.message) == (ERROR, code, message)
+    [transfer] = await env.wait_done()
+    assert (transfer.payload, transfer.error) == (None, error)
+    assert (await download_raw(env, "sub/dir/file.bin")).data == env.files["sub/dir/file.bin"]
+
+
+MALFORMED = {
+    "empty": b"",
+    "one byte": b"\x00",
+    "two bytes": b"\x00\x01",
+    "three bytes": b"\x00\x01a",
+    "no NUL after name": b"\x00\x01kernel",
+    "no NUL after mode": b"\x00\x01kernel\x00oct",
+    "unknown opcode": b"\x00\x09kernel\x00octet\x00",
+    "opcode 0": b"\x00\x00kernel\x00octet\x00",
+    "non-ASCII name": b"\x00\x01\xff\xfekernel\x00octet\x00",
+    "non-ASCII option": b"\x00\x01kernel\x00octet\x00bl\xe9ksize\x00512\x00",
+    "option without NUL": b"\x00\x01kernel\x00octet\x00blksize\x00512",
+    "option without value": b"\x00\x01kernel\x00octet\x00blksize\x00",
+    "empty option name": b"\x00\x01kernel\x00octet\x00\x00512\x00",
+    "over 512 bytes": rrq("k" * 600),
+    "ACK to listen port": ack(1),
+    "DATA to listen port": struct.pack("!HH", DATA, 1) + b"hello",
+    "OACK to listen port": b"\x00\x06blksize\x00512\x00",
+    "ERROR to listen port": struct.pack("!HH", ERROR, 0) + b"hi\0",
+}
+
+
+@pytest.mark.parametrize("datagram", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_datagram_is_dropped_and_server_survives(
+        env: Env, datagram: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="bootserver.tftp")
+    reply = await exchange(env, datagram, timeout=0.3)
+    assert reply is None or (reply.opcode, reply.number) == (ERROR, 4)
+    if datagram[:2] == b"\0\5":
+        assert reply is None  # an ERROR is never answered with an ERROR
+    assert (await download_raw(env, "sub/dir/file.bin")).data == env.files["sub/dir/file.bin"]
+    assert [t.filename for t in await env.wait_done()] == ["sub/dir/file.bin"]  # no report for garbage
+    assert not any(record.exc_info for record in caplog.records)
+    assert "malformed" in caplog.text or "ignored" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# Resource limits and lifecycle
+# --------------------------------------------------------------------------------------------
+
+
+async def test_session_caps_total_and_per_client(make_env: ServerFactory) -> None:
+    env = await make_env(timeout=5.0, max_sessions=2, max_sessions_per_client=1)
+    clients = {name: RawClient(env.addr, host) for name, host in
+               [("a1", "127.0.0.1"), ("a2", "127.0.0.1"), ("b", "127.0.0.2"), ("c", "127.0.0.3")]}
+
+    async def ask(name: str) -> Packet:
+        clients[name].send(rrq("kernel"))
+        return await asyncio.to_thread(clients[name].recv)
+
+    try:
+        first = await ask("a1")
+        assert (first.opcode, first.number) == (DATA, 1)  # held open: never ACKed
+        per_client = await ask("a2")
+        assert (per_client.opcode, per_client.number, per_client.body) == (ERROR, 0, b"too many sessions\0")
+        assert (await ask("b")).opcode == DATA
+        total = await ask("c")
+        assert (total.opcode, total.number, total.body) == (ERROR, 0, b"too many sessions\0")
+        # Once a1's transfer ends, its host may start another.
+        clients["a1"].send(struct.pack("!HH", ERROR, 0) + b"bye\0", first.addr)
+        await env.wait_done(3)
+        assert (await ask("a2")).opcode == DATA
+    finally:
+        for client in clients.values():
+            client.close()
+    refused = [t for t in env.done if t.error == "too many sessions"]
+    assert len(refused) == 2 and all(t.payload is None for t in refused)
+
+
+async def test_close_ends_transfers_and_frees_sockets(make_env: ServerFactory) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    env = await make_env(timeout=5.0)
+    client = RawClient(env.addr)
+    try:
+        client.send(rrq("kernel"))
+        assert (await asyncio.to_thread(client.recv)).opcode == DATA
+        await env.server.close()
+        [transfer] = await env.wait_done()
+        assert transfer.error == "server closed"
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+    finally:
+        client.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # listening socket, transfer socket, file
+
+
+async def test_on_done_that_raises_does_not_break_the_server(
+        make_env: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[Transfer] = []
+    escaped: list[dict[str, Any]] = []  # exceptions that reached the event loop
+
+    def on_done(transfer: Transfer) -> None:
+        calls.append(transfer)
+        raise RuntimeError("broken event log")
+
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: escaped.append(context))
+    env = await make_env(on_done=on_done)
+    for _ in range(2):
+        assert (await download_raw(env, "memory.cfg")).data == MEMORY
+    reply = await exchange(env, rrq("nope"))
+    assert reply is not None and (reply.opcode, reply.number) == (ERROR, 1)
+    for _ in range(100):
+        if len(calls) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert [t.error is None for t in calls] == [True, True, False]
+    assert escaped == []
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 3 and all("on_done raised" in m for m in tracebacks)
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_download(make_env: ServerFactory) -> None:
+    env = await make_env(host="::1")
+    result = await download_raw(env, "kernel", blksize=1400, tsize=0)
+    assert result.oack == {"blksize": "1400", "tsize": str(len(env.files["kernel"]))}
+    assert result.data == env.files["kernel"]
+
+
+def test_clients_are_installed() -> None:
+    # The curl and atftp tests above would fail with a less clear message without them.
+    assert shutil.which("curl") and shutil.which("atftp")
