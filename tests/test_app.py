@@ -85,3 +85,36 @@ async def test_http_and_tftp_share_one_store(app: App):
                               and app.store.events("52:54:00:00:00:02"))
     assert [(e.kind, e.detail.get("transport") or e.detail.get("protocol")) for e in events] == [
         ("script-served", "http"), ("file-served", "tftp")]
+
+
+async def test_slow_or_idle_clients_are_closed(config, monkeypatch):
+    """A socket that never completes its request headers is closed after the keep-alive timeout
+    (aiohttp arms it at connect and data does not re-arm it), while other requests are served."""
+    monkeypatch.setattr("bootserver.app.KEEPALIVE_TIMEOUT", 1.0)
+    app = App.open(config)
+    await app.start()
+    try:
+        port = app.http_address[1]
+        idle = await asyncio.open_connection("127.0.0.1", port)
+        slow = await asyncio.open_connection("127.0.0.1", port)
+        slow[1].write(b"GET /boot.ipxe HTTP/1.1\r\n")
+        closed_while_sending = False
+        for _ in range(20):  # one header line every 0.2 s for 4 s, never the blank line that ends them
+            slow[1].write(b"X-Slow: 1\r\n")
+            await asyncio.sleep(0.2)
+            if closed_while_sending := await _closed(slow[0]):
+                break
+        # Trickling data did not keep it open (a timer re-armed by data would only fire after we stop).
+        assert closed_while_sending
+        assert await asyncio.wait_for(idle[0].read(), 5) == b""
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/boot.ipxe") as r:
+            assert r.status == 200
+    finally:
+        await app.stop()
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 0.01) == b""
+    except TimeoutError:
+        return False

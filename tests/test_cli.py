@@ -1,0 +1,83 @@
+"""The `bootserver` command as a user runs it: a real subprocess each time."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bootserver.store import Store
+
+
+def bootserver(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bootserver", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_render_explains_its_choice(config_file: Path):
+    result = bootserver("--config", str(config_file), "render", "52-54-00-00-00-01", "--platform", "efi",
+                        "--url", "http://192.0.2.1:8080")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "# 52:54:00:00:00:01: configured as node1; facts {'platform': 'efi'}"
+    assert lines[1] == "# matched: group raft-efi (platform=efi, role=raft); also matched, less specific: default, raft"
+    assert lines[2] == "# profile: raft (template linux.ipxe.j2)"
+    assert lines[3] == "#!ipxe"
+    assert "kernel http://192.0.2.1:8080/boot/52-54-00-00-00-01/vmlinuz" in result.stdout
+
+
+def test_render_without_a_match_says_so(tmp_path: Path):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\n'
+                    '[groups.only-raft]\nprofile = "p"\nselector = { role = "raft" }\n')
+    result = bootserver("--config", str(path), "render", "52:54:00:00:00:05")
+    assert result.returncode == 1
+    assert "unknown machine and no group matches" in result.stdout
+
+
+def test_bad_mac_and_bad_config_are_clear_errors(config_file: Path, tmp_path: Path):
+    result = bootserver("--config", str(config_file), "render", "nope")
+    assert result.returncode == 2 and "not a MAC address: 'nope'" in result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nhtpp = "0.0.0.0:80"\n')
+    result = bootserver("--config", str(bad), "serve")
+    assert result.returncode == 2 and "unknown key 'htpp'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nodes_lists_machines(config_file: Path, config):
+    assert "no machines yet" in bootserver("--config", str(config_file), "nodes").stdout
+    store = Store(config.server.database)
+    store.record("52:54:00:00:00:01", "script-served", state="script-served", facts={"platform": "efi"})
+    store.close()
+    lines = bootserver("--config", str(config_file), "nodes").stdout.splitlines()
+    assert lines[0].split() == ["MAC", "STATE", "PLATFORM", "LAST", "SEEN"]
+    assert lines[1].split()[:3] == ["52:54:00:00:00:01", "script-served", "efi"]
+
+
+def test_serve_starts_answers_and_stops_on_sigterm(tmp_path: Path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{tmp_path / "data"}"\n')
+    server = subprocess.Popen([sys.executable, "-m", "bootserver", "--config", str(path), "serve"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("bootserver serve did not answer /healthz")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/boot/52-54-00-00-00-03.ipxe", timeout=2) as response:
+            script = response.read().decode()
+        # Embedded defaults and no image built yet: a no-boot script that says what to do.
+        assert "bootserver image build" in script and "exit 0" in script
+    finally:
+        server.terminate()
+        assert server.wait(10) == 0
+    assert (tmp_path / "data" / "bootserver.sqlite3").is_file()
