@@ -15,6 +15,8 @@ from aiohttp import web
 from . import http, tftp
 from .booter import Booter
 from .config import Config
+from .jobs import Provisioner
+from .pki import ServerKeys
 from .store import Store
 from .templates import Templates
 
@@ -29,6 +31,7 @@ class App:
     config: Config
     store: Store
     booter: Booter
+    provisioner: Provisioner
     _runner: web.AppRunner | None = field(default=None, repr=False)
     _tftp: tftp.TftpServer | None = field(default=None, repr=False)
 
@@ -37,10 +40,15 @@ class App:
         config.server.data_dir.mkdir(parents=True, exist_ok=True)
         config.server.tftp_root.mkdir(exist_ok=True)
         store = Store(config.server.database)
-        return cls(config, store, Booter(config, store, Templates(config.server.templates_dir)))
+        keys = ServerKeys.load_or_create(config.server.data_dir / "keys")
+        booter = Booter(config, store, Templates(config.server.templates_dir), keys)
+        provisioner = Provisioner(booter)
+        booter.on_phoned_home = provisioner.schedule
+        return cls(config, store, booter, provisioner)
 
     async def start(self) -> None:
         server = self.config.server
+        self.provisioner.start()
         self._runner = web.AppRunner(http.create_app(self.booter, server.public_address),
                                      keepalive_timeout=KEEPALIVE_TIMEOUT, access_log=None)
         await self._runner.setup()
@@ -69,6 +77,7 @@ class App:
         return self._tftp.address
 
     async def stop(self) -> None:
+        await self.provisioner.stop()
         if self._tftp is not None:
             await self._tftp.close()
         if self._runner is not None:

@@ -6,15 +6,23 @@ Booter, the way Pixiecore's protocol servers all ask one Booter. Nothing here kn
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import asyncssh
+
+from . import tokens
 from .config import FACT_KEYS, Config, Machine, Profile
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized
 from .mac import canonical_mac, hyphenated
+from .overlay import overlay_cpio
 from .payload import Payload
-from .store import Store
+from .pki import ServerKeys
+from .store import Node, Store
 from .templates import Templates
 
 log = logging.getLogger(__name__)
@@ -32,6 +40,9 @@ FIRMWARE_BINARIES = {
     11: "snponly-arm64.efi",  # arm64: the all-drivers build does not work there
     16: "ipxe.efi",  # x86-64 UEFI HTTP boot
 }
+# The per-machine overlay initrd's file name: the kernel command line names it for UEFI's stub.
+OVERLAY_NAME = "bootserver.cpio"
+
 # Every iPXE binary we hand out by name, over TFTP or HTTP, from server.ipxe_dir.
 IPXE_BINARIES = frozenset(FIRMWARE_BINARIES.values()) | {"snponly.efi", "undionly.kkpxe", "ipxe.pxe"}
 
@@ -57,10 +68,13 @@ class BootSpec:
 
 
 class Booter:
-    def __init__(self, config: Config, store: Store, templates: Templates) -> None:
+    def __init__(self, config: Config, store: Store, templates: Templates, keys: ServerKeys) -> None:
         self.config = config
         self.store = store
         self.templates = templates
+        self.keys = keys
+        # Called with a MAC once its node has phoned home and may be provisioned (set by the App).
+        self.on_phoned_home: Callable[[str], None] = lambda mac: None
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -104,6 +118,9 @@ class Booter:
         """The iPXE script for one machine, recorded as an event whatever it says."""
         mac = canonical_mac(mac_text)
         facts = clean_facts(reported)
+        node = self.store.node(mac)
+        if node is not None and node.state == "deployed" and not node.reprovision:
+            return self._local_disk(mac, facts, transport)
         spec = self.boot_spec(mac, {k: v for k, v in facts.items() if k in FACT_KEYS})
         missing = self._missing_assets(spec.profile)
         if spec.profile is None or missing:
@@ -113,13 +130,24 @@ class Booter:
             self.store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
             text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=reason)
             return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
-        text = self.render_profile(spec, urls)
         self.store.record(mac, "script-served", {"profile": spec.profile.name, "group": spec.group,
                                                  "reason": spec.reason, "transport": transport},
                           state="script-served", facts=facts)
+        token = None
+        if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
+            token, record = tokens.new_token(mac, self.config.server.token_minutes)
+            self.store.add_token(record)
+        text = self.render_profile(spec, urls, token)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
 
-    def render_profile(self, spec: BootSpec, urls: Urls) -> str:
+    def _local_disk(self, mac: str, facts: dict[str, str], transport: str) -> Payload:
+        reason = "deployed: boots its local disk (bootserver reprovision MAC to run the flow again)"
+        self.store.record(mac, "script-served", {"profile": "local-disk", "reason": reason, "transport": transport},
+                          facts=facts)
+        text = self.templates.render("localdisk.ipxe.j2", mac=mac, platform=facts.get("platform", ""))
+        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+
+    def render_profile(self, spec: BootSpec, urls: Urls, token: str | None = None) -> str:
         assert spec.profile is not None
         context = {
             "mac": spec.mac,
@@ -130,6 +158,8 @@ class Booter:
             "platform": spec.facts.get("platform", ""),
             "files_url": urls.files,
             "api_url": urls.api,
+            "token": token or "TOKEN",
+            "overlay_name": OVERLAY_NAME,
         }
         cmdline = self.templates.render_string(spec.profile.cmdline, **context)
         return self.templates.render(spec.profile.template, profile=spec.profile, group=spec.group,
@@ -144,6 +174,58 @@ class Booter:
         if not path.is_file():
             raise NotFound(f"asset {name!r} is configured as {path}, which does not exist")
         return Payload(name, path=path, mac=mac)
+
+    def node_config(self, mac_text: str, token: str, urls: Urls) -> dict[str, Any]:
+        """What a booting node needs to be reached and to call home; only for a live token of this boot."""
+        mac = canonical_mac(mac_text)
+        token_id, secret = tokens.split(token)
+        tokens.check(self.store.token(token_id), secret, mac)
+        machine = self.config.machines.get(mac)
+        return {
+            "mac": mac,
+            "hostname": (machine.hostname if machine else None) or "",
+            "url": urls.api,
+            "token": token,
+            "authorized_keys": [self.keys.ssh_public, *self.config.server.ssh_keys],
+        }
+
+    def overlay(self, mac_text: str, token: str, urls: Urls) -> Payload:
+        """The node config as an initrd overlay (cpio), for any Linux initramfs."""
+        config = self.node_config(mac_text, token, urls)
+        return Payload(OVERLAY_NAME, data=overlay_cpio(config), mac=config["mac"])
+
+    def phone_home(self, mac_text: str, report: dict[str, Any]) -> Node:
+        """A booted node calls back: check its one-time token, pin its host key, hand it to provisioning.
+
+        Refusals (missing, unknown, expired, replayed or another machine's token) change nothing but
+        the event log, and raise Unauthorized or Forbidden for the protocol to answer.
+        """
+        mac = canonical_mac(mac_text)
+        try:
+            token_id, secret = tokens.split(report.get("token"))
+            tokens.check(self.store.token(token_id), secret, mac)
+            host_key, ip = _host_key(report.get("host_key")), _ip(report.get("ip"))
+        except (Unauthorized, Forbidden, BadRequest) as exc:
+            self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc)})
+            raise
+        detail = {"ip": ip, "host_key": host_key, "fingerprint": _fingerprint(host_key),
+                  "kernel": str(report.get("kernel", ""))[:MAX_FACT_LENGTH], "disks": _disks(report.get("disks"))}
+        if not self.store.phoned_home(token_id, mac, ip, host_key, detail):
+            reason = "this token was used already (a concurrent phone-home won)"
+            self.store.record(mac, "refused", {"what": "phone-home", "reason": reason})
+            raise Forbidden(reason)
+        self.on_phoned_home(mac)
+        node = self.store.node(mac)
+        assert node is not None
+        return node
+
+    def reprovision(self, mac_text: str) -> None:
+        """Send a machine through the whole flow on its next boot; its disk may be wiped."""
+        mac = canonical_mac(mac_text)
+        if self.store.node(mac) is None:
+            raise NotFound(f"no machine {mac} has booted from this server")
+        self.store.set_reprovision(mac, True)
+        self.store.record(mac, "reprovision-requested", {}, state="reprovision")
 
     def ipxe_binary(self, name: str) -> Payload:
         """An iPXE binary for chainloading, from the configured iPXE directory."""
@@ -170,17 +252,46 @@ class Booter:
         state = "kernel-served" if payload.name in profile_kernel and sent == payload.size else None
         self.store.record(payload.mac, "file-served", detail, state=state)
 
-    def booted(self, mac_text: str, report: dict[str, object]) -> None:
-        """The booted system called home: its kernel and init are running."""
-        mac = canonical_mac(mac_text)
-        detail = {k: str(v)[:MAX_FACT_LENGTH] for k, v in report.items() if k in ("ip", "kernel", "mac")}
-        self.store.record(mac, "booted", detail, state="booted")
-
     def _missing_assets(self, profile: Profile | None) -> list[str]:
         if profile is None:
             return []
         names = ([profile.kernel] if profile.kernel else []) + list(profile.initrd)
         return [f"{n} ({self.config.assets[n]})" for n in names if not Path(self.config.assets[n]).is_file()]
+
+
+def _host_key(value: object) -> str:
+    """The node's SSH host key as one OpenSSH line, checked to be a key."""
+    try:
+        return asyncssh.import_public_key(str(value)).export_public_key("openssh").decode().strip()
+    except (asyncssh.KeyImportError, ValueError, TypeError):
+        raise BadRequest("host_key is not an OpenSSH public key line (ssh-ed25519 AAAA...)") from None
+
+
+def _fingerprint(host_key: str) -> str:
+    return asyncssh.import_public_key(host_key).get_fingerprint("sha256")
+
+
+def _ip(value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise BadRequest(f"ip is not an IP address: {str(value)[:64]!r}") from None
+
+
+def _disks(value: object) -> list[dict[str, Any]]:
+    """What the node reported about its disks, kept small and typed for the event log."""
+    if not isinstance(value, list):
+        return []
+    disks = []
+    for disk in value[:32]:
+        if isinstance(disk, dict) and isinstance(disk.get("name"), str):
+            disks.append({"name": disk["name"][:32], "size_bytes": _count(disk.get("size_bytes")),
+                          "partitions": _count(disk.get("partitions"))})
+    return disks
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def clean_facts(reported: dict[str, str]) -> dict[str, str]:

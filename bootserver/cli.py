@@ -11,8 +11,10 @@ from pathlib import Path
 
 from . import config as configuration
 from .booter import Booter, Urls
+from .disk import TARGET_ROOT, dry_run
 from .errors import BootserverError
 from .mac import canonical_mac
+from .pki import ServerKeys
 from .store import Store
 from .templates import Templates
 
@@ -46,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     nodes = commands.add_parser("nodes", help="list the machines this server has seen")
     nodes.set_defaults(command=cmd_nodes)
 
+    plan = commands.add_parser("plan", help="print what provisioning a machine would do (disk commands, files)")
+    plan.add_argument("mac")
+    plan.add_argument("--dry-run", action="store_true", default=True, help="the only mode: nothing is run")
+    plan.add_argument("--wipe", action="store_true", help="plan as if the machine were marked for re-provisioning")
+    plan.set_defaults(command=cmd_plan)
+
+    reprovision = commands.add_parser("reprovision", help="send a machine through the whole flow on its next boot")
+    reprovision.add_argument("mac")
+    reprovision.set_defaults(command=cmd_reprovision)
+
     image = commands.add_parser("image", help="build the default agent netboot image")
     image_commands = image.add_subparsers(required=True, metavar="ACTION")
     build = image_commands.add_parser("build", help="kernel + initramfs from Debian packages")
@@ -67,8 +79,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     mac = canonical_mac(args.mac)
     facts = {k: v for k, v in (("platform", args.platform), ("arch", args.arch)) if v}
     base = args.url or f"http://{config.server.public_address or 'SERVER'}:{config.server.http.port}"
-    store = Store(config.server.database)
-    booter = Booter(config, store, Templates(config.server.templates_dir))
+    booter = _booter(config)
     spec = booter.boot_spec(mac, facts)
     machine = f"configured as {spec.machine.hostname or 'no hostname'}" if spec.machine else "not in [machines]"
     print(f"# {mac}: {machine}; facts {facts or 'none given'}")
@@ -93,6 +104,49 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    mac = canonical_mac(args.mac)
+    spec = _booter(config).boot_spec(mac)
+    profile = spec.profile
+    print(f"# {mac}: {spec.reason}")
+    if profile is None or (profile.disk is None and profile.deploy is None):
+        print("# nothing to provision: the profile has no [disk] or [deploy]")
+        return 0
+    if profile.disk is not None:
+        wipe = args.wipe or profile.disk.wipe
+        print(f"# disk {profile.disk.device} (wipe {'allowed' if wipe else 'refused if it holds partitions'}):")
+        print(dry_run(profile.disk, wipe=wipe), end="")
+    if profile.deploy is not None:
+        root = TARGET_ROOT if profile.disk is not None else ""
+        deploy = profile.deploy
+        print(f"# deploy onto {root or '/'}:")
+        for item in (*deploy.files, *deploy.templates):
+            print(f"put {item.source} -> {root}{item.dest} (mode {item.mode:04o})")
+        if deploy.tls_dir:
+            print(f"issue TLS certificate -> {root}{deploy.tls_dir}/node.crt, node.key, ca.crt")
+        for unit in deploy.units:
+            print(f"install unit {unit.source.name}{' and enable it' if unit.enable else ''}")
+        if deploy.check:
+            print(f"check: {deploy.check}")
+    return 0
+
+
+def cmd_reprovision(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    booter = _booter(config)
+    booter.reprovision(args.mac)
+    mac = canonical_mac(args.mac)
+    print(f"{mac} will be provisioned again on its next boot (its disk may be wiped); reboot it to start")
+    return 0
+
+
+def _booter(config: configuration.Config) -> Booter:
+    """The core without the servers: for commands that read or mark machines in the store."""
+    keys = ServerKeys.load_or_create(config.server.data_dir / "keys")
+    return Booter(config, Store(config.server.database), Templates(config.server.templates_dir), keys)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .deploy import Deployment, deployment_from_toml
+from .disk import DiskLayout, layout_from_toml
 from .errors import BadRequest, ConfigError
 from .mac import canonical_mac
 
@@ -58,6 +60,10 @@ class ServerConfig:
     public_address: str | None = None  # None: answer with the address the machine asked us on
     ipxe_dir: Path = Path("/usr/lib/ipxe")  # iPXE binaries served over TFTP for chainloading
     templates_dir: Path | None = None  # the operator's own iPXE templates, searched before ours
+    ssh_keys: tuple[str, ...] = ()  # operators' public keys, put on every node beside the server's own
+    token_minutes: int = 30  # a boot's phone-home token expires after this
+    phone_home_minutes: int = 20  # a machine served a kernel that has not called back by then has failed
+    provision_concurrency: int = 8  # nodes provisioned over SSH at once
 
     @property
     def tftp_root(self) -> Path:
@@ -77,6 +83,8 @@ class Profile:
     initrd: tuple[str, ...] = ()
     cmdline: str = ""
     template: str = "linux.ipxe.j2"
+    disk: DiskLayout | None = None  # partition and format this before deploying
+    deploy: Deployment | None = None  # files, configs, certificates and units put on the node
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Machine:
     mac: str
     hostname: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    ssh: Listen | None = None  # where to reach its SSH when not at the reported IP:22 (NAT, port forwards)
 
 
 @dataclass(frozen=True)
@@ -139,7 +148,8 @@ def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
     server = _server(_table(raw, "server", where), f"{where}: [server]")
     assets = _assets(_table(raw, "assets", where), server.data_dir, f"{where}: [assets]")
     profiles = {
-        name: _profile(name, _table(body, None, f"{where}: [profiles.{name}]"), f"{where}: [profiles.{name}]")
+        name: _profile(name, _table(body, None, f"{where}: [profiles.{name}]"), f"{where}: [profiles.{name}]",
+                       server.data_dir)
         for name, body in _table(raw, "profiles", where).items()
     }
     groups = tuple(
@@ -163,7 +173,11 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 
 
 def _server(raw: dict[str, Any], where: str) -> ServerConfig:
-    _only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir"}, where)
+    _only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
+                     "token_minutes", "phone_home_minutes", "provision_concurrency"}, where)
+    ssh_keys = raw.get("ssh_keys", [])
+    if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
+        raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
     http_port, tftp_port = _default_ports()
     data_dir = Path(_str(raw, "data_dir", where, str(default_data_dir()))).expanduser()
     tftp_raw = raw.get("tftp", f"0.0.0.0:{tftp_port}")
@@ -175,6 +189,10 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         public_address=raw.get("public_address") and _str(raw, "public_address", where),
         ipxe_dir=Path(_str(raw, "ipxe_dir", where, "/usr/lib/ipxe")),
         templates_dir=Path(_str(raw, "templates_dir", where)) if templates is not None else None,
+        ssh_keys=tuple(ssh_keys),
+        token_minutes=_positive(raw, "token_minutes", where, 30),
+        phone_home_minutes=_positive(raw, "phone_home_minutes", where, 20),
+        provision_concurrency=_positive(raw, "provision_concurrency", where, 8),
     )
 
 
@@ -194,9 +212,9 @@ def _assets(raw: dict[str, Any], data_dir: Path, where: str) -> dict[str, Path]:
     return assets
 
 
-def _profile(name: str, raw: dict[str, Any], where: str) -> Profile:
+def _profile(name: str, raw: dict[str, Any], where: str, data_dir: Path) -> Profile:
     _check_name(name, where)
-    _only_keys(raw, {"kernel", "initrd", "cmdline", "template"}, where)
+    _only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy"}, where)
     initrd = raw.get("initrd", [])
     if isinstance(initrd, str):
         initrd = [initrd]
@@ -208,6 +226,10 @@ def _profile(name: str, raw: dict[str, Any], where: str) -> Profile:
         initrd=tuple(initrd),
         cmdline=_str(raw, "cmdline", where, ""),
         template=_str(raw, "template", where, "linux.ipxe.j2"),
+        disk=layout_from_toml(_table(raw, "disk", where), f"{where.removesuffix(']')}.disk]")
+        if "disk" in raw else None,
+        deploy=deployment_from_toml(_table(raw, "deploy", where), f"{where.removesuffix(']')}.deploy]", data_dir)
+        if "deploy" in raw else None,
     )
 
 
@@ -230,13 +252,14 @@ def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
         if mac in machines:
             raise ConfigError(f"{here}: the same MAC as another [machines] entry ({mac})")
         body = _table(body, None, here)
-        _only_keys(body, {"hostname", "labels"}, here)
+        _only_keys(body, {"hostname", "labels", "ssh"}, here)
         labels = _string_table(body.get("labels", {}), f"{here} labels")
         clash = set(labels) & set(FACT_KEYS)
         if clash:
             raise ConfigError(f"{here} labels: {sorted(clash)} are reserved for what machines report")
         hostname = body.get("hostname") and _str(body, "hostname", here)
-        machines[mac] = Machine(mac, hostname, labels)
+        ssh = _listen(_str(body, "ssh", here), f"{here} ssh") if "ssh" in body else None
+        machines[mac] = Machine(mac, hostname, labels, ssh)
     return machines
 
 
@@ -277,6 +300,13 @@ def _str(raw: dict[str, Any], key: str, where: str, default: str | None = None) 
     value = raw.get(key, default)
     if not isinstance(value, str):
         raise ConfigError(f"{where} {key}: expected a string, got {value!r}")
+    return value
+
+
+def _positive(raw: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where} {key}: expected a whole number of at least 1, got {value!r}")
     return value
 
 

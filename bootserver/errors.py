@@ -16,6 +16,10 @@ class BadRequest(BootserverError):
     """A client sent something malformed (a bad MAC, a bad option)."""
 
 
+class Unauthorized(BootserverError):
+    """A request that needs a credential came without one."""
+
+
 class NotFound(BootserverError):
     """The thing asked for does not exist."""
 

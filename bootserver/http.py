@@ -3,7 +3,9 @@
     GET  /boot.ipxe                 the bootstrap script every machine chains to first
     GET  /boot/{mac}.ipxe           one machine's script (firmware facts in the query string)
     GET  /boot/{mac}/{asset}        a kernel or initrd for that machine (Range, sendfile)
-    POST /boot/{mac}/booted         the booted system reporting in
+    GET  /boot/{mac}/{token}/config.json       the node's SSH keys and phone-home settings
+    GET  /boot/{mac}/{token}/bootserver.cpio   the same, as an initrd overlay
+    POST /boot/{mac}/phone-home     the booted node calling back with its token and host key (202)
     GET  /ipxe/{binary}             iPXE binaries, for UEFI HTTP boot
     GET  /healthz                   what works and what is missing
     GET  /api/v1/machines[/{mac}]   machines and their events as JSON
@@ -21,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from .booter import Booter, Urls
-from .errors import BadRequest, BootserverError, Forbidden, NotFound
+from .booter import OVERLAY_NAME, Booter, Urls
+from .errors import BadRequest, BootserverError, Forbidden, NotFound, Unauthorized
 from .mac import canonical_mac
 from .payload import Payload
 
@@ -33,7 +35,7 @@ PUBLIC_ADDRESS = web.AppKey("public_address", str)
 
 MAX_BODY = 64 * 1024  # phone-home reports are small; anything larger is refused with 413
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
-_STATUS = {BadRequest: 400, Forbidden: 403, NotFound: 404}
+_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404}
 
 
 def create_app(booter: Booter, public_address: str | None = None) -> web.Application:
@@ -43,7 +45,9 @@ def create_app(booter: Booter, public_address: str | None = None) -> web.Applica
     app.router.add_get("/boot.ipxe", bootstrap)
     app.router.add_get("/boot/{mac}.ipxe", machine_script)
     app.router.add_get("/boot/{mac}/{name}", boot_file)
-    app.router.add_post("/boot/{mac}/booted", booted)
+    app.router.add_get("/boot/{mac}/{token}/config.json", node_config)
+    app.router.add_get("/boot/{mac}/{token}/" + OVERLAY_NAME, overlay)
+    app.router.add_post("/boot/{mac}/phone-home", phone_home)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/v1/machines", machines)
@@ -61,7 +65,9 @@ async def _errors(request: web.Request,
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
         if status == 500:
             log.exception("request %s failed", request.path)
-        return web.Response(status=status, text=f"{exc}\n")
+        # The message goes in the reason phrase too: busybox wget (the agent) shows only the status line.
+        reason = " ".join(str(exc).split())[:200].encode("latin-1", "replace").decode("latin-1")
+        return web.Response(status=status, text=f"{exc}\n", reason=reason)
 
 
 def urls(request: web.Request) -> Urls:
@@ -137,15 +143,33 @@ class RecordedFileResponse(web.FileResponse):
         return writer
 
 
-async def booted(request: web.Request) -> web.Response:
+async def node_config(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    return web.json_response(booter.node_config(request.match_info["mac"], request.match_info["token"],
+                                                urls(request)))
+
+
+async def overlay(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    payload = booter.overlay(request.match_info["mac"], request.match_info["token"], urls(request))
+    assert payload.data is not None
+    response = web.Response(body=payload.data, content_type="application/octet-stream")
+    await response.prepare(request)
+    await response.write_eof()
+    booter.file_sent(payload, "http", len(payload.data), 0.0)  # a few hundred bytes: one write
+    return response
+
+
+async def phone_home(request: web.Request) -> web.Response:
     try:
         report = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body is not JSON") from None
     if not isinstance(report, dict):
         raise BadRequest("body must be a JSON object")
-    request.app[BOOTER].booted(request.match_info["mac"], report)
-    return web.json_response({"ok": True})
+    node = request.app[BOOTER].phone_home(request.match_info["mac"], report)
+    # 202: accepted; provisioning runs in the background and shows in the machine's events.
+    return web.json_response({"mac": node.mac, "state": node.state}, status=202)
 
 
 async def healthz(request: web.Request) -> web.Response:

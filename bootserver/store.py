@@ -34,6 +34,21 @@ MIGRATIONS = [
     );
     CREATE INDEX events_by_mac ON events(mac, id);
     """,
+    # Phone-home: one-time tokens (only their hashes), and what a node told us when it called.
+    """
+    CREATE TABLE tokens (
+        id      TEXT PRIMARY KEY,
+        hash    TEXT NOT NULL,
+        mac     TEXT NOT NULL REFERENCES machines(mac),
+        issued  REAL NOT NULL,
+        expires REAL NOT NULL,
+        used    REAL
+    );
+    CREATE INDEX tokens_by_mac ON tokens(mac);
+    ALTER TABLE machines ADD COLUMN host_key TEXT;
+    ALTER TABLE machines ADD COLUMN ip TEXT;
+    ALTER TABLE machines ADD COLUMN reprovision INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -46,6 +61,21 @@ class Node:
     first_seen: float
     last_seen: float
     facts: dict[str, str] = field(default_factory=dict)
+    host_key: str | None = None  # pinned when it phoned home; SSH trusts only this key
+    ip: str | None = None  # the address it reported when it phoned home
+    reprovision: bool = False  # an operator asked for the whole flow again, disk wipe allowed
+
+
+@dataclass(frozen=True)
+class Token:
+    """A one-time phone-home token: the secret itself is never stored, only its hash."""
+
+    id: str
+    hash: str
+    mac: str
+    issued: float
+    expires: float
+    used: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,44 @@ class Store:
                                 (mac, now, kind, body))
         return Event(cursor.lastrowid or 0, mac, now, kind, detail or {})
 
+    # -- one-time tokens --------------------------------------------------------------------------
+
+    def add_token(self, token: Token) -> None:
+        """Keep a new token (its secret only hashed); older unused tokens of the machine stop working."""
+        with self._transaction() as db:
+            db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
+            db.execute("INSERT INTO tokens (id, hash, mac, issued, expires) VALUES (?, ?, ?, ?, ?)",
+                       (token.id, token.hash, token.mac, token.issued, token.expires))
+
+    def token(self, token_id: str) -> Token | None:
+        row = self._db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"]) if row else None
+
+    def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any]) -> bool:
+        """Spend the token and pin the node's host key, in one transaction.
+
+        False if the token was spent meanwhile (by a concurrent phone-home): exactly one caller wins.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            spent = db.execute("UPDATE tokens SET used = ? WHERE id = ? AND mac = ? AND used IS NULL "
+                               "AND expires > ?", (now, token_id, mac, now)).rowcount
+            if spent != 1:
+                return False
+            db.execute("UPDATE machines SET host_key = ?, ip = ?, state = 'phoned-home', last_seen = ? "
+                       "WHERE mac = ?", (host_key, ip, now, mac))
+            db.execute("INSERT INTO events (mac, time, kind, detail) VALUES (?, ?, 'phoned-home', ?)",
+                       (mac, now, json.dumps(detail, sort_keys=True)))
+        return True
+
+    def set_reprovision(self, mac: str, wanted: bool) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE machines SET reprovision = ? WHERE mac = ?", (int(wanted), mac))
+
+    def nodes_in_state(self, *states: str) -> list[Node]:
+        marks = ",".join("?" * len(states))
+        return [_node(r) for r in self._db.execute(f"SELECT * FROM machines WHERE state IN ({marks})", states)]
+
     def node(self, mac: str) -> Node | None:
         row = self._db.execute("SELECT * FROM machines WHERE mac = ?", (mac,)).fetchone()
         return _node(row) if row else None
@@ -137,4 +205,5 @@ class Store:
 
 
 def _node(row: sqlite3.Row) -> Node:
-    return Node(row["mac"], row["state"], row["first_seen"], row["last_seen"], json.loads(row["facts"]))
+    return Node(row["mac"], row["state"], row["first_seen"], row["last_seen"], json.loads(row["facts"]),
+                row["host_key"], row["ip"], bool(row["reprovision"]))

@@ -7,6 +7,8 @@ from typing import Any
 
 import jinja2
 
+from .errors import BootserverError
+
 
 def builtin_templates_dir() -> Path:
     """`ipxe/` in a source checkout, or the copy packed into the wheel next to this module."""
@@ -32,6 +34,20 @@ class Templates:
 
     def render(self, name: str, **context: Any) -> str:
         return self._env.get_template(name).render(**context)
+
+    def render_file(self, path: Path, context: dict[str, Any]) -> str:
+        """An operator's config-file template (deployed to nodes), with the same strict rules.
+
+        An undefined variable raises a BootserverError naming the file and the variable.
+        """
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
+                                 keep_trailing_newline=True, autoescape=False)
+        try:
+            return env.get_template(path.name).render(**context)
+        except jinja2.UndefinedError as exc:
+            raise BootserverError(f"template {path}: {exc.message}") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise BootserverError(f"template {path}, line {exc.lineno}: {exc.message}") from None
 
     def render_string(self, source: str, **context: Any) -> str:
         """Render a snippet from the config (a kernel command line) with the same rules."""

@@ -39,7 +39,7 @@ from urllib.parse import parse_qs
 from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketOACK
 
-from .booter import IPXE_BINARIES, Booter, Urls
+from .booter import IPXE_BINARIES, OVERLAY_NAME, Booter, Urls
 from .errors import BadRequest, Forbidden, NotFound
 from .payload import Payload, resolve_under
 
@@ -607,12 +607,14 @@ class TftpServer:
 _MACHINE_SCRIPT = re.compile(r"boot/([^/]+)\.ipxe")
 _MACHINE_SCRIPT_WITH_FACTS = re.compile(r"boot/([^/]+)/([^/]*)/([^/]*)\.ipxe")  # mac/platform/arch
 _BOOT_FILE = re.compile(r"boot/([^/]+)/([^/]+)")
+_OVERLAY = re.compile(r"boot/([^/]+)/([^/]+)/" + re.escape(OVERLAY_NAME))  # mac/token
 
 
 class Routes:
     """The same boot paths HTTP serves, for firmware that speaks only TFTP, then the TFTP root.
 
         boot.ipxe, boot/{mac}.ipxe, boot/{mac}/{platform}/{arch}.ipxe, boot/{mac}/{asset},
+        boot/{mac}/{token}/bootserver.cpio,
         iPXE binaries by name, then files under data_dir/tftp
 
     iPXE drops the query string of tftp:// URIs, so the bootstrap puts the facts in the path.
@@ -636,6 +638,8 @@ class Routes:
             return self.booter.machine_script(match[1], facts, self._urls(peer), "tftp")
         if match := _BOOT_FILE.fullmatch(path):
             return self.booter.boot_file(match[1], match[2])
+        if match := _OVERLAY.fullmatch(path):
+            return self.booter.overlay(match[1], match[2], self._urls(peer))
         if path in IPXE_BINARIES:
             return self.booter.ipxe_binary(path)
         return Payload(path, path=resolve_under(self.booter.config.server.tftp_root, path))

@@ -8,6 +8,7 @@ import pytest
 
 from bootserver import config as configuration
 from bootserver.booter import Booter
+from bootserver.pki import ServerKeys
 from bootserver.store import Store
 from bootserver.templates import Templates
 
@@ -90,8 +91,13 @@ def store(config: configuration.Config):
 
 
 @pytest.fixture
-def booter(config: configuration.Config, store: Store) -> Booter:
-    return Booter(config, store, Templates())
+def keys(config: configuration.Config) -> ServerKeys:
+    return ServerKeys.load_or_create(config.server.data_dir / "keys")
+
+
+@pytest.fixture
+def booter(config: configuration.Config, store: Store, keys: ServerKeys) -> Booter:
+    return Booter(config, store, Templates(), keys)
 
 
 async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):

@@ -10,6 +10,10 @@ Networking is QEMU's user mode ("slirp"): the guest gets 10.0.2.15 by DHCP and r
 127.0.0.1:PORT as 10.0.2.2:PORT, so a test server bound to 127.0.0.1 serves the guest. Nothing
 leaves the machine unless the guest itself addresses something else.
 
+`hostfwd={host_port: guest_port}` forwards 127.0.0.1:host_port to the guest's port (e.g. its SSH
+server: `port = free_port(); Vm(..., hostfwd={port: 22})`); `disk=path` attaches a raw image file
+as a virtio disk (/dev/vda in the guest).
+
 Always TCG (`-accel tcg`): KVM hangs on the machines this project runs on.
 """
 
@@ -20,6 +24,7 @@ import contextlib
 import ctypes
 import re
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +47,8 @@ class Vm:
         DHCP server hands out `bootfile` (a TFTP file name under `tftp_dir`, or an http:// URL
         iPXE fetches itself).
     nic: the QEMU NIC model, e.g. "virtio-net-pci" or "e1000".
+    disk: a raw disk image file, attached as a virtio disk (if=virtio: /dev/vda in the guest).
+    hostfwd: {host port: guest port}, TCP, the host side bound to 127.0.0.1 only.
     The serial console goes to `workdir/serial-N.log`; `serial_log` reads it.
     """
 
@@ -61,6 +68,8 @@ class Vm:
         mac: str = DEFAULT_MAC,
         nic: str = "virtio-net-pci",
         memory: int = 256,
+        disk: Path | None = None,
+        hostfwd: dict[int, int] | None = None,
         extra_args: Sequence[str] = (),
         qemu: str = QEMU,
     ) -> None:
@@ -78,6 +87,8 @@ class Vm:
         self.kernel, self.initrd, self.append = kernel, initrd, append
         self.netboot, self.bootfile, self.tftp_dir = netboot, bootfile, tftp_dir
         self.mac, self.nic, self.memory = mac, nic, memory
+        self.disk = Path(disk) if disk is not None else None
+        self.hostfwd = dict(hostfwd or {})
         self.extra_args = list(extra_args)
         self.qemu = qemu
         Vm._count += 1
@@ -91,6 +102,8 @@ class Vm:
             netdev += f",tftp={self.tftp_dir}"
         if self.bootfile is not None:
             netdev += f",bootfile={self.bootfile}"
+        for host_port, guest_port in self.hostfwd.items():
+            netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
         device = f"{self.nic},netdev=n0,mac={self.mac}"
         if self.netboot:
             # bootindex, not `-boot n`: SeaBIOS and OVMF both read it (OVMF ignores -boot order)
@@ -107,6 +120,8 @@ class Vm:
             "-netdev", netdev,
             "-device", device,
         ]  # fmt: skip
+        if self.disk is not None:
+            cmd += ["-drive", f"file={self.disk},if=virtio,format=raw"]
         if self.firmware == "uefi":
             cmd += ["-bios", str(OVMF)]
         if self.kernel is not None:
@@ -198,6 +213,15 @@ class Vm:
                 raise AssertionError(f"{pattern!r} did not appear within {timeout} s{self.report()}")
             await asyncio.sleep(0.2)
 
+    async def wait_for_exit(self, timeout: float = 30.0) -> int:
+        """Wait until QEMU exits (with -no-reboot, a guest's reboot ends it); its exit status."""
+        if self.process is None:
+            raise RuntimeError("this Vm was never started")
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"QEMU still running after {timeout} s{self.report()}") from None
+
     async def wait_until(self, event: asyncio.Event, timeout: float = 90.0, what: str = "the event") -> None:
         """Wait for event (set by a test server); fail early, with the logs, if QEMU exits."""
         deadline = time.monotonic() + timeout
@@ -210,10 +234,18 @@ class Vm:
                 await asyncio.wait_for(event.wait(), 0.2)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for hostfwd). Another process
+    could take it before QEMU does; QEMU then fails to start and says so on its stderr."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def qemu_available() -> bool:
     from shutil import which
 
     return which(QEMU) is not None
 
 
-__all__ = ["DEFAULT_MAC", "OVMF", "Vm", "qemu_available"]
+__all__ = ["DEFAULT_MAC", "OVMF", "Vm", "free_port", "qemu_available"]

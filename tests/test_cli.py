@@ -81,3 +81,36 @@ def test_serve_starts_answers_and_stops_on_sigterm(tmp_path: Path):
         server.terminate()
         assert server.wait(10) == 0
     assert (tmp_path / "data" / "bootserver.sqlite3").is_file()
+
+
+def test_plan_prints_the_disk_commands_and_files(tmp_path: Path):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "raftd").write_text("#!/bin/sh\n")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[assets]\nk = "k"\n'
+                    '[profiles.p]\nkernel = "k"\n[profiles.p.disk]\ndevice = "/dev/vda"\n'
+                    '[[profiles.p.disk.partitions]]\nlabel = "boot"\nsize = "512MiB"\ntype = "esp"\nmount = "/boot"\n'
+                    '[[profiles.p.disk.partitions]]\nlabel = "nixos"\nsize = "rest"\nmount = "/"\n'
+                    '[profiles.p.deploy]\n[[profiles.p.deploy.files]]\nsource = "files/raftd"\n'
+                    'dest = "/usr/local/bin/raftd"\nmode = "0755"\n'
+                    '[groups.all]\nprofile = "p"\n')
+    result = bootserver("--config", str(path), "plan", "52:54:00:00:00:01", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "# disk /dev/vda (wipe refused if it holds partitions):" in out
+    assert "refusing to repartition /dev/vda" in out and "mkfs.ext4 -F -L nixos /dev/vda2" in out
+    assert f"put {tmp_path}/files/raftd -> /mnt/usr/local/bin/raftd (mode 0755)" in out
+    assert "refusing to repartition" not in bootserver("--config", str(path), "plan", "52:54:00:00:00:01",
+                                                       "--wipe").stdout
+
+
+def test_reprovision_marks_a_known_machine(config_file: Path, config):
+    result = bootserver("--config", str(config_file), "reprovision", "52:54:00:00:00:01")
+    assert result.returncode == 2 and "no machine 52:54:00:00:00:01" in result.stderr
+    store = Store(config.server.database)
+    store.record("52:54:00:00:00:01", "deployed", state="deployed")
+    result = bootserver("--config", str(config_file), "reprovision", "525400000001")
+    assert result.returncode == 0, result.stderr
+    node = store.node("52:54:00:00:00:01")
+    assert node.reprovision and node.state == "reprovision"
+    store.close()

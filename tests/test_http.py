@@ -1,7 +1,13 @@
 """HTTP endpoints over a real loopback socket (aiohttp's test server and client)."""
 
 import asyncio
+import dataclasses
+import json
+import re
+import time
 
+import asyncssh
+import libarchive
 import pytest
 from conftest import eventually
 
@@ -86,13 +92,98 @@ async def test_unknown_or_traversing_files_are_404(client, path):
     assert "root:" not in await response.text()
 
 
-async def test_booted_report(client, booter):
-    response = await client.post("/boot/52-54-00-00-00-01/booted", json={"ip": "10.0.2.15", "kernel": "6.1"})
+async def boot_token(client, mac: str = "52-54-00-00-00-01") -> str:
+    """Fetch the machine's script as iPXE would, and take the token off its kernel command line."""
+    text = await (await client.get(f"/boot/{mac}.ipxe")).text()
+    return re.search(r"bootserver\.token=(\S+)", text)[1]
+
+
+def host_key() -> str:
+    return asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode().strip()
+
+
+def report(token: str | None, **extra) -> dict:
+    body = {"ip": "10.0.2.15", "host_key": host_key(), "kernel": "6.1",
+            "disks": [{"name": "vda", "size_bytes": 64 << 20, "partitions": 0}], **extra}
+    return body if token is None else {**body, "token": token}
+
+
+async def test_phone_home_pins_the_host_key_once(client, booter):
+    token = await boot_token(client)
+    body = report(token)
+    response = await client.post("/boot/52-54-00-00-00-01/phone-home", json=body)
+    assert response.status == 202
+    assert (await response.json())["state"] == "phoned-home"
+    node = booter.store.node("52:54:00:00:00:01")
+    assert (node.state, node.host_key, node.ip) == ("phoned-home", body["host_key"], "10.0.2.15")
+    event = booter.store.events("52:54:00:00:00:01")[-1]
+    assert event.kind == "phoned-home" and event.detail["fingerprint"].startswith("SHA256:")
+    assert event.detail["disks"] == [{"name": "vda", "size_bytes": 64 << 20, "partitions": 0}]
+    # The same token again is a replay: refused, and the pinned key stays.
+    response = await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))
+    assert response.status == 403 and "used already" in await response.text()
+    assert booter.store.node("52:54:00:00:00:01").host_key == body["host_key"]
+
+
+async def test_token_abuse_is_refused_and_changes_nothing(client, booter):
+    mine, other = await boot_token(client), await boot_token(client, "52-54-00-00-00-02")
+    before = booter.store.node("52:54:00:00:00:02")
+    cases = [
+        (None, 401, "no phone-home token"),
+        ("", 401, "no phone-home token"),
+        ("garbage", 403, "malformed"),
+        (mine.split(".")[0] + ".wrongsecret", 403, "unknown phone-home token"),
+        ("nosuchid." + mine.split(".")[1], 403, "unknown phone-home token"),
+        (mine, 403, "another machine"),  # 01's token presented for 02
+    ]
+    for token, status, message in cases:
+        response = await client.post("/boot/52-54-00-00-00-02/phone-home", json=report(token))
+        assert response.status == status, token
+        assert message in await response.text(), token
+    after = booter.store.node("52:54:00:00:00:02")
+    assert dataclasses.replace(after, last_seen=0) == dataclasses.replace(before, last_seen=0)  # all but the time
+    refused = [e for e in booter.store.events("52:54:00:00:00:02") if e.kind == "refused"]
+    assert len(refused) == len(cases)
+    # A newer boot's token replaces the older one.
+    newer = await boot_token(client, "52-54-00-00-00-02")
+    response = await client.post("/boot/52-54-00-00-00-02/phone-home", json=report(other))
+    assert response.status == 403 and "newer boot" in await response.text()
+    assert (await client.post("/boot/52-54-00-00-00-02/phone-home", json=report(newer))).status == 202
+
+
+async def test_expired_token_is_refused(client, booter, monkeypatch):
+    token = await boot_token(client)
+    later = time.time() + booter.config.server.token_minutes * 60 + 1
+    monkeypatch.setattr("bootserver.tokens.time.time", lambda: later)
+    response = await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))
+    assert response.status == 403 and "expired" in await response.text()
+
+
+async def test_phone_home_bad_bodies_are_400_or_413(client):
+    token = await boot_token(client)
+    url = "/boot/52-54-00-00-00-01/phone-home"
+    assert (await client.post(url, data=b"{nope")).status == 400
+    assert (await client.post(url, json=[1])).status == 400
+    assert (await client.post(url, json=report(token, host_key="ssh-ed25519 notbase64"))).status == 400
+    assert (await client.post(url, json=report(token, ip="10.0.2.999"))).status == 400
+    assert (await client.post(url, data=b"x" * 100_000)).status == 413
+    assert (await client.post(url, json=report(token))).status == 202  # none of that spent the token
+
+
+async def test_node_config_and_overlay_need_this_boots_token(client, booter):
+    token = await boot_token(client)
+    config = await (await client.get(f"/boot/52-54-00-00-00-01/{token}/config.json")).json()
+    assert config["hostname"] == "node1" and config["token"] == token
+    assert config["authorized_keys"][0] == booter.keys.ssh_public
+    assert "PRIVATE" not in json.dumps(config)
+    response = await client.get(f"/boot/52-54-00-00-00-01/{token}/bootserver.cpio")
     assert response.status == 200
-    assert booter.store.node("52:54:00:00:00:01").state == "booted"
-    assert (await client.post("/boot/52-54-00-00-00-01/booted", data=b"{nope")).status == 400
-    assert (await client.post("/boot/52-54-00-00-00-01/booted", json=[1])).status == 400
-    assert (await client.post("/boot/52-54-00-00-00-01/booted", data=b"x" * 100_000)).status == 413
+    with libarchive.memory_reader(await response.read()) as archive:
+        files = {e.pathname: b"".join(e.get_blocks()) for e in archive}
+    assert json.loads(files["etc/bootserver/config.json"]) == config
+    assert files["etc/bootserver/authorized_keys"].decode().splitlines() == config["authorized_keys"]
+    assert (await client.get(f"/boot/52-54-00-00-00-02/{token}/config.json")).status == 403
+    assert (await client.get("/boot/52-54-00-00-00-01/x.y/config.json")).status == 403
 
 
 async def test_ipxe_binary_over_http(client, booter):

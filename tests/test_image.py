@@ -1,26 +1,39 @@
-"""The agent image: what the initramfs holds, and that it really boots and reports home.
+"""The agent image: what the initramfs holds, and that it really boots, phones home and lets
+the server in with SSH to partition, format and copy files.
 
 The image comes from the session fixture `agent_image` (conftest.py), built once into a cache
 directory that survives runs. The `vm` tests boot it under QEMU (TCG) with user-mode networking,
-so the guest's 10.0.2.2:PORT is this process's 127.0.0.1:PORT.
+so the guest's 10.0.2.2:PORT is this process's 127.0.0.1:PORT, and a hostfwd brings the guest's
+SSH server to a port of our 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
+import hashlib
+import io
 import ipaddress
+import json
 import os
+import posixpath
+import re
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
+import asyncssh
 import libarchive
 import pytest
 from aiohttp import web
-from qemu import DEFAULT_MAC, Vm
+from qemu import DEFAULT_MAC, Vm, free_port
 
 from bootserver import image
 from bootserver.errors import BootserverError
 from bootserver.image import AGENT_MODULES, AgentImage
+from bootserver.overlay import overlay_cpio
 
 
 def read_initramfs(path: Path) -> dict[str, dict]:
@@ -35,7 +48,7 @@ def read_initramfs(path: Path) -> dict[str, dict]:
                 "size": entry.size,
                 "link": entry.linkpath if entry.issym else None,
                 "rdev": (entry.rdevmajor, entry.rdevminor),
-                "data": b"".join(entry.get_blocks()) if entry.isreg and entry.size < 100_000 else None,
+                "data": b"".join(entry.get_blocks()) if entry.isreg else None,
             }
         # known once a header has been read
         assert archive.format_name == b"ASCII cpio (SVR4 with no CRC)", archive.format_name  # newc
@@ -76,7 +89,8 @@ def test_initramfs_contents(agent_image: AgentImage) -> None:
     init = entries["init"]
     assert init["type"] == reg and init["perm"] == 0o755
     assert init["data"].startswith(b"#!/bin/sh\n")
-    assert b"bootserver.url" in init["data"] and b"/booted" in init["data"]
+    assert b"bootserver.url" in init["data"] and b"/phone-home" in init["data"]
+    assert b"/booted" not in init["data"]
 
     busybox = entries["bin/busybox"]
     assert busybox["type"] == reg and busybox["perm"] == 0o755 and busybox["size"] > 1_000_000
@@ -97,7 +111,7 @@ def test_initramfs_contents(agent_image: AgentImage) -> None:
     # the modules, uncompressed, and a load order with dependencies first
     moddir = f"lib/modules/{agent_image.version}/"
     order = entries["etc/bootserver/modules"]["data"].decode().split()
-    names = [m.rsplit("/", 1)[-1].removesuffix(".ko") for m in order]
+    names = [m.rsplit("/", 1)[-1].removesuffix(".ko").replace("-", "_") for m in order]
     for wanted in AGENT_MODULES:
         assert wanted in names, (wanted, names)
     for module in order:
@@ -110,61 +124,362 @@ def test_initramfs_contents(agent_image: AgentImage) -> None:
     assert moddir + "modules.dep" in entries
 
 
-async def serve_booted(reports: list[dict], arrived: asyncio.Event, extra_routes=()):
-    """A tiny server on 127.0.0.1:0 recording POST /boot/{mac}/booted; returns (runner, port)."""
+def resolve(entries: dict[str, dict], path: str) -> str | None:
+    """Where path leads in the archive, following symlinks (absolute or relative); None if nowhere."""
+    path = path.lstrip("/")
+    for _ in range(20):
+        # a link in a parent directory (usr/bin -> ../bin) counts too
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if entries.get(parent, {}).get("link"):
+                target = entries[parent]["link"]
+                base = "" if target.startswith("/") else posixpath.dirname(parent)
+                path = posixpath.normpath(posixpath.join(base, target.lstrip("/"), *parts[i:]))
+                break
+        else:
+            entry = entries.get(path)
+            if entry is None:
+                return None
+            if entry["type"] != stat.S_IFLNK:
+                return path
+            target = entry["link"]
+            base = "" if target.startswith("/") else posixpath.dirname(path)
+            path = posixpath.normpath(posixpath.join(base, target.lstrip("/")))
+    return None
 
-    async def booted(request: web.Request) -> web.Response:
-        reports.append({"mac_path": request.match_info["mac"], "body": await request.json()})
-        arrived.set()
+
+def readelf(path: Path) -> tuple[str | None, list[str]]:
+    """(interpreter, NEEDED) of an ELF file, as binutils' readelf sees them."""
+    dynamic = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    headers = subprocess.run(["readelf", "-l", str(path)], capture_output=True, text=True, check=True).stdout
+    interp = re.search(r"Requesting program interpreter: ([^\]]+)\]", headers)
+    return (interp.group(1) if interp else None), needed
+
+
+def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Path) -> None:
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) is not installed")
+    entries = read_initramfs(agent_image.initrd)
+
+    # dropbear runs its SFTP subsystem by the path compiled into it: that must be sftp-server
+    dropbear = entries[resolve(entries, "usr/sbin/dropbear")]["data"]
+    sftp_path = re.search(rb"\0(/[\w./+-]*sftp-server)\0", dropbear).group(1).decode()
+    sftp = resolve(entries, sftp_path)
+    assert sftp is not None and b"[-d start_directory]" in entries[sftp]["data"], sftp_path
+
+    programs = ["dropbear", "dropbearkey", "sfdisk", "parted", "partprobe", "mkfs.ext4", "mke2fs", "e2fsck",
+                "tune2fs", "mkfs.vfat", "mkfs.fat", "mkdosfs", "fsck.vfat", "blkid", "wipefs", "lsblk"]  # fmt: skip
+    todo = [resolve(entries, f"sbin/{name}") for name in programs] + [sftp]
+    for name, path in zip(programs, todo, strict=False):
+        assert path is not None and path != "bin/busybox", (name, path)  # the real one, not busybox's
+        assert entries[path]["perm"] & 0o111, path
+    checked: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path in checked:
+            continue
+        checked.add(path)
+        copy = tmp_path / path.replace("/", "_")
+        copy.write_bytes(entries[path]["data"])
+        interp, needed = readelf(copy)
+        assert image.elf_dependencies(copy.read_bytes()) == (interp, needed), path  # our reader agrees
+        if interp is not None:
+            found = resolve(entries, interp)
+            assert found is not None, (path, interp)
+            todo.append(found)
+        for soname in needed:
+            found = next((f for d in image.LIBRARY_DIRS if (f := resolve(entries, f"{d}/{soname}")) is not None), None)
+            assert found is not None, f"{path} needs {soname}, which is not in the archive"
+            todo.append(found)
+    libraries = {posixpath.basename(p) for p in checked}
+    assert {"libc.so.6", "ld-linux-x86-64.so.2"} <= libraries, sorted(libraries)
+    assert any(name.startswith("libtomcrypt.so.") for name in libraries), sorted(libraries)  # dropbear's
+
+    assert b"[defaults]" in entries["etc/mke2fs.conf"]["data"]
+    assert entries["etc/shells"]["data"] == b"/bin/sh\n"
+    assert entries["etc/passwd"]["data"].startswith(b"root:x:0:0:root:/root:/bin/sh\n")
+    assert entries["root"]["perm"] == 0o700
+
+
+def shell_functions(*names: str) -> str:
+    """The definitions of these functions in /init, to run them on their own."""
+    found = []
+    for name in names:
+        match = re.search(rf"^{re.escape(name)}\(\) {{.*?^}}\n", image.INIT_SCRIPT, re.M | re.S)
+        assert match, name
+        found.append(match.group(0))
+    return "".join(found)
+
+
+def test_init_reads_config_json(agent_image: AgentImage, tmp_path: Path) -> None:
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(read_initramfs(agent_image.initrd)["bin/busybox"]["data"])
+    busybox.chmod(0o755)
+    # a key comment that looks like a field must not count
+    keys = ["ssh-ed25519 AAAAC3Nza key-1", 'ssh-ed25519 AAAAC3Nzb "token": "no"']
+    config = {"mac": "52:54:00:00:00:07", "hostname": "node7", "url": "http://10.0.2.2:8080", "token": "t0k/en+=",
+              "authorized_keys": keys}  # fmt: skip
+    overlay = read_overlay(overlay_cpio({**config, "authorized_keys": config["authorized_keys"][:1]}))
+    for text in (json.dumps(config), json.dumps(config, indent=2), overlay["etc/bootserver/config.json"].decode()):
+        (tmp_path / "config.json").write_text(text)
+        script = f"CONFIG={tmp_path}/config.json\n" + shell_functions("config_field", "json_string")
+        script += 'for f in mac hostname url token missing; do echo "$f=$(config_field $f)"; done\n'
+        script += "json_string 'a \"quoted\" back\\slash'\n"
+        out = subprocess.run([str(busybox), "sh", "-c", script], capture_output=True, text=True, check=True).stdout
+        assert out.splitlines() == [
+            "mac=52:54:00:00:00:07",
+            "hostname=node7",
+            "url=http://10.0.2.2:8080",
+            "token=t0k/en+=",
+            "missing=",
+            '"a \\"quoted\\" back\\\\slash"',
+        ], text
+
+
+def read_overlay(data: bytes) -> dict[str, bytes]:
+    entries = {}
+    with libarchive.memory_reader(data) as archive:
+        for entry in archive:
+            assert (entry.uid, entry.gid) == (0, 0)
+            if entry.isreg:
+                entries[entry.pathname] = b"".join(entry.get_blocks())
+    return entries
+
+
+def concatenate_initrds(parts: list[bytes]) -> bytes:
+    """One initrd from several, as iPXE loads them: each padded with zeros to a multiple of 4 bytes."""
+    out = bytearray()
+    for part in parts:
+        out += part
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def test_console_progress() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    plain = io.StringIO()
+    progress = image.ConsoleProgress(plain)
+    progress("start")
+    for done in range(0, 1001, 50):
+        progress.bar("downloading", done * 1000, 1_000_000)
+    progress("done")
+    lines = plain.getvalue().splitlines()
+    assert lines[0] == "start" and lines[-1] == "done"
+    assert [line.split()[1] for line in lines[1:-1]] == ["0%", "25%", "50%", "75%", "100%"], lines
+    assert "\r" not in plain.getvalue()
+
+    tty = Terminal()
+    progress = image.ConsoleProgress(tty)
+    progress.bar("downloading", 250_000, 1_000_000)
+    progress("interrupting message")
+    progress.bar("downloading", 1_000_000, 1_000_000)
+    out = tty.getvalue()
+    assert out.startswith("\rdownloading: [#######.......................]  25% (0.2 of 1.0 MB)"), repr(out)
+    assert "\ninterrupting message\n" in out and out.endswith("100% (1.0 of 1.0 MB)\x1b[K\n"), repr(out)
+
+    messages: list[str] = []  # a plain callable gets a message every 25 %
+    last = [-1]
+    for done in (0, 10, 30, 60, 99, 100):
+        image._show_bytes(messages.append, "dl", done, 100, last)
+    assert messages == ["dl: 0%", "dl: 30%", "dl: 60%", "dl: 99%", "dl: 100%"]
+
+
+# --- booting it -------------------------------------------------------------------------------
+
+
+class PhoneHomeServer:
+    """A tiny server on 127.0.0.1 taking POST /boot/{mac}/phone-home: the first requests get the
+    `answers` (status, reason) given, later ones 200; every request is recorded."""
+
+    def __init__(self, answers: list[tuple[int, str]] = ()) -> None:
+        self.answers = list(answers)
+        self.requests: list[dict] = []
+        self.seen = asyncio.Event()  # any request
+        self.accepted = asyncio.Event()  # a 200
+        self.runner: web.AppRunner | None = None
+
+    async def phone_home(self, request: web.Request) -> web.Response:
+        self.requests.append({"mac_path": request.match_info["mac"], "body": await request.json()})
+        self.seen.set()
+        if len(self.requests) <= len(self.answers):
+            status, reason = self.answers[len(self.requests) - 1]
+            return web.Response(status=status, reason=reason, text=f"{reason}\n")
+        self.accepted.set()
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/boot/{mac}/booted", booted)
-    app.router.add_routes(list(extra_routes))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, port
+    async def start(self, port: int = 0) -> int:
+        app = web.Application()
+        app.router.add_post("/boot/{mac}/phone-home", self.phone_home)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
 
 
-def check_report(reports: list[dict], vm: Vm, version: str) -> None:
-    assert len(reports) >= 1, vm.report()
-    report = reports[0]
-    assert report["mac_path"] == DEFAULT_MAC.replace(":", "-"), vm.report()
-    body = report["body"]
+def check_phone_home(server: PhoneHomeServer, vm: Vm, version: str) -> dict:
+    assert server.requests, vm.report()
+    request = server.requests[-1]
+    assert request["mac_path"] == DEFAULT_MAC.replace(":", "-"), vm.report()
+    body = request["body"]
+    assert set(body) == {"mac", "ip", "host_key", "token", "kernel", "disks"}, body
     assert body["mac"] == DEFAULT_MAC, (body, vm.report())
     assert ipaddress.ip_address(body["ip"]) in ipaddress.ip_network("10.0.2.0/24"), (body, vm.report())
     assert body["kernel"] == version, body
+    assert re.fullmatch(r"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\S+", body["host_key"]), body
+    return body
+
+
+def boot_args(**settings: str) -> str:
+    # panic=-1 reboots on a panic, and -no-reboot then ends QEMU: a failure shows at once
+    return "console=ttyS0 panic=-1 " + " ".join(f"bootserver.{k}={v}" for k, v in settings.items())
 
 
 @pytest.mark.vm
-async def test_agent_boots_and_reports_home(agent_image: AgentImage, tmp_path: Path) -> None:
-    reports: list[dict] = []
-    arrived = asyncio.Event()
-    runner, port = await serve_booted(reports, arrived)
-    vm = Vm(
-        workdir=tmp_path,
-        kernel=agent_image.kernel,
-        initrd=agent_image.initrd,
-        # panic=-1 reboots on a panic, and -no-reboot then ends QEMU: a failure shows at once
-        append=f"console=ttyS0 panic=-1 bootserver.url=http://10.0.2.2:{port} bootserver.mac={DEFAULT_MAC}",
-    )
+async def test_agent_phones_home_and_lets_the_server_in(agent_image: AgentImage, tmp_path: Path) -> None:
+    """The provisioning path end to end: overlay with keys, phone-home, SSH with the pinned host
+    key, partitioning, mkfs, mounts, SFTP, and `reboot -f` ending the VM."""
+    server = PhoneHomeServer()
+    port = await server.start()
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    overlay = overlay_cpio({
+        "mac": DEFAULT_MAC,
+        "hostname": "node7",
+        "url": f"http://10.0.2.2:{port}",  # only here: the overlay's settings count
+        "token": "from-the-overlay",  # the command line's wins
+        "authorized_keys": [client_key.export_public_key().decode().strip()],
+    })
+    # one -initrd for QEMU: the agent's and the overlay, as iPXE would load them. The overlay
+    # uncompressed (as bootserver.overlay serves it): the kernel's stricter case, a cpio that
+    # must start 4-byte aligned after a gzip member of any length
+    initrd = tmp_path / "initrd-with-overlay.img"
+    initrd.write_bytes(concatenate_initrds([agent_image.initrd.read_bytes(), overlay]))
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(64 << 20)
+    ssh_port = free_port()
+    vm = Vm(workdir=tmp_path, kernel=agent_image.kernel, initrd=initrd, disk=disk, hostfwd={ssh_port: 22},
+            append=boot_args(mac=DEFAULT_MAC, token="from-the-cmdline"))  # fmt: skip
     try:
         await vm.start()
-        await vm.wait_until(arrived, timeout=90, what="POST /boot/.../booted")
-        took = vm.elapsed
-        check_report(reports, vm, agent_image.version)
-        await vm.wait_for_serial(r"bootserver agent: reported to \S+ ok", timeout=20)
-        print(f"call home {took:.1f} s after QEMU started")
+        await vm.wait_until(server.accepted, timeout=120, what="POST /boot/.../phone-home")
+        phoned = vm.elapsed
+        body = check_phone_home(server, vm, agent_image.version)
+        assert body["token"] == "from-the-cmdline", body
+        assert body["disks"] == [{"name": "vda", "size_bytes": 64 << 20, "partitions": 0, "removable": False}], body
+        await vm.wait_for_serial(rf"bootserver agent: phoned home to http://10\.0\.2\.2:{port}/boot/"
+                                 r"52-54-00-12-34-56/phone-home ok", timeout=20)  # fmt: skip
+        assert f"SSH host key: {body['host_key']}" in vm.serial_log, vm.report()
+
+        # trust exactly the key the agent reported: never on first use
+        known_hosts = asyncssh.import_known_hosts(f"[127.0.0.1]:{ssh_port} {body['host_key']}\n")
+        async with asyncssh.connect("127.0.0.1", ssh_port, username="root", client_keys=[client_key],
+                                    known_hosts=known_hosts, agent_path=None, password=None,
+                                    connect_timeout=30) as conn:  # fmt: skip
+            connected = vm.elapsed
+
+            async def run(command: str, input: str | None = None) -> str:
+                result = await asyncio.wait_for(conn.run(command, input=input), 60)
+                output = f"{result.stdout}{result.stderr}"
+                assert result.exit_status == 0, f"{command}: exit {result.exit_status}\n{output}{vm.report()}"
+                return output
+
+            assert (await run("hostname")).strip() == "node7"
+            assert "util-linux" in await run("sfdisk --version")
+            assert "GNU parted" in await run("parted --version")
+            assert "mke2fs 1.47" in await run("mkfs.ext4 -V")
+            assert "mkfs.fat 4" in await run("mkfs.vfat --help || true")
+
+            await run("wipefs -a /dev/vda")
+            await run("sfdisk --label gpt /dev/vda", input="size=16MiB, type=uefi, name=esp\ntype=linux, name=root\n")
+            await run("for i in $(seq 50); do [ -b /dev/vda2 ] && break; sleep 0.1; done; [ -b /dev/vda2 ]")
+            await run("mkfs.vfat -n ESP /dev/vda1 && mkfs.ext4 -q -F -L root /dev/vda2")
+            await run("mkdir -p /mnt/esp /mnt/root && mount -t vfat /dev/vda1 /mnt/esp && mount /dev/vda2 /mnt/root")
+            printed = await run("parted -s /dev/vda print")
+            assert "gpt" in printed and "esp" in printed and "ext4" in printed, printed
+
+            payload = tmp_path / "payload.bin"
+            payload.write_bytes(os.urandom(300_000))
+            async with conn.start_sftp_client() as sftp:
+                await sftp.put(str(payload), "/mnt/root/payload.bin")
+                await sftp.put(str(payload), "/mnt/esp/PAYLOAD.BIN")
+                await sftp.get("/mnt/esp/PAYLOAD.BIN", str(tmp_path / "back.bin"))
+            assert (tmp_path / "back.bin").read_bytes() == payload.read_bytes()
+            sums = await run("sha256sum /mnt/root/payload.bin /mnt/esp/PAYLOAD.BIN")
+            assert sums.count(hashlib.sha256(payload.read_bytes()).hexdigest()) == 2, sums
+            await run("umount /mnt/esp /mnt/root")
+            found = await run("blkid /dev/vda1 /dev/vda2")
+            assert 'LABEL="ESP"' in found and 'TYPE="vfat"' in found and 'TYPE="ext4"' in found, found
+            # (lsblk's FSTYPE would come from udev's database: there is no udev, ask blkid)
+            tree = json.loads(await run("lsblk -J -b -o NAME,SIZE /dev/vda"))
+            vda1, vda2 = tree["blockdevices"][0]["children"]
+            assert (vda1["name"], vda1["size"], vda2["name"]) == ("vda1", 16 << 20, "vda2"), tree
+            assert 40 << 20 < vda2["size"] < 48 << 20, tree  # the rest, less GPT and alignment
+            provisioned = vm.elapsed
+
+            # the server's last word; the connection dies with the machine
+            with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+                await asyncio.wait_for(conn.run("reboot -f"), 10)
+        await vm.wait_for_exit(30)  # -no-reboot: the guest's reboot ends QEMU
+        assert disk.read_bytes()[512:520] == b"EFI PART"
+        print(f"phone-home {phoned:.1f} s, SSH session {connected:.1f} s, provisioned {provisioned:.1f} s "
+              "after QEMU started")  # fmt: skip
     finally:
         await vm.stop()
-        await runner.cleanup()
+        await server.stop()
+
+
+@pytest.mark.vm
+async def test_agent_stops_when_the_server_refuses_it(agent_image: AgentImage, tmp_path: Path) -> None:
+    server = PhoneHomeServer(answers=[(403, "token not valid for this machine")])
+    port = await server.start()
+    vm = Vm(workdir=tmp_path, kernel=agent_image.kernel, initrd=agent_image.initrd,
+            append=boot_args(url=f"http://10.0.2.2:{port}", mac=DEFAULT_MAC, token="stale"))  # fmt: skip
+    try:
+        await vm.start()
+        await vm.wait_until(server.seen, timeout=120, what="POST /boot/.../phone-home")
+        assert check_phone_home(server, vm, agent_image.version)["token"] == "stale"
+        await vm.wait_for_serial(r"bootserver agent: phone-home to \S+ refused: server returned error: "
+                                 r"HTTP/1.1 403 token not valid for this machine", timeout=20)  # fmt: skip
+        await vm.wait_for_serial(r"not trying again", timeout=5)
+        await vm.wait_for_serial(r"bootserver agent: ready", timeout=20)  # and it stays up
+        await asyncio.sleep(4)  # a retry would have come after 1 s
+        assert len(server.requests) == 1, vm.report()
+        assert "retrying" not in vm.serial_log, vm.report()
+    finally:
+        await vm.stop()
+        await server.stop()
+
+
+@pytest.mark.vm
+async def test_agent_retries_until_the_server_answers(agent_image: AgentImage, tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there yet: the server is "restarting"
+    server = PhoneHomeServer(answers=[(503, "starting up")])
+    vm = Vm(workdir=tmp_path, kernel=agent_image.kernel, initrd=agent_image.initrd,
+            append=boot_args(url=f"http://10.0.2.2:{port}", mac=DEFAULT_MAC))  # fmt: skip
+    try:
+        await vm.start()
+        await vm.wait_for_serial(r"phone-home to \S+ failed: .*refused; retrying in 1s", timeout=120)
+        await server.start(port)
+        await vm.wait_until(server.accepted, timeout=60, what="a phone-home after the server came up")
+        assert len(server.requests) == 2, vm.report()  # the 503, then the one that worked
+        assert check_phone_home(server, vm, agent_image.version)["token"] == ""
+        await vm.wait_for_serial(r"failed: server returned error: HTTP/1.1 503 starting up; retrying in \d+s", 5)
+        await vm.wait_for_serial(r"bootserver agent: phoned home to \S+ ok", timeout=20)
+    finally:
+        await vm.stop()
+        await server.stop()
 
 
 def test_compressed_modules_are_unpacked(tmp_path: Path) -> None:
-    import gzip
     import lzma
 
     elf = b"\x7fELF" + bytes(range(256)) * 4

@@ -4,11 +4,13 @@ SeaBIOS and OVMF each run their NIC's stock iPXE ROM (Debian's ipxe-qemu). QEMU'
 hands out the bootfile and maps the guest's 10.0.2.2:PORT to our 127.0.0.1:PORT. Over HTTP the
 whole boot is HTTP; over TFTP (iPXE's own tftp:// client, since user-mode networking keeps port 69
 for itself) the scripts, kernel and initrd all come through our TFTP server. The test passes when
-our own event log shows the script, kernel and initrd served and the booted kernel's init reporting.
+our own event log shows the script, kernel, initrd and overlay served and the booted agent phoning
+home with this boot's token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import shutil
@@ -48,19 +50,23 @@ async def app(agent_image: AgentImage, tmp_path: Path):
     await app.stop()
 
 
-async def wait_for_booted(app: App, vm: Vm, timeout: float) -> float:
+async def wait_for_state(app: App, vm: Vm, state: str, timeout: float, mac: str = DEFAULT_MAC,
+                         exit_ok: bool = False) -> float:
+    """Seconds from QEMU's start until `mac` reaches `state` in our store; fails with both logs."""
     deadline = time.monotonic() + timeout
-    while (node := app.store.node(DEFAULT_MAC)) is None or node.state != "booted":
-        if not vm.running:
-            raise AssertionError(f"QEMU exited before the agent reported{vm.report()}{events(app)}")
+    while (node := app.store.node(mac)) is None or node.state != state:
+        if node is not None and node.state in ("failed", "interrupted"):
+            raise AssertionError(f"{mac} is {node.state}, waiting for {state!r}{vm.report()}{events(app, mac)}")
+        if not vm.running and not exit_ok:
+            raise AssertionError(f"QEMU exited before {state!r}{vm.report()}{events(app, mac)}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"no 'booted' within {timeout} s{vm.report()}{events(app)}")
-        await __import__("asyncio").sleep(0.2)
+            raise AssertionError(f"no {state!r} within {timeout} s{vm.report()}{events(app, mac)}")
+        await asyncio.sleep(0.2)
     return vm.elapsed
 
 
-def events(app: App) -> str:
-    return "\n--- events:\n" + "\n".join(f"{e.kind} {e.detail}" for e in app.store.events(DEFAULT_MAC))
+def events(app: App, mac: str = DEFAULT_MAC) -> str:
+    return "\n--- events:\n" + "\n".join(f"{e.kind} {e.detail}" for e in app.store.events(mac))
 
 
 @pytest.mark.parametrize(("firmware", "transport"), [("bios", "http"), ("uefi", "http"),
@@ -69,12 +75,12 @@ async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transpor
     port = app.http_address[1] if transport == "http" else app.tftp_address[1]
     bootfile = f"{transport}://10.0.2.2:{port}/boot.ipxe"
     async with Vm(workdir=tmp_path, firmware=firmware, bootfile=bootfile, memory=512) as vm:
-        took = await wait_for_booted(app, vm, timeout=240)
-    print(f"{firmware} over {transport}: QEMU start to init reporting {took:.1f} s")
+        took = await wait_for_state(app, vm, "phoned-home", timeout=240)
+    print(f"{firmware} over {transport}: QEMU start to phone-home {took:.1f} s")
 
     log = app.store.events(DEFAULT_MAC)
     kinds = [e.kind for e in log]
-    assert kinds[0] == "script-served" and kinds[-1] == "booted", events(app)
+    assert kinds[0] == "script-served" and "phoned-home" in kinds, events(app)
     script = log[0].detail
     assert (script["transport"], script["profile"], script["group"]) == (transport, "agent", "default")
     platform = "efi" if firmware == "uefi" else "pcbios"
@@ -83,6 +89,8 @@ async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transpor
     for name, path in app.config.assets.items():
         assert served[name]["protocol"] == transport, events(app)
         assert served[name]["bytes"] == path.stat().st_size, events(app)
-    report = log[-1].detail
+    assert served["bootserver.cpio"]["protocol"] == transport  # the per-boot overlay: keys and token
+    report = next(e.detail for e in log if e.kind == "phoned-home")
     assert ipaddress.ip_address(report["ip"]) in ipaddress.ip_network("10.0.2.0/24")
-    assert report["mac"] == DEFAULT_MAC
+    assert report["host_key"].startswith("ssh-ed25519 ")
+    assert app.store.node(DEFAULT_MAC).host_key == report["host_key"]

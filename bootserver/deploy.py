@@ -1,0 +1,357 @@
+"""Binary deployment: files, rendered config files, TLS certificates and systemd units, over SFTP.
+
+    [profiles.raft.deploy]
+    check = "test -x /usr/local/bin/raftd"            # optional, run after everything (inside the target)
+    [[profiles.raft.deploy.files]]
+    source = "files/raftd"                            # relative to data_dir
+    dest = "/usr/local/bin/raftd"
+    mode = "0755"
+    [[profiles.raft.deploy.templates]]
+    source = "templates/raft.toml.j2"                 # jinja2, relative to data_dir
+    dest = "/etc/raft/raft.toml"
+    mode = "0644"
+    [profiles.raft.deploy.tls]
+    dir = "/etc/raft/tls"                             # node.crt, node.key (0600), ca.crt
+    [[profiles.raft.deploy.units]]
+    source = "units/raftd.service"                    # relative to data_dir
+    enable = true
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+import jinja2
+
+from .errors import BootserverError, ConfigError
+
+if TYPE_CHECKING:
+    from .pki import NodeCertificate
+    from .provision import Runner
+
+# Where unit files go inside the target root, and what the enable symlinks point at.
+UNIT_DIR = "/etc/systemd/system"
+UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target", ".path", ".mount")
+# [Install] keys that `systemctl enable` turns into symlinks: key -> directory suffix (None: an alias).
+INSTALL_LINKS: dict[str, str | None] = {"WantedBy": ".wants", "RequiredBy": ".requires",
+                                        "UpheldBy": ".upholds", "Alias": None}
+STEP = "deploy"
+
+@dataclass(frozen=True)
+class DeployFile:
+    source: Path  # absolute, on the server
+    dest: str  # absolute path inside the target root
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class Unit:
+    source: Path  # absolute, on the server; installed as /etc/systemd/system/<name>
+    enable: bool = True
+
+
+@dataclass(frozen=True)
+class Deployment:
+    files: tuple[DeployFile, ...] = ()
+    templates: tuple[DeployFile, ...] = ()
+    tls_dir: str | None = None
+    units: tuple[Unit, ...] = ()
+    check: str | None = None
+
+
+class DeployError(BootserverError):
+    """One part of a deployment could not be put on the node; the message names the file or unit."""
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def deployment_from_toml(raw: dict[str, Any], where: str, data_dir: Path) -> Deployment:
+    """Validate a `[profiles.X.deploy]` table. Sources are resolved under data_dir and must exist now,
+    so a typo is reported at start-up rather than halfway through provisioning a machine."""
+    _only_keys(raw, {"check", "files", "templates", "tls", "units"}, where)
+    check = raw.get("check")
+    if check is not None and (not isinstance(check, str) or not check.strip()):
+        raise ConfigError(f"{where} check: expected a shell command as a non-empty string, got {check!r}")
+    return Deployment(
+        files=tuple(_file(item, f"{where} files[{i}]", data_dir) for i, item in enumerate(_list(raw, "files", where))),
+        templates=tuple(_file(item, f"{where} templates[{i}]", data_dir)
+                        for i, item in enumerate(_list(raw, "templates", where))),
+        tls_dir=_tls_dir(raw.get("tls"), f"{where} tls"),
+        units=tuple(_unit(item, f"{where} units[{i}]", data_dir) for i, item in enumerate(_list(raw, "units", where))),
+        check=check,
+    )
+
+
+def _file(raw: Any, where: str, data_dir: Path) -> DeployFile:
+    raw = _table(raw, where)
+    _only_keys(raw, {"source", "dest", "mode"}, where)
+    return DeployFile(
+        source=_source(raw, where, data_dir),
+        dest=_absolute(_required_str(raw, "dest", where), f"{where} dest"),
+        mode=_mode(raw.get("mode", "0644"), f"{where} mode"),
+    )
+
+
+def _unit(raw: Any, where: str, data_dir: Path) -> Unit:
+    raw = _table(raw, where)
+    _only_keys(raw, {"source", "enable"}, where)
+    source = _source(raw, where, data_dir)
+    if not source.name.endswith(UNIT_SUFFIXES):
+        raise ConfigError(f"{where} source: {source.name!r} is not a systemd unit name; it must end in "
+                          f"{', '.join(UNIT_SUFFIXES)} (the file is installed under that name)")
+    enable = raw.get("enable", True)
+    if not isinstance(enable, bool):
+        raise ConfigError(f"{where} enable: expected true or false, got {enable!r}")
+    return Unit(source, enable)
+
+
+def _tls_dir(raw: Any, where: str) -> str | None:
+    if raw is None:
+        return None
+    raw = _table(raw, where)
+    _only_keys(raw, {"dir"}, where)
+    return _absolute(_required_str(raw, "dir", where), f"{where} dir")
+
+
+def _source(raw: dict[str, Any], where: str, data_dir: Path) -> Path:
+    path = Path(_required_str(raw, "source", where)).expanduser()
+    path = path if path.is_absolute() else data_dir / path
+    if not path.is_file():
+        raise ConfigError(f"{where} source: {path} does not exist or is not a file")
+    return path
+
+
+def _absolute(path: str, where: str) -> str:
+    # ".." would climb out of the target root (/mnt) onto the node's own root filesystem.
+    if not path.startswith("/") or ".." in path.split("/"):
+        raise ConfigError(f"{where}: {path!r} must be an absolute path without '..' components")
+    return posixpath.normpath(path)
+
+
+def _mode(value: Any, where: str) -> int:
+    # An integer is refused: TOML reads `mode = 755` as decimal 755, which is not 0o755.
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
+        raise ConfigError(f"{where}: expected an octal mode as a string, like \"0755\", got {value!r}")
+    return int(value, 8)
+
+
+def _required_str(raw: dict[str, Any], key: str, where: str) -> str:
+    if key not in raw:
+        raise ConfigError(f"{where}: missing key {key!r}")
+    value = raw[key]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} {key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _list(raw: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} {key}: expected an array of tables ([[...{key}]])")
+    return value
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table")
+    return value
+
+
+def _only_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+# --- deploying ---------------------------------------------------------------------------------
+
+async def deploy(runner: Runner, deployment: Deployment, *, target: str, context: dict[str, Any],
+                 certificate: NodeCertificate | None, render: Callable[[Path, dict[str, Any]], str]) -> None:
+    """Put `deployment` onto the node under `target` ("/" for a diskless node, "/mnt" for a mounted disk).
+
+    Binaries and config go first and units last, so a unit that starts finds everything it needs."""
+    for item in deployment.files:
+        await _put_file(runner.sftp, item.source, _under(target, item.dest), item.mode)
+    for item in deployment.templates:
+        await _put_bytes(runner.sftp, _render(render, item.source, context), _under(target, item.dest), item.mode)
+    if deployment.tls_dir and certificate:
+        tls = _under(target, deployment.tls_dir)
+        await _put_bytes(runner.sftp, certificate.cert_pem, f"{tls}/node.crt", 0o644)
+        await _put_bytes(runner.sftp, certificate.key_pem, f"{tls}/node.key", 0o600)
+        await _put_bytes(runner.sftp, certificate.ca_pem, f"{tls}/ca.crt", 0o644)
+    if deployment.units:
+        await _install_units(runner, deployment.units, target)
+    if deployment.check:
+        await runner.run(STEP, f"TARGET={shlex.quote(target)} sh -c {shlex.quote(deployment.check)}")
+
+
+def _under(target: str, path: str) -> str:
+    """`path` (absolute, on the installed system) as seen from the node while it lives under `target`."""
+    return posixpath.normpath(target.rstrip("/") + "/" + path.lstrip("/"))
+
+
+def _render(render: Callable[[Path, dict[str, Any]], str], source: Path, context: dict[str, Any]) -> bytes:
+    try:
+        return render(source, context).encode()
+    except jinja2.UndefinedError as exc:
+        raise DeployError(f"template {source}: {exc} (the template context has: "
+                          f"{', '.join(sorted(context)) or 'nothing'})") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise DeployError(f"template {source}, line {exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise DeployError(f"template {source}: {exc}") from None
+
+
+async def _put_file(sftp: asyncssh.SFTPClient, source: Path, dest: str, mode: int) -> None:
+    tmp = await _prepare(sftp, dest)
+    try:
+        await sftp.put(str(source), tmp)
+    except (OSError, asyncssh.SFTPError) as exc:
+        raise DeployError(f"copying {source} to {dest} on the node: {_reason(exc)}") from exc
+    await _commit(sftp, tmp, dest, mode)
+
+
+async def _put_bytes(sftp: asyncssh.SFTPClient, data: bytes, dest: str, mode: int) -> None:
+    tmp = await _prepare(sftp, dest)
+    try:
+        # Created with its final permissions: a private key is never readable by others, even briefly.
+        attrs = asyncssh.SFTPAttrs(permissions=mode & 0o777)
+        async with sftp.open(tmp, "wb", attrs, encoding=None) as f:
+            await f.write(data)
+    except asyncssh.SFTPError as exc:
+        raise DeployError(f"writing {dest} on the node: {_reason(exc)}") from exc
+    await _commit(sftp, tmp, dest, mode)
+
+
+async def _prepare(sftp: asyncssh.SFTPClient, dest: str) -> str:
+    """Make dest's directory; the temporary name to write to, beside dest so rename() stays atomic."""
+    parent, name = posixpath.split(dest)
+    tmp = posixpath.join(parent, f".{name}.bootserver-tmp")
+    try:
+        await sftp.makedirs(parent, exist_ok=True)
+        # A leftover from a failed attempt would keep its old mode when opened again: start afresh.
+        await _remove_if_present(sftp, tmp)
+    except asyncssh.SFTPError as exc:
+        raise DeployError(f"preparing {dest} on the node: {_reason(exc)}") from exc
+    return tmp
+
+
+async def _commit(sftp: asyncssh.SFTPClient, tmp: str, dest: str, mode: int) -> None:
+    """Set the mode, then rename over dest: a half-written binary never sits at dest."""
+    try:
+        await sftp.chmod(tmp, mode)
+        await sftp.posix_rename(tmp, dest)
+    except asyncssh.SFTPError as exc:
+        raise DeployError(f"moving {dest} into place on the node: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    return exc.reason if isinstance(exc, asyncssh.SFTPError) else str(exc)
+
+
+# --- systemd units -----------------------------------------------------------------------------
+
+async def _install_units(runner: Runner, units: tuple[Unit, ...], target: str) -> None:
+    for unit in units:
+        await _put_file(runner.sftp, unit.source, _under(target, f"{UNIT_DIR}/{unit.source.name}"), 0o644)
+    if target == "/":
+        await _enable_live(runner, units)
+    else:
+        for unit in units:
+            if unit.enable:
+                await _enable_offline(runner, unit, target)
+
+
+async def _enable_live(runner: Runner, units: tuple[Unit, ...]) -> None:
+    """A diskless node runs systemd: let it enable and start the units, then insist they are running."""
+    await runner.run(STEP, "systemctl daemon-reload")
+    for unit in units:
+        if unit.enable:
+            name = shlex.quote(unit.source.name)
+            await runner.run(STEP, f"systemctl enable --now {name}")
+            await runner.run(STEP, f"systemctl is-active {name}")
+
+
+async def _enable_offline(runner: Runner, unit: Unit, target: str) -> None:
+    """What `systemctl --root=TARGET enable UNIT` does, for a disk where no systemd runs yet:
+    a symlink per [Install] entry, pointing at the unit by its absolute path on the installed system."""
+    name = unit.source.name
+    links = install_links(name, unit.source.read_text())
+    if not links:
+        raise DeployError(f"unit {unit.source} has enable = true but no WantedBy=, RequiredBy= or Alias= in an "
+                          f"[Install] section, so nothing would ever start it: add an [Install] section with "
+                          f"e.g. WantedBy=multi-user.target to the unit, or set enable = false")
+    pointee = f"{UNIT_DIR}/{name}"
+    for link in links:
+        path = _under(target, link)
+        await _symlink(runner, pointee, path)
+        # Read it back: a link that is not there means a unit that silently never starts.
+        try:
+            found = await runner.sftp.readlink(path)
+        except asyncssh.SFTPError as exc:
+            raise DeployError(f"enabling {name}: {path} is missing after creating it: {_reason(exc)}") from exc
+        if found != pointee:
+            raise DeployError(f"enabling {name}: {path} points at {found}, not {pointee}")
+
+
+async def _symlink(runner: Runner, pointee: str, path: str) -> None:
+    """`ln -sfn` on the node, not SFTP's SYMLINK: OpenSSH's sftp-server (which dropbear runs) takes
+    that request's arguments in reverse order, and asyncssh only corrects for it when the SSH server
+    itself says it is OpenSSH. -f replaces a link left by an earlier attempt, as systemctl does."""
+    directory = shlex.quote(posixpath.dirname(path))
+    await runner.run(STEP, f"mkdir -p {directory} && ln -sfn {shlex.quote(pointee)} {shlex.quote(path)}")
+
+
+async def _remove_if_present(sftp: asyncssh.SFTPClient, path: str) -> None:
+    try:
+        await sftp.lstat(path)  # lstat, not exists(): a dangling link must go too
+    except asyncssh.SFTPNoSuchFile:
+        return
+    await sftp.remove(path)
+
+
+def install_links(name: str, text: str) -> list[str]:
+    """The symlinks (absolute paths on the installed system) that enabling unit `name` creates.
+
+    Parsed by hand, not with configparser: unit files repeat keys (WantedBy= twice adds both), hold
+    space-separated lists, continue lines with a backslash, and an empty assignment resets the list."""
+    values: dict[str, list[str]] = {key: [] for key in INSTALL_LINKS}
+    section = None
+    for line in _logical_lines(text):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif section == "Install" and "=" in line:
+            key, _, value = line.partition("=")
+            key = key.strip()
+            if key in values:
+                values[key] = values[key] + value.split() if value.strip() else []
+    links = []
+    for key, suffix in INSTALL_LINKS.items():
+        for other in values[key]:
+            links.append(f"{UNIT_DIR}/{other}{suffix}/{name}" if suffix else f"{UNIT_DIR}/{other}")
+    return links
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Lines with comments dropped and backslash continuations joined, as systemd reads them."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    if pending:
+        lines.append(pending)
+    return lines

@@ -1,0 +1,264 @@
+"""The server's keys: its SSH provisioning key and a small CA that issues node TLS certificates.
+
+All of it lives in one directory (data_dir/keys, mode 0700), created on first start:
+
+    provisioning_ed25519   the SSH key the server logs in to nodes with (OpenSSH format)
+    ca.key                 the CA's private key (PKCS8 PEM)
+    ca.crt                 the CA's self-signed certificate (PEM)
+
+Every file is 0600. Like ssh, we refuse to use key files that others can read: a key that leaked
+once is not made safe again by tightening its mode, so the operator has to decide.
+
+The CA key is ECDSA P-256 rather than Ed25519: Go's crypto/tls, OpenSSL and every TLS stack we
+know of verify P-256 chains, while Ed25519 certificates are still refused by some clients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import socket
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import BootserverError
+
+SSH_KEY_FILE = "provisioning_ed25519"
+CA_KEY_FILE = "ca.key"
+CA_CERT_FILE = "ca.crt"
+
+CA_VALIDITY = datetime.timedelta(days=3650)
+# Node clocks may run a little behind ours right after boot, before NTP has settled.
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class NodeCertificate:
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)  # PKCS8 PEM, unencrypted (deployed to the node as 0600)
+    ca_pem: bytes
+
+
+class ServerKeys:
+    """The provisioning SSH key and the CA, loaded from (or created in) one directory."""
+
+    def __init__(self, ssh_key: asyncssh.SSHKey, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate):
+        self.ssh_key = ssh_key
+        self._ca_key = ca_key
+        self._ca_cert = ca_cert
+        self.ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> ServerKeys:
+        """Load the keys in `directory`, creating whatever is missing. Never replaces an existing key."""
+        directory = Path(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(directory, 0o700)
+        name = socket.gethostname()
+        ssh_key = _load_or_create_ssh_key(directory / SSH_KEY_FILE, f"bootserver@{name}")
+        ca_key, ca_cert = _load_or_create_ca(directory / CA_KEY_FILE, directory / CA_CERT_FILE, name)
+        return cls(ssh_key, ca_key, ca_cert)
+
+    @property
+    def ssh_public(self) -> str:
+        """One authorized_keys line: "ssh-ed25519 AAAA... bootserver@<hostname>"."""
+        return self.ssh_key.export_public_key("openssh").decode().strip()
+
+    def issue(self, hostname: str, ips: Sequence[str], days: int = 365) -> NodeCertificate:
+        """A new key and a certificate for it, valid for `hostname` and `ips`, for server and client auth."""
+        _check_hostname(hostname)
+        addresses = _parse_ips(ips, hostname)
+        if days < 1:
+            raise BootserverError(f"certificate for {hostname}: validity must be at least 1 day, not {days}")
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        # A certificate outliving its CA would fail to verify anyway; end it with the CA instead.
+        not_after = min(now + datetime.timedelta(days=days), self._ca_cert.not_valid_after_utc)
+        ca_ski = self._ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        san = [x509.DNSName(hostname), *(x509.IPAddress(a) for a in addresses)]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+            .issuer_name(self._ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True, key_encipherment=True), critical=True)
+            # Raft peers use mutual TLS: each node is both a server and a client.
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        return NodeCertificate(
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=_pkcs8(key),
+            ca_pem=self.ca_pem,
+        )
+
+
+# --- loading and creating ----------------------------------------------------------------------
+
+def _load_or_create_ssh_key(path: Path, comment: str) -> asyncssh.SSHKey:
+    if not path.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+        _write_private(path, key.export_private_key("openssh"))
+        return key
+    try:
+        return asyncssh.import_private_key(_read_private(path))
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise BootserverError(f"{path}: not an SSH private key we can read ({exc}); "
+                              f"restore it from a backup, or remove it to make a new one "
+                              f"(nodes will then need the new public key)") from None
+
+
+def _load_or_create_ca(key_path: Path, cert_path: Path, name: str) -> tuple[ec.EllipticCurvePrivateKey,
+                                                                                x509.Certificate]:
+    if not key_path.exists() and not cert_path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _self_signed_ca(key, f"bootserver CA {name}")
+        # The certificate is written last: a crash in between leaves a key without a certificate,
+        # which the next start reports rather than silently pairing with a new one.
+        _write_private(key_path, _pkcs8(key))
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return key, cert
+    for present, missing in ((key_path, cert_path), (cert_path, key_path)):
+        if not missing.exists():
+            raise BootserverError(f"{missing} is missing but {present} exists: restore {missing.name} from a "
+                                  f"backup, or remove {present} to make a new CA (every node certificate "
+                                  f"must then be issued again)")
+    key = _load_ca_key(key_path)
+    cert = _load_ca_cert(cert_path)
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        raise BootserverError(f"{cert_path} does not belong to the key in {key_path}: restore the matching "
+                              f"pair from a backup")
+    return key, cert
+
+
+def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(_read_private(path), password=None)
+    except (ValueError, TypeError) as exc:
+        raise BootserverError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise BootserverError(f"{path}: the CA key must be an ECDSA key, not {type(key).__name__}")
+    return key
+
+
+def _load_ca_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(_read_private(path))
+    except ValueError as exc:
+        raise BootserverError(f"{path}: not a PEM certificate ({exc})") from None
+
+
+def _self_signed_ca(key: ec.EllipticCurvePrivateKey, common_name: str) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        # path_length=0: this CA signs node certificates only, never another CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _key_usage(**usages: bool) -> x509.KeyUsage:
+    flags = dict.fromkeys(("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+                           "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"), False)
+    flags.update(usages)
+    return x509.KeyUsage(**flags)
+
+
+def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def _check_private(path: Path, mode: int) -> None:
+    """Refuse a key file or directory that anyone but its owner can use, as ssh does."""
+    st = path.stat()
+    if st.st_mode & 0o077:
+        raise BootserverError(f"{path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                              f"run `chmod {mode:o} {path}` if nobody else could have read it, otherwise "
+                              f"remove it to make a new one")
+    if st.st_uid != os.geteuid():
+        raise BootserverError(f"{path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}): "
+                              f"run `chown {os.geteuid()} {path}`")
+
+
+def _read_private(path: Path) -> bytes:
+    _check_private(path, 0o600)
+    return path.read_bytes()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` with mode 0600 from the start, replacing nothing that exists."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    # O_EXCL with mode 0600: the secret is never readable by others, not even for an instant.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    # link() fails if the file appeared meanwhile (another server starting), where rename() would replace it.
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+
+
+# --- input -------------------------------------------------------------------------------------
+
+def _check_hostname(hostname: str) -> None:
+    if not isinstance(hostname, str) or not hostname:
+        raise BootserverError("a node certificate needs a hostname; give the machine one in [machines]")
+    labels = hostname.removesuffix(".").split(".")
+    if len(hostname) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise BootserverError(f"hostname {hostname!r} is not a DNS name (letters, digits and '-', "
+                              f"in dot-separated labels of at most 63 characters)")
+
+
+def _parse_ips(ips: Sequence[str], hostname: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    if isinstance(ips, str):
+        raise BootserverError(f"certificate for {hostname}: ips must be a list of addresses, not the string {ips!r}")
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for text in ips:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise BootserverError(f"certificate for {hostname}: {text!r} is not an IP address") from None
+        if address not in addresses:
+            addresses.append(address)
+    return addresses

@@ -1,0 +1,49 @@
+"""One-time phone-home tokens: `<id>.<secret>`, looked up by id, secret compared in constant time.
+
+A token is issued each time a machine's boot script is rendered and rides on the kernel command line.
+Only a hash of the secret is stored, so a copy of the database cannot phone home for anyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+
+from .errors import Forbidden, Unauthorized
+from .store import Token
+
+
+def new_token(mac: str, minutes: int) -> tuple[str, Token]:
+    """The token to hand out, and the record to store."""
+    token_id, secret = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
+    now = time.time()
+    return f"{token_id}.{secret}", Token(token_id, _hash(secret), mac, now, now + minutes * 60)
+
+
+def split(text: object) -> tuple[str, str]:
+    """(id, secret) of a presented token; Unauthorized when there is none."""
+    if not isinstance(text, str) or not text:
+        raise Unauthorized("no phone-home token given")
+    token_id, dot, secret = text.partition(".")
+    if not dot or not token_id or not secret:
+        raise Forbidden("malformed phone-home token")
+    return token_id, secret
+
+
+def check(stored: Token | None, secret: str, mac: str, now: float | None = None) -> Token:
+    """The stored token if `secret` matches it and it may still be used by `mac`; else Forbidden saying why."""
+    if stored is None or not hmac.compare_digest(stored.hash, _hash(secret)):
+        raise Forbidden("unknown phone-home token")
+    if stored.mac != mac:
+        raise Forbidden(f"this token was issued to another machine ({stored.mac})")
+    if stored.used is not None:
+        raise Forbidden("this token was used already (a replay, or a newer boot replaced it)")
+    if stored.expires <= (now or time.time()):
+        raise Forbidden("this token has expired: reboot the machine for a new one")
+    return stored
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()

@@ -1,0 +1,489 @@
+"""Provisioning over real SSH (tests/sshd.py on 127.0.0.1): commands and SFTP do real work in temp dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import jinja2
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from sshd import TestSSHServer, ssh_server
+
+from bootserver import deploy as deploy_module
+from bootserver.deploy import DeployError, DeployFile, Deployment, Unit, deploy, deployment_from_toml
+from bootserver.disk import DiskLayout, Partition
+from bootserver.errors import BootserverError, ConfigError
+from bootserver.pki import ServerKeys
+from bootserver.provision import HostKeyMismatch, Job, NodeAccess, NodeLost, StepFailed, provision, session
+
+
+class Events(list):
+    """What `record` was told, in order."""
+
+    def __call__(self, kind: str, detail: dict[str, Any]) -> None:
+        self.append((kind, detail))
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [detail for k, detail in self if k == kind]
+
+
+def render(source: Path, context: dict[str, Any]) -> str:
+    """What the caller passes in: jinja2 with StrictUndefined, so a missing variable is an error."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(source.parent), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    return env.get_template(source.name).render(context)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> ServerKeys:
+    return ServerKeys.load_or_create(tmp_path / "keys")
+
+
+@pytest.fixture
+async def sshd(keys: ServerKeys) -> AsyncIterator[TestSSHServer]:
+    async with ssh_server(keys.ssh_public) as server:
+        yield server
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    (data / "files").mkdir(parents=True)
+    (data / "templates").mkdir()
+    (data / "units").mkdir()
+    (data / "files/raftd").write_bytes(b"#!/bin/sh\necho raftd\n" + bytes(range(256)) * 4096)  # 1 MiB, binary
+    (data / "templates/raft.toml.j2").write_text(
+        'name = "{{ hostname }}"\npeers = [{% for p in peers %}"{{ p }}", {% endfor %}]\n')
+    (data / "templates/broken.j2").write_text("x = {{ no_such_variable }}\n")
+    (data / "units/raftd.service").write_text(
+        "[Unit]\nDescription=raft\n\n[Service]\nExecStart=/usr/local/bin/raftd\n\n"
+        "[Install]\n# a comment\nWantedBy=multi-user.target\nWantedBy=graphical.target \\\n  extra.target\n"
+        "Alias=raft.service\n")
+    (data / "units/helper.service").write_text("[Service]\nExecStart=/bin/true\n")
+    return data
+
+
+def access(server: TestSSHServer, host_key: str | None = None) -> NodeAccess:
+    return NodeAccess("127.0.0.1", server.port, host_key or server.host_key_line)
+
+
+def job(server: TestSSHServer, *, disk: DiskLayout | None = None, deployment: Deployment | None = None,
+        host_key: str | None = None, context: dict[str, Any] | None = None) -> Job:
+    return Job(mac="52:54:00:12:34:56", access=access(server, host_key), hostname="node1", ips=("127.0.0.1",),
+               disk=disk, wipe=False, deployment=deployment, context=context or {})
+
+
+# --- deploy onto a mounted target ---------------------------------------------------------------
+
+async def test_deploy_files_templates_tls_units_and_check(sshd, keys, data_dir, tmp_path):
+    target = tmp_path / "mnt"
+    deployment = Deployment(
+        files=(DeployFile(data_dir / "files/raftd", "/usr/local/bin/raftd", 0o755),),
+        templates=(DeployFile(data_dir / "templates/raft.toml.j2", "/etc/raft/raft.toml", 0o640),),
+        tls_dir="/etc/raft/tls",
+        units=(Unit(data_dir / "units/raftd.service"), Unit(data_dir / "units/helper.service", enable=False)),
+        check='test -x "$TARGET/usr/local/bin/raftd" && echo "$TARGET" > "$TARGET/checked"',
+    )
+    events = Events()
+    certificate = keys.issue("node1", ["127.0.0.1"])
+    async with session(access(sshd), keys, events) as runner:
+        await deploy(runner, deployment, target=str(target), context={"hostname": "node1", "peers": ["a", "b"]},
+                     certificate=certificate, render=render)
+
+    binary = target / "usr/local/bin/raftd"
+    assert binary.read_bytes() == (data_dir / "files/raftd").read_bytes()
+    assert _mode(binary) == 0o755
+    config = target / "etc/raft/raft.toml"
+    assert config.read_text() == 'name = "node1"\npeers = ["a", "b", ]\n'
+    assert _mode(config) == 0o640
+    assert not list(target.rglob(".*.bootserver-tmp"))  # every temporary name was renamed into place
+
+    tls = target / "etc/raft/tls"
+    assert {p.name: _mode(p) for p in tls.iterdir()} == {"node.crt": 0o644, "node.key": 0o600, "ca.crt": 0o644}
+    assert (tls / "ca.crt").read_bytes() == keys.ca_pem
+    _assert_chains(tls / "node.crt", keys.ca_pem)
+
+    system = target / "etc/systemd/system"
+    assert (system / "raftd.service").read_bytes() == (data_dir / "units/raftd.service").read_bytes()
+    assert (system / "helper.service").is_file()  # installed, not enabled
+    for link in ("multi-user.target.wants/raftd.service", "graphical.target.wants/raftd.service",
+                 "extra.target.wants/raftd.service", "raft.service"):
+        assert os.readlink(system / link) == "/etc/systemd/system/raftd.service", link  # absolute, as systemctl
+    assert not list(system.glob("*.wants/helper.service"))
+
+    assert (target / "checked").read_text() == f"{target}\n"
+    assert any("TARGET=" in c["command"] and c["exit_status"] == 0 for c in events.of("command"))
+
+
+async def test_deploy_twice_replaces_everything(sshd, keys, data_dir, tmp_path):
+    """A retry after a failure must not trip over what the first attempt left."""
+    target = str(tmp_path / "mnt")
+    deployment = Deployment(files=(DeployFile(data_dir / "files/raftd", "/bin/raftd", 0o700),),
+                            units=(Unit(data_dir / "units/raftd.service"),))
+    async with session(access(sshd), keys, Events()) as runner:
+        for _ in range(2):
+            await deploy(runner, deployment, target=target, context={}, certificate=None, render=render)
+    assert _mode(tmp_path / "mnt/bin/raftd") == 0o700
+
+
+async def test_unit_without_install_section_cannot_be_enabled(sshd, keys, data_dir, tmp_path):
+    deployment = Deployment(units=(Unit(data_dir / "units/helper.service", enable=True),))
+    async with session(access(sshd), keys, Events()) as runner:
+        with pytest.raises(DeployError, match=r"helper\.service has enable = true but no WantedBy=.*\[Install\]"):
+            await deploy(runner, deployment, target=str(tmp_path / "mnt"), context={}, certificate=None,
+                         render=render)
+
+
+async def test_undefined_template_variable_fails_the_step_naming_both(sshd, keys, data_dir, tmp_path):
+    # Target "/" with an absolute temporary dest: what a diskless node gets, without touching our own /etc.
+    dest = str(tmp_path / "etc/broken.conf")
+    deployment = Deployment(templates=(DeployFile(data_dir / "templates/broken.j2", dest),))
+    events = Events()
+    with pytest.raises(StepFailed) as failed:
+        await provision(job(sshd, deployment=deployment, context={"hostname": "node1"}), keys, events,
+                        render=render, reboot=False)
+    message = str(failed.value)
+    assert "broken.j2" in message and "no_such_variable" in message and "hostname" in message
+    assert failed.value.step == "deploy"
+    assert events.kinds() == ["step-started", "step-failed"]
+    assert "no_such_variable" in events.of("step-failed")[0]["error"]
+    assert not Path(dest).exists()
+
+
+async def test_failing_check_fails_the_step(sshd, keys, data_dir, tmp_path):
+    deployment = Deployment(check='echo "raftd is not there in $TARGET" >&2; exit 4')
+    events = Events()
+    with pytest.raises(StepFailed, match=r"exited with status 4: raftd is not there in /"):
+        await provision(job(sshd, deployment=deployment), keys, events, render=render, reboot=False)
+
+
+class CommandLog:
+    """A stand-in Runner for what must not run on this machine: systemctl on our own root."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    async def run(self, step: str, command: str, **_: Any) -> str:
+        self.commands.append(command)
+        return ""
+
+
+async def test_units_on_a_running_system_are_enabled_by_its_systemd(data_dir):
+    runner = CommandLog()
+    units = (Unit(data_dir / "units/raftd.service"), Unit(data_dir / "units/helper.service", enable=False))
+    await deploy_module._enable_live(runner, units)  # type: ignore[arg-type]
+    assert runner.commands == ["systemctl daemon-reload", "systemctl enable --now raftd.service",
+                               "systemctl is-active raftd.service"]
+
+
+# --- commands, events, failures -----------------------------------------------------------------
+
+async def test_events_of_a_successful_run(keys, data_dir, tmp_path):
+    dest = tmp_path / "srv/raftd"
+    deployment = Deployment(files=(DeployFile(data_dir / "files/raftd", str(dest), 0o755),),
+                            check=f"test -x {dest}")
+    events = Events()
+    # The test server never runs a reboot; it drops the connection instead, as a rebooting node does.
+    async with ssh_server(keys.ssh_public, drop_on="reboot -f") as server:
+        await provision(job(server, deployment=deployment), keys, events, render=render, reboot=True)
+        assert server.commands[-1].startswith("sync; ") and "reboot -f" in server.commands[-1]
+    assert events.kinds() == ["step-started", "command", "step-done", "step-started", "command", "step-done"]
+    assert [d["step"] for d in events.of("step-started")] == ["deploy", "finish"]
+    check, finish = events.of("command")
+    assert check == {"step": "deploy", "command": f"TARGET=/ sh -c 'test -x {dest}'", "exit_status": 0,
+                     "seconds": check["seconds"], "stdout_tail": "", "stderr_tail": ""}
+    assert finish["exit_status"] is None  # the connection dropped: a reboot, and that is success here
+    assert dest.is_file()
+
+
+async def test_command_failure_names_status_and_stderr(sshd, keys):
+    events = Events()
+    async with session(access(sshd), keys, events) as runner:
+        with pytest.raises(StepFailed) as failed:
+            await runner.run("disk", "echo progress; echo 'sfdisk: /dev/vda: device busy' >&2; exit 7")
+    assert failed.value.exit_status == 7
+    assert "exited with status 7: sfdisk: /dev/vda: device busy" in str(failed.value)
+    (command,) = events.of("command")
+    assert command["exit_status"] == 7 and command["stdout_tail"] == "progress\n"
+    assert command["stderr_tail"] == "sfdisk: /dev/vda: device busy\n"
+
+
+async def test_command_failure_inside_provision_records_step_failed(sshd, keys):
+    events = Events()
+    deployment = Deployment(check="echo 'no space left on device' >&2; exit 28")
+    with pytest.raises(StepFailed):
+        await provision(job(sshd, deployment=deployment), keys, events, render=render, reboot=False)
+    assert events.kinds() == ["step-started", "command", "step-failed"]
+    (failed,) = events.of("step-failed")
+    assert failed["step"] == "deploy" and failed["exit_status"] == 28
+    assert failed["stderr_tail"] == "no space left on device\n"
+    assert "exited with status 28: no space left on device" in failed["error"]
+    assert "finish" not in [d["step"] for d in events.of("step-started")]  # no reboot after a failure
+
+
+async def test_input_and_timeout(sshd, keys, tmp_path):
+    pidfile = tmp_path / "sleep.pid"
+    async with session(access(sshd), keys, Events()) as runner:
+        assert await runner.run("disk", "cat", input="label: gpt\n") == "label: gpt\n"
+        assert await runner.run("disk", "cat") == ""  # stdin is at EOF without input: nothing waits for it
+        started = time.monotonic()
+        with pytest.raises(StepFailed, match=r"did not finish within 0.5 s"):
+            await runner.run("disk", f"sleep 30 & echo $! > {pidfile}; wait", timeout=0.5)
+        assert time.monotonic() - started < 5
+    # The timed-out command was killed on the node, not left running behind a closed channel.
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if not _running(pid):
+            break
+        await asyncio.sleep(0.05)
+    assert not _running(pid)
+
+
+async def test_host_key_mismatch_runs_nothing(sshd, keys):
+    impostor = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    events = Events()
+    with pytest.raises(HostKeyMismatch, match=rf"host key of 127.0.0.1:{sshd.port} does not match the key pinned"):
+        await provision(job(sshd, deployment=Deployment(check="true"), host_key=impostor), keys, events,
+                        render=render, reboot=False)
+    assert events.kinds() == ["host-key-mismatch"]
+    assert sshd.commands == []
+
+
+async def test_pinned_key_of_another_type_is_a_mismatch_too(sshd, keys):
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048).export_public_key().decode()
+    events = Events()
+    with pytest.raises(HostKeyMismatch):
+        await provision(job(sshd, host_key=rsa), keys, events, render=render, reboot=False)
+    assert events.kinds() == ["host-key-mismatch"]
+    assert sshd.commands == []
+
+
+async def test_garbage_pinned_key_is_refused_before_connecting(sshd, keys):
+    with pytest.raises(BootserverError, match="not an OpenSSH public key line"):
+        await provision(job(sshd, host_key="ssh-ed25519 AAAA\n@cert-authority * ssh-ed25519 AAAA"), keys,
+                        Events(), render=render, reboot=False)
+    assert sshd.commands == []
+
+
+async def test_unreachable_node(keys):
+    free = _free_port()
+    events = Events()
+    node = NodeAccess("127.0.0.1", free, asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode())
+    with pytest.raises(NodeLost, match=f"cannot reach 127.0.0.1:{free}"):
+        async with session(node, keys, events, connect_timeout=5):
+            pass
+    assert events.kinds() == ["connect-failed"]
+
+
+async def test_node_that_stops_answering_is_lost_within_keepalive_time(keys):
+    events = Events()
+    deployment = Deployment(check="echo HANG")
+    async with ssh_server(keys.ssh_public, hang_on="HANG") as server:
+        started = time.monotonic()
+        with pytest.raises(NodeLost, match="connection lost: .*keepalive"):
+            await asyncio.wait_for(
+                provision(job(server, deployment=deployment), keys, events, render=render, reboot=False,
+                          keepalive_interval=0.5, keepalive_count_max=2),
+                timeout=20)
+        elapsed = time.monotonic() - started
+    assert elapsed < 5  # ~interval * (count_max + 1), not command_timeout's 600 s
+    assert events.kinds() == ["step-started", "command", "step-failed"]
+    (failed,) = events.of("step-failed")
+    assert failed["step"] == "deploy" and failed["error"].startswith("connection lost: ")
+
+
+async def test_node_that_drops_mid_step_is_lost(keys, data_dir, tmp_path):
+    events = Events()
+    deployment = Deployment(files=(DeployFile(data_dir / "files/raftd", str(tmp_path / "raftd")),),
+                            check="echo DROP")
+    async with ssh_server(keys.ssh_public, drop_on="DROP") as server:
+        with pytest.raises(NodeLost, match="connection lost"):
+            await provision(job(server, deployment=deployment), keys, events, render=render, reboot=False)
+    assert events.kinds() == ["step-started", "command", "step-failed"]
+
+
+# --- the disk step, on a real loop device -------------------------------------------------------
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Any:
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(128 * 1024 * 1024)  # sparse
+    device = subprocess.run(["losetup", "--find", "--show", "--partscan", str(image)],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["umount", "-R", str(tmp_path / "mnt")], capture_output=True)
+        subprocess.run(["umount", str(tmp_path / "check")], capture_output=True)
+        subprocess.run(["losetup", "-d", device], check=True)
+
+
+async def test_disk_step_partitions_formats_mounts_and_deploys(sshd, keys, data_dir, tmp_path, loop_device):
+    # The ESP is formatted but not mounted: the test kernel may have no vfat (this one has not).
+    layout = DiskLayout(loop_device, (Partition("ESP", "64MiB", "esp", "vfat"),
+                                      Partition("var", "24MiB", "linux", "ext4", "/var"),
+                                      Partition("root", "rest", "linux", "ext4", "/")))
+    deployment = Deployment(files=(DeployFile(data_dir / "files/raftd", "/usr/local/bin/raftd", 0o755),),
+                            check='mountpoint -q "$TARGET" && mountpoint -q "$TARGET/var"')
+    events = Events()
+    target = tmp_path / "mnt"
+    await provision(job(sshd, disk=layout, deployment=deployment), keys, events, render=render, reboot=False,
+                    target_root=str(target))
+
+    assert [d["step"] for d in events.of("step-done")] == ["disk", "deploy", "finish"]
+    assert any(c["command"].startswith("sfdisk") or "| sfdisk" in c["command"] for c in events.of("command"))
+    assert not os.path.ismount(target)  # finish unmounted it
+
+    table = json.loads(subprocess.run(["sfdisk", "--json", loop_device], check=True, capture_output=True,
+                                      text=True).stdout)["partitiontable"]
+    assert table["label"] == "gpt"
+    esp, var, root = table["partitions"]
+    assert esp["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" and esp["name"] == "ESP"
+    assert esp["size"] * 512 == 64 * 1024 * 1024
+    assert var["type"] == root["type"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    assert (var["name"], root["name"]) == ("var", "root")
+    assert _blkid(esp["node"]) == {"TYPE": "vfat", "LABEL": "ESP"}
+    assert _blkid(var["node"]) == {"TYPE": "ext4", "LABEL": "var"}
+    assert _blkid(root["node"]) == {"TYPE": "ext4", "LABEL": "root"}
+
+    # The file went onto the new root filesystem, not into the directory beneath the mount point.
+    check = tmp_path / "check"
+    check.mkdir()
+    subprocess.run(["mount", "-o", "ro", root["node"], str(check)], check=True)
+    try:
+        assert (check / "usr/local/bin/raftd").read_bytes() == (data_dir / "files/raftd").read_bytes()
+    finally:
+        subprocess.run(["umount", str(check)], check=True)
+    assert not (target / "usr").exists()
+
+
+async def test_disk_step_refuses_a_disk_with_partitions_without_wipe(sshd, keys, tmp_path, loop_device):
+    subprocess.run(["sfdisk", loop_device], input="label: gpt\n,\n", text=True, check=True, capture_output=True)
+    layout = DiskLayout(loop_device, (Partition("root", "rest", "linux", "ext4", "/"),))
+    events = Events()
+    with pytest.raises(StepFailed, match="refusing to repartition .* holds partitions"):
+        await provision(job(sshd, disk=layout), keys, events, render=render, reboot=False,
+                        target_root=str(tmp_path / "mnt"))
+    assert events.kinds() == ["step-started", "command", "step-failed"]
+    assert events.of("step-failed")[0]["step"] == "disk"
+
+
+# --- deployment_from_toml -----------------------------------------------------------------------
+
+def test_deployment_from_toml(data_dir):
+    raw = {
+        "check": "test -x $TARGET/usr/local/bin/raftd",
+        "files": [{"source": "files/raftd", "dest": "/usr/local/bin/raftd", "mode": "0755"}],
+        "templates": [{"source": str(data_dir / "templates/raft.toml.j2"), "dest": "/etc/raft/raft.toml"}],
+        "tls": {"dir": "/etc/raft/tls/"},
+        "units": [{"source": "units/raftd.service"}, {"source": "units/helper.service", "enable": False}],
+    }
+    deployment = deployment_from_toml(raw, "config: [profiles.raft.deploy]", data_dir)
+    assert deployment == Deployment(
+        files=(DeployFile(data_dir / "files/raftd", "/usr/local/bin/raftd", 0o755),),
+        templates=(DeployFile(data_dir / "templates/raft.toml.j2", "/etc/raft/raft.toml", 0o644),),
+        tls_dir="/etc/raft/tls",
+        units=(Unit(data_dir / "units/raftd.service", True), Unit(data_dir / "units/helper.service", False)),
+        check="test -x $TARGET/usr/local/bin/raftd",
+    )
+    assert deployment_from_toml({}, "here", data_dir) == Deployment()
+
+
+FILE = {"source": "files/raftd", "dest": "/usr/local/bin/raftd"}
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"file": []}, r"deploy\]: unknown key 'file'"),
+    ({"files": [{**FILE, "owner": "root"}]}, r"files\[0\]: unknown key 'owner'"),
+    ({"files": [{"dest": "/x"}]}, r"files\[0\]: missing key 'source'"),
+    ({"files": [{"source": "files/raftd"}]}, r"files\[0\]: missing key 'dest'"),
+    ({"files": [{**FILE, "dest": "usr/bin/raftd"}]}, r"files\[0\] dest: 'usr/bin/raftd' must be an absolute path"),
+    ({"files": [{**FILE, "dest": "/../etc/shadow"}]}, r"files\[0\] dest: .* without '\.\.'"),
+    ({"files": [{**FILE, "mode": "rwxr-xr-x"}]}, r"files\[0\] mode: expected an octal mode .*\"0755\""),
+    ({"files": [{**FILE, "mode": "0789"}]}, r"files\[0\] mode: expected an octal mode"),
+    ({"files": [{**FILE, "mode": 755}]}, r"files\[0\] mode: expected an octal mode as a string"),
+    ({"files": [{**FILE, "source": "files/nope"}]}, r"files\[0\] source: .*/data/files/nope does not exist"),
+    ({"files": {"source": "x"}}, r"files: expected an array of tables"),
+    ({"templates": [{"source": "templates/nope.j2", "dest": "/x"}]}, r"templates\[0\] source: .*nope.j2 does not"),
+    ({"tls": {"directory": "/etc/tls"}}, r"tls: unknown key 'directory'"),
+    ({"tls": {"dir": "etc/tls"}}, r"tls dir: 'etc/tls' must be an absolute path"),
+    ({"tls": {}}, r"tls: missing key 'dir'"),
+    ({"units": [{"source": "files/raftd"}]}, r"units\[0\] source: 'raftd' is not a systemd unit name.*\.service"),
+    ({"units": [{"source": "units/raftd.service", "enable": "yes"}]}, r"units\[0\] enable: expected true or false"),
+    ({"units": [{"source": "units/raftd.service", "dest": "/x"}]}, r"units\[0\]: unknown key 'dest'"),
+    ({"check": 3}, r"check: expected a shell command"),
+])
+def test_deployment_from_toml_refusals(data_dir, raw, message):
+    with pytest.raises(ConfigError, match=message):
+        deployment_from_toml(raw, "config: [profiles.raft.deploy]", data_dir)
+
+
+def test_install_links_parse_like_systemd():
+    text = ("[Unit]\nWantedBy=ignored.target\n[Install]\nWantedBy=a.target b.target\nWantedBy=c.target\n"
+            "RequiredBy=d.target\nAlias=x.service\n; comment\n")
+    assert deploy_module.install_links("u.service", text) == [
+        "/etc/systemd/system/a.target.wants/u.service", "/etc/systemd/system/b.target.wants/u.service",
+        "/etc/systemd/system/c.target.wants/u.service", "/etc/systemd/system/d.target.requires/u.service",
+        "/etc/systemd/system/x.service",
+    ]
+    # An empty assignment resets the list, as in systemd.
+    assert deploy_module.install_links("u.service", "[Install]\nWantedBy=a.target\nWantedBy=\n") == []
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _assert_chains(cert_path: Path, ca_pem: bytes) -> None:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    assert cert.issuer == ca.subject
+    public_key = ca.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    cert.verify_directly_issued_by(ca)  # raises unless ca's key signed it
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["node1"]
+
+
+def _blkid(node: str) -> dict[str, str]:
+    out = subprocess.run(["blkid", "-o", "export", "-s", "TYPE", "-s", "LABEL", node], check=True,
+                         capture_output=True, text=True).stdout
+    fields = dict(line.split("=", 1) for line in out.split())
+    fields.pop("DEVNAME", None)  # -o export always names the device
+    return fields
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is alive; a zombie waiting for its (re)parent to reap it is not."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rpartition(")")[2].split()[0] != "Z"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
