@@ -56,6 +56,19 @@ class Urls:
 
 
 @dataclass(frozen=True)
+class DhcpBoot:
+    """What DHCP tells one machine to boot: a TFTP file name, an http:// URL, or nothing (an address only)."""
+
+    bootfile: str | None
+    http: bool = False  # a UEFI HTTP-boot client: the reply must say option 60 "HTTPClient"
+    reason: str = ""
+
+
+# UEFI HTTP-boot architectures (option 93) -> the PXE architecture whose iPXE binary they get.
+HTTP_BOOT_ARCHES = {15: 6, 16: 7, 19: 11}
+
+
+@dataclass(frozen=True)
 class BootSpec:
     """What one machine boots, and why; `profile` None means it boots nothing from us."""
 
@@ -106,6 +119,41 @@ class Booter:
         except KeyError:
             raise NotFound(f"no iPXE binary for client architecture {client_arch}") from None
 
+    def dhcp_boot(self, mac: str, client_arch: int | None, is_ipxe: bool, http_client: bool, urls: Urls, *,
+                  detail: dict[str, Any] | None = None) -> DhcpBoot | None:
+        """What a DHCP answer tells this machine to boot; None: it may not be answered at all.
+
+        Firmware gets an iPXE binary by name over TFTP, a UEFI HTTP-boot client gets it as a URL, iPXE
+        itself gets the bootstrap script (or it would chainload itself forever). `client_arch` None:
+        not a PXE client (an OS's own DHCP client), which gets an address only. `detail` (what the client
+        said: its decoded DHCP options) is recorded in the `dhcp` event beside our answer.
+        """
+        mac = canonical_mac(mac)
+        if self.config.dhcp.answer == "known" and mac not in self.config.machines:
+            answer = None
+            reason = "not answered: not in [machines] and [dhcp] answer is \"known\""
+        elif is_ipxe:
+            answer = DhcpBoot(f"{urls.api}/boot.ipxe", reason="iPXE: the bootstrap script")
+        elif client_arch is None:
+            answer = DhcpBoot(None, reason="not a PXE client: an address only")
+        else:
+            answer = self._firmware_answer(client_arch, http_client, urls)
+        if answer is not None:
+            reason = answer.reason
+        self.store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,
+                                        "answer": reason})
+        return answer
+
+    def _firmware_answer(self, client_arch: int, http_client: bool, urls: Urls) -> DhcpBoot:
+        http = http_client or client_arch in HTTP_BOOT_ARCHES
+        try:
+            name = self.firmware_binary(HTTP_BOOT_ARCHES.get(client_arch, client_arch))
+        except NotFound as exc:
+            return DhcpBoot(None, reason=f"no boot file: {exc}")
+        if http:
+            return DhcpBoot(f"{urls.api}/ipxe/{name}", http=True, reason=f"UEFI HTTP boot: {name} over HTTP")
+        return DhcpBoot(name, reason=f"PXE firmware, architecture {client_arch}: {name} over TFTP")
+
     # -- serving ----------------------------------------------------------------------------------
 
     def bootstrap(self, urls: Urls) -> Payload:
@@ -128,7 +176,9 @@ class Booter:
                 f"profile {spec.profile.name} needs {', '.join(missing)}, which is missing on the server "
                 f"(for the default agent image: run `bootserver image build`)")
             self.store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
-            text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=reason)
+            # The machine itself is told the same whether or not we know it: the event log says why.
+            told = f"no profile for {mac}" if spec.profile is None else reason
+            text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=told)
             return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
         self.store.record(mac, "script-served", {"profile": spec.profile.name, "group": spec.group,
                                                  "reason": spec.reason, "transport": transport},
@@ -226,6 +276,14 @@ class Booter:
             raise NotFound(f"no machine {mac} has booted from this server")
         self.store.set_reprovision(mac, True)
         self.store.record(mac, "reprovision-requested", {}, state="reprovision")
+
+    def boot_from_disk(self, mac_text: str) -> None:
+        """Boot the machine's local disk from its next boot on, as if deployed; nothing is provisioned."""
+        mac = canonical_mac(mac_text)
+        if self.store.node(mac) is None:
+            raise NotFound(f"no machine {mac} has booted from this server")
+        self.store.set_reprovision(mac, False)
+        self.store.record(mac, "boot-from-disk-requested", {}, state="deployed")
 
     def ipxe_binary(self, name: str) -> Payload:
         """An iPXE binary for chainloading, from the configured iPXE directory."""

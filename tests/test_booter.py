@@ -98,3 +98,11 @@ def test_firmware_binary_by_client_arch(arch, binary):
 def test_unknown_client_arch_is_not_found():
     with pytest.raises(NotFound, match="architecture 99"):
         Booter.firmware_binary(99)
+
+
+def test_unknown_and_known_machines_without_a_profile_are_told_the_same(booter: Booter):
+    booter.config = booter.config.__class__(**{**vars(booter.config), "groups": booter.config.groups[3:]})
+    known = booter.machine_script("52:54:00:00:00:01", {}, URLS, "http").data.decode()
+    unknown = booter.machine_script("52:54:00:00:00:03", {}, URLS, "http").data.decode()
+    assert known.replace("00:00:00:01", "X") == unknown.replace("00:00:00:03", "X")
+    assert "configured" in booter.store.events("52:54:00:00:00:01")[-1].detail["reason"]  # the log knows
