@@ -121,8 +121,9 @@ def agent_image():
     """The agent image, built once into a directory that survives runs.
 
     $BOOTSERVER_TEST_IMAGE_DIR, or ~/.cache/bootserver/test-image. Rebuilt only when a file is
-    missing or bootserver/image.py changed since it was built (its SHA256 is kept beside the image),
-    so that editing /init is never tested against a stale initrd.
+    missing or the sources changed since it was built (bootserver/image.py and every file under
+    bootserver/agent/: one SHA256 of them all is kept beside the image), so that editing /init is
+    never tested against a stale initrd.
     """
     import hashlib
     import os
@@ -130,7 +131,12 @@ def agent_image():
     from bootserver import image
 
     out = Path(os.environ.get("BOOTSERVER_TEST_IMAGE_DIR") or Path.home() / ".cache/bootserver/test-image")
-    source = hashlib.sha256(Path(image.__file__).read_bytes()).hexdigest()
+    sources = [Path(image.__file__), *sorted(p for p in image.AGENT_DIR.rglob("*") if p.is_file())]
+    digest = hashlib.sha256()
+    for path in sources:  # names too: a renamed script is a change
+        digest.update(f"{path.relative_to(image.AGENT_DIR.parent)}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
+    source = digest.hexdigest()
     stamp = out / "image.py.sha256"
     files = [out / "vmlinuz", out / "initrd.img", out / "version"]
     if all(f.is_file() for f in files) and stamp.is_file() and stamp.read_text().strip() == source:

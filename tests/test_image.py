@@ -88,6 +88,7 @@ def test_initramfs_contents(agent_image: AgentImage) -> None:
 
     init = entries["init"]
     assert init["type"] == reg and init["perm"] == 0o755
+    assert init["data"] == (image.AGENT_DIR / "init.sh").read_bytes()
     assert init["data"].startswith(b"#!/bin/sh\n")
     assert b"bootserver.url" in init["data"] and b"/phone-home" in init["data"]
     assert b"/booted" not in init["data"]
@@ -104,6 +105,7 @@ def test_initramfs_contents(agent_image: AgentImage) -> None:
 
     script = entries["etc/udhcpc/default.script"]
     assert script["type"] == reg and script["perm"] == 0o755
+    assert script["data"] == (image.AGENT_DIR / "udhcpc.sh").read_bytes()
     assert entries["dev/console"]["type"] == stat.S_IFCHR and entries["dev/console"]["rdev"] == (5, 1)
     assert entries["tmp"]["perm"] == 0o1777
     assert all(e["uid"] == 0 and e["gid"] == 0 for e in entries.values())
@@ -184,7 +186,7 @@ def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Pa
         copy = tmp_path / path.replace("/", "_")
         copy.write_bytes(entries[path]["data"])
         interp, needed = readelf(copy)
-        assert image.elf_dependencies(copy.read_bytes()) == (interp, needed), path  # our reader agrees
+        assert image.elf_dependencies(copy) == (interp, needed), path  # pyelftools agrees
         if interp is not None:
             found = resolve(entries, interp)
             assert found is not None, (path, interp)
@@ -203,11 +205,23 @@ def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Pa
     assert entries["root"]["perm"] == 0o700
 
 
+def test_agent_scripts_pass_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed: apt-get install shellcheck")
+    scripts = sorted(image.AGENT_DIR.glob("*.sh"))
+    assert {p.name for p in scripts} >= set(image.AGENT_SCRIPTS.values()), scripts
+    # each script says `# shellcheck shell=sh`: busybox's ash runs them, so POSIX sh rules
+    result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def shell_functions(*names: str) -> str:
     """The definitions of these functions in /init, to run them on their own."""
+    init = (image.AGENT_DIR / "init.sh").read_text()
     found = []
     for name in names:
-        match = re.search(rf"^{re.escape(name)}\(\) {{.*?^}}\n", image.INIT_SCRIPT, re.M | re.S)
+        match = re.search(rf"^{re.escape(name)}\(\) {{.*?^}}\n", init, re.M | re.S)
         assert match, name
         found.append(match.group(0))
     return "".join(found)
