@@ -1,0 +1,55 @@
+"""Prometheus metrics, read from the store at scrape time.
+
+The event log already holds every number we report, so there are no counters to keep in memory:
+a collector queries the store when Prometheus scrapes. That also counts what another process
+(the CLI) recorded, and survives restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from .status import OFF_PATH, PROGRESS
+from .store import Store
+
+# Reported even at zero, so that dashboards and alerts see every state from the first scrape.
+KNOWN_STATES = (*PROGRESS, *OFF_PATH)
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        machines = GaugeMetricFamily("bootserver_machines", "Machines by state", labels=["state"])
+        counts = self._store.state_counts()
+        for state in sorted(set(KNOWN_STATES) | set(counts)):
+            machines.add_metric([state], counts.get(state, 0))
+        yield machines
+
+        served = CounterMetricFamily("bootserver_served_bytes", "Bytes of files served to machines, by protocol",
+                                     labels=["protocol"])
+        for protocol, total in self._store.bytes_served().items():
+            served.add_metric([protocol], total)
+        yield served
+
+        steps = SummaryMetricFamily("bootserver_provision_step_seconds",
+                                    "Durations of finished provisioning steps, by step", labels=["step"])
+        for step, (count, seconds) in self._store.step_durations().items():
+            steps.add_metric([step], count_value=count, sum_value=seconds)
+        yield steps
+
+
+def registry(store: Store) -> CollectorRegistry:
+    """A registry of our own (not the process-wide default), so that several apps can live in one process."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

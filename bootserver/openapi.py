@@ -1,0 +1,130 @@
+"""The OpenAPI 3 description of /api/v1, served at /api/v1/openapi.json and checked by a test."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+
+_MAC = {"name": "mac", "in": "path", "required": True, "description": "MAC address in any common spelling "
+        "(52:54:00:12:34:56, 52-54-00-12-34-56, 5254.0012.3456, 525400123456)", "schema": {"type": "string"}}
+_ERRORS = {
+    "400": {"$ref": "#/components/responses/Error"},
+    "401": {"$ref": "#/components/responses/Error"},
+}
+_NOT_FOUND = {"404": {"$ref": "#/components/responses/Error"}}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _action(summary: str) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "description": "Refused with 403 when a browser sends it from another site (Sec-Fetch-Site, Origin).",
+        "parameters": [_MAC],
+        "responses": {"200": _json("Machine", "the machine, as it is now"), **_ERRORS, **_NOT_FOUND,
+                      "403": {"$ref": "#/components/responses/Error"}},
+    }}
+
+
+def spec() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "bootserver", "version": __version__,
+                 "description": "Machines that netbooted from this server, their states and event logs. "
+                                "When `[server] api_token` is set, every call needs `Authorization: Bearer`."},
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/api/v1/machines": {"get": {
+                "summary": "Every machine seen, optionally only those in some states",
+                "parameters": [{"name": "state", "in": "query", "required": False, "style": "form",
+                                "explode": False, "description": "states to list, comma-separated",
+                                "schema": {"type": "array", "items": {"type": "string"}}}],
+                "responses": {"200": _json("MachineList", "the machines, by MAC"), **_ERRORS},
+            }},
+            "/api/v1/machines/{mac}": {"get": {
+                "summary": "One machine and its newest events",
+                "parameters": [_MAC],
+                "responses": {"200": _json("MachineWithEvents", "the machine"), **_ERRORS, **_NOT_FOUND},
+            }},
+            "/api/v1/machines/{mac}/events": {"get": {
+                "summary": "A machine's events after an event id, oldest first (poll with the last id seen)",
+                "parameters": [_MAC,
+                               {"name": "after", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                               {"name": "limit", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}}],
+                "responses": {"200": _json("EventPage", "the events"), **_ERRORS, **_NOT_FOUND},
+            }},
+            "/api/v1/machines/{mac}/reprovision": _action(
+                "Run the whole flow again on the machine's next boot (its disk may be wiped)"),
+            "/api/v1/machines/{mac}/boot-from-disk": _action(
+                "Boot the machine's local disk from its next boot on, as if deployed"),
+            "/api/v1/openapi.json": {"get": {
+                "summary": "This description", "security": [{}],
+                "responses": {"200": {"description": "OpenAPI 3 document",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Error": _json("Error", "what was wrong, in words")},
+            "schemas": _schemas(),
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    nullable_string = {"type": "string", "nullable": True}
+    return {
+        "Error": {"type": "object", "required": ["error", "status"],
+                  "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}},
+        "Progress": {"type": "object", "required": ["state", "done", "total", "tone"], "properties": {
+            "state": {"type": "string"},
+            "done": {"type": "integer", "description": "position on script-served -> ... -> deployed; "
+                                                       "0 when off that path (failed, interrupted)"},
+            "total": {"type": "integer"},
+            "tone": {"type": "string", "enum": ["ok", "busy", "bad", "idle"]},
+        }},
+        "Machine": {"type": "object", "required": ["mac", "state", "first_seen", "last_seen", "progress"],
+                    "properties": {
+                        "mac": {"type": "string", "example": "52:54:00:12:34:56"},
+                        "state": {"type": "string"},
+                        "first_seen": {"type": "number", "description": "Unix time"},
+                        "last_seen": {"type": "number", "description": "Unix time"},
+                        "facts": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "host_key": nullable_string,
+                        "host_key_fingerprint": nullable_string,
+                        "ip": nullable_string,
+                        "reprovision": {"type": "boolean"},
+                        "hostname": nullable_string,
+                        "profile": nullable_string,
+                        "group": nullable_string,
+                        "reason": {"type": "string", "description": "why that group and profile matched"},
+                        "progress": {"$ref": "#/components/schemas/Progress"},
+                    }},
+        "MachineList": {"type": "object", "required": ["machines"], "properties": {
+            "machines": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "machines by state, over all machines"},
+        }},
+        "Event": {"type": "object", "required": ["id", "mac", "time", "kind", "detail"], "properties": {
+            "id": {"type": "integer"},
+            "mac": {"type": "string"},
+            "time": {"type": "number"},
+            "kind": {"type": "string", "example": "file-served"},
+            "detail": {"type": "object", "additionalProperties": True},
+            "summary": {"type": "string"},
+            "tone": {"type": "string", "enum": ["ok", "info", "bad"]},
+        }},
+        "MachineWithEvents": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {"type": "object", "properties": {
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}}}}]},
+        "EventPage": {"type": "object", "required": ["mac", "events", "last_id"], "properties": {
+            "mac": {"type": "string"},
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+            "last_id": {"type": "integer", "description": "pass as `after` to get only newer events"},
+        }},
+    }

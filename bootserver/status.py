@@ -1,0 +1,175 @@
+"""What we say about a machine: its progress, why it boots what it boots, and one line per event.
+
+Shared by the status pages and JSON API (web.py) and by `bootserver show` (cli.py), so that the
+browser, the API and the terminal tell the same story. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from .booter import Booter
+from .config import FACT_KEYS
+from .store import Event, Node
+
+# The happy path, in order; the progress indicator is the state's position in it.
+PROGRESS = ("script-served", "kernel-served", "phoned-home", "disk", "deploy", "finishing", "deployed")
+# States that are not on the path: a machine there is shown as such rather than as a position.
+OFF_PATH = {"failed": "bad", "interrupted": "bad", "reprovision": "busy", "discovered": "idle"}
+# Event kinds that mean something went wrong, or went right, for colouring the timeline.
+BAD_KINDS = {"failed", "interrupted", "step-failed", "file-failed", "refused", "connect-failed",
+             "host-key-mismatch", "no-boot"}
+GOOD_KINDS = {"deployed", "step-done", "phoned-home"}
+SUMMARY_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a machine is on the happy path: `done` of `total` steps, and how to show it."""
+
+    state: str
+    done: int
+    total: int
+    tone: str  # ok (deployed), busy (on its way), bad (failed, interrupted), idle (not started)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "done": self.done, "total": self.total, "tone": self.tone}
+
+
+def progress(state: str) -> Progress:
+    total = len(PROGRESS)
+    if state in PROGRESS:
+        done = PROGRESS.index(state) + 1
+        return Progress(state, done, total, "ok" if done == total else "busy")
+    return Progress(state, 0, total, OFF_PATH.get(state, "idle"))
+
+
+@dataclass(frozen=True)
+class MachineView:
+    """One machine as the status page, the API and `bootserver show` present it."""
+
+    node: Node
+    hostname: str | None
+    profile: str | None  # what it boots now under the config; None: nothing matches
+    group: str | None
+    reason: str  # why that group won (Booter.boot_spec)
+    fingerprint: str | None  # of the pinned SSH host key
+    progress: Progress
+
+    def to_json(self) -> dict[str, Any]:
+        return {**vars(self.node), "hostname": self.hostname, "profile": self.profile, "group": self.group,
+                "reason": self.reason, "host_key_fingerprint": self.fingerprint,
+                "progress": self.progress.to_json()}
+
+
+def machine_view(booter: Booter, node: Node) -> MachineView:
+    machine = booter.config.machines.get(node.mac)
+    facts = {k: v for k, v in node.facts.items() if k in FACT_KEYS}
+    spec = booter.boot_spec(node.mac, facts)
+    return MachineView(node, machine.hostname if machine else None, spec.profile.name if spec.profile else None,
+                       spec.group, spec.reason, fingerprint(node.host_key), progress(node.state))
+
+
+def fingerprint(host_key: str | None) -> str | None:
+    if not host_key:
+        return None
+    try:
+        return asyncssh.import_public_key(host_key).get_fingerprint("sha256")
+    except (asyncssh.KeyImportError, ValueError):
+        return "(unreadable key)"
+
+
+def event_tone(event: Event) -> str:
+    if event.kind in BAD_KINDS or (event.kind == "command" and event.detail.get("exit_status") != 0):
+        return "bad"
+    return "ok" if event.kind in GOOD_KINDS else "info"
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {"id": event.id, "mac": event.mac, "time": event.time, "kind": event.kind, "detail": event.detail,
+            "summary": summarize(event), "tone": event_tone(event)}
+
+
+def clock(when: float) -> str:
+    """A timestamp in the server's local time, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def summarize(event: Event) -> str:
+    """One line about an event, for the terminal and the timeline's headline."""
+    d = event.detail
+    summary = _SUMMARIES.get(event.kind, _generic)(d)
+    summary = " ".join(summary.split())  # output tails and reasons may hold newlines
+    # ...and terminal escape sequences: `bootserver show` prints this line as it is.
+    summary = "".join(c if c.isprintable() else "\N{REPLACEMENT CHARACTER}" for c in summary)
+    return summary if len(summary) <= SUMMARY_LENGTH else summary[:SUMMARY_LENGTH - 1] + "…"
+
+
+def size(count: object) -> str:
+    if not isinstance(count, int | float):
+        return "?"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def _script(d: dict[str, Any]) -> str:
+    return f"profile {d.get('profile')} over {d.get('transport', '?')}: {d.get('reason', '')}"
+
+
+def _file(d: dict[str, Any]) -> str:
+    seconds = d.get("seconds") or 0
+    rate = f", {size(d.get('bytes', 0) / seconds)}/s" if seconds and isinstance(d.get("bytes"), int) else ""
+    whole = "" if d.get("bytes") == d.get("size") else f" of {size(d.get('size'))}"
+    failed = f" — {d['error']}" if d.get("error") else ""
+    return f"{d.get('file')}: {size(d.get('bytes'))}{whole} over {d.get('protocol')} in {seconds} s{rate}{failed}"
+
+
+def _phoned_home(d: dict[str, Any]) -> str:
+    disks = ", ".join(f"{x.get('name')} {size(x.get('size_bytes'))}" for x in d.get("disks", [])) or "no disks"
+    return f"from {d.get('ip')}, host key {d.get('fingerprint')}, kernel {d.get('kernel') or '?'}, {disks}"
+
+
+def _command(d: dict[str, Any]) -> str:
+    status = d.get("exit_status")
+    outcome = "no exit status" if status is None else f"exit {status}"
+    tail = (d.get("stderr_tail") or d.get("stdout_tail") or "").strip().splitlines()
+    last = f" — {tail[-1]}" if tail else ""
+    return f"[{d.get('step')}] {d.get('command')} → {outcome} in {d.get('seconds')} s{last}"
+
+
+def _step_failed(d: dict[str, Any]) -> str:
+    return f"step {d.get('step')} failed: {d.get('error')}"
+
+
+def _generic(d: dict[str, Any]) -> str:
+    """Scalar details as key=value: enough for kinds we do not know yet (dhcp, from another module)."""
+    return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None)
+
+
+_SUMMARIES = {
+    "script-served": _script,
+    "file-served": _file,
+    "file-failed": _file,
+    "phoned-home": _phoned_home,
+    "command": _command,
+    "step-started": lambda d: f"step {d.get('step')} started",
+    "step-done": lambda d: f"step {d.get('step')} done in {d.get('seconds')} s",
+    "step-failed": _step_failed,
+    "refused": lambda d: f"{d.get('what')} refused: {d.get('reason')}",
+    "no-boot": lambda d: f"nothing to boot over {d.get('transport', '?')}: {d.get('reason')}",
+    "failed": lambda d: str(d.get("reason", "")),
+    "interrupted": lambda d: str(d.get("reason", "")),
+    "deployed": lambda d: f"deployed with profile {d.get('profile')}",
+    "reprovision-requested": lambda d: "re-provisioning requested: the next boot runs the whole flow",
+    "boot-from-disk-requested": lambda d: "boot from disk requested: the next boot boots the local disk",
+    "nothing-to-provision": lambda d: f"profile {d.get('profile')} has no disk or deploy section",
+    "connect-failed": lambda d: f"SSH to {d.get('host')}:{d.get('port')} failed: {d.get('error')}",
+    "host-key-mismatch": lambda d: f"SSH host key of {d.get('host')}:{d.get('port')} is not the pinned one: "
+                                   f"{d.get('error')}",
+}

@@ -1,0 +1,100 @@
+"""The status page in a real browser (Debian's chromium, driven by Playwright) against the real server.
+
+A missing chromium or playwright fails these tests rather than skipping them: `./setup test`
+installs both. Playwright's own browser downloads are never used (executable_path).
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import aiohttp
+import pytest
+from test_http import report
+
+from bootserver.app import App
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REPO = Path(__file__).resolve().parent.parent
+MAC = "52:54:00:00:00:01"
+URL_MAC = "52-54-00-00-00-01"
+
+
+@pytest.fixture
+async def app(config):
+    server = dataclasses.replace(config.server, public_address="127.0.0.1")
+    app = App.open(dataclasses.replace(config, server=server))
+    await app.start()
+    yield app
+    await app.stop()
+
+
+@pytest.fixture
+async def browser():
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.fail("the playwright Python package is missing: pip install playwright (never `playwright install`)")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+async def test_status_page_updates_live_and_reprovisions(app: App, browser, tmp_path: Path):
+    from playwright.async_api import expect
+
+    base = f"http://127.0.0.1:{app.http_address[1]}"
+    async with aiohttp.ClientSession(base) as machine:
+        # The machine's first request creates it; its script carries this boot's phone-home token.
+        script = await (await machine.get(f"/boot/{URL_MAC}.ipxe", params={"platform": "efi",
+                                                                          "arch": "x86_64"})).text()
+        token = re.search(r"bootserver\.token=(\S+)", script)[1]
+
+        page = await browser.new_page(viewport={"width": 1180, "height": 600})
+        await page.goto(f"{base}/machines/{URL_MAC}")
+        await expect(page.locator("h1")).to_contain_text(MAC)
+        await expect(page.locator("#live")).to_have_text("live")  # the EventSource is connected
+        await page.evaluate("window.notReloaded = true")
+        timeline, summary = page.locator("#timeline"), page.locator("#summary")
+
+        # The rest of the boot, through the real endpoints, shows up without a reload.
+        for name in ("vmlinuz", "initrd", "raft-initrd", f"{token}/bootserver.cpio"):
+            assert (await (await machine.get(f"/boot/{URL_MAC}/{name}")).read())
+        await expect(timeline).to_contain_text("vmlinuz: 97.7 KiB over http")
+        await expect(summary.locator(".badge")).to_have_text("kernel-served")
+        body = report(token)
+        assert (await machine.post(f"/boot/{URL_MAC}/phone-home", json=body)).status == 202
+        fingerprint = next(e.detail["fingerprint"] for e in app.store.events(MAC) if e.kind == "phoned-home")
+        await expect(timeline).to_contain_text(f"host key {fingerprint}")
+        await expect(summary).to_contain_text(fingerprint)
+        await expect(summary.locator(".badge")).to_have_text("phoned-home")
+        # script-served, 4 files served, phoned-home, nothing-to-provision
+        await expect(timeline.locator(":scope > li")).to_have_count(7)
+        assert await page.evaluate("window.notReloaded === true")
+
+        await timeline.get_by_text("phoned-home", exact=True).click()  # a detail opens in place
+        await expect(timeline.get_by_text("size_bytes", exact=True)).to_be_visible()
+        # For people to look at; docs/status-page.png is a copy made by hand (a test rewriting a
+        # committed file would leave every checkout dirty).
+        (REPO / "artifacts").mkdir(exist_ok=True)
+        await page.screenshot(path=str(REPO / "artifacts" / "status-page.png"), full_page=True,
+                              animations="disabled")  # the new-event highlight, finished
+
+        # Re-provision: the button posts (same origin), the page comes back with the new state.
+        await page.get_by_role("button", name="Re-provision").click()
+        await expect(summary.locator(".badge")).to_have_text("reprovision")
+        await expect(timeline).to_contain_text("re-provisioning requested")
+        node = app.store.node(MAC)
+        assert node.state == "reprovision" and node.reprovision
+
+        # The overview lists it, and the filter by state works in the browser too.
+        await page.goto(f"{base}/?state=reprovision")
+        await expect(page.locator("tbody tr")).to_have_count(1)
+        await expect(page.locator("tbody")).to_contain_text("node1")
+        await page.screenshot(path=str(REPO / "artifacts" / "status-index.png"), full_page=True)
+

@@ -1,0 +1,286 @@
+"""Status pages, the JSON API, live updates and metrics, over aiohttp's real loopback test server."""
+
+import asyncio
+import dataclasses
+import re
+
+import pytest
+from conftest import eventually
+from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
+from test_http import boot_token, report
+
+from bootserver.booter import Booter
+from bootserver.config import Machine
+from bootserver.http import BOOTER, create_app
+from bootserver.templates import Templates
+from bootserver.web import STREAMS
+
+MAC = "52:54:00:00:00:01"
+TOKEN = "s3cret-api-token-0123456789"
+HOSTILE = "<script>alert('owned')</script>"
+
+
+@pytest.fixture
+async def client(aiohttp_client, booter):
+    return await aiohttp_client(create_app(booter))
+
+
+def with_server(booter: Booter, **changes) -> Booter:
+    """The same store and keys under a changed config: [server] settings, or the machines."""
+    config = booter.config
+    if "machines" in changes:
+        config = dataclasses.replace(config, machines=changes.pop("machines"))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, **changes))
+    return Booter(config, booter.store, Templates(), booter.keys)
+
+
+async def boot(client, mac: str = "52-54-00-00-00-01") -> None:
+    """What iPXE does: fetch the machine's script, then its kernel (recorded just after the client has it)."""
+    assert (await client.get(f"/boot/{mac}.ipxe", params={"platform": "efi"})).status == 200
+    assert (await (await client.get(f"/boot/{mac}/vmlinuz")).read())
+    store = client.server.app[BOOTER].store
+    await eventually(lambda: store.node(mac.replace("-", ":")).state == "kernel-served")
+
+
+# -- pages ------------------------------------------------------------------------------------------------
+
+
+async def test_overview_lists_and_filters_by_state(client, booter):
+    await boot(client)
+    await client.get("/boot/52-54-00-00-00-02.ipxe")
+    await eventually(lambda: booter.store.node(MAC).state == "kernel-served")
+    html = await (await client.get("/")).text()
+    assert "52:54:00:00:00:01" in html and "52:54:00:00:00:02" in html
+    assert "node1" in html and 'title="2 of 7: kernel-served"' in html
+    html = await (await client.get("/", params={"state": "kernel-served"})).text()
+    assert "52:54:00:00:00:01" in html and "52:54:00:00:00:02" not in html
+    body = await (await client.get("/api/v1/machines", params={"state": "script-served,failed"})).json()
+    assert [m["mac"] for m in body["machines"]] == ["52:54:00:00:00:02"]
+    assert body["counts"] == {"kernel-served": 1, "script-served": 1}
+    machine = body["machines"][0]
+    assert (machine["hostname"], machine["profile"], machine["group"]) == ("node2", "raft", "raft")
+    assert machine["progress"] == {"state": "script-served", "done": 1, "total": 7, "tone": "busy"}
+
+
+async def test_machine_page_explains_and_shows_the_timeline(client, booter):
+    await boot(client)
+    token = await boot_token(client)
+    assert (await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))).status == 202
+    fingerprint = booter.store.events(MAC)[-1].detail["fingerprint"]
+    for spelling in ("52-54-00-00-00-01", "525400000001", "5254.0000.0001", "52:54:00:00:00:01"):
+        response = await client.get(f"/machines/{spelling}")
+        assert response.status == 200 and response.content_type == "text/html"
+    html = await response.text()
+    assert "group raft-efi (platform=efi, role=raft)" in html  # the reason the group won
+    assert fingerprint in html
+    assert "vmlinuz: 97.7 KiB over http" in html and "phoned-home" in html
+    assert 'action="/machines/52:54:00:00:00:01/reprovision"' in html
+    body = await (await client.get("/api/v1/machines/52-54-00-00-00-01")).json()
+    assert body["host_key_fingerprint"] == fingerprint and body["reason"].startswith("group raft-efi")
+    assert [e["kind"] for e in body["events"]][-1] == "phoned-home"
+
+
+async def test_unknown_and_malformed_macs_get_clear_pages(client):
+    response = await client.get("/machines/52:54:00:00:00:77")
+    assert response.status == 404 and response.content_type == "text/html"
+    assert "no machine 52:54:00:00:00:77 has asked this server for anything" in await response.text()
+    response = await client.get("/machines/not-a-mac")
+    assert response.status == 400 and "not a MAC address: &#39;not-a-mac&#39;" in await response.text()
+    response = await client.get("/api/v1/machines/zz")
+    assert response.status == 400 and "not a MAC address" in (await response.json())["error"]
+    assert (await client.get("/api/v1/machines/52:54:00:00:00:77/events")).status == 404
+
+
+async def test_everything_from_machines_is_escaped(aiohttp_client, booter):
+    booter = with_server(booter, machines={MAC: Machine(MAC, hostname=HOSTILE)})
+    client = await aiohttp_client(create_app(booter))
+    await boot(client)
+    before = booter.store.last_event_id()
+    booter.store.record(MAC, "command", {"step": "disk", "command": f"echo {HOSTILE}", "exit_status": 1,
+                                         "seconds": 0.1, "stdout_tail": HOSTILE, "stderr_tail": ""})
+    booter.store.record(MAC, "dhcp", {"vendor_class": HOSTILE, "user_class": "iPXE", "arch": 7,
+                                      "answer": {"bootfile": '"><img src=x onerror=alert(1)>'}})
+    pages = [await (await client.get(path)).text() for path in ("/", f"/machines/{MAC}")]
+    async with client.get(f"/machines/{MAC}/stream", params={"after": str(before)}) as stream:
+        data = (await read_event(stream))["data"]
+        pages += [data["html"], data["summary_html"]]
+    for html in pages:
+        assert "<script>alert" not in html and "<img src=x" not in html
+    escaped = "&lt;script&gt;alert(&#39;owned&#39;)&lt;/script&gt;"
+    assert pages[0].count(escaped) == 1  # the hostname
+    assert pages[1].count(escaped) >= 5  # title, heading, summary, command and its output, DHCP
+    assert escaped in pages[2] and escaped in pages[3]  # the live event and the live summary
+
+
+# -- write actions, cross-site requests and the API token ------------------------------------------------
+
+
+async def test_buttons_work_same_origin_and_refuse_cross_site(client, booter):
+    await boot(client)
+    page = f"/machines/{MAC}/reprovision"
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://evil.example"}, {"Origin": "null"}):
+        response = await client.post(page, headers=headers, allow_redirects=False)
+        assert response.status == 403, headers
+        assert "refused" in await response.text()
+        response = await client.post(f"/api/v1/machines/{MAC}/boot-from-disk", headers=headers)
+        assert response.status == 403, headers
+    assert booter.store.node(MAC).state == "kernel-served"  # nothing happened
+    origin = f"http://127.0.0.1:{client.port}"
+    response = await client.post(page, headers={"Sec-Fetch-Site": "same-origin", "Origin": origin},
+                                 allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == f"/machines/{MAC}"
+    node = booter.store.node(MAC)
+    assert node.state == "reprovision" and node.reprovision
+    response = await client.post(f"/machines/{MAC}/boot-from-disk", headers={"Origin": origin},
+                                 allow_redirects=False)
+    assert response.status == 303
+    node = booter.store.node(MAC)
+    assert node.state == "deployed" and not node.reprovision
+    script = await (await client.get("/boot/52-54-00-00-00-01.ipxe")).text()
+    assert "sanboot" in script or "exit" in script  # it boots its disk now
+    body = await (await client.post(f"/api/v1/machines/{MAC}/reprovision")).json()  # curl: no browser headers
+    assert body["state"] == "reprovision" and body["reprovision"] is True
+    assert (await client.post("/api/v1/machines/52:54:00:00:00:77/reprovision")).status == 404
+
+
+async def test_api_token_guards_the_api_and_the_buttons(aiohttp_client, booter):
+    client = await aiohttp_client(create_app(with_server(booter, api_token=TOKEN)))
+    await boot(client)
+    response = await client.get("/api/v1/machines")
+    assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "api_token" in (await response.json())["error"]
+    wrong = {"Authorization": "Bearer " + TOKEN[:-1] + "x"}
+    assert (await client.get("/api/v1/machines", headers=wrong)).status == 401
+    assert (await client.post(f"/api/v1/machines/{MAC}/reprovision", headers=wrong)).status == 401
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await client.get(f"/api/v1/machines/{MAC}/events", headers=right)).status == 200
+    assert (await client.get("/api/v1/openapi.json")).status == 200  # how to authenticate is public
+    # Pages stay readable; their buttons need the token, typed into the form.
+    html = await (await client.get(f"/machines/{MAC}")).text()
+    assert 'name="api_token"' in html
+    response = await client.post(f"/machines/{MAC}/reprovision", data={"api_token": "nope"}, allow_redirects=False)
+    assert response.status == 401 and "wrong API token" in await response.text()
+    assert booter.store.node(MAC).state == "kernel-served"
+    response = await client.post(f"/machines/{MAC}/reprovision", data={"api_token": TOKEN}, allow_redirects=False)
+    assert response.status == 303 and booter.store.node(MAC).state == "reprovision"
+    response = await client.post(f"/api/v1/machines/{MAC}/boot-from-disk", headers=right)
+    assert response.status == 200 and (await response.json())["state"] == "deployed"
+
+
+async def test_events_api_pages_with_after(client, booter):
+    await boot(client)
+    events = (await (await client.get(f"/api/v1/machines/{MAC}/events")).json())["events"]
+    assert [e["kind"] for e in events] == ["script-served", "file-served"]
+    assert events[1]["summary"].startswith("vmlinuz: 97.7 KiB over http")
+    body = await (await client.get(f"/api/v1/machines/{MAC}/events", params={"after": events[0]["id"]})).json()
+    assert [e["id"] for e in body["events"]] == [events[1]["id"]] and body["last_id"] == events[1]["id"]
+    body = await (await client.get(f"/api/v1/machines/{MAC}/events", params={"after": body["last_id"]})).json()
+    assert body["events"] == [] and body["last_id"] == events[1]["id"]
+    assert (await client.get(f"/api/v1/machines/{MAC}/events", params={"after": "-1"})).status == 400
+
+
+async def test_openapi_is_valid_and_covers_every_api_route(client):
+    spec = await (await client.get("/api/v1/openapi.json")).json()
+    validate(spec)
+    routes = {re.sub(r"\{(\w+)\}", r"{\1}", r.resource.canonical) for r in client.server.app.router.routes()
+              if r.resource is not None and r.resource.canonical.startswith("/api/v1/")}
+    assert routes == set(spec["paths"])
+
+
+async def test_metrics_parse_and_count_from_the_store(client, booter):
+    await boot(client)
+    booter.store.record(MAC, "step-done", {"step": "disk", "seconds": 1.5})
+    booter.store.record(MAC, "step-done", {"step": "disk", "seconds": 2.5})
+    booter.store.record(MAC, "step-done", {"step": "deploy", "seconds": 4.0})
+    response = await client.get("/metrics")
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(await response.text()) for s in family.samples}
+    assert samples[("bootserver_machines", (("state", "kernel-served"),))] == 1
+    assert samples[("bootserver_machines", (("state", "failed"),))] == 0
+    assert samples[("bootserver_served_bytes_total", (("protocol", "http"),))] == 100_010
+    assert samples[("bootserver_provision_step_seconds_count", (("step", "disk"),))] == 2
+    assert samples[("bootserver_provision_step_seconds_sum", (("step", "disk"),))] == 4.0
+    assert samples[("bootserver_provision_step_seconds_sum", (("step", "deploy"),))] == 4.0
+
+
+# -- live updates ------------------------------------------------------------------------------------------
+
+
+async def read_event(response, timeout: float = 5.0) -> dict[str, object]:
+    """The next server-sent event with data: its fields (id, data), parsed as the browser would."""
+    import json
+
+    fields: dict[str, str] = {}
+    while True:
+        line = (await asyncio.wait_for(response.content.readline(), timeout)).decode().rstrip("\n")
+        if line.startswith(":"):
+            continue
+        if line:
+            key, _, value = line.partition(": ")
+            fields[key] = value
+        elif "data" in fields:
+            return {"id": int(fields["id"]), "data": json.loads(fields["data"])}
+        else:
+            fields = {}
+
+
+async def test_stream_delivers_new_events_resumes_and_ends_with_the_client(client, booter):
+    await boot(client)
+    last = booter.store.last_event_id(MAC)
+    async with client.get(f"/machines/{MAC}/stream", params={"after": str(last)}) as stream:
+        assert stream.headers["Content-Type"] == "text/event-stream"
+        booter.store.record("52:54:00:00:00:02", "no-boot", {"reason": "another machine"})  # not this one's
+        event = booter.store.record(MAC, "step-started", {"step": "disk"}, state="disk")
+        message = await read_event(stream)
+        assert message["id"] == event.id
+        data = message["data"]
+        assert data["kind"] == "step-started" and data["summary"] == "step disk started"
+        assert f'id="event-{event.id}"' in data["html"] and "step disk started" in data["html"]
+        assert 'title="4 of 7: disk"' in data["summary_html"]
+    # The browser reconnects with the last id it saw: it gets what it missed, and only that.
+    missed = booter.store.record(MAC, "step-done", {"step": "disk", "seconds": 1.0})
+    async with client.get(f"/machines/{MAC}/stream", headers={"Last-Event-ID": str(event.id)}) as stream:
+        assert (await read_event(stream))["id"] == missed.id
+    await eventually(lambda: not client.server.app[STREAMS])  # both handlers ended with their clients
+    async with client.get("/stream", params={"after": str(event.id)}) as stream:
+        assert (await read_event(stream))["data"] == {"id": missed.id, "mac": MAC, "kind": "step-done"}
+    response = await client.get(f"/machines/{MAC}/stream", headers={"Last-Event-ID": "x1"})
+    assert response.status == 400
+
+
+async def test_server_shutdown_ends_open_streams(aiohttp_client, booter):
+    booter.store.record(MAC, "no-boot", {})
+    client = await aiohttp_client(create_app(booter))
+    stream = await client.get(f"/machines/{MAC}/stream")
+    await eventually(lambda: client.server.app[STREAMS])
+    started = asyncio.get_running_loop().time()
+    await client.server.close()
+    assert asyncio.get_running_loop().time() - started < 5  # not aiohttp's 60 s grace period
+    stream.close()
+
+
+async def test_stream_shows_what_another_process_recorded(client, booter, config_file):
+    """`bootserver reprovision` in a shell writes to the store; an open page sees it (the stream polls)."""
+    import sys
+
+    await boot(client)
+    async with client.get(f"/machines/{MAC}/stream") as stream:
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bootserver", "--config",
+                                                       str(config_file), "reprovision", "52-54-00-00-00-01",
+                                                       stdout=asyncio.subprocess.DEVNULL)
+        assert await process.wait() == 0
+        data = (await read_event(stream, timeout=10))["data"]
+        assert data["kind"] == "reprovision-requested" and ">reprovision<" in data["summary_html"]
+
+
+@pytest.mark.parametrize("token", ["short", "has spaces in it, long enough", 12345678901234567890])
+def test_api_token_must_be_a_long_header_safe_string(token, tmp_path):
+    from bootserver.config import parse
+    from bootserver.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="api_token"):
+        parse({"server": {"data_dir": str(tmp_path), "api_token": token}})
+    assert parse({"server": {"data_dir": str(tmp_path), "api_token": TOKEN}}).server.api_token == TOKEN
