@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from . import http, tftp
+from . import dhcp, http, tftp
 from .booter import Booter
 from .config import Config
 from .jobs import Provisioner
@@ -34,6 +34,7 @@ class App:
     provisioner: Provisioner
     _runner: web.AppRunner | None = field(default=None, repr=False)
     _tftp: tftp.TftpServer | None = field(default=None, repr=False)
+    _dhcp: dhcp.DhcpServer | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, config: Config) -> App:
@@ -58,6 +59,9 @@ class App:
             self._tftp = tftp.TftpServer(routes.resolve, routes.record)
             await self._tftp.start(server.tftp.host, server.tftp.port)
             routes.tftp_port = self._tftp.address[1]
+        if self.config.dhcp.mode != "off":
+            self._dhcp = dhcp.DhcpServer(self.booter, self.config.dhcp, self.http_port)
+            await self._dhcp.start()
         log.info("serving HTTP on %s, TFTP on %s, data in %s", self.http_address,
                  self._tftp.address if self._tftp else "(off)", server.data_dir)
 
@@ -76,8 +80,15 @@ class App:
         assert self._tftp is not None, "TFTP is off or App.start() was not called"
         return self._tftp.address
 
+    @property
+    def dhcp_addresses(self) -> list[tuple[str, int]]:
+        """The DHCP port, then the PXE port (4011); empty when [dhcp] mode is off."""
+        return self._dhcp.addresses if self._dhcp else []
+
     async def stop(self) -> None:
         await self.provisioner.stop()
+        if self._dhcp is not None:
+            await self._dhcp.close()
         if self._tftp is not None:
             await self._tftp.close()
         if self._runner is not None:

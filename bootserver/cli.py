@@ -7,14 +7,18 @@ import asyncio
 import logging
 import sys
 import time
+from ipaddress import IPv4Interface
 from pathlib import Path
 
 from . import config as configuration
 from .booter import Booter, Urls
 from .disk import TARGET_ROOT, dry_run
-from .errors import BootserverError
+from .errors import BootserverError, NotFound
+from .lab import ADDRESS as LAB_ADDRESS
+from .lab import Lab
 from .mac import canonical_mac
 from .pki import ServerKeys
+from .status import clock, machine_view, summarize
 from .store import Store
 from .templates import Templates
 
@@ -48,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     nodes = commands.add_parser("nodes", help="list the machines this server has seen")
     nodes.set_defaults(command=cmd_nodes)
 
+    show = commands.add_parser("show", help="a machine's timeline, what it boots and why, its pinned host key")
+    show.add_argument("mac")
+    show.add_argument("--limit", type=int, default=200, help="show this many of the newest events (default 200)")
+    show.set_defaults(command=cmd_show)
+
     plan = commands.add_parser("plan", help="print what provisioning a machine would do (disk commands, files)")
     plan.add_argument("mac")
     plan.add_argument("--dry-run", action="store_true", default=True, help="the only mode: nothing is run")
@@ -63,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     build = image_commands.add_parser("build", help="kernel + initramfs from Debian packages")
     build.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/images/agent)")
     build.set_defaults(command=cmd_image_build)
+
+    lab = commands.add_parser("lab", help="QEMU VMs on a VDE switch netbooting from bootserver (root; vde2, QEMU)")
+    lab.add_argument("--dir", type=Path, help="where the lab keeps its state, logs and disks (default: DATA_DIR/lab)")
+    lab_commands = lab.add_subparsers(required=True, metavar="ACTION")
+    up = lab_commands.add_parser("up", help="namespace, switch, bootserver as full DHCP server, N VMs")
+    up.add_argument("--vms", type=int, default=2, help="how many VMs (default 2)")
+    up.add_argument("--firmware", choices=["bios", "uefi"], default="bios")
+    up.add_argument("--address", default=str(LAB_ADDRESS), help=f"our address on the lab's switch ({LAB_ADDRESS})")
+    up.add_argument("--image-dir", type=Path, help="the agent image (default: DATA_DIR/images/agent)")
+    up.set_defaults(command=cmd_lab_up)
+    lab_commands.add_parser("status", help="processes, leases, machine states").set_defaults(command=cmd_lab_status)
+    lab_commands.add_parser("down", help="stop everything the lab started").set_defaults(command=cmd_lab_down)
     return parser
 
 
@@ -95,14 +116,40 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
     store = Store(config.server.database)
-    rows = [(n.mac, n.state, n.facts.get("platform", "-"), _ago(n.last_seen)) for n in store.nodes()]
-    if not rows:
+    seen, _ = store.nodes(), store.close()
+    if not seen:
         print(f"no machines yet (store: {config.server.database})")
         return 0
-    header = ("MAC", "STATE", "PLATFORM", "LAST SEEN")
+    booter = _booter(config)  # after the check: it makes the server's keys, which `nodes` alone should not
+    views = [machine_view(booter, n) for n in booter.store.nodes()]
+    rows = [(v.node.mac, v.hostname or "-", v.node.state, v.profile or "-", v.node.facts.get("platform", "-"),
+             _ago(v.node.last_seen)) for v in views]
+    header = ("MAC", "HOSTNAME", "STATE", "PROFILE", "PLATFORM", "LAST SEEN")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    booter = _booter(configuration.load(args.config))
+    mac = canonical_mac(args.mac)
+    node = booter.store.node(mac)
+    if node is None:
+        raise NotFound(f"no machine {mac} has asked this server for anything yet (store: {booter.store.path})")
+    events = booter.store.recent_events(mac, max(args.limit, 1))
+    width = max((len(e.kind) for e in events), default=0)
+    for event in events:
+        print(f"{clock(event.time)}  {event.kind.ljust(width)}  {summarize(event)}")
+    view = machine_view(booter, node)
+    progress = view.progress
+    where = f" ({progress.done}/{progress.total})" if progress.done else ""
+    print()
+    print(f"machine:  {mac}{f' ({view.hostname})' if view.hostname else ''}")
+    print(f"state:    {node.state}{where}{'; marked for re-provisioning' if node.reprovision else ''}")
+    print(f"profile:  {view.profile or 'none: boots nothing from us'}{f' (group {view.group})' if view.group else ''}")
+    print(f"why:      {view.reason}")
+    print(f"host key: {view.fingerprint or 'not pinned yet (pinned when the node phones home)'}")
     return 0
 
 
@@ -156,6 +203,31 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     out = args.out or config.server.data_dir / "images" / "agent"
     image = build_agent_image(out)
     print(f"agent image {image.version}: {image.kernel}, {image.initrd}")
+    return 0
+
+
+def _lab_dir(args: argparse.Namespace) -> Path:
+    return args.dir or configuration.load(args.config).server.data_dir / "lab"
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    lab = Lab(_lab_dir(args), address=IPv4Interface(args.address))
+    lab.up(args.vms, args.firmware, args.image_dir or config.server.data_dir / "images" / "agent")
+    print(lab.status())
+    print(f"serial consoles: {lab.dir}/vm*.serial.log; server log: {lab.dir}/server.log; "
+          f"stop with `bootserver lab down`")
+    return 0
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    print(Lab.load(_lab_dir(args)).status())
+    return 0
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    for line in Lab.load(_lab_dir(args)).down():
+        print(line)
     return 0
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class ServerConfig:
     token_minutes: int = 30  # a boot's phone-home token expires after this
     phone_home_minutes: int = 20  # a machine served a kernel that has not called back by then has failed
     provision_concurrency: int = 8  # nodes provisioned over SSH at once
+    api_token: str | None = None  # when set: Bearer token for /api/v1 and the status pages' buttons
 
     @property
     def tftp_root(self) -> Path:
@@ -104,6 +106,38 @@ class Machine:
     hostname: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     ssh: Listen | None = None  # where to reach its SSH when not at the reported IP:22 (NAT, port forwards)
+    ip: IPv4Address | None = None  # its reserved address when bootserver is the DHCP server ([dhcp] mode = "full")
+
+
+DHCP_MODES = ("off", "proxy", "full")
+DHCP_ANSWERS = ("all", "known")
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    """Whether and how bootserver answers DHCP itself (see bootserver/dhcp.py).
+
+    proxy: beside another DHCP server that hands out addresses, answer PXE clients with the boot file only.
+    full: hand out addresses from `pool` (and [machines] reservations) as well.
+    """
+
+    mode: str = "off"
+    answer: str = "all"  # "known": only MACs listed under [machines]
+    interface: str | None = None  # bind to this interface (SO_BINDTODEVICE); None: every interface
+    server_address: IPv4Address | None = None  # our address on that segment: next-server and server id
+    port: int = 67
+    proxy_port: int = 4011  # PXE boot-server discovery (ProxyDHCP REQUESTs)
+    pool: tuple[IPv4Address, IPv4Address] | None = None  # full mode: first and last address handed out
+    netmask: IPv4Address | None = None
+    router: IPv4Address | None = None
+    dns: tuple[IPv4Address, ...] = ()
+    lease_seconds: int = 3600
+
+    @property
+    def network(self) -> IPv4Network | None:
+        if self.server_address is None or self.netmask is None:
+            return None
+        return IPv4Network(f"{self.server_address}/{self.netmask}", strict=False)
 
 
 @dataclass(frozen=True)
@@ -114,6 +148,7 @@ class Config:
     groups: tuple[Group, ...]
     machines: dict[str, Machine]
     source: Path | None = None  # the file this came from; None for embedded defaults
+    dhcp: DhcpConfig = field(default_factory=DhcpConfig)
 
 
 def default_data_dir() -> Path:
@@ -144,7 +179,7 @@ def load(path: Path | None) -> Config:
 def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
     """Validate a decoded TOML document into a Config. Missing sections get the embedded defaults."""
     where = str(source) if source else "config"
-    _only_keys(raw, {"server", "assets", "profiles", "groups", "machines"}, where)
+    _only_keys(raw, {"server", "assets", "profiles", "groups", "machines", "dhcp"}, where)
     server = _server(_table(raw, "server", where), f"{where}: [server]")
     assets = _assets(_table(raw, "assets", where), server.data_dir, f"{where}: [assets]")
     profiles = {
@@ -159,7 +194,9 @@ def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
     machines = _machines(_table(raw, "machines", where), f"{where}: [machines]")
     if not profiles and not groups and not assets:
         assets, profiles, groups = _embedded_agent(server.data_dir)
-    config = Config(server, assets, profiles, groups, machines, source)
+    dhcp = _dhcp(_table(raw, "dhcp", where), f"{where}: [dhcp]")
+    _check_reservations(machines, dhcp, where)
+    config = Config(server, assets, profiles, groups, machines, source, dhcp)
     _check_references(config, where)
     return config
 
@@ -174,7 +211,7 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 
 def _server(raw: dict[str, Any], where: str) -> ServerConfig:
     _only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
-                     "token_minutes", "phone_home_minutes", "provision_concurrency"}, where)
+                     "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
         raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
@@ -193,7 +230,19 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         token_minutes=_positive(raw, "token_minutes", where, 30),
         phone_home_minutes=_positive(raw, "phone_home_minutes", where, 20),
         provision_concurrency=_positive(raw, "provision_concurrency", where, 8),
+        api_token=_api_token(raw, where),
     )
+
+
+def _api_token(raw: dict[str, Any], where: str) -> str | None:
+    """A shared secret sent as `Authorization: Bearer ...`: long enough not to be guessed, header-safe."""
+    if "api_token" not in raw:
+        return None
+    token = _str(raw, "api_token", where)
+    if len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"{where} api_token: expected at least 16 printable ASCII characters without spaces "
+                          f"(e.g. from `openssl rand -hex 24`)")
+    return token
 
 
 def _listen(text: str, where: str) -> Listen:
@@ -252,15 +301,82 @@ def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
         if mac in machines:
             raise ConfigError(f"{here}: the same MAC as another [machines] entry ({mac})")
         body = _table(body, None, here)
-        _only_keys(body, {"hostname", "labels", "ssh"}, here)
+        _only_keys(body, {"hostname", "labels", "ssh", "ip"}, here)
         labels = _string_table(body.get("labels", {}), f"{here} labels")
         clash = set(labels) & set(FACT_KEYS)
         if clash:
             raise ConfigError(f"{here} labels: {sorted(clash)} are reserved for what machines report")
         hostname = body.get("hostname") and _str(body, "hostname", here)
         ssh = _listen(_str(body, "ssh", here), f"{here} ssh") if "ssh" in body else None
-        machines[mac] = Machine(mac, hostname, labels, ssh)
+        ip = _ipv4(body, "ip", here) if "ip" in body else None
+        machines[mac] = Machine(mac, hostname, labels, ssh, ip)
     return machines
+
+
+def _dhcp(raw: dict[str, Any], where: str) -> DhcpConfig:
+    _only_keys(raw, {"mode", "answer", "interface", "server_address", "port", "proxy_port", "pool", "netmask",
+                     "router", "dns", "lease_seconds"}, where)
+    mode = _choice(raw, "mode", where, DHCP_MODES)
+    if mode == "off":
+        return DhcpConfig()
+    if "server_address" not in raw:
+        raise ConfigError(f"{where} server_address: required when mode is {mode!r} (our IPv4 address on the "
+                          f"segment the machines boot on: it is their next-server)")
+    dns = raw.get("dns", [])
+    if not isinstance(dns, list):
+        raise ConfigError(f"{where} dns: expected a list of IPv4 addresses")
+    dhcp = DhcpConfig(
+        mode=mode,
+        answer=_choice(raw, "answer", where, DHCP_ANSWERS),
+        interface=_str(raw, "interface", where) if "interface" in raw else None,
+        server_address=_ipv4(raw, "server_address", where),
+        port=_port(raw, "port", where, 67),
+        proxy_port=_port(raw, "proxy_port", where, 4011),
+        pool=_pool(raw, where) if "pool" in raw else None,
+        netmask=_ipv4(raw, "netmask", where) if "netmask" in raw else None,
+        router=_ipv4(raw, "router", where) if "router" in raw else None,
+        dns=tuple(_ipv4({"dns": d}, "dns", where) for d in dns),
+        lease_seconds=_positive(raw, "lease_seconds", where, 3600),
+    )
+    if mode == "full":
+        _check_full_mode(dhcp, where)
+    return dhcp
+
+
+def _check_full_mode(dhcp: DhcpConfig, where: str) -> None:
+    """A full DHCP server needs a pool inside the subnet it serves; anything else hands out dead addresses."""
+    for key in ("pool", "netmask"):
+        if getattr(dhcp, key) is None:
+            raise ConfigError(f"{where} {key}: required when mode is 'full'")
+    assert dhcp.pool is not None and dhcp.netmask is not None
+    try:
+        IPv4Network(f"0.0.0.0/{dhcp.netmask}")
+    except ValueError:
+        raise ConfigError(f"{where} netmask: {str(dhcp.netmask)!r} is not a netmask (e.g. 255.255.255.0)") from None
+    subnet = dhcp.network
+    assert subnet is not None
+    first, last = dhcp.pool
+    if first not in subnet or last not in subnet:
+        raise ConfigError(f"{where} pool: {first}-{last} is not inside {subnet}, the subnet of server_address")
+    if dhcp.server_address is not None and first <= dhcp.server_address <= last:
+        raise ConfigError(f"{where} pool: {first}-{last} holds server_address {dhcp.server_address}")
+    if dhcp.router is not None and dhcp.router not in subnet:
+        raise ConfigError(f"{where} router: {dhcp.router} is not inside {subnet}")
+
+
+def _check_reservations(machines: dict[str, Machine], dhcp: DhcpConfig, where: str) -> None:
+    owners: dict[IPv4Address, str] = {}
+    for machine in machines.values():
+        if machine.ip is None:
+            continue
+        here = f"{where}: [machines.\"{machine.mac}\"] ip"
+        if machine.ip in owners:
+            raise ConfigError(f"{here}: {machine.ip} is reserved for {owners[machine.ip]} already")
+        owners[machine.ip] = machine.mac
+        subnet = dhcp.network
+        if dhcp.mode == "full" and subnet is not None and (machine.ip not in subnet
+                                                           or machine.ip == dhcp.server_address):
+            raise ConfigError(f"{here}: {machine.ip} is not a free address of {subnet}, the subnet [dhcp] serves")
 
 
 def _check_references(config: Config, where: str) -> None:
@@ -308,6 +424,38 @@ def _positive(raw: dict[str, Any], key: str, where: str, default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{where} {key}: expected a whole number of at least 1, got {value!r}")
     return value
+
+
+def _choice(raw: dict[str, Any], key: str, where: str, choices: tuple[str, ...]) -> str:
+    value = _str(raw, key, where, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{where} {key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _port(raw: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ConfigError(f"{where} {key}: expected a port number 0-65535, got {value!r}")
+    return value
+
+
+def _ipv4(raw: dict[str, Any], key: str, where: str) -> IPv4Address:
+    text = _str(raw, key, where)
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise ConfigError(f"{where} {key}: {text!r} is not an IPv4 address") from None
+
+
+def _pool(raw: dict[str, Any], where: str) -> tuple[IPv4Address, IPv4Address]:
+    first, sep, last = _str(raw, "pool", where).partition("-")
+    if not sep:
+        raise ConfigError(f"{where} pool: expected FIRST-LAST, e.g. \"10.100.0.100-10.100.0.199\"")
+    start, end = (_ipv4({"pool": a.strip()}, "pool", where) for a in (first, last))
+    if start > end:
+        raise ConfigError(f"{where} pool: {start} comes after {end}")
+    return start, end
 
 
 def _string_table(value: Any, where: str) -> dict[str, str]:

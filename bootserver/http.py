@@ -8,7 +8,8 @@
     POST /boot/{mac}/phone-home     the booted node calling back with its token and host key (202)
     GET  /ipxe/{binary}             iPXE binaries, for UEFI HTTP boot
     GET  /healthz                   what works and what is missing
-    GET  /api/v1/machines[/{mac}]   machines and their events as JSON
+
+Status pages, the JSON API (/api/v1) and /metrics are in web.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from aiohttp.abc import AbstractStreamWriter
 
 from .booter import OVERLAY_NAME, Booter, Urls
 from .errors import BadRequest, BootserverError, Forbidden, NotFound, Unauthorized
-from .mac import canonical_mac
 from .payload import Payload
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ def create_app(booter: Booter, public_address: str | None = None) -> web.Applica
     app.router.add_post("/boot/{mac}/phone-home", phone_home)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/api/v1/machines", machines)
-    app.router.add_get("/api/v1/machines/{mac}", machine)
+    from . import web as status_pages  # imported here: web.py builds on this module (BOOTER)
+
+    status_pages.add_routes(app)
     return app
 
 
@@ -185,21 +186,3 @@ async def healthz(request: web.Request) -> web.Response:
     }
     return web.json_response(body)
 
-
-async def machines(request: web.Request) -> web.Response:
-    nodes = request.app[BOOTER].store.nodes()
-    return web.json_response({"machines": [_node_json(n) for n in nodes]})
-
-
-async def machine(request: web.Request) -> web.Response:
-    store = request.app[BOOTER].store
-    mac = canonical_mac(request.match_info["mac"])
-    node = store.node(mac)
-    if node is None:
-        raise NotFound(f"no machine {mac} has asked this server for anything")
-    events = [{"id": e.id, "time": e.time, "kind": e.kind, "detail": e.detail} for e in store.events(mac)]
-    return web.json_response({**_node_json(node), "events": events})
-
-
-def _node_json(node: object) -> dict[str, object]:
-    return dict(vars(node))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,15 @@ MIGRATIONS = [
     ALTER TABLE machines ADD COLUMN ip TEXT;
     ALTER TABLE machines ADD COLUMN reprovision INTEGER NOT NULL DEFAULT 0;
     """,
+    # DHCP leases of full mode: one row per address; mac NULL for an address a client declined.
+    """
+    CREATE TABLE leases (
+        ip      TEXT PRIMARY KEY,
+        mac     TEXT UNIQUE,
+        state   TEXT NOT NULL,
+        expires REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -76,6 +85,19 @@ class Token:
     issued: float
     expires: float
     used: float | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An address held by a DHCP client: `offered` until it asks for it, `bound` once acknowledged.
+
+    `declined` addresses (a client found them in use) have no MAC and are held back until `expires`.
+    """
+
+    ip: str
+    mac: str | None
+    state: str
+    expires: float
 
 
 @dataclass(frozen=True)
@@ -202,6 +224,104 @@ class Store:
         rows = self._db.execute("SELECT * FROM events WHERE mac = ? AND id > ? ORDER BY id LIMIT ?",
                                 (mac, after, limit))
         return [Event(r["id"], r["mac"], r["time"], r["kind"], json.loads(r["detail"])) for r in rows]
+
+    # -- status pages and metrics (read-only queries) ---------------------------------------------
+
+    def events_after(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Events of every machine with id greater than `after`, oldest first (the live overview)."""
+        rows = self._db.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+        return [Event(r["id"], r["mac"], r["time"], r["kind"], json.loads(r["detail"])) for r in rows]
+
+    def last_event_id(self, mac: str | None = None) -> int:
+        """The newest event's id (of `mac`, or of any machine); 0 when there is none."""
+        if mac is None:
+            row = self._db.execute("SELECT MAX(id) FROM events").fetchone()
+        else:
+            row = self._db.execute("SELECT MAX(id) FROM events WHERE mac = ?", (mac,)).fetchone()
+        return row[0] or 0
+
+    def state_counts(self) -> dict[str, int]:
+        """How many machines are in each state."""
+        rows = self._db.execute("SELECT state, COUNT(*) FROM machines GROUP BY state ORDER BY state")
+        return {state: count for state, count in rows}
+
+    def bytes_served(self) -> dict[str, int]:
+        """Bytes of files served to machines, summed over file-served events, by protocol (http, tftp)."""
+        rows = self._db.execute("SELECT json_extract(detail, '$.protocol'), SUM(json_extract(detail, '$.bytes')) "
+                                "FROM events WHERE kind = 'file-served' GROUP BY 1 ORDER BY 1")
+        return {str(protocol): int(total or 0) for protocol, total in rows}
+
+    def step_durations(self) -> dict[str, tuple[int, float]]:
+        """Finished provisioning steps, by step: (how many, total seconds), from step-done events."""
+        rows = self._db.execute("SELECT json_extract(detail, '$.step'), COUNT(*), "
+                                "SUM(json_extract(detail, '$.seconds')) "
+                                "FROM events WHERE kind = 'step-done' GROUP BY 1 ORDER BY 1")
+        return {str(step): (count, float(total or 0.0)) for step, count, total in rows}
+
+    def recent_events(self, mac: str, limit: int = 500) -> list[Event]:
+        """The newest `limit` events of `mac`, oldest first: what a status page shows of a long history."""
+        rows = self._db.execute("SELECT * FROM (SELECT * FROM events WHERE mac = ? ORDER BY id DESC LIMIT ?) "
+                                "ORDER BY id", (mac, limit))
+        return [Event(r["id"], r["mac"], r["time"], r["kind"], json.loads(r["detail"])) for r in rows]
+
+    # -- DHCP leases (full mode) -------------------------------------------------------------------
+    # Each call is one transaction, so two servers on one store file can never hand out one address twice.
+
+    def lease_of(self, mac: str) -> Lease | None:
+        row = self._db.execute("SELECT * FROM leases WHERE mac = ?", (mac,)).fetchone()
+        return _lease(row) if row else None
+
+    def leases(self) -> list[Lease]:
+        return [_lease(row) for row in self._db.execute("SELECT * FROM leases ORDER BY ip")]
+
+    def offer_lease(self, mac: str, candidates: Iterable[str], expires: float) -> Lease | None:
+        """Hold an address for `mac`: the one it holds already if that is a candidate, else the first
+        candidate nobody holds (or whose lease has run out). None when every candidate is taken."""
+        now = time.time()
+        with self._transaction() as db:
+            wanted = list(candidates)
+            row = db.execute("SELECT * FROM leases WHERE mac = ?", (mac,)).fetchone()
+            if row is not None and row["ip"] in wanted:
+                # An offer never shortens a lease the client holds already.
+                db.execute("UPDATE leases SET expires = MAX(expires, ?) WHERE mac = ?", (expires, mac))
+                return _lease(db.execute("SELECT * FROM leases WHERE mac = ?", (mac,)).fetchone())
+            held = {r["ip"] for r in db.execute("SELECT ip FROM leases WHERE expires > ? AND mac IS NOT ?",
+                                                (now, mac))}
+            free = next((ip for ip in wanted if ip not in held), None)
+            if free is None:
+                return None
+            db.execute("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, free))
+            db.execute("INSERT INTO leases (ip, mac, state, expires) VALUES (?, ?, 'offered', ?)",
+                       (free, mac, expires))
+        return Lease(free, mac, "offered", expires)
+
+    def bind_lease(self, mac: str, ip: str, expires: float) -> bool:
+        """Give `ip` to `mac` until `expires`; False (nothing changed) while another client holds it."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM leases WHERE ip = ?", (ip,)).fetchone()
+            if row is not None and row["mac"] != mac and row["expires"] > now:
+                return False
+            db.execute("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, ip))
+            db.execute("INSERT INTO leases (ip, mac, state, expires) VALUES (?, ?, 'bound', ?)", (ip, mac, expires))
+        return True
+
+    def release_lease(self, mac: str, ip: str | None = None) -> bool:
+        """The client gives its address back (or chose another server's offer); True if it held one."""
+        with self._transaction() as db:
+            if ip is None:
+                return db.execute("DELETE FROM leases WHERE mac = ?", (mac,)).rowcount > 0
+            return db.execute("DELETE FROM leases WHERE mac = ? AND ip = ?", (mac, ip)).rowcount > 0
+
+    def decline_lease(self, mac: str, ip: str, until: float) -> bool:
+        """The client found its address in use on the wire: hold the address back from everyone until `until`."""
+        with self._transaction() as db:
+            return db.execute("UPDATE leases SET mac = NULL, state = 'declined', expires = ? "
+                              "WHERE mac = ? AND ip = ?", (until, mac, ip)).rowcount > 0
+
+
+def _lease(row: sqlite3.Row) -> Lease:
+    return Lease(row["ip"], row["mac"], row["state"], row["expires"])
 
 
 def _node(row: sqlite3.Row) -> Node:

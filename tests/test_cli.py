@@ -51,8 +51,30 @@ def test_nodes_lists_machines(config_file: Path, config):
     store.record("52:54:00:00:00:01", "script-served", state="script-served", facts={"platform": "efi"})
     store.close()
     lines = bootserver("--config", str(config_file), "nodes").stdout.splitlines()
-    assert lines[0].split() == ["MAC", "STATE", "PLATFORM", "LAST", "SEEN"]
-    assert lines[1].split()[:3] == ["52:54:00:00:00:01", "script-served", "efi"]
+    assert lines[0].split() == ["MAC", "HOSTNAME", "STATE", "PROFILE", "PLATFORM", "LAST", "SEEN"]
+    assert lines[1].split()[:5] == ["52:54:00:00:00:01", "node1", "script-served", "raft", "efi"]
+
+
+def test_show_prints_the_timeline_and_why(config_file: Path, config):
+    result = bootserver("--config", str(config_file), "show", "52-54-00-00-00-01")
+    assert result.returncode == 2 and "no machine 52:54:00:00:00:01" in result.stderr
+    store = Store(config.server.database)
+    store.record("52:54:00:00:00:01", "script-served", {"profile": "raft", "group": "raft", "reason": "group raft",
+                                                        "transport": "http"}, state="script-served")
+    store.record("52:54:00:00:00:01", "command", {"step": "disk", "command": "sfdisk /dev/vda", "exit_status": 1,
+                                                  "seconds": 0.5, "stdout_tail": "", "stderr_tail": "no\x1b[2Jdisk\n"})
+    store.close()
+    result = bootserver("--config", str(config_file), "show", "525400000001")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "script-served  profile raft over http: group raft" in lines[0]
+    replaced = "\N{REPLACEMENT CHARACTER}"
+    assert lines[1].endswith(f"command        [disk] sfdisk /dev/vda → exit 1 in 0.5 s — no{replaced}[2Jdisk")
+    assert "\x1b" not in result.stdout  # a node's output cannot drive the operator's terminal
+    assert "machine:  52:54:00:00:00:01 (node1)" in lines
+    assert "profile:  raft (group raft)" in lines
+    assert "why:      group raft (role=raft); also matched, less specific: default" in lines
+    assert "host key: not pinned yet (pinned when the node phones home)" in lines
 
 
 def test_serve_starts_answers_and_stops_on_sigterm(tmp_path: Path):

@@ -1,0 +1,195 @@
+"""Real firmware on a real (virtual) Ethernet segment: QEMU VMs on a VDE switch, bootserver as their DHCP.
+
+Each test builds a lab of its own (bootserver/lab.py): a network namespace holding the switch's tap,
+bootserver (`serve`, as its own process, on DHCP 67/4011, TFTP 69, HTTP 80) and the RA sender; VMs
+plug into the switch. Everything is torn down after the test. State is read the way an operator would:
+over HTTP from inside the namespace (curl), and from the store file.
+
+    full   two SeaBIOS VMs at once get addresses from our pool and boot the agent to phone-home
+    proxy  dnsmasq in a second namespace on the same switch hands out addresses only; our proxyDHCP
+           hands out the boot file
+    uefi   OVMF's own PXE client (no iPXE ROM on the NIC) gets ipxe.efi over TFTP on port 69, then iPXE
+           asks again and gets our HTTP bootstrap
+
+Needs root, vde2, qemu-system-x86, ovmf, ipxe, dnsmasq and curl; a missing one fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from bootserver.image import AgentImage
+from bootserver.lab import VM_MAC, Lab, namespaces
+from bootserver.store import Store
+
+pytestmark = pytest.mark.vm
+
+TOOLS = {"ip": "iproute2", "vde_switch": "vde2", "vde_plug2tap": "vde2", "qemu-system-x86_64": "qemu-system-x86",
+         "dnsmasq": "dnsmasq-base", "curl": "curl"}
+FILES = {Path("/usr/share/ovmf/OVMF.fd"): "ovmf", Path("/usr/lib/ipxe/ipxe.efi"): "ipxe",
+         Path("/usr/lib/ipxe/undionly.kpxe"): "ipxe"}
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.fail("the VDE lab tests need root (network namespaces, taps)")
+    missing = [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
+    missing += [f"{path} ({package})" for path, package in FILES.items() if not path.is_file()]
+    if missing:
+        pytest.fail(f"missing: {', '.join(missing)}: apt-get install them (./setup test does)")
+    lab = Lab(tmp_path / "lab", namespace=f"bst-{os.getpid()}-{tmp_path.name[-12:]}")
+    try:
+        lab.start_network()
+        yield lab
+    finally:
+        lab.down()
+        assert lab.namespace not in namespaces()
+
+
+def api(lab: Lab, mac: str) -> dict:
+    """GET /api/v1/machines/{mac} from inside the lab's namespace; {} while the machine is unknown."""
+    result = subprocess.run(["ip", "netns", "exec", lab.namespace, "curl", "-s", "--max-time", "5",
+                             f"http://{lab.address.ip}/api/v1/machines/{mac}"], capture_output=True, text=True)
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+async def wait_phoned_home(lab: Lab, index: int, started: float, timeout: float = 150) -> float:
+    mac = VM_MAC.format(index)
+    deadline = time.monotonic() + timeout
+    while (state := api(lab, mac).get("state")) != "phoned-home":
+        if state in ("failed", "interrupted") or time.monotonic() > deadline:
+            raise AssertionError(f"{mac} is {state!r}, not phoned-home, after {time.monotonic() - started:.0f} s"
+                                 f"{report(lab, index)}")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+def report(lab: Lab, index: int) -> str:
+    parts = []
+    for name in ("server.log", f"vm{index}.qemu.log", f"vm{index}.serial.log", "dnsmasq.log"):
+        path = lab.dir / name
+        if path.exists():
+            parts.append(f"\n--- {name}:\n{path.read_text(errors='replace')[-4000:]}")
+    return "".join(parts)
+
+
+def dhcp_events(lab: Lab, mac: str) -> list[dict]:
+    store = Store(lab.data_dir / "bootserver.sqlite3")
+    try:
+        return [e.detail for e in store.events(mac) if e.kind == "dhcp"]
+    finally:
+        store.close()
+
+
+def phone_home_ip(lab: Lab, mac: str) -> IPv4Address:
+    store = Store(lab.data_dir / "bootserver.sqlite3")
+    try:
+        return IPv4Address(store.node(mac).ip)
+    finally:
+        store.close()
+
+
+async def test_full_mode_two_vms_at_once(lab: Lab, agent_image: AgentImage):
+    lab.write_config(agent_image.kernel.parent)
+    lab.start_server()
+    started = time.monotonic()
+    lab.start_vm(1)
+    lab.start_vm(2)
+    took = await asyncio.gather(wait_phoned_home(lab, 1, started), wait_phoned_home(lab, 2, started))
+    print(f"full mode, 2 BIOS VMs at once: phone-home after {took[0]:.1f} s and {took[1]:.1f} s")
+
+    store = Store(lab.data_dir / "bootserver.sqlite3")
+    try:
+        leases = {lease.mac: lease for lease in store.leases()}
+    finally:
+        store.close()
+    pool = IPv4Network("10.100.0.0/24")
+    for index in (1, 2):
+        mac = VM_MAC.format(index)
+        assert leases[mac].state == "bound" and IPv4Address(leases[mac].ip) in pool
+        assert phone_home_ip(lab, mac) == IPv4Address(leases[mac].ip), "the agent's DHCP got its lease again"
+        events = dhcp_events(lab, mac)
+        firmware = events[0]  # the NIC's iPXE ROM: it gets the bootstrap URL straight away
+        assert (firmware["message"], firmware["mode"], firmware.get("ipxe")) == ("DISCOVER", "full", True)
+        assert firmware["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
+        assert any(e["answer"] == "not a PXE client: an address only" for e in events), "the agent's udhcpc"
+    assert leases[VM_MAC.format(1)].ip != leases[VM_MAC.format(2)].ip
+
+
+async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage):
+    lab.write_config(agent_image.kernel.parent, mode="proxy")
+    lab.start_server()
+    # Another DHCP server on the same segment, in its own namespace: addresses only, no boot options.
+    other = f"{lab.namespace}-d"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        await _boot_beside_dnsmasq(lab, other, agent_image)
+    finally:
+        for name in ("dnsmasq", "plug"):  # stopped before their namespace goes
+            if name in lab.processes:
+                subprocess.run(["kill", str(lab.processes.pop(name)["pid"])], check=False)
+        await asyncio.sleep(0.5)
+        subprocess.run(["ip", "netns", "del", other], check=True)
+
+
+async def _boot_beside_dnsmasq(lab: Lab, other: str, agent_image: AgentImage) -> None:
+    lab.spawn("plug", ["vde_plug2tap", "--sock", str(lab.switch_socket), "dhcp0"], marker="dhcp0", namespace=other)
+    deadline = time.monotonic() + 5
+    while subprocess.run(["ip", "netns", "exec", other, "ip", "link", "show", "dhcp0"],
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, f"vde_plug2tap made no tap dhcp0{report(lab, 1)}"
+        await asyncio.sleep(0.1)
+    for command in (["ip", "addr", "add", "10.100.0.2/24", "dev", "dhcp0"], ["ip", "link", "set", "dhcp0", "up"]):
+        subprocess.run(["ip", "netns", "exec", other, *command], check=True)
+    lab.spawn("dnsmasq", ["dnsmasq", "--keep-in-foreground", "--log-facility=-", "--port=0", "--no-resolv",
+                          "--no-hosts", "--interface=dhcp0", "--bind-interfaces", "--log-dhcp",
+                          "--dhcp-range=10.100.0.150,10.100.0.199,255.255.255.0,10m",
+                          f"--dhcp-leasefile={lab.dir / 'dnsmasq.leases'}", f"--pid-file={lab.dir / 'dnsmasq.pid'}"],
+              marker="--interface=dhcp0", namespace=other, log=lab.dir / "dnsmasq.log")
+    started = time.monotonic()
+    lab.start_vm(1)
+    took = await wait_phoned_home(lab, 1, started)
+    print(f"proxy mode beside dnsmasq, BIOS: phone-home after {took:.1f} s")
+
+    mac = VM_MAC.format(1)
+    ip = phone_home_ip(lab, mac)
+    assert ip in IPv4Network("10.100.0.0/24") and int(ip) & 0xFF >= 150, f"{ip}: not one of dnsmasq's addresses"
+    assert mac in (lab.dir / "dnsmasq.leases").read_text()
+    events = dhcp_events(lab, mac)
+    assert {e["mode"] for e in events} == {"proxy"}
+    assert events[0]["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
+    assert all(e["bootfile"] for e in events), "proxyDHCP answers PXE clients only: udhcpc was dnsmasq's"
+    store = Store(lab.data_dir / "bootserver.sqlite3")
+    try:
+        assert store.leases() == [], "in proxy mode we hand out no address"
+    finally:
+        store.close()
+
+
+async def test_uefi_native_pxe_gets_ipxe_over_tftp(lab: Lab, agent_image: AgentImage):
+    lab.write_config(agent_image.kernel.parent)
+    lab.start_server()
+    started = time.monotonic()
+    lab.start_vm(1, firmware="uefi", native_pxe=True)
+    took = await wait_phoned_home(lab, 1, started, timeout=180)
+    print(f"UEFI native PXE -> ipxe.efi over TFTP -> HTTP: phone-home after {took:.1f} s")
+
+    events = dhcp_events(lab, VM_MAC.format(1))
+    firmware = events[0]
+    assert firmware["client_arch"] == [7] and firmware["vendor_class"].startswith("PXEClient:Arch:00007")
+    assert firmware["bootfile"] == "ipxe.efi" and "ipxe" not in firmware
+    ipxe = next(e for e in events if e.get("ipxe"))  # ipxe.efi ran and asked again: it got there over TFTP
+    assert ipxe["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
