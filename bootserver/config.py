@@ -39,6 +39,7 @@ from .deploy import Deployment, deployment_from_toml
 from .disk import DiskLayout, layout_from_toml
 from .errors import BadRequest, ConfigError
 from .mac import canonical_mac
+from .tomlcheck import only_keys, table
 
 # Selector keys that come from the machine's request rather than from its configured labels.
 FACT_KEYS = ("mac", "arch", "platform")
@@ -179,7 +180,7 @@ def load(path: Path | None) -> Config:
 def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
     """Validate a decoded TOML document into a Config. Missing sections get the embedded defaults."""
     where = str(source) if source else "config"
-    _only_keys(raw, {"server", "assets", "profiles", "groups", "machines", "dhcp"}, where)
+    only_keys(raw, {"server", "assets", "profiles", "groups", "machines", "dhcp"}, where)
     server = _server(_table(raw, "server", where), f"{where}: [server]")
     assets = _assets(_table(raw, "assets", where), server.data_dir, f"{where}: [assets]")
     profiles = {
@@ -210,7 +211,7 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 
 
 def _server(raw: dict[str, Any], where: str) -> ServerConfig:
-    _only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
+    only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
                      "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
@@ -263,7 +264,7 @@ def _assets(raw: dict[str, Any], data_dir: Path, where: str) -> dict[str, Path]:
 
 def _profile(name: str, raw: dict[str, Any], where: str, data_dir: Path) -> Profile:
     _check_name(name, where)
-    _only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy"}, where)
+    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy"}, where)
     initrd = raw.get("initrd", [])
     if isinstance(initrd, str):
         initrd = [initrd]
@@ -284,7 +285,7 @@ def _profile(name: str, raw: dict[str, Any], where: str, data_dir: Path) -> Prof
 
 def _group(name: str, raw: dict[str, Any], where: str) -> Group:
     _check_name(name, where)
-    _only_keys(raw, {"profile", "selector"}, where)
+    only_keys(raw, {"profile", "selector"}, where)
     if "profile" not in raw:
         raise ConfigError(f"{where}: missing key 'profile'")
     selector = _string_table(raw.get("selector", {}), f"{where} selector")
@@ -301,7 +302,7 @@ def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
         if mac in machines:
             raise ConfigError(f"{here}: the same MAC as another [machines] entry ({mac})")
         body = _table(body, None, here)
-        _only_keys(body, {"hostname", "labels", "ssh", "ip"}, here)
+        only_keys(body, {"hostname", "labels", "ssh", "ip"}, here)
         labels = _string_table(body.get("labels", {}), f"{here} labels")
         clash = set(labels) & set(FACT_KEYS)
         if clash:
@@ -314,7 +315,7 @@ def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
 
 
 def _dhcp(raw: dict[str, Any], where: str) -> DhcpConfig:
-    _only_keys(raw, {"mode", "answer", "interface", "server_address", "port", "proxy_port", "pool", "netmask",
+    only_keys(raw, {"mode", "answer", "interface", "server_address", "port", "proxy_port", "pool", "netmask",
                      "router", "dns", "lease_seconds"}, where)
     mode = _choice(raw, "mode", where, DHCP_MODES)
     if mode == "off":
@@ -400,16 +401,8 @@ def _check_references(config: Config, where: str) -> None:
 # Small validators: each names the key it refuses.
 
 def _table(raw: dict[str, Any], key: str | None, where: str) -> dict[str, Any]:
-    value = raw if key is None else raw.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}{f' {key}' if key else ''}: expected a table")
-    return value
-
-
-def _only_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+    """raw itself (key None) or its sub-table `key`, which may be absent."""
+    return table(raw, where) if key is None else table(raw.get(key, {}), f"{where} {key}")
 
 
 def _str(raw: dict[str, Any], key: str, where: str, default: str | None = None) -> str:

@@ -31,6 +31,7 @@ import asyncssh
 import jinja2
 
 from .errors import BootserverError, ConfigError
+from .tomlcheck import only_keys, table
 
 if TYPE_CHECKING:
     from .pki import NodeCertificate
@@ -75,7 +76,7 @@ class DeployError(BootserverError):
 def deployment_from_toml(raw: dict[str, Any], where: str, data_dir: Path) -> Deployment:
     """Validate a `[profiles.X.deploy]` table. Sources are resolved under data_dir and must exist now,
     so a typo is reported at start-up rather than halfway through provisioning a machine."""
-    _only_keys(raw, {"check", "files", "templates", "tls", "units"}, where)
+    only_keys(raw, {"check", "files", "templates", "tls", "units"}, where)
     check = raw.get("check")
     if check is not None and (not isinstance(check, str) or not check.strip()):
         raise ConfigError(f"{where} check: expected a shell command as a non-empty string, got {check!r}")
@@ -90,8 +91,8 @@ def deployment_from_toml(raw: dict[str, Any], where: str, data_dir: Path) -> Dep
 
 
 def _file(raw: Any, where: str, data_dir: Path) -> DeployFile:
-    raw = _table(raw, where)
-    _only_keys(raw, {"source", "dest", "mode"}, where)
+    raw = table(raw, where)
+    only_keys(raw, {"source", "dest", "mode"}, where)
     return DeployFile(
         source=_source(raw, where, data_dir),
         dest=_absolute(_required_str(raw, "dest", where), f"{where} dest"),
@@ -100,8 +101,8 @@ def _file(raw: Any, where: str, data_dir: Path) -> DeployFile:
 
 
 def _unit(raw: Any, where: str, data_dir: Path) -> Unit:
-    raw = _table(raw, where)
-    _only_keys(raw, {"source", "enable"}, where)
+    raw = table(raw, where)
+    only_keys(raw, {"source", "enable"}, where)
     source = _source(raw, where, data_dir)
     if not source.name.endswith(UNIT_SUFFIXES):
         raise ConfigError(f"{where} source: {source.name!r} is not a systemd unit name; it must end in "
@@ -115,8 +116,8 @@ def _unit(raw: Any, where: str, data_dir: Path) -> Unit:
 def _tls_dir(raw: Any, where: str) -> str | None:
     if raw is None:
         return None
-    raw = _table(raw, where)
-    _only_keys(raw, {"dir"}, where)
+    raw = table(raw, where)
+    only_keys(raw, {"dir"}, where)
     return _absolute(_required_str(raw, "dir", where), f"{where} dir")
 
 
@@ -156,18 +157,6 @@ def _list(raw: dict[str, Any], key: str, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise ConfigError(f"{where} {key}: expected an array of tables ([[...{key}]])")
     return value
-
-
-def _table(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a table")
-    return value
-
-
-def _only_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
 # --- deploying ---------------------------------------------------------------------------------

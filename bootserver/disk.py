@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .tomlcheck import only_keys
 
 # Where the disk's root filesystem is mounted on the node while we deploy onto it.
 TARGET_ROOT = "/mnt"
@@ -82,7 +83,7 @@ def layout_from_toml(raw: dict[str, Any], where: str) -> DiskLayout:
     """Validate a decoded [profiles.NAME.disk] table; `where` names it in errors ("config: [profiles.raft.disk]")."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
-    _only_keys(raw, _DISK_KEYS, where)
+    only_keys(raw, _DISK_KEYS, where)
     device = _device(raw, where)
     wipe = raw.get("wipe", False)
     if not isinstance(wipe, bool):
@@ -116,7 +117,7 @@ def _device(raw: dict[str, Any], where: str) -> str:
 def _partition(raw: Any, where: str, *, last: bool) -> Partition:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
-    _only_keys(raw, _PARTITION_KEYS, where)
+    only_keys(raw, _PARTITION_KEYS, where)
     ptype = _choice(raw, "type", where, "linux", TYPE_GUIDS)
     filesystem = _choice(raw, "filesystem", where, DEFAULT_FILESYSTEM[ptype], {"vfat", "ext4", "swap", "none"})
     if filesystem not in ALLOWED_FILESYSTEMS[ptype]:
@@ -197,12 +198,6 @@ def _check_mounts(partitions: tuple[Partition, ...], where: str) -> None:
     if seen and "/" not in seen:
         raise ConfigError(f"{where} partitions: one partition must be mounted at \"/\" when any is mounted "
                           f"(the others are mounted inside it)")
-
-
-def _only_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
 # --- commands ----------------------------------------------------------------------------------

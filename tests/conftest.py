@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from bootserver import config as configuration
+from bootserver.app import App
 from bootserver.booter import Booter
 from bootserver.pki import ServerKeys
 from bootserver.store import Store
@@ -88,6 +90,16 @@ def store(config: configuration.Config):
     store = Store(config.server.database)
     yield store
     store.close()
+
+
+@pytest.fixture
+async def app(config):
+    # Machines reach this server as 127.0.0.1 in these tests; the VM tests use 10.0.2.2.
+    server = dataclasses.replace(config.server, public_address="127.0.0.1")
+    app = App.open(dataclasses.replace(config, server=server))
+    await app.start()
+    yield app
+    await app.stop()
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The whole server as `bootserver serve` runs it: HTTP and TFTP on real loopback sockets, one store."""
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
 import aiohttp
@@ -9,16 +8,6 @@ import pytest
 from conftest import eventually
 
 from bootserver.app import App
-
-
-@pytest.fixture
-async def app(config):
-    # Machines reach this server as 127.0.0.1 in these tests; the VM tests use 10.0.2.2.
-    server = dataclasses.replace(config.server, public_address="127.0.0.1")
-    app = App.open(dataclasses.replace(config, server=server))
-    await app.start()
-    yield app
-    await app.stop()
 
 
 async def curl(*args: str) -> tuple[int, bytes]:

@@ -4,7 +4,6 @@ A missing chromium or playwright fails these tests rather than skipping them: `.
 installs both. Playwright's own browser downloads are never used (executable_path).
 """
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -20,15 +19,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 REPO = Path(__file__).resolve().parent.parent
 MAC = "52:54:00:00:00:01"
 URL_MAC = "52-54-00-00-00-01"
-
-
-@pytest.fixture
-async def app(config):
-    server = dataclasses.replace(config.server, public_address="127.0.0.1")
-    app = App.open(dataclasses.replace(config, server=server))
-    await app.start()
-    yield app
-    await app.stop()
 
 
 @pytest.fixture

@@ -9,14 +9,6 @@ import pytest
 from bootserver.app import App
 
 
-@pytest.fixture
-async def app(config):
-    app = App.open(config)
-    await app.start()
-    yield app
-    await app.stop()
-
-
 async def raw(port: int, request: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request)
