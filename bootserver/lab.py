@@ -48,6 +48,43 @@ TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86"}
 STOP_SECONDS = 10.0
 
 
+# What `lab up` provisions onto every VM: the runbook this project comes from (a GPT disk with a
+# 512 MiB ESP labelled boot and an ext4 root labelled nixos), then a service of a small cluster.
+DEMO_PROFILE = """[profiles.agent.disk]
+device = "/dev/vda"
+wipe = true
+[[profiles.agent.disk.partitions]]
+label = "boot"
+size = "512MiB"
+type = "esp"
+mount = "/boot"
+[[profiles.agent.disk.partitions]]
+label = "nixos"
+size = "rest"
+mount = "/"
+[profiles.agent.deploy]
+check = "test -x $TARGET/usr/local/bin/lab-node"
+[[profiles.agent.deploy.files]]
+source = "lab/lab-node"
+dest = "/usr/local/bin/lab-node"
+mode = "0755"
+[[profiles.agent.deploy.templates]]
+source = "lab/peers.toml.j2"
+dest = "/etc/lab-node/peers.toml"
+[profiles.agent.deploy.tls]
+dir = "/etc/lab-node/tls"
+[[profiles.agent.deploy.units]]
+source = "lab/lab-node.service"
+"""
+DEMO_FILES = {
+    "lab/lab-node": "#!/bin/sh\n# A stand-in for a cluster member's binary.\nexec sleep infinity\n",
+    "lab/peers.toml.j2": ('me = "{{ node.hostname }}"\n{% for peer in group %}[[peer]]\n'
+                          'name = "{{ peer.hostname }}"\nip = "{{ peer.ip }}"\n{% endfor %}'),
+    "lab/lab-node.service": ("[Unit]\nDescription=lab cluster member\n\n[Service]\n"
+                             "ExecStart=/usr/local/bin/lab-node\n\n[Install]\nWantedBy=multi-user.target\n"),
+}
+
+
 class LabError(BootserverError):
     """The lab cannot be started or stopped; the message says what is missing."""
 
@@ -134,8 +171,14 @@ class Lab:
         self.spawn("advertiser", [sys.executable, "-m", "bootserver.lab", "advertise", self.tap],
                    marker=f"bootserver.lab advertise {self.tap}", namespace=self.namespace)
 
-    def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8) -> Path:
-        """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap."""
+    def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True) -> Path:
+        """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap.
+
+        With `provision`, every lab machine is then provisioned as a small cluster would be: its disk
+        partitioned (GPT, ESP + ext4) and a demo service deployed with a peer list of the whole
+        group, a TLS certificate and an enabled systemd unit, so that `lab up` ends with machines
+        deployed. Without it they stop at phone-home.
+        """
         kernel, initrd = image_dir / "vmlinuz", image_dir / "initrd.img"
         for path in (kernel, initrd):
             if not path.is_file():
@@ -151,6 +194,7 @@ class Lab:
             "[assets]", f'agent-kernel = "{kernel}"', f'agent-initrd = "{initrd}"',
             "[profiles.agent]", 'kernel = "agent-kernel"', 'initrd = ["agent-initrd"]',
             'cmdline = "console=tty0 console=ttyS0"',
+            *(self._demo_cluster() if provision else []),
             "[groups.default]", 'profile = "agent"',
             "[dhcp]", *dhcp,
         ]
@@ -159,6 +203,14 @@ class Lab:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
+
+    def _demo_cluster(self) -> list[str]:
+        """The agent profile's disk and deploy sections, and the files they deploy (under data_dir)."""
+        for relative, text in DEMO_FILES.items():
+            path = self.data_dir / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return DEMO_PROFILE.splitlines()
 
     def start_server(self, timeout: float = 30.0) -> None:
         """`bootserver serve` in the namespace; returns once it listens, or raises with its log."""
