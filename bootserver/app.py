@@ -6,15 +6,19 @@ No global state: everything a request needs hangs off one App, built by App.open
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import resource
 import signal
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import config as configuration
 from . import dhcp, http, tftp
 from .booter import Booter
 from .config import Config
+from .errors import ConfigError
 from .jobs import Provisioner
 from .pki import ServerKeys
 from .store import Store
@@ -37,13 +41,15 @@ class App:
     _dhcp: dhcp.DhcpServer | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, config: Config) -> App:
+    def open(cls, config: Config, ssh_options: dict[str, float] | None = None) -> App:
+        """Everything but the listening sockets. `ssh_options`: provisioning's SSH timeouts and
+        keep-alives (`provision.provision`'s keywords), shortened by tests."""
         config.server.data_dir.mkdir(parents=True, exist_ok=True)
         config.server.tftp_root.mkdir(exist_ok=True)
         store = Store(config.server.database)
         keys = ServerKeys.load_or_create(config.server.data_dir / "keys")
         booter = Booter(config, store, Templates(config.server.templates_dir), keys)
-        provisioner = Provisioner(booter)
+        provisioner = Provisioner(booter, **(ssh_options or {}))
         booter.on_phoned_home = provisioner.schedule
         return cls(config, store, booter, provisioner)
 
@@ -56,7 +62,11 @@ class App:
         await web.TCPSite(self._runner, server.http.host, server.http.port).start()
         if server.tftp is not None:
             routes = tftp.Routes(self.booter, server.public_address, self.http_port)
-            self._tftp = tftp.TftpServer(routes.resolve, routes.record)
+            cap = tftp.session_cap(raise_fd_limit())
+            if cap < tftp.MAX_SESSIONS:
+                log.warning("tftp: at most %d transfers at once: the open-file limit is too low for %d "
+                            "(raise it, e.g. LimitNOFILE= in the systemd unit)", cap, tftp.MAX_SESSIONS)
+            self._tftp = tftp.TftpServer(routes.resolve, routes.record, max_sessions=cap)
             await self._tftp.start(server.tftp.host, server.tftp.port)
             routes.tftp_port = self._tftp.address[1]
         if self.config.dhcp.mode != "off":
@@ -95,14 +105,80 @@ class App:
             await self._runner.cleanup()
         self.store.close()
 
+    def reload(self) -> bool:
+        """Re-read the config file (SIGHUP). A valid one replaces what decides what machines get, from the
+        next request on; an invalid one is logged, naming its bad key, and the last good one stays. What
+        the running sockets and jobs were built from needs a restart: it is kept, and the log says so."""
+        source = self.config.source
+        if source is None:
+            log.warning("reload: running on the embedded defaults, there is no config file to re-read")
+            return False
+        try:
+            new = configuration.load(source)
+        except ConfigError as exc:
+            log.error("reload refused, still serving the previous configuration: %s", exc)
+            return False
+        for what in needs_restart(self.config, new):
+            log.warning("reload: %s changed, not applied: restart bootserver for it", what)
+        applied = keep_runtime(self.config, new)
+        if applied.server.templates_dir != self.config.server.templates_dir:
+            self.booter.templates = Templates(applied.server.templates_dir)
+        self.config = self.booter.config = applied  # the provisioner and DHCP read it through the booter
+        log.info("reloaded %s", source)
+        return True
+
     async def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then shut down cleanly."""
+        """Run until SIGINT or SIGTERM, then shut down cleanly; SIGHUP reloads the config file."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         try:
             await stop.wait()
         finally:
             await self.stop()
+
+
+# Settings the running servers were built from: sockets, the store, the DHCP responder, the job cap.
+RESTART_SERVER_KEYS = ("http", "tftp", "data_dir", "public_address", "provision_concurrency")
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """What changed between `old` and `new` that a reload cannot apply, as config key names."""
+    changed = [f"[server] {key}" for key in RESTART_SERVER_KEYS
+               if getattr(old.server, key) != getattr(new.server, key)]
+    if old.dhcp != new.dhcp:
+        changed.append("[dhcp]")
+    if _reservations(old) != _reservations(new):
+        changed.append("[machines] ip (DHCP reservations)")
+    return changed
+
+
+def keep_runtime(old: Config, new: Config) -> Config:
+    """`new`, with the settings of `old` that only a restart may change."""
+    server = dataclasses.replace(new.server, **{key: getattr(old.server, key) for key in RESTART_SERVER_KEYS})
+    machines = {mac: dataclasses.replace(m, ip=old.machines[mac].ip if mac in old.machines else None)
+                for mac, m in new.machines.items()}
+    return dataclasses.replace(new, server=server, dhcp=old.dhcp, machines=machines)
+
+
+def _reservations(config: Config) -> dict[str, object]:
+    return {m.mac: m.ip for m in config.machines.values() if m.ip is not None}
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one, and return it. systemd and many shells start
+    services with a soft limit of 1,024, which a full TFTP session table alone would exhaust."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+    return soft

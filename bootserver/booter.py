@@ -6,6 +6,7 @@ Booter, the way Pixiecore's protocol servers all ask one Booter. Nothing here kn
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import asyncssh
 
 from . import tokens
 from .config import FACT_KEYS, Config, Machine, Profile
-from .errors import BadRequest, Forbidden, NotFound, Unauthorized
+from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unauthorized
 from .mac import canonical_mac, hyphenated
 from .overlay import overlay_cpio
 from .payload import Payload
@@ -162,8 +163,11 @@ class Booter:
         return Payload("boot.ipxe", data=text.encode())
 
     def machine_script(self, mac_text: str, reported: dict[str, str], urls: Urls,
-                       transport: str) -> Payload:
-        """The iPXE script for one machine, recorded as an event whatever it says."""
+                       transport: str, client_ip: str | None = None) -> Payload:
+        """The iPXE script for one machine, recorded as an event whatever it says.
+
+        `client_ip`: the address asking, which the boot's phone-home token is bound to.
+        """
         mac = canonical_mac(mac_text)
         facts = clean_facts(reported)
         node = self.store.node(mac)
@@ -185,7 +189,7 @@ class Booter:
                           state="script-served", facts=facts)
         token = None
         if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
-            token, record = tokens.new_token(mac, self.config.server.token_minutes)
+            token, record = tokens.new_token(mac, self.config.server.token_minutes, client_ip)
             self.store.add_token(record)
         text = self.render_profile(spec, urls, token)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
@@ -244,16 +248,17 @@ class Booter:
         config = self.node_config(mac_text, token, urls)
         return Payload(OVERLAY_NAME, data=overlay_cpio(config), mac=config["mac"])
 
-    def phone_home(self, mac_text: str, report: dict[str, Any]) -> Node:
+    def phone_home(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
         """A booted node calls back: check its one-time token, pin its host key, hand it to provisioning.
 
-        Refusals (missing, unknown, expired, replayed or another machine's token) change nothing but
-        the event log, and raise Unauthorized or Forbidden for the protocol to answer.
+        Refusals (missing, unknown, expired, replayed or another machine's token, or a call from
+        another address than the one that fetched the boot script) change nothing but the event log,
+        and raise Unauthorized or Forbidden for the protocol to answer.
         """
         mac = canonical_mac(mac_text)
         try:
             token_id, secret = tokens.split(report.get("token"))
-            tokens.check(self.store.token(token_id), secret, mac)
+            tokens.check(self.store.token(token_id), secret, mac, ip=client_ip)
             host_key, ip = _host_key(report.get("host_key")), _ip(report.get("ip"))
         except (Unauthorized, Forbidden, BadRequest) as exc:
             self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc)})
@@ -298,9 +303,17 @@ class Booter:
 
     def file_sent(self, payload: Payload, protocol: str, sent: int, seconds: float,
                   error: str | None = None) -> None:
-        """A protocol finished sending `payload` (or gave up). Files of a machine become its events."""
+        """A protocol finished sending `payload` (or gave up). Files of a machine become its events.
+
+        The file is gone already, so a store that cannot record it is only logged (by the store).
+        """
         if payload.mac is None:
             return
+        with contextlib.suppress(StoreUnavailable):
+            self._record_file(payload, protocol, sent, seconds, error)
+
+    def _record_file(self, payload: Payload, protocol: str, sent: int, seconds: float, error: str | None) -> None:
+        assert payload.mac is not None
         detail = {"file": payload.name, "protocol": protocol, "bytes": sent, "size": payload.size,
                   "seconds": round(seconds, 3)}
         if error:

@@ -21,6 +21,7 @@ tests use it as an independent cross-check of this codec).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -33,7 +34,7 @@ from typing import Any, cast
 
 from .booter import Booter, DhcpBoot, Urls
 from .config import DhcpConfig
-from .errors import BootserverError
+from .errors import BootserverError, StoreUnavailable
 from .mac import canonical_mac
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class DhcpPacket:
         if data[_HEADER.size:MIN_PACKET] != MAGIC_COOKIE:
             raise MalformedPacket("no DHCP magic cookie (a plain BOOTP request?)")
         options = _parse_options(data[MIN_PACKET:], "options")
+        if len(options.get(OVERLOAD, b"\0")) != 1:  # RFC 2132 9.3: exactly one octet (found by fuzz/run)
+            raise MalformedPacket(f"option 52 (overload) has {len(options[OVERLOAD])} octets, expected 1")
         overload = options.get(OVERLOAD, b"\0")[0]
         if overload & 1:  # RFC 2132 9.3: more options in the file field, then in sname
             _merge(options, _parse_options(file, "file field"))
@@ -499,6 +502,8 @@ class _Endpoint(asyncio.DatagramProtocol):
         source: Address = (addr[0], addr[1])
         try:
             reply = self.server.responder.handle(data, source, self.pxe_port)
+        except StoreUnavailable:
+            return  # not answered: an answer we cannot record would break "every answer is an event"
         except (MalformedPacket, BootserverError) as exc:
             # Info, not warning: a busy segment's broken clients must not flood the log.
             log.info("dhcp %s:%d: dropped malformed datagram: %s", *source, exc)
@@ -539,6 +544,10 @@ class DhcpServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)  # answers to clients without an address
+            # Room for a rack powering on at once (the default holds ~50 full-size DHCP packets and drops
+            # the rest); the kernel caps it at net.core.rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             if self.config.interface:
                 # Only this segment's broadcasts, and our broadcasts leave through it (needs CAP_NET_RAW).
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.config.interface.encode())

@@ -26,3 +26,8 @@ class NotFound(BootserverError):
 
 class Forbidden(BootserverError):
     """The thing asked for exists or might, but may not be served (a traversal, a write)."""
+
+
+class StoreUnavailable(BootserverError):
+    """The store cannot be written (disk full, read-only, gone): the request was not recorded, so it
+    is refused; the server stays up and works again once the cause is fixed."""

@@ -7,7 +7,7 @@
     GET  /boot/{mac}/{token}/bootserver.cpio   the same, as an initrd overlay
     POST /boot/{mac}/phone-home     the booted node calling back with its token and host key (202)
     GET  /ipxe/{binary}             iPXE binaries, for UEFI HTTP boot
-    GET  /healthz                   what works and what is missing
+    GET  /healthz                   what works and what is missing (`problems`: what needs a person)
 
 Status pages, the JSON API (/api/v1) and /metrics are in web.py.
 """
@@ -23,9 +23,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .booter import OVERLAY_NAME, Booter, Urls
-from .errors import BadRequest, BootserverError, Forbidden, NotFound, Unauthorized
+from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, Unauthorized
 from .payload import Payload
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,24 @@ PUBLIC_ADDRESS = web.AppKey("public_address", str)
 
 MAX_BODY = 64 * 1024  # phone-home reports are small; anything larger is refused with 413
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
-_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404}
+_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, StoreUnavailable: 503}
+
+
+class _ClientGarbage(logging.Filter):
+    """aiohttp logs a request it cannot parse (the client's fault, answered 400) as an ERROR with a
+    traceback, except a bad method, which it logs at debug for being common on the internet. Any client
+    could so fill our log and bury real errors (found by fuzz/run): those records are dropped too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500)
+
+
+_CLIENT_GARBAGE = _ClientGarbage()
 
 
 def create_app(booter: Booter, public_address: str | None = None) -> web.Application:
+    logging.getLogger("aiohttp.server").addFilter(_CLIENT_GARBAGE)  # once: filters are a set
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[BOOTER] = booter
     app[PUBLIC_ADDRESS] = public_address or ""
@@ -105,7 +120,8 @@ async def bootstrap(request: web.Request) -> web.Response:
 
 async def machine_script(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
-    payload = booter.machine_script(request.match_info["mac"], dict(request.query), urls(request), "http")
+    payload = booter.machine_script(request.match_info["mac"], dict(request.query), urls(request), "http",
+                                    client_ip=request.remote)
     return _text(payload)
 
 
@@ -163,26 +179,49 @@ async def overlay(request: web.Request) -> web.Response:
 
 async def phone_home(request: web.Request) -> web.Response:
     try:
-        report = await request.json()
+        report = json.loads(await body(request))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body is not JSON") from None
     if not isinstance(report, dict):
         raise BadRequest("body must be a JSON object")
-    node = request.app[BOOTER].phone_home(request.match_info["mac"], report)
+    node = request.app[BOOTER].phone_home(request.match_info["mac"], report, client_ip=request.remote)
     # 202: accepted; provisioning runs in the background and shows in the machine's events.
     return web.json_response({"mac": node.mac, "state": node.state}, status=202)
 
 
+async def body(request: web.Request) -> bytes:
+    """The request body. A client that goes away before sending all of it gets 400 (it sees nothing),
+    not a traceback in our log (found by fuzz/run)."""
+    try:
+        return await request.read()
+    except ConnectionResetError:
+        raise BadRequest("the request body ended early: the client went away") from None
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness and what needs a person. `ok` is true whenever this answers at all (the process serves,
+    so a supervisor must not restart it); `problems` names what does not work, in words to act on."""
     booter = request.app[BOOTER]
     config = booter.config
     missing_assets = sorted(n for n, p in config.assets.items() if not p.is_file())
     binaries = sorted(p.name for p in config.server.ipxe_dir.glob("*") if p.suffix in (".efi", ".kpxe"))
+    tftp_root = config.server.tftp_root
     body = {
         "ok": True,
+        "problems": problems(booter),
         "missing_assets": missing_assets,
         "ipxe_binaries": binaries,
-        "tftp_root": str(config.server.tftp_root) if config.server.tftp_root.is_dir() else None,
+        "tftp_root": str(tftp_root) if tftp_root.is_dir() else None,
     }
     return web.json_response(body)
 
+
+def problems(booter: Booter) -> list[str]:
+    found = []
+    root = booter.config.server.tftp_root
+    if booter.config.server.tftp is not None and not root.is_dir():
+        found.append(f"tftp root {root} is missing: files under it are not served over TFTP (boot scripts, "
+                     f"kernels and iPXE binaries still are); recreate it with mkdir")
+    if booter.store.problem is not None:
+        found.append(booter.store.problem)
+    return found

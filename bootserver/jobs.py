@@ -10,12 +10,13 @@ step events into machine states, and keeps the state machine honest across failu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 from .booter import Booter
-from .errors import BootserverError
+from .errors import BootserverError, StoreUnavailable
 from .mac import hyphenated
 from .provision import Job, NodeAccess, NodeLost, provision
 from .store import Node
@@ -73,7 +74,8 @@ class Provisioner:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            self.sweep()
+            with contextlib.suppress(StoreUnavailable):  # logged by the store; the next sweep tries again
+                self.sweep()
 
     # -- jobs ---------------------------------------------------------------------------------------
 
@@ -91,6 +93,13 @@ class Provisioner:
             await asyncio.shield(task)
 
     async def _run(self, mac: str) -> None:
+        try:
+            await self._provision(mac)
+        except StoreUnavailable as exc:
+            # Its outcome could not be recorded: on restart (or the next phone-home) it is settled again.
+            log.error("provisioning %s: cannot record its outcome: %s", mac, exc)
+
+    async def _provision(self, mac: str) -> None:
         async with self._cap:
             node = self.store.node(mac)
             job = self.job(node) if node else None
@@ -100,8 +109,10 @@ class Provisioner:
                 await provision(job, self.booter.keys, lambda kind, detail: self._record(mac, kind, detail),
                                 render=self.booter.templates.render_file, **self._ssh_options)
             except NodeLost as exc:
+                # Not retried: the node may be dead or rebooting. Its next phone-home starts over (wipe allowed).
                 self.store.set_reprovision(mac, True)
-                self.store.record(mac, "interrupted", {"reason": str(exc)}, state="interrupted")
+                self.store.record(mac, "interrupted", {"reason": f"the node stopped answering during {exc.step}: "
+                                                                 f"{exc}", "step": exc.step}, state="interrupted")
             except BootserverError as exc:
                 self.store.record(mac, "failed", {"reason": str(exc)}, state="failed")
             except Exception as exc:  # a bug of ours: the machine must still end in a state that says so

@@ -7,7 +7,9 @@ The schema is versioned with `PRAGMA user_version`; MIGRATIONS[n] takes version 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -15,6 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = [
     """
@@ -58,6 +64,11 @@ MIGRATIONS = [
         expires REAL NOT NULL
     );
     """,
+    # The address that fetched the boot script a token rides on: a phone-home from elsewhere is refused.
+    # NULL for tokens issued before this column existed (they expire within token_minutes anyway).
+    """
+    ALTER TABLE tokens ADD COLUMN ip TEXT;
+    """,
 ]
 
 
@@ -85,6 +96,7 @@ class Token:
     issued: float
     expires: float
     used: float | None = None
+    ip: str | None = None  # who fetched the script it was issued with; None: not known (any address)
 
 
 @dataclass(frozen=True)
@@ -111,12 +123,45 @@ class Event:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+class _Connection(sqlite3.Connection):
+    """A connection whose failures of the environment (disk full, read-only, file gone, locked) are
+    StoreUnavailable, a message a person can act on, rather than a bare sqlite3.OperationalError."""
+
+    store_path: Path
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.OperationalError as exc:
+            raise unavailable(self.store_path, exc) from exc
+
+
+def unavailable(path: Path, exc: sqlite3.Error) -> StoreUnavailable:
+    """What went wrong with the store at `path`, and what to do about it."""
+    message = str(exc)
+    if "full" in message:
+        hint = f"free space on the file system holding {path.parent}"
+    elif "locked" in message or "busy" in message:
+        hint = "another process holds the store's write lock: stop it (bootserver commands only read)"
+    else:  # "attempt to write a readonly database", "disk I/O error", "unable to open database file"
+        hint = (f"check that {path.parent} and the files in it are writable by bootserver (a file system "
+                f"mounted or remounted read-only, an immutable file: lsattr) and the disk is healthy")
+    return StoreUnavailable(f"the store {path} cannot be used ({message}): {hint}; "
+                            f"nothing of this request was recorded")
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        # isolation_level=None: we open transactions ourselves, explicitly, in _transaction().
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # The last write's failure (StoreUnavailable's message); None once a write succeeds again.
+        self.problem: str | None = None
+        try:
+            # isolation_level=None: we open transactions ourselves, explicitly, in _transaction().
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
+        except sqlite3.OperationalError as exc:
+            raise unavailable(path, exc) from exc
+        self._db.store_path = path
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an event acknowledged is an event kept
@@ -144,13 +189,30 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One transaction: committed when the block ends, rolled back whole if anything fails, COMMIT
+        included (a full disk often shows only there), so a failed write leaves nothing behind."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except StoreUnavailable as exc:
+            if self.problem is None:
+                log.warning("%s", exc)  # once per outage, not once per refused request
+            self.problem = str(exc)
             raise
-        self._db.execute("COMMIT")
+        if self.problem is not None:
+            log.warning("the store %s can be written again", self.path)
+        self.problem = None
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself after some errors (SQLITE_FULL, SQLITE_IOERR): nothing left to undo.
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error, StoreUnavailable):
+                self._db.execute("ROLLBACK")
 
     def record(self, mac: str, kind: str, detail: dict[str, Any] | None = None, *,
                state: str | None = None, facts: dict[str, str] | None = None) -> Event:
@@ -180,12 +242,14 @@ class Store:
         """Keep a new token (its secret only hashed); older unused tokens of the machine stop working."""
         with self._transaction() as db:
             db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
-            db.execute("INSERT INTO tokens (id, hash, mac, issued, expires) VALUES (?, ?, ?, ?, ?)",
-                       (token.id, token.hash, token.mac, token.issued, token.expires))
+            db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip) VALUES (?, ?, ?, ?, ?, ?)",
+                       (token.id, token.hash, token.mac, token.issued, token.expires, token.ip))
 
     def token(self, token_id: str) -> Token | None:
         row = self._db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
-        return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"]) if row else None
+        if row is None:
+            return None
+        return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"], row["ip"])
 
     def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any]) -> bool:
         """Spend the token and pin the node's host key, in one transaction.

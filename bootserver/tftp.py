@@ -24,6 +24,7 @@ encode OACK. ERROR and DATA are encoded here: see `error_packet` and `_DATA_HEAD
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -40,7 +41,7 @@ from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketOACK
 
 from .booter import IPXE_BINARIES, OVERLAY_NAME, Booter, Urls
-from .errors import BadRequest, Forbidden, NotFound
+from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable
 from .payload import Payload, resolve_under
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ DEFAULT_BLKSIZE = 512
 MIN_BLKSIZE, MAX_BLKSIZE = 8, 65464  # RFC 2348
 MAX_WINDOWSIZE = 65535  # RFC 7440
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 255  # RFC 2349
+# Larger timeout options are ignored (RFC 2349 lets a server ignore, not change, the value): a transfer
+# nobody ACKs holds its socket and file timeout * (retries + 1) seconds, which 255 would make 25 minutes
+# (found by fuzz/run). Boot ROMs ask 1-4 s, when they ask at all.
+MAX_ACCEPTED_TIMEOUT = 5
 MAX_REQUEST = 512  # RFC 2347: a request, options included, fits in 512 octets
 # Bytes of headers around a TFTP data block: IP + UDP + 4 bytes of TFTP header.
 IPV4_OVERHEAD = 20 + 8 + 4
@@ -67,6 +72,15 @@ IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 # Blocks sent per event-loop turn, so that one big window does not stall every other transfer.
 SEND_BURST = 64
+# Transfers at once, in all and per client address. A firmware or iPXE fetches one file at a time (a PXE
+# ROM's tsize probe ends at once), so 16 leaves room for a few machines behind one NAT; 1,000 in all is
+# well above a rack booting together. A client that never ACKs holds its session timeout * (retries + 1)
+# seconds (6 s by default), so 1,000 abandoned requests cost 6 s of a full table, not a leak.
+MAX_SESSIONS = 1000
+MAX_SESSIONS_PER_CLIENT = 16
+LISTEN_BUFFER = 1 << 20  # bytes of receive buffer asked for the listening socket
+# File descriptors a transfer holds: its socket, and the open file unless the payload is in memory.
+FDS_PER_SESSION = 2
 
 # Struct instead of tftpy's TftpPacketDAT on the hot path: measured 0.14 us vs 0.94 us per packet,
 # and TftpPacketDAT cannot take the memoryview slices of in-memory payloads.
@@ -172,7 +186,7 @@ def negotiate(options: dict[str, str], *, size: int, mtu: int | None, ipv6: bool
     if (value := _number(options.get("blksize", ""))) is not None and value >= MIN_BLKSIZE:
         blksize = clamp_blksize(value, mtu, ipv6)
         oack["blksize"] = str(blksize)
-    if (value := _number(options.get("timeout", ""))) is not None and MIN_TIMEOUT <= value <= MAX_TIMEOUT:
+    if (value := _number(options.get("timeout", ""))) is not None and MIN_TIMEOUT <= value <= MAX_ACCEPTED_TIMEOUT:
         # RFC 2349: the server may not change the timeout, only accept or ignore it.
         timeout = float(value)
         oack["timeout"] = str(value)
@@ -441,8 +455,8 @@ class TftpServer:
     """Serves what `resolve(filename, peer)` returns; reports every transfer to `on_done`."""
 
     def __init__(self, resolve: Callable[[str, Address], Payload], on_done: Callable[[Transfer], None], *,
-                 timeout: float = 1.0, retries: int = 5, max_sessions: int = 1000,
-                 max_sessions_per_client: int = 64) -> None:
+                 timeout: float = 1.0, retries: int = 5, max_sessions: int = MAX_SESSIONS,
+                 max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT) -> None:
         self._resolve = resolve
         self._on_done = on_done
         self.timeout = timeout
@@ -459,8 +473,18 @@ class TftpServer:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), local_addr=(host, port))
         self._transport = transport
-        self._family = transport.get_extra_info("socket").family
+        sock = transport.get_extra_info("socket")
+        self._family = sock.family
+        # Room for a rack's worth of RRQs arriving at once (the default holds ~300 small datagrams and
+        # drops the rest); the kernel caps it at net.core.rmem_max.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_BUFFER)
         log.info("tftp: listening on %s:%d", *self.address)
+
+    @property
+    def sessions(self) -> int:
+        """Transfers running now."""
+        return len(self._sessions)
 
     @property
     def address(self) -> Address:
@@ -544,6 +568,9 @@ class TftpServer:
             self._refuse(sockaddr, request, started, ERR_ACCESS, "access violation", f"forbidden: {exc}")
         except BadRequest as exc:
             self._refuse(sockaddr, request, started, ERR_ILLEGAL, "bad request", f"bad request: {exc}")
+        except StoreUnavailable as exc:  # the store logs it; the client is told, in short, why
+            self._refuse(sockaddr, request, started, ERR_UNDEFINED, "server cannot record requests: "
+                         "store unavailable (disk full or read-only), try again later", str(exc))
         except Exception as exc:
             log.exception("tftp %s:%d: resolving %r failed", *peer, request.filename)
             self._refuse(sockaddr, request, started, ERR_UNDEFINED, "internal error", f"internal error: {exc!r}")
@@ -602,6 +629,13 @@ class TftpServer:
             log.exception("tftp: on_done raised for %r", transfer.filename)
 
 
+def session_cap(fd_limit: int, reserved: int = 256) -> int:
+    """MAX_SESSIONS, or fewer when the process may not open enough files for that many transfers plus
+    `reserved` descriptors for everything else (HTTP sockets, the store): running out of descriptors
+    would refuse HTTP connections too, while a full session table only refuses new TFTP transfers."""
+    return max(1, min(MAX_SESSIONS, (fd_limit - reserved) // FDS_PER_SESSION))
+
+
 # -- Routes: TFTP filenames onto the Booter ---------------------------------------------------------
 
 _MACHINE_SCRIPT = re.compile(r"boot/([^/]+)\.ipxe")
@@ -632,10 +666,10 @@ class Routes:
             return self.booter.bootstrap(self._urls(peer))
         if match := _MACHINE_SCRIPT.fullmatch(path):
             facts = {k: v[-1] for k, v in parse_qs(query).items()}
-            return self.booter.machine_script(match[1], facts, self._urls(peer), "tftp")
+            return self.booter.machine_script(match[1], facts, self._urls(peer), "tftp", client_ip=peer[0])
         if match := _MACHINE_SCRIPT_WITH_FACTS.fullmatch(path):
             facts = {"platform": match[2], "arch": match[3]}
-            return self.booter.machine_script(match[1], facts, self._urls(peer), "tftp")
+            return self.booter.machine_script(match[1], facts, self._urls(peer), "tftp", client_ip=peer[0])
         if match := _BOOT_FILE.fullmatch(path):
             return self.booter.boot_file(match[1], match[2])
         if match := _OVERLAY.fullmatch(path):

@@ -1,13 +1,16 @@
 """One-time phone-home tokens: `<id>.<secret>`, looked up by id, secret compared in constant time.
 
 A token is issued each time a machine's boot script is rendered and rides on the kernel command line.
-Only a hash of the secret is stored, so a copy of the database cannot phone home for anyone.
+Only a hash of the secret is stored, so a copy of the database cannot phone home for anyone. The token
+also remembers the address that fetched the script: a phone-home from any other address is refused, so
+a token read off a console or a log cannot be used from another machine on the network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 
@@ -15,11 +18,25 @@ from .errors import Forbidden, Unauthorized
 from .store import Token
 
 
-def new_token(mac: str, minutes: int) -> tuple[str, Token]:
-    """The token to hand out, and the record to store."""
+def new_token(mac: str, minutes: int, ip: str | None = None) -> tuple[str, Token]:
+    """The token to hand out, and the record to store; `ip`: the address the script is sent to."""
     token_id, secret = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
     now = time.time()
-    return f"{token_id}.{secret}", Token(token_id, _hash(secret), mac, now, now + minutes * 60)
+    return f"{token_id}.{secret}", Token(token_id, _hash(secret), mac, now, now + minutes * 60,
+                                         ip=client_address(ip))
+
+
+def client_address(text: str | None) -> str | None:
+    """One spelling per address: an IPv4 client of a dual-stack socket shows up as ::ffff:a.b.c.d."""
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
 
 
 def split(text: object) -> tuple[str, str]:
@@ -32,8 +49,9 @@ def split(text: object) -> tuple[str, str]:
     return token_id, secret
 
 
-def check(stored: Token | None, secret: str, mac: str, now: float | None = None) -> Token:
-    """The stored token if `secret` matches it and it may still be used by `mac`; else Forbidden saying why."""
+def check(stored: Token | None, secret: str, mac: str, now: float | None = None, ip: str | None = None) -> Token:
+    """The stored token if `secret` matches it and it may still be used by `mac` at `ip`; else Forbidden
+    saying why. `ip` None: the caller does not know where the request came from, so no address check."""
     if stored is None or not hmac.compare_digest(stored.hash, _hash(secret)):
         raise Forbidden("unknown phone-home token")
     if stored.mac != mac:
@@ -42,6 +60,11 @@ def check(stored: Token | None, secret: str, mac: str, now: float | None = None)
         raise Forbidden("this token was used already (a replay, or a newer boot replaced it)")
     if stored.expires <= (now or time.time()):
         raise Forbidden("this token has expired: reboot the machine for a new one")
+    here = client_address(ip)
+    if stored.ip is not None and here is not None and here != stored.ip:
+        raise Forbidden(f"this token was issued to {stored.ip}, which fetched the boot script, and is used "
+                        f"from {here}: reboot the machine for a new one (a NAT or proxy between them must "
+                        f"show one address for both)")
     return stored
 
 

@@ -232,7 +232,10 @@ def _form_action(action: Callable[[Booter, str], None]) -> Handler:
     """A page button: same-origin only, the API token (typed into the form) when one is set; back to the page."""
     async def handler(request: web.Request) -> web.StreamResponse:
         _check_same_origin(request)
-        form = await request.post()
+        try:
+            form = await request.post()
+        except ConnectionResetError:  # the client went away mid-body: its fault, not an error of ours
+            raise BadRequest("the request body ended early: the client went away") from None
         typed = form.get("api_token")
         _check_token(request, _bearer(request) or (typed if isinstance(typed, str) else None))
         booter = request.app[BOOTER]

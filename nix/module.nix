@@ -79,7 +79,8 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      # No reload: bootserver reads its configuration only at start; a new configFile restarts it.
+      # A new configFile is a new store path in ExecStart, so a changed `settings` restarts the service
+      # (SIGHUP reloads a file edited in place, which a store path never is).
       serviceConfig = {
         Type = "exec";
         ExecStart = "${lib.getExe cfg.package} --config ${configFile} serve";

@@ -1,9 +1,11 @@
 """The whole server as `bootserver serve` runs it: HTTP and TFTP on real loopback sockets, one store."""
 
 import asyncio
+import re
 from pathlib import Path
 
 import aiohttp
+import asyncssh
 import pytest
 from conftest import eventually
 
@@ -107,3 +109,17 @@ async def _closed(reader: asyncio.StreamReader) -> bool:
         return await asyncio.wait_for(reader.read(1), 0.01) == b""
     except TimeoutError:
         return False
+
+
+async def test_token_of_a_script_fetched_over_tftp_is_bound_to_that_address(app: App):
+    tftp = f"tftp://127.0.0.1:{app.tftp_address[1]}"
+    code, script = await curl("--interface", "127.0.0.3", f"{tftp}/boot/52-54-00-00-00-01/pcbios/x86_64.ipxe")
+    assert code == 0, script
+    token = re.search(rb"bootserver\.token=(\S+)", script)[1].decode()
+    host_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    body = {"token": token, "ip": "127.0.0.3", "host_key": host_key}
+    url = f"http://127.0.0.1:{app.http_address[1]}/boot/52-54-00-00-00-01/phone-home"
+    for local, status in (("127.0.0.1", 403), ("127.0.0.3", 202)):
+        connector = aiohttp.TCPConnector(local_addr=(local, 0))
+        async with aiohttp.ClientSession(connector=connector) as session, session.post(url, json=body) as r:
+            assert r.status == status, (local, await r.text())

@@ -33,6 +33,8 @@ def test_example_file_parses(config):
     ('[server]\nhttp = "nohost"', "http"),
     ('[server]\nhttp = "0.0.0.0:99999"', "http"),
     ('[server]\ndata_dir = 5', "data_dir"),
+    ('[server]\ntoken_minutes = 0', "token_minutes"),
+    ('[server]\napi_token = "short"', "api_token"),
     ('[bogus]\nx = 1', "unknown key 'bogus'"),
     ('[profiles.p]\nkernel = "missing"\n[groups.g]\nprofile = "p"', "asset 'missing'"),
     ('[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\ncolour = "red"', "[profiles.p]: unknown key 'colour'"),

@@ -106,6 +106,8 @@ def test_our_offer_parses_with_scapy(responder_factory):
     (request(DISCOVER, MAC1, {93: b"\0\0\0"}).encode(), "option 93"),
     (request(DISCOVER, MAC1, {53: b"\x01\x01"}).encode(), "option 53"),
     (request(DISCOVER, MAC1, {97: b"\0" * 5}).encode(), "option 97"),
+    (request(DISCOVER, MAC1, {52: b""}).encode(), "option 52"),
+    (request(DISCOVER, MAC1, {52: b"\x01\x01"}).encode(), "option 52"),
     (b"\x03" + request(DISCOVER, MAC1).encode()[1:], "op 3"),
 ])
 def test_malformed_packets_are_refused(data: bytes, why: str):

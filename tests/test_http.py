@@ -6,11 +6,13 @@ import json
 import re
 import time
 
+import aiohttp
 import asyncssh
 import libarchive
 import pytest
 from conftest import eventually
 
+from bootserver.errors import Forbidden
 from bootserver.http import create_app
 
 
@@ -203,3 +205,34 @@ async def test_api_and_health(client):
     assert (await client.get("/api/v1/machines/52:54:00:00:00:07")).status == 404
     health = await (await client.get("/healthz")).json()
     assert health["ok"] and health["missing_assets"] == [] and "undionly.kpxe" in health["ipxe_binaries"]
+
+
+async def test_phone_home_from_another_address_than_the_script_fetch_is_refused(client, booter):
+    token = await boot_token(client)  # fetched from 127.0.0.1
+    before = booter.store.node("52:54:00:00:00:01")
+    url = f"http://127.0.0.1:{client.port}/boot/52-54-00-00-00-01/phone-home"
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as elsewhere, elsewhere.post(url, json=report(token)) as r:
+        assert r.status == 403
+        assert "issued to 127.0.0.1, which fetched the boot script, and is used from 127.0.0.2" in await r.text()
+    after = booter.store.node("52:54:00:00:00:01")
+    assert dataclasses.replace(after, last_seen=0) == dataclasses.replace(before, last_seen=0)
+    assert after.host_key is None and after.state == "script-served"
+    refused = booter.store.events("52:54:00:00:00:01")[-1]
+    assert refused.kind == "refused" and "used from 127.0.0.2" in refused.detail["reason"]
+    # The token was not spent: from the address that fetched the script, it works.
+    assert (await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))).status == 202
+
+
+def test_token_address_check_takes_any_spelling_and_old_tokens():
+    from bootserver import tokens
+
+    token, stored = tokens.new_token("52:54:00:00:00:01", 5, "::ffff:10.0.0.5")
+    secret = token.split(".")[1]
+    assert stored.ip == "10.0.0.5"
+    assert tokens.check(stored, secret, "52:54:00:00:00:01", ip="10.0.0.5") is stored
+    with pytest.raises(Forbidden, match="used from 10.0.0.6"):
+        tokens.check(stored, secret, "52:54:00:00:00:01", ip="::ffff:10.0.0.6")
+    # Issued before the store kept addresses: no address to compare with.
+    old = dataclasses.replace(stored, ip=None)
+    assert tokens.check(old, secret, "52:54:00:00:00:01", ip="10.0.0.6") is old

@@ -1,8 +1,25 @@
 """Provisioning jobs: states across failures and restarts, the phone-home deadline, group context."""
 
+import asyncio
+import dataclasses
+import inspect
+import os
+import re
+import stat
 import time
+from pathlib import Path
 
+import aiohttp
+from conftest import eventually
+from sshd import ssh_server
+
+from bootserver.app import App
+from bootserver.config import Config, Listen
+from bootserver.disk import DiskLayout, Partition
 from bootserver.jobs import Provisioner
+from bootserver.provision import provision
+
+MAC = "52:54:00:00:00:01"
 
 
 def test_restart_marks_in_progress_nodes_interrupted(booter):
@@ -55,3 +72,75 @@ def test_deployed_machine_boots_its_disk_until_reprovisioned(booter):
     node = booter.store.node("52:54:00:00:00:01")
     assert node.reprovision and node.state == "reprovision"
     assert "kernel http://h/boot/" in booter.machine_script("52:54:00:00:00:01", {}, urls, "http").data.decode()
+
+
+def test_default_keepalive_notices_a_dead_node_within_45_seconds():
+    # asyncssh gives up after keepalive_count_max unanswered keep-alives, one per interval of silence.
+    params = inspect.signature(provision).parameters
+    interval, count = params["keepalive_interval"].default, params["keepalive_count_max"].default
+    assert interval * (count + 1) <= 45
+
+
+def with_disk(config: Config, device: Path, ssh_port: int) -> Config:
+    """The example site, with node1's profile partitioning `device` and node1's SSH on the test server."""
+    layout = DiskLayout(str(device), (Partition("root", "rest", mount="/"),))
+    profiles = {**config.profiles, "raft": dataclasses.replace(config.profiles["raft"], disk=layout)}
+    node1 = dataclasses.replace(config.machines[MAC], ssh=Listen("127.0.0.1", ssh_port))
+    server = dataclasses.replace(config.server, public_address="127.0.0.1")
+    return dataclasses.replace(config, server=server, profiles=profiles, machines={**config.machines, MAC: node1})
+
+
+async def boot_and_phone_home(http: aiohttp.ClientSession, base: str, host_key: str) -> None:
+    async with http.get(f"{base}/boot/52-54-00-00-00-01.ipxe") as response:
+        token = re.search(r"bootserver\.token=(\S+)", await response.text())[1]
+    body = {"token": token, "ip": "127.0.0.1", "host_key": host_key, "disks": []}
+    async with http.post(f"{base}/boot/52-54-00-00-00-01/phone-home", json=body) as response:
+        assert response.status == 202, await response.text()
+
+
+async def test_node_that_dies_mid_disk_setup_is_interrupted_and_not_rerun_blindly(config, keys, tmp_path):
+    # A block-device node of an unattached loop device: `[ -b ]` holds, and nothing can write to it. The
+    # test sshd freezes (keep-alives unanswered, like a dead machine) at the first command naming sfdisk,
+    # before running it.
+    device = tmp_path / "fakedisk"
+    os.mknod(device, stat.S_IFBLK | 0o600, os.makedev(7, 250))
+    async with ssh_server(keys.ssh_public, hang_on="sfdisk") as node:
+        app = App.open(with_disk(config, device, node.port),
+                       ssh_options={"keepalive_interval": 0.5, "keepalive_count_max": 2})
+        await app.start()
+        try:
+            base = f"http://127.0.0.1:{app.http_address[1]}"
+            async with aiohttp.ClientSession() as http:
+                await _dies_then_waits_for_its_phone_home(app, http, base, node)
+        finally:
+            await app.stop()
+
+
+async def _dies_then_waits_for_its_phone_home(app: App, http: aiohttp.ClientSession, base: str, node) -> None:
+    store = app.store
+    await boot_and_phone_home(http, base, node.host_key_line)
+    # Detected by keep-alive (~1.5 s here; the 600 s command timeout would be far later).
+    await eventually(lambda: store.node(MAC).state == "interrupted", timeout=15)
+    events = store.events(MAC)
+    failed = next(e for e in events if e.kind == "step-failed")
+    assert failed.detail["step"] == "disk" and "keepalive" in failed.detail["error"]
+    assert events[-1].kind == "interrupted"
+    assert events[-1].detail["reason"] == ("the node stopped answering during disk: connection lost: "
+                                           "Server not responding to keepalive")
+    assert store.node(MAC).reprovision  # its half-made disk may be wiped: next time, with wipe
+    assert len(node.commands) == 1 and "sfdisk -d" in node.commands[0]  # the guard, the first disk command
+
+    # No blind rerun: not by the sweep, not after a while, not when the machine merely fetches its script.
+    app.provisioner.sweep()
+    await asyncio.sleep(3)  # six keep-alive intervals: room for a retry that must not come
+    async with http.get(f"{base}/boot/52-54-00-00-00-01.ipxe") as response:
+        assert response.status == 200
+    await asyncio.sleep(1)
+    assert len(node.commands) == 1
+    assert store.node(MAC).state == "script-served"
+
+    # It phones home again: provisioned again, now allowed to wipe (the guard no longer asks sfdisk).
+    await boot_and_phone_home(http, base, node.host_key_line)
+    await eventually(lambda: len(node.commands) >= 2, timeout=10)
+    assert "sfdisk -d" not in node.commands[1]
+    await eventually(lambda: store.node(MAC).state == "interrupted", timeout=15)

@@ -45,3 +45,19 @@ def test_unknown_machine_has_no_node(tmp_path):
     store = Store(tmp_path / "s.sqlite3")
     assert store.node("52:54:00:00:00:09") is None
     assert store.events("52:54:00:00:00:09") == []
+
+
+def test_tokens_of_an_older_store_have_no_address(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    for step in MIGRATIONS[:3]:  # the schema before tokens kept the address
+        db.executescript(step)
+    db.execute("PRAGMA user_version=3")
+    db.execute("INSERT INTO machines (mac, state, first_seen, last_seen) VALUES ('52:54:00:00:00:01', 's', 0, 0)")
+    db.execute("INSERT INTO tokens (id, hash, mac, issued, expires) VALUES ('t', 'h', '52:54:00:00:00:01', 0, 1)")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.schema_version == len(MIGRATIONS) == 4
+    assert store.token("t").ip is None
+    store.close()

@@ -368,7 +368,10 @@ def test_negotiate_rules() -> None:
     assert negotiate({"blksize": "9000"}, size=10, mtu=1500, ipv6=False).blksize == 1468
     assert negotiate({"timeout": "0"}, size=10, mtu=None, ipv6=False).oack == {}
     assert negotiate({"timeout": "256"}, size=10, mtu=None, ipv6=False).oack == {}
-    assert negotiate({"timeout": "255"}, size=10, mtu=None, ipv6=False).timeout == 255
+    # Valid up to 255 (RFC 2349), but a long one would let an abandoned transfer hold its socket for minutes.
+    assert negotiate({"timeout": "255"}, size=10, mtu=None, ipv6=False).oack == {}
+    assert negotiate({"timeout": "6"}, size=10, mtu=None, ipv6=False).oack == {}
+    assert negotiate({"timeout": "5"}, size=10, mtu=None, ipv6=False).timeout == 5
     assert negotiate({"windowsize": "0"}, size=10, mtu=None, ipv6=False).oack == {}
     assert negotiate({"windowsize": "70000"}, size=10, mtu=None, ipv6=False).windowsize == 65535
     assert negotiate({"tsize": "0"}, size=1234, mtu=None, ipv6=False).oack == {"tsize": "1234"}

@@ -1,0 +1,453 @@
+"""Throw mutated TFTP datagrams, DHCP packets and HTTP requests at a real `bootserver serve`, then check
+that it survived: the process alive and answering /healthz, no internal error in its log, file descriptors
+back to the baseline, resident memory within 10% of what it was after a warm-up.
+
+It runs in a network namespace of its own holding only loopback (mutated DHCP packets name relays and
+clients anywhere: their answers must not leave the machine), and a mount namespace with the server's data
+on a tmpfs (10^5 recorded DHCP and HTTP requests would otherwise wait on fsync). Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from bootserver.dhcp import DhcpPacket
+
+from .mutate import PXE_BIOS, Mutator, dhcp_packet, http_request, tftp_datagram, tftp_other
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACED = "BOOTSERVER_FUZZ_NAMESPACED"
+RESERVED_MAC = "52:54:00:ff:ff:fe"  # has a reserved address: full mode's other path
+PROBE_MAC = "52:54:00:ff:ff:fd"  # the probes' client: never sent mutated packets
+# An abandoned TFTP transfer lives timeout * (retries + 1): 6 s by default, 30 s with the longest timeout
+# option the server accepts (tftp.MAX_ACCEPTED_TIMEOUT).
+SETTLE_SECONDS = 40
+BATCH = 256  # datagrams between probes: well below what the server's socket buffers hold
+MAX_RSS_GROWTH = 0.10
+LOG_LEVEL = os.environ.get("BOOTSERVER_FUZZ_LOG_LEVEL", "error")  # "info" to see every answer
+PROBE_INTERVAL = 0.2
+PATIENCE = 1.0  # seconds an HTTP request may take before we take it for incomplete
+
+
+@dataclass(frozen=True)
+class Plan:
+    tftp: int
+    dhcp: int
+    http: int
+
+
+FULL, QUICK = Plan(1_000_000, 100_000, 100_000), Plan(10_000, 1_000, 1_000)
+
+
+@dataclass
+class Figures:
+    """What one protocol's run sent and got back."""
+
+    name: str
+    sent: int = 0
+    seconds: float = 0.0
+    answers: Counter = field(default_factory=Counter)
+    findings: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = self.sent / self.seconds if self.seconds else 0.0
+        top = ", ".join(f"{k} {v}" for k, v in self.answers.most_common(8))
+        return f"{self.name:<5} {self.sent:>9,} sent in {self.seconds:7.1f} s ({rate:,.0f}/s); answers: {top}"
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.data = work / "data"
+        (self.data / "images").mkdir(parents=True)
+        (self.data / "images" / "vmlinuz").write_bytes(os.urandom(64 * 1024))
+        (self.data / "images" / "initrd.img").write_bytes(os.urandom(16 * 1024))
+        (self.data / "tftp" / "sub" / "dir").mkdir(parents=True)
+        (self.data / "tftp" / "pxelinux.0").write_bytes(os.urandom(32 * 1024))
+        (self.data / "tftp" / "small.txt").write_bytes(b"small\n")
+        (self.data / "tftp" / "sub" / "dir" / "file").write_bytes(b"x" * 700)
+        self.http = free_port(socket.SOCK_STREAM)
+        self.tftp, self.dhcp, self.pxe = (free_port(socket.SOCK_DGRAM) for _ in range(3))
+        self.config = work / "site.toml"
+        self.config.write_text(
+            f'[server]\nhttp = "127.0.0.1:{self.http}"\ntftp = "127.0.0.1:{self.tftp}"\ndata_dir = "{self.data}"\n'
+            '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
+            '[profiles.p]\nkernel = "kernel"\ninitrd = ["initrd"]\n[groups.all]\nprofile = "p"\n'
+            f'[dhcp]\nmode = "full"\nserver_address = "127.0.0.1"\nport = {self.dhcp}\nproxy_port = {self.pxe}\n'
+            'pool = "127.0.0.100-127.0.0.199"\nnetmask = "255.0.0.0"\n'
+            f'[machines."{RESERVED_MAC}"]\nip = "127.0.0.250"\n')
+        self.log = work / "server.log"
+        self.process: subprocess.Popen | None = None
+        self.idle_fds = 0
+
+    def start(self) -> None:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bootserver", "--config", str(self.config), "--log-level", LOG_LEVEL, "serve"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 15
+        while not self.healthy():
+            if time.monotonic() > deadline or not self.alive():
+                raise SystemExit(f"bootserver did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+        self.idle_fds = self.fds()  # listening sockets, the store, the event loop: before any traffic
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def healthy(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.http), timeout=5) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                sock.settimeout(5)
+                return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def fds(self) -> int:
+        assert self.process is not None
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def describe_fds(self) -> str:
+        """What the server holds open: files, and its sockets as `ss` sees them."""
+        assert self.process is not None
+        fd_dir = Path(f"/proc/{self.process.pid}/fd")
+        links = sorted(os.readlink(fd) for fd in fd_dir.iterdir())
+        sockets = subprocess.run(["ss", "-tuanp"], capture_output=True, text=True).stdout
+        mine = [line for line in sockets.splitlines() if f"pid={self.process.pid}," in line]
+        return "\n".join(["open files:", *links, "sockets:", *mine])
+
+    def rss_kib(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1])
+
+    def internal_errors(self) -> list[str]:
+        """Log lines of level ERROR or tracebacks: the server caught a bug of its own."""
+        text = self.log.read_text(errors="replace")
+        return [line for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback")]
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def settle(server: Server, target: int, seconds: float = SETTLE_SECONDS) -> int:
+    """Wait for abandoned TFTP transfers to end: the fd count once it is down to `target`, or after
+    `seconds` (the longest an abandoned transfer may live, and some)."""
+    deadline = time.monotonic() + seconds
+    while (now := server.fds()) > target and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
+# -- UDP: TFTP and DHCP --------------------------------------------------------------------------------
+
+
+def sockets_on(prefix: str, count: int) -> list[socket.socket]:
+    """One socket on each of `count` loopback addresses: per-client caps then apply to each separately."""
+    sockets = []
+    for i in range(1, count + 1):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((f"{prefix}.{i}", 0))
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+def drain(sockets: list[socket.socket], answers: Counter, tids: deque | None = None) -> None:
+    for sock in sockets:
+        while True:
+            try:
+                data, source = sock.recvfrom(70000)
+            except BlockingIOError:
+                break
+            opcode = int.from_bytes(data[:2], "big") if len(data) >= 2 else -1
+            answers[f"op{opcode}"] += 1
+            if tids is not None and opcode in (3, 6):  # DATA or OACK: a transfer's own port
+                tids.append((sock, source))
+
+
+def probe(sock: socket.socket, request: bytes, to: tuple[str, int], timeout: float = 10.0) -> int:
+    """Send `request` until any answer comes (within `timeout`): the server has read what came before.
+    Resent every PROBE_INTERVAL: right after a burst the server's socket buffer may be full, and the
+    kernel drops the probe like any other datagram. How many were sent; 0: no answer at all."""
+    sock.setblocking(True)
+    sock.settimeout(PROBE_INTERVAL)
+    deadline, sent = time.monotonic() + timeout, 0
+    try:
+        while time.monotonic() < deadline:
+            sock.sendto(request, to)
+            sent += 1
+            try:
+                sock.recvfrom(70000)
+                return sent
+            except TimeoutError:
+                continue
+        return 0
+    finally:
+        sock.setblocking(False)
+
+
+def run_tftp(server: Server, count: int, m: Mutator) -> Figures:
+    figures = Figures("tftp")
+    clients, (prober,) = sockets_on("127.0.3", 64), sockets_on("127.0.4", 1)
+    tids: deque = deque(maxlen=512)
+    started = time.monotonic()
+    target = ("127.0.0.1", server.tftp)
+    while figures.sent < count:
+        for _ in range(min(BATCH, count - figures.sent)):
+            if tids and m.rng.random() < 0.15:  # mid-transfer packets at a transfer's port, from its client or not
+                owner, tid = m.choice(tids)
+                sock = owner if m.rng.random() < 0.8 else m.choice(clients)
+                sock.sendto(m.bytes(tftp_other(m)) if m.rng.random() < 0.5 else tftp_other(m), tid)
+            else:
+                m.choice(clients).sendto(tftp_datagram(m), target)
+            figures.sent += 1
+        drain(clients, figures.answers, tids)
+        sent = probe(prober, b"\0\1fuzz-probe\0octet\0", target)
+        figures.answers["probes resent"] += max(sent - 1, 0)
+        if not sent:
+            figures.findings.append(f"tftp: no answer to a probe after {figures.sent} datagrams")
+            break
+    figures.seconds = time.monotonic() - started
+    drain(clients, figures.answers)
+    for sock in [*clients, prober]:
+        sock.close()
+    return figures
+
+
+def dhcp_probe_packet(pxe: bool) -> bytes:
+    """A packet whose answer depends on no lease the fuzzing may have taken or declined: on port 4011 a
+    PXE REQUEST (ACK with the boot file), on the DHCP port a REQUEST for an address outside the pool (NAK)."""
+    options = {**PXE_BIOS, 53: bytes([3])}
+    if not pxe:
+        options |= {50: IPv4Address("10.9.9.9").packed, 54: IPv4Address("127.0.0.1").packed}
+    packet = DhcpPacket(op=1, xid=0x0F0F0F0F, chaddr=bytes.fromhex(PROBE_MAC.replace(":", "")), options=options)
+    return packet.encode()
+
+
+def run_dhcp(server: Server, count: int, m: Mutator) -> Figures:
+    figures = Figures("dhcp")
+    clients, (prober,) = sockets_on("127.0.5", 16), sockets_on("127.0.6", 1)
+    macs = [f"52:54:00:{m.rng.randrange(256):02x}:{m.rng.randrange(256):02x}:{m.rng.randrange(256):02x}"
+            for _ in range(500)] + [RESERVED_MAC]
+    started = time.monotonic()
+    while figures.sent < count:
+        pxe = m.rng.random() < 0.3
+        port = server.pxe if pxe else server.dhcp
+        for _ in range(min(BATCH // 4, count - figures.sent)):  # DHCP packets are big: smaller bursts
+            m.choice(clients).sendto(dhcp_packet(m, macs), ("127.0.0.1", port))
+            figures.sent += 1
+        drain(clients, figures.answers)
+        sent = probe(prober, dhcp_probe_packet(pxe), ("127.0.0.1", port))
+        figures.answers["probes resent"] += max(sent - 1, 0)
+        if not sent:
+            figures.findings.append(f"dhcp: no answer to a probe on port {port} after {figures.sent} packets")
+            break
+    figures.seconds = time.monotonic() - started
+    for sock in [*clients, prober]:
+        sock.close()
+    figures.answers = Counter({"replies" if k == "op513" else k: v for k, v in figures.answers.items()})
+    return figures
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+async def one_http(port: int, request: bytes, timeout: float = 10.0) -> str:
+    """Send `request` on a fresh connection and read the answer: its status, or why there is none.
+
+    A mutated request may be incomplete (the server waits for the rest until its keep-alive timeout):
+    with no answer after PATIENCE seconds we half-close, and the server must then answer or close."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    except (OSError, TimeoutError) as exc:
+        return f"connect failed: {type(exc).__name__}"
+    try:
+        writer.write(request)
+        await writer.drain()
+        try:
+            head = await asyncio.wait_for(reader.read(64), PATIENCE)
+        except TimeoutError:
+            writer.write_eof()
+            head = await asyncio.wait_for(reader.read(64), timeout)
+            if not head:
+                return "incomplete request: closed at our EOF"
+        if not head:
+            return "closed without answer"
+        match = re.match(rb"HTTP/\d\.\d (\d{3})", head)
+        if match and match[1] != b"100":  # 100 Continue: the server waits for a body that is not coming
+            await _rest(reader)
+        return match[1].decode() if match else f"not HTTP: {head[:20]!r}"
+    except TimeoutError:
+        return "no answer within 10 s"
+    except (ConnectionError, OSError) as exc:
+        return f"reset: {type(exc).__name__}"
+    finally:
+        writer.close()
+
+
+async def _rest(reader: asyncio.StreamReader, idle: float = 0.5) -> None:
+    """Read the rest of an answer: until the server closes or goes quiet (a kept-alive connection, a live
+    event stream of the status pages)."""
+    with contextlib.suppress(TimeoutError):
+        while await asyncio.wait_for(reader.read(65536), idle):
+            pass
+
+
+async def real_token(port: int, mac: str) -> str | None:
+    """A valid token, as a machine fetching its script gets it: phone-homes then get past the token check."""
+    answer = await _read_all(port, f"GET /boot/{mac}.ipxe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    match = re.search(rb"bootserver\.token=(\S+)", answer)
+    return match[1].decode() if match else None
+
+
+async def _read_all(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def run_http_async(server: Server, count: int, m: Mutator, workers: int = 64) -> Figures:
+    figures = Figures("http")
+    token = ["x.y"]
+    started = time.monotonic()
+
+    async def worker() -> None:
+        while figures.sent < count:
+            figures.sent += 1
+            if m.rng.random() < 0.02:
+                token[0] = await real_token(server.http, m.choice(["52-54-00-00-00-01", "52-54-00-00-40-01"])) or "x.y"
+            status = await one_http(server.http, http_request(m, token[0]))
+            figures.answers[status] += 1
+            if status == "500" or status.startswith(("no answer", "connect failed", "not HTTP")):
+                figures.findings.append(f"http: {status}")
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    figures.seconds = time.monotonic() - started
+    return figures
+
+
+def run_http(server: Server, count: int, m: Mutator) -> Figures:
+    return asyncio.run(run_http_async(server, count, m))
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def isolate(argv: list[str]) -> None:
+    """Re-run this program in new network and mount namespaces (root only); set up loopback there."""
+    if os.environ.get(NAMESPACED) == "1":
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("fuzz/run needs root: it runs in network and mount namespaces of its own")
+    os.environ[NAMESPACED] = "1"
+    os.execvp("unshare", ["unshare", "--net", "--mount", "--propagation", "private", "--",
+                          sys.executable, str(ROOT / "fuzz" / "run"), *argv])
+
+
+def run(plan: Plan, seed: int) -> bool:
+    work = Path(tempfile.mkdtemp(prefix="bootserver-fuzz-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "tmpfs", str(work)], check=True)
+    server = Server(work)
+    m = Mutator(random.Random(seed))
+    started = time.monotonic()
+    server.start()
+    try:
+        return measure(server, plan, m)
+    finally:
+        stopping = time.monotonic()
+        server.stop()
+        print(f"{time.monotonic() - started:.1f} s in all, {time.monotonic() - stopping:.1f} s of it to stop the "
+              f"server")
+        subprocess.run(["umount", str(work)], check=False)
+        os.rmdir(work)
+
+
+def measure(server: Server, plan: Plan, m: Mutator) -> bool:
+    warm = Plan(max(plan.tftp // 10, 1000), max(plan.dhcp // 10, 200), max(plan.http // 10, 200))
+    print(f"warm-up: {warm.tftp:,} TFTP, {warm.dhcp:,} DHCP, {warm.http:,} HTTP", flush=True)
+    results = []
+    for run_one, count in ((run_tftp, warm.tftp), (run_dhcp, warm.dhcp), (run_http, warm.http)):
+        results.append(run_one(server, count, m))
+        print("  " + results[-1].line(), flush=True)
+    settling = time.monotonic()
+    fds_before = settle(server, server.idle_fds)
+    rss_before = server.rss_kib()
+    print(f"baseline: {fds_before} fds, VmRSS {rss_before / 1024:.1f} MiB (settled in "
+          f"{time.monotonic() - settling:.1f} s)", flush=True)
+    for run_one, count in ((run_tftp, plan.tftp), (run_dhcp, plan.dhcp), (run_http, plan.http)):
+        results.append(run_one(server, count, m))
+        print("  " + results[-1].line(), flush=True)
+    alive_after_load = server.alive() and server.healthy()
+    fds_after = settle(server, fds_before)
+    rss_after = server.rss_kib()
+    growth = (rss_after - rss_before) / rss_before
+    findings = [f for r in results for f in r.findings]
+    if not alive_after_load:
+        findings.append("the server died or stopped answering /healthz")
+    if fds_before > server.idle_fds:
+        findings.append(f"file descriptors after the warm-up: {fds_before}, {server.idle_fds} before any traffic")
+    if fds_after > fds_before:
+        findings.append(f"file descriptors: {fds_after}, baseline {fds_before}")
+        print(server.describe_fds(), flush=True)
+    if growth >= MAX_RSS_GROWTH:
+        findings.append(f"VmRSS grew {growth:.1%} (limit {MAX_RSS_GROWTH:.0%})")
+    errors = server.internal_errors()
+    findings += [f"server log: {line}" for line in errors[:20]]
+    print(f"after: alive and /healthz 200: {alive_after_load}; {fds_after} fds (baseline {fds_before}); "
+          f"VmRSS {rss_after / 1024:.1f} MiB ({growth:+.1%}); internal errors logged: {len(errors)}")
+    for finding in dict.fromkeys(findings):  # each distinct finding once
+        print(f"FINDING: {finding}")
+    if findings:  # the data directory is a tmpfs that goes with the namespace: keep the log
+        kept = Path(tempfile.gettempdir()) / "bootserver-fuzz-server.log"
+        kept.write_bytes(server.log.read_bytes())
+        print(f"server log: {kept}")
+    print("PASS" if not findings else "FAIL")
+    return not findings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="fuzz/run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10^4 TFTP, 10^3 DHCP, 10^3 HTTP (CI)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed: the same seed replays the same inputs")
+    args = parser.parse_args(argv)
+    isolate(argv)
+    plan = QUICK if args.quick else FULL
+    print(f"fuzzing bootserver: {plan.tftp:,} TFTP datagrams, {plan.dhcp:,} DHCP packets, {plan.http:,} HTTP "
+          f"requests, seed {args.seed}", flush=True)
+    return 0 if run(plan, args.seed) else 1

@@ -1,0 +1,103 @@
+"""SIGHUP reloads the config file of a running `bootserver serve`: a good file applies from the next
+request, a bad one is refused with its key named in the log and the last good config keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+MAC = "52:54:00:00:00:01"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def site(data: Path, port: int, hostname: str, extra: str = "") -> str:
+    return (f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{data}"\n'
+            '[assets]\nkernel = "images/vmlinuz"\n'
+            '[profiles.p]\nkernel = "kernel"\ncmdline = "hostname={{ hostname }}"\n[groups.all]\nprofile = "p"\n'
+            f'[machines."{MAC}"]\nhostname = "{hostname}"\n{extra}')
+
+
+async def until(predicate, what: str, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not (result := await predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.05)
+    return result
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "vmlinuz").write_bytes(b"K" * 1000)
+    port = free_port()
+    config = tmp_path / "site.toml"
+    config.write_text(site(data, port, "before"))
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bootserver", "--config", str(config), "serve"],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield process, config, data, port, log
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_sighup_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_file(served):
+    process, config, data, port, log = served
+    url = f"http://127.0.0.1:{port}/boot/52-54-00-00-00-01.ipxe"
+    async with aiohttp.ClientSession() as session:
+
+        async def hostname() -> str | None:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as response:
+                    text = await response.text()
+                    return text.split("hostname=", 1)[1].split()[0] if response.status == 200 else None
+            return None
+
+        async def logged(text: str) -> bool:
+            return text in log.read_text()
+
+        assert await until(hostname, "serving") == "before"
+
+        # A good file: applied from the next request. The HTTP address needs a restart: kept, and said so.
+        config.write_text(site(data, free_port(), "after"))
+        process.send_signal(signal.SIGHUP)
+        await until(lambda: _is(hostname, "after"), "the new hostname")
+        await until(lambda: logged("reload: [server] http changed, not applied: restart bootserver for it"),
+                    "the warning about [server] http")
+
+        # A bad file: refused, the key named, the last good configuration serves on.
+        config.write_text(site(data, port, "broken", extra='colour = "red"\n'))
+        process.send_signal(signal.SIGHUP)
+        await until(lambda: logged("reload refused"), "the refusal in the log")
+        refusal = next(line for line in log.read_text().splitlines() if "reload refused" in line)
+        assert f"{config}: [machines.\"{MAC}\"]: unknown key 'colour'" in refusal, refusal
+        assert await hostname() == "after"
+        assert process.poll() is None
+
+        # And the next good file is applied again.
+        config.write_text(site(data, port, "third"))
+        process.send_signal(signal.SIGHUP)
+        await until(lambda: _is(hostname, "third"), "the third hostname")
+    assert "Traceback" not in log.read_text()
+
+
+async def _is(read, expected: str) -> bool:
+    return await read() == expected

@@ -1,0 +1,215 @@
+"""The store's disk fills up or turns read-only under a running server: every request that must be
+recorded is refused with a message a person can act on (HTTP 503, TFTP ERROR 0), the server keeps
+serving, nothing is half-written, and once the cause is gone it records again.
+
+The real `bootserver serve` runs in a private mount namespace (`unshare --mount`) with its data directory
+on a small loop-mounted ext4 image, so the test can fill that file system or make the database files
+immutable (`chattr +i`: the one kind of read-only that root, which runs these tests, cannot write
+through; file modes it ignores). The test reaches the files through /proc/PID/root; the mount and its loop
+device go away with the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`bootserver serve` with data_dir on its own 16 MB ext4, in a mount namespace of its own."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.data = tmp_path / "data"  # the mount point; empty in our own namespace
+        self.data.mkdir()
+        self.image = tmp_path / "data.img"
+        subprocess.run(["truncate", "-s", "16M", str(self.image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(self.image)], check=True)  # -m 0: no root reserve
+        images = tmp_path / "images"
+        images.mkdir()
+        (images / "vmlinuz").write_bytes(b"K" * 10_000)
+        self.http, self.tftp = free_port(), free_port(socket.SOCK_DGRAM)
+        self.config = tmp_path / "site.toml"
+        self.config.write_text(
+            f'[server]\nhttp = "127.0.0.1:{self.http}"\ntftp = "127.0.0.1:{self.tftp}"\ndata_dir = "{self.data}"\n'
+            f'[assets]\nkernel = "{images / "vmlinuz"}"\n'
+            '[profiles.p]\nkernel = "kernel"\n[groups.all]\nprofile = "p"\n')
+        self.log = tmp_path / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        script = (f'mount -o loop "{self.image}" "{self.data}" && exec "{sys.executable}" -m bootserver '
+                  f'--config "{self.config}" serve')
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def path(self, name: str) -> Path:
+        """A file of the data directory as the server sees it."""
+        assert self.process is not None
+        return Path(f"/proc/{self.process.pid}/root") / str(self.data).lstrip("/") / name
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def query(self, sql: str, *params: object) -> list[tuple]:
+        """Rows of `sql` on the server's store, read from inside its namespace: SQLite resolves symbolic
+        links, so a path through /proc/PID/root would open a file of our own namespace instead."""
+        assert self.process is not None
+        code = ("import json, sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+                "print(json.dumps(db.execute(sys.argv[2], json.loads(sys.argv[3])).fetchall()))")
+        out = subprocess.run(["nsenter", "--target", str(self.process.pid), "--mount", sys.executable, "-c", code,
+                              str(self.data / "bootserver.sqlite3"), sql, json.dumps(params)],
+                             check=True, capture_output=True, text=True).stdout
+        return [tuple(row) for row in json.loads(out)]
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    for tool in ("unshare", "nsenter", "mkfs.ext4", "chattr"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            pytest.fail(f"{tool} is missing (util-linux, e2fsprogs)")
+    if os.geteuid() != 0:
+        pytest.fail("needs root: it mounts a file system in a mount namespace of its own")
+    running = Server(tmp_path)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+async def wait_serving(server: Server, session: aiohttp.ClientSession) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert server.alive(), server.log.read_text()
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(f"http://127.0.0.1:{server.http}/healthz") as response:
+                if response.status == 200:
+                    return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not serving within 10 s:\n{server.log.read_text()}")
+
+
+def fill(path: Path) -> None:
+    """Write `path` until the file system is full."""
+    chunk = b"\0" * (1 << 16)
+    with path.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        with contextlib.suppress(OSError):  # the last few blocks, one byte at a time
+            while True:
+                f.write(b"\0" * 512)
+
+
+def tftp_error(port: int, name: str) -> tuple[int, str]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(b"\0\1" + name.encode() + b"\0octet\0", ("127.0.0.1", port))
+        data, _ = sock.recvfrom(2048)
+    opcode, code = struct.unpack("!HH", data[:4])
+    assert opcode == 5, data
+    return code, data[4:-1].decode()
+
+
+async def script(session: aiohttp.ClientSession, server: Server, mac: str) -> tuple[int, str]:
+    async with session.get(f"http://127.0.0.1:{server.http}/boot/{mac}.ipxe") as response:
+        return response.status, await response.text()
+
+
+async def health(session: aiohttp.ClientSession, server: Server) -> dict:
+    async with session.get(f"http://127.0.0.1:{server.http}/healthz") as response:
+        assert response.status == 200
+        return await response.json()
+
+
+def recorded(server: Server, *macs: str) -> tuple[int, int, int]:
+    """(machines, events, tokens) the store holds for `macs`."""
+    canonical = [m.replace("-", ":") for m in macs]
+    marks = ",".join("?" * len(macs))
+    counts = " UNION ALL ".join(f"SELECT COUNT(*) FROM {t} WHERE mac IN ({marks})" for t in ("machines", "events",
+                                                                                              "tokens"))
+    return tuple(row[0] for row in server.query(counts, *canonical * 3))
+
+
+async def refused_while(server: Server, session: aiohttp.ClientSession, macs: list[str], cause: str) -> None:
+    """Every request that must be recorded is refused, saying why; nothing of it is in the store."""
+    for mac in macs:
+        status, text = await script(session, server, mac)
+        assert status == 503, text
+        assert re.search(cause, text) and "nothing of this request was recorded" in text, text
+    code, message = await asyncio.to_thread(tftp_error, server.tftp, f"boot/{macs[0]}.ipxe")
+    assert (code, message) == (0, "server cannot record requests: store unavailable (disk full or read-only), "
+                                  "try again later")
+    problems = (await health(session, server))["problems"]
+    assert len(problems) == 1 and re.search(cause, problems[0]), problems
+    async with session.get(f"http://127.0.0.1:{server.http}/boot.ipxe") as response:
+        assert response.status == 200  # what needs no record is served as ever
+    assert server.alive()
+    assert recorded(server, *macs) == (0, 0, 0)
+
+
+async def works_again(server: Server, session: aiohttp.ClientSession, mac: str) -> None:
+    status, text = await script(session, server, mac)
+    assert status == 200, text
+    assert recorded(server, mac) == (1, 1, 1)
+    assert (await health(session, server))["problems"] == []
+    assert server.query("PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_disk_full_then_read_only_then_fine_again(server: Server):
+    async with aiohttp.ClientSession() as session:
+        await wait_serving(server, session)
+        assert (await script(session, server, "52-54-00-00-30-01"))[0] == 200
+
+        fill(server.path("fill"))
+        await refused_while(server, session, [f"52-54-00-00-31-{i:02x}" for i in range(20)],
+                            r"\(database or disk is full\): free space on the file system holding ")
+        server.path("fill").unlink()
+        await works_again(server, session, "52-54-00-00-30-02")
+
+        files = [server.path(n) for n in ("bootserver.sqlite3", "bootserver.sqlite3-wal")]
+        subprocess.run(["chattr", "+i", *map(str, files)], check=True)
+        try:
+            await refused_while(server, session, [f"52-54-00-00-32-{i:02x}" for i in range(20)],
+                                r"\((disk I/O error|attempt to write a readonly database)\): check that .* writable")
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+        await works_again(server, session, "52-54-00-00-30-03")
+    log = server.log.read_text()
+    assert "Traceback" not in log, log
+    warnings = [line for line in log.splitlines() if "WARNING bootserver.store" in line]
+    assert len(warnings) == 4, log  # once per outage and once when it is over, not once per request
