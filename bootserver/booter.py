@@ -1,6 +1,6 @@
 """The core: decides what each machine gets and records what happened to it.
 
-Every protocol (HTTP, TFTP, and later DHCP) only translates its wire format into calls on one
+Every protocol (HTTP, TFTP and DHCP) only translates its wire format into calls on one
 Booter, the way Pixiecore's protocol servers all ask one Booter. Nothing here knows about sockets.
 """
 
