@@ -1,0 +1,135 @@
+"""Phone-home burst: N booted machines call home at the same instant.
+
+Each emulated machine first GETs its iPXE script (for its one-time token; 50 at a time), then all N POST
+/boot/{mac}/phone-home together, each on a new connection from its own source address, as N agents that
+booted together would. Measured: the POST latency (p50/p99/max), the status codes, whether every machine ends
+deployed or failed, and the most SSH sessions open at once as seen by the SSH servers themselves (the
+server's `provision_concurrency` cap is 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+from common import (
+    MIB,
+    Ours,
+    cpu_seconds,
+    free_port,
+    parse_args,
+    peak_rss_mib,
+    percentile,
+    random_file,
+    table,
+    verdict,
+    workdir,
+    write_section,
+)
+from fleet import Pools, get_script, phone_home, script_urls, session, site_toml, wait_terminal
+
+from bootserver.pki import ServerKeys
+
+CONCURRENCY = 8
+
+
+async def burst(count: int, quick: bool) -> str:
+    with workdir("bench-burst-") as scratch:
+        data = scratch / "data"
+        random_file(data / "images" / "vmlinuz", MIB)
+        random_file(data / "images" / "initrd.img", MIB)
+        nodes = scratch / "nodes"
+        nodes.mkdir()
+        keys = ServerKeys.load_or_create(data / "keys")
+        pools = Pools(count)
+        await pools.start(keys.ssh_public, nodes, per_process=250)
+        http_port = free_port()
+        toml = site_toml(data=data, http_port=http_port, tftp_port=None, ipxe_dir=scratch, nodes_dir=nodes,
+                         pools=pools, blob_bytes=64 * 1024, concurrency=CONCURRENCY)
+        server = Ours(scratch, toml, http_port).start()
+        sessions = [session(i, 120) for i in range(count)]
+        try:
+            tokens: dict[int, str] = {}
+            gate = asyncio.Semaphore(50)
+
+            async def fetch(i: int) -> None:
+                async with gate:
+                    tokens[i] = script_urls(await get_script(sessions[i], server.url, i))[2]
+
+            await asyncio.wait_for(asyncio.gather(*(fetch(i) for i in range(count))), 300)
+            # Fresh connections for the burst, as an agent's wget would open.
+            for s in sessions:
+                await s.close()
+            sessions = [session(i, 120) for i in range(count)]
+            cpu0 = cpu_seconds(server.pid)
+            go = asyncio.Event()
+            latency: list[float] = []
+            statuses: collections.Counter[str] = collections.Counter()
+
+            async def call(i: int) -> None:
+                await go.wait()
+                t = time.monotonic()
+                try:
+                    status = await phone_home(sessions[i], server.url, i, tokens[i], pools.host_keys[i])
+                    statuses[str(status)] += 1
+                except Exception as exc:  # a refused or reset connection is a result here, not a crash
+                    statuses[type(exc).__name__] += 1
+                latency.append(time.monotonic() - t)
+
+            callers = [asyncio.create_task(call(i)) for i in range(count)]
+            await asyncio.sleep(0.2)  # every caller is waiting on the gate
+            t0 = time.monotonic()
+            wall0 = time.time()
+            go.set()
+            await asyncio.wait_for(asyncio.gather(*callers), 180)
+            burst_seconds = time.monotonic() - t0
+            states = await wait_terminal(server.url, count, time.monotonic() + (240 if quick else 400))
+            terminal_at = time.monotonic() - t0
+            cpu = cpu_seconds(server.pid) - cpu0
+            rss = peak_rss_mib(server.pid)
+        finally:
+            for s in sessions:
+                await s.close()
+            server.stop()
+            await pools.stop()
+        last_finish = max(pools.finished.values()) - wall0 if pools.finished else float("nan")
+    terminal = sum(states.get(s, 0) for s in ("deployed", "failed"))
+    p99 = percentile(latency, 99)
+    five = sum(n for s, n in statuses.items() if s.isdigit() and s.startswith("5"))
+    not_202 = sum(n for s, n in statuses.items() if s != "202")
+    peak = pools.max_concurrent()
+    checks = [(f"phone-home p99 < 500 ms ({p99 * 1000:.0f} ms)", p99 < 0.5),
+              (f"no 5xx ({five})", five == 0),
+              (f"every machine deployed or failed ({terminal}/{count})", terminal == count),
+              (f"SSH sessions at once <= provision_concurrency ({peak} <= {CONCURRENCY})", peak <= CONCURRENCY)]
+    rows = [
+        ["phone-home latency p50 / p99 / max", f"{percentile(latency, 50) * 1000:.0f} / {p99 * 1000:.0f} / "
+                                              f"{max(latency) * 1000:.0f} ms"],
+        ["all answered after", f"{burst_seconds:.2f} s"],
+        ["status codes", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) + f" (not 202: {not_202})"],
+        ["states at the end", ", ".join(f"{k} {v}" for k, v in sorted(states.items()))],
+        ["burst -> every machine terminal", f"{terminal_at:.1f} s (last finish step seen by an SSH server at "
+                                            f"{last_finish:.1f} s)"],
+        ["max concurrent SSH sessions (seen by the SSH servers)", f"{peak} (cap {CONCURRENCY})"],
+        ["server CPU from the burst to the end", f"{cpu:.1f} s"],
+        ["server peak RSS (VmHWM)", f"{rss:.0f} MiB"],
+    ]
+    out = [f"## Phone-home burst: {count} machines at once{' (--quick)' if quick else ''}\n",
+           f"Tokens from {count} script GETs first (50 at a time); then all {count} POSTs released together from "
+           f"one driver process, each on a new connection from its own 127/8 address. Provisioning: the "
+           f"deploy check (64 KiB written and hashed in a scratch directory + 0.2 s) on a real SSH server per "
+           f"machine ({len(pools.processes)} processes of tests/sshd.py servers).\n",
+           table(["", "result"], rows), "\nTargets:\n",
+           "\n".join(f"- {verdict(ok)}: {what}" for what, ok in checks)]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    count = 250 if args.quick else 1000
+    write_section("burst", asyncio.run(burst(count, args.quick)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""HTTP: a 64 MiB boot file and the per-machine iPXE script, bootserver beside nginx, with wrk.
+
+Big file: our /boot/{mac}/{asset} route (sendfile via aiohttp's FileResponse, plus one event per transfer)
+against nginx serving the same file, at 1, 16 and 64 connections. Script: /boot/{mac}.ipxe at 50 connections,
+which renders a template, issues a one-time token and commits an event to SQLite (synchronous=FULL) per request:
+measured as is, that is the product; nginx serving a static file of the same size is the reference. Two more
+rows explain ours: the same with data_dir on tmpfs (fsync is free there: what durability costs), and a new MAC
+on every request (a crowd of machines rather than one machine asking 50 at a time).
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from common import (
+    MIB,
+    Ours,
+    alternate,
+    cpu_seconds,
+    free_port,
+    med,
+    nginx,
+    parse_args,
+    process_tree_cpu,
+    py_spy,
+    random_file,
+    spread,
+    summarize_profile,
+    table,
+    verdict,
+    workdir,
+    write_section,
+    wrk,
+)
+
+MAC = "52:54:00:00:00:01"
+MAC_PATH = MAC.replace(":", "-")
+SAME, NGINX, TMPFS, CROWD = "ours", "nginx", "ours, data_dir on tmpfs", "ours, a new MAC per request"
+
+# wrk: every request for another machine, 52:54:1T:NN:NN:NN (T: wrk's thread, N: its request count).
+NEW_MAC_LUA = """
+local threads = 0
+setup = function(thread) thread:set("id", threads); threads = threads + 1 end
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", string.format("/boot/52-54-%02x-%02x-%02x-%02x.ipxe", 16 + id,
+    math.floor(n / 65536) % 256, math.floor(n / 256) % 256, n % 256))
+end
+"""
+
+
+def site(data: Path, http_port: int) -> str:
+    return (f'[server]\nhttp = "127.0.0.1:{http_port}"\ntftp = "off"\ndata_dir = "{data}"\n'
+            '[assets]\nvmlinuz = "images/vmlinuz"\nbig = "images/big64.bin"\n'
+            '[profiles.linux]\nkernel = "vmlinuz"\ninitrd = ["big"]\ncmdline = "console=ttyS0 quiet"\n'
+            '[groups.all]\nprofile = "linux"\n'
+            f'[machines."{MAC}"]\nhostname = "node1"\n')
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    rounds = args.rounds or (1 if args.quick else 3)
+    file_seconds, script_seconds = (2, 3) if args.quick else (5, 8)
+    with workdir("bench-http-") as scratch, tempfile.TemporaryDirectory(prefix="bench-http-", dir="/dev/shm") as shm:
+        data, shm_data = scratch / "data", Path(shm) / "data"
+        random_file(data / "images" / "big64.bin", 64 * MIB)
+        random_file(data / "images" / "vmlinuz", MIB)
+        (shm_data / "images").mkdir(parents=True)
+        for name in ("big64.bin", "vmlinuz"):  # the same bytes; only the store's disk differs
+            shutil.copy(data / "images" / name, shm_data / "images" / name)
+        port, shm_port = free_port(), free_port()
+        (scratch / "ours").mkdir()
+        (scratch / "ours-tmpfs").mkdir()
+        with Ours(scratch / "ours", site(data, port), port) as ours, \
+                Ours(scratch / "ours-tmpfs", site(shm_data, shm_port), shm_port) as ours_tmpfs:
+            with urllib.request.urlopen(f"{ours.url}/boot/{MAC_PATH}.ipxe") as response:
+                script = response.read()
+            static = scratch / "static"
+            static.mkdir()
+            (static / "script.ipxe").write_bytes(script)
+            (static / "big64.bin").symlink_to(data / "images" / "big64.bin")
+            with nginx(static, scratch) as (nginx_port, nginx_process):
+                reference = f"http://127.0.0.1:{nginx_port}"
+                # name: (pid, CPU reader, URL, extra wrk script)
+                files = {SAME: (ours.pid, cpu_seconds, f"{ours.url}/boot/{MAC_PATH}/big", ""),
+                         NGINX: (nginx_process.pid, process_tree_cpu, f"{reference}/big64.bin", "")}
+                scripts = {SAME: (ours.pid, cpu_seconds, f"{ours.url}/boot/{MAC_PATH}.ipxe", ""),
+                           NGINX: (nginx_process.pid, process_tree_cpu, f"{reference}/script.ipxe", ""),
+                           TMPFS: (ours_tmpfs.pid, cpu_seconds, f"{ours_tmpfs.url}/boot/{MAC_PATH}.ipxe", ""),
+                           CROWD: (ours.pid, cpu_seconds, f"{ours.url}/", NEW_MAC_LUA)}
+                file_text, file_targets = big_file(files, rounds, file_seconds)
+                script_text, script_targets = script_route(scripts, rounds, script_seconds, len(script))
+    targets = file_targets + script_targets
+    mode = f"{rounds} round{'s' * (rounds > 1)}{', --quick' if args.quick else ''}"
+    out = [f"## HTTP: bootserver vs nginx 1.22 ({mode})\n",
+           "wrk 4.1 on the same machine; nginx with Debian's defaults (sendfile on, worker_processes auto = 2, "
+           "access_log off); ours is one process. Median (min-max) over rounds, servers alternated per round.\n",
+           file_text, script_text,
+           "\n### HTTP targets\n", "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets) + "\n"]
+    write_section("http", "\n".join(out))
+
+
+def measure(target: tuple, connections: int, seconds: float, timeout: float) -> tuple:
+    pid, cpu, url, lua = target
+    before = cpu(pid)
+    result = wrk(url, connections, seconds, threads=1 if connections == 1 else 2, timeout=timeout, lua=lua)
+    return result, cpu(pid) - before
+
+
+def big_file(files: dict, rounds: int, seconds: float) -> tuple[str, list]:
+    targets, rows = [], []
+    for clients in (1, 16, 64):
+        runs: dict[str, list] = collections.defaultdict(list)
+        for r in range(rounds):
+            for name in alternate(list(files), r):
+                runs[name].append(measure(files[name], clients, seconds, 60))
+            print(f"  http 64 MiB x{clients} round {r + 1}: " + ", ".join(
+                f"{n} {runs[n][-1][0].mbps:.0f} MB/s" for n in files), file=sys.stderr, flush=True)
+        ratio = [a.mbps / b.mbps for (a, _), (b, _) in zip(runs[SAME], runs[NGINX], strict=True) if b.mbps]
+        ok = med(ratio) >= 0.9
+        targets.append((f"HTTP 64 MiB x {clients}: >= 0.9x nginx (median {med(ratio):.2f}x)", ok))
+        rows.append([clients, spread([r.mbps for r, _ in runs[SAME]], "{:.0f}"),
+                     spread([r.mbps for r, _ in runs[NGINX]], "{:.0f}"), spread(ratio, "{:.2f}x"),
+                     " / ".join(f"{med([c / (r.bytes / 1e9) for r, c in runs[n] if r.bytes]):.2f}" for n in files),
+                     " / ".join(str(sum(r.errors for r, _ in runs[n])) for n in files), verdict(ok)])
+    text = "\n".join([f"\n### 64 MiB file ({seconds:g} s per run): ours `/boot/{{mac}}/{{asset}}` vs nginx static\n",
+                      table(["connections", "ours MB/s", "nginx MB/s", "ours/nginx", "server CPU-s per GB ours/nginx",
+                             "errors ours/nginx", "target >= 0.9x"], rows)])
+    return text, targets
+
+
+def script_route(scripts: dict, rounds: int, seconds: float, size: int) -> tuple[str, list]:
+    runs: dict[str, list] = collections.defaultdict(list)
+    for r in range(rounds):
+        for name in alternate(list(scripts), r):
+            runs[name].append(measure(scripts[name], 50, seconds, 10))
+        print(f"  http script c=50 round {r + 1}: " + ", ".join(
+            f"{n} {runs[n][-1][0].rps:.0f} req/s" for n in scripts), file=sys.stderr, flush=True)
+    targets, rows = [], []
+    for name in scripts:
+        rps = [r.rps for r, _ in runs[name]]
+        p99 = [r.p99_ms for r, _ in runs[name]]
+        mark = ""
+        if name == SAME:
+            ok_rps, ok_p99 = med(rps) >= 20_000, med(p99) <= 5
+            targets.append((f"iPXE script c=50: >= 20,000 req/s (ours {med(rps):,.0f})", ok_rps))
+            targets.append((f"iPXE script c=50: p99 <= 5 ms (ours {med(p99):.1f} ms)", ok_p99))
+            mark = f">=20k req/s: {verdict(ok_rps)}; p99<=5 ms: {verdict(ok_p99)}"
+        rows.append([name, spread(rps, "{:,.0f}"), spread([r.p50_ms for r, _ in runs[name]], "{:.2f}"),
+                     spread(p99, "{:.2f}"), sum(r.errors for r, _ in runs[name]),
+                     spread([c / r.requests * 1e6 for r, c in runs[name] if r.requests], "{:.0f}"), mark])
+    ratio = [a.rps / b.rps for (a, _), (b, _) in zip(runs[SAME], runs[NGINX], strict=True)]
+    # The same machine's script over and over: each request issues that machine another token.
+    served, history = 1, []
+    for result, cpu in runs[SAME]:
+        history.append(f"{result.rps:,.0f} req/s at {cpu / result.requests * 1e6:,.0f} us CPU each after "
+                       f"{served:,} earlier requests")
+        served += result.requests
+    profiles = []
+    for name in (SAME, CROWD) if shutil.which("py-spy") else ():
+        pid, _, url, lua = scripts[name]
+        result, spent, raw = py_spy(pid, lambda u=url, s=lua: wrk(u, 50, seconds, threads=2, timeout=10, lua=s))
+        profiles.append(f"\n#### {name} ({result.rps:,.0f} req/s under the profiler)\n\n"
+                        + summarize_profile(raw, spent, top=10))
+    text = "\n".join([
+        f"\n### Per-machine iPXE script, 50 connections ({seconds:g} s per run, {size} bytes)\n",
+        f"Ours: `GET /boot/{MAC_PATH}.ipxe` (template, one-time token, event committed with synchronous=FULL before "
+        f"answering). nginx: a static file of the same size. Ours/nginx req/s per round: {spread(ratio, '{:.3f}x')}.\n",
+        table(["server", "req/s", "p50 ms", "p99 ms", "errors", "server CPU us/request", "targets"], rows),
+        f"\nOurs ({MAC}), round after round: " + "; ".join(history) + ".\n",
+        "\n### Profiles of the script route (py-spy, one more run each)\n", *profiles])
+    return text, targets
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Scale of state: the status pages and API with 10,000 machines of 100 events each in the store.
+
+The store is generated through bootserver.store.Store's own API (record, add_token, phoned_home) on tmpfs,
+where fsync is free, then copied to the server's data_dir on the real disk. Each machine has booted 7 times:
+DHCP, script, kernel, initrd, overlay, phone-home (a pinned ed25519 host key), deploy and finish steps with
+their commands, deployed. Then wrk, one connection (a person's browser; p99 over every request of the run),
+and 8 connections for the per-machine pages.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncssh
+from common import Ours, free_port, parse_args, py_spy, summarize_profile, table, verdict, workdir, write_section, wrk
+
+from bootserver import tokens
+from bootserver.store import Store
+
+BOOT = ["dhcp", "script-served", "file-served:kernel", "file-served:initrd", "file-served:overlay", "phoned-home",
+        "step-started:deploy", "command:check", "command:ls", "step-done:deploy", "step-started:finish",
+        "command:finish", "step-done:finish", "deployed"]
+
+
+def mac(i: int) -> str:
+    return f"52:54:00:{i >> 16 & 0xFF:02x}:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}"
+
+
+def generate(path: Path, machines: int, events: int) -> float:
+    """Fill a store at `path`; the seconds it took."""
+    started = time.monotonic()
+    store = Store(path)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    try:
+        for i in range(machines):
+            m = mac(i)
+            if i % 1000 == 0:
+                host_key = asyncssh.generate_private_key("ssh-ed25519")  # a few distinct keys are enough
+            key_line = host_key.export_public_key().decode().strip()
+            ip = f"10.{i >> 16 & 0xFF}.{i >> 8 & 0xFF}.{i & 0xFF}"
+            for n in range(events):
+                step = BOOT[n % len(BOOT)]
+                kind, _, what = step.partition(":")
+                if kind == "dhcp":
+                    store.record(m, "dhcp", {"message": "DISCOVER", "client_arch": 0, "vendor": "PXEClient:Arch:00000",
+                                             "bootfile": "undionly.kpxe", "answer": "PXE firmware, architecture 0"})
+                elif kind == "script-served":
+                    store.record(m, kind, {"profile": "agent", "group": "default", "transport": "http",
+                                           "reason": "group default (no selector: matches all)"},
+                                 state="script-served", facts={"platform": "pcbios", "arch": "x86_64",
+                                                               "uuid": f"00000000-0000-0000-0000-{i:012x}"})
+                elif kind == "file-served":
+                    size = {"kernel": 8 << 20, "initrd": 40 << 20, "overlay": 1024}[what]
+                    store.record(m, kind, {"file": f"agent-{what}", "protocol": "http", "bytes": size, "size": size,
+                                           "seconds": 0.42}, state="kernel-served" if what == "kernel" else None)
+                elif kind == "phoned-home":
+                    token, record = tokens.new_token(m, 30)
+                    store.add_token(record)
+                    store.phoned_home(record.id, m, ip, key_line,
+                                      {"ip": ip, "host_key": key_line, "fingerprint": "SHA256:bench",
+                                       "kernel": "6.1.0-bench", "disks": [{"name": "vda", "size_bytes": 8 << 30,
+                                                                          "partitions": 0}]})
+                elif kind == "step-started":
+                    store.record(m, kind, {"step": what}, state={"deploy": "deploy", "finish": "finishing"}[what])
+                elif kind == "command":
+                    store.record(m, kind, {"step": "deploy", "command": f"TARGET=/ sh -c 'test -x /usr/bin/{what}'",
+                                           "exit_status": 0, "seconds": 0.2, "stdout_tail": "ok\n" * 20,
+                                           "stderr_tail": ""})
+                elif kind == "step-done":
+                    store.record(m, kind, {"step": what, "seconds": 0.25})
+                else:
+                    store.record(m, "deployed", {"profile": "agent"}, state="deployed")
+            if i % 1000 == 999:
+                print(f"  state: {i + 1} machines generated, {time.monotonic() - started:.0f} s",
+                      file=sys.stderr, flush=True)
+    finally:
+        store.close()
+    return time.monotonic() - started
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    machines = 10_000
+    events = 10 if args.quick else 100
+    seconds = 3 if args.quick else 10
+    with workdir("bench-state-") as scratch, tempfile.TemporaryDirectory(prefix="bench-state-", dir="/dev/shm") as shm:
+        built = Path(shm) / "bootserver.sqlite3"
+        took = generate(built, machines, events)
+        data = scratch / "data"
+        data.mkdir()
+        shutil.copy(built, data / "bootserver.sqlite3")
+        size_mb = built.stat().st_size / 1e6
+        port = free_port()
+        with Ours(scratch, f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{data}"\n', port) as ours:
+            middle = mac(machines // 2)
+            pages = [("/api/v1/machines", 1), ("/", 1), (f"/machines/{middle}", 1), (f"/api/v1/machines/{middle}", 1),
+                     (f"/machines/{middle}", 8), (f"/api/v1/machines/{middle}", 8)]
+            rows = []
+            targets = []
+            for path, connections in pages:
+                result = wrk(f"{ours.url}{path}", connections, seconds, threads=1, timeout=30)
+                ok = result.p99_ms < 100 and result.errors == 0
+                size = result.bytes / result.requests / 1000 if result.requests else 0
+                mark = ""
+                if connections == 1:
+                    mark = verdict(ok)
+                    targets.append((f"{path} p99 < 100 ms ({result.p99_ms:.0f} ms)", ok))
+                rows.append([f"`{path}`", connections, result.requests, f"{result.rps:.1f}", f"{result.p50_ms:.1f}",
+                             f"{result.p99_ms:.1f}", f"{size:.0f} KB", result.errors, mark])
+                print(f"  state {path} c={connections}: p99 {result.p99_ms:.0f} ms", file=sys.stderr, flush=True)
+            profiles = []
+            if shutil.which("py-spy"):
+                for path in ("/api/v1/machines", "/"):
+                    url = f"{ours.url}{path}"
+                    result, spent, raw = py_spy(ours.pid, lambda u=url: wrk(u, 1, min(seconds, 5), threads=1,
+                                                                              timeout=30))
+                    profiles.append(f"\n#### `{path}` ({result.requests} requests under the profiler)\n\n"
+                                    + summarize_profile(raw, spent, top=10))
+    out = [f"## Scale of state: {machines:,} machines x {events} events{' (--quick)' if args.quick else ''}\n",
+           f"Store generated through Store's API in {took:.0f} s on tmpfs ({size_mb:.0f} MB), then served from the "
+           f"real disk. wrk, {seconds} s per line; p99 over every request of the run.\n",
+           table(["page", "connections", "requests", "req/s", "p50 ms", "p99 ms", "response", "errors",
+                  "target p99 < 100 ms"], rows),
+           "\nTargets:\n", "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets),
+           "\n### Profile of the machine list (py-spy, one connection)\n", *profiles]
+    write_section("state", "\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

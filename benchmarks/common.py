@@ -1,0 +1,452 @@
+"""Shared pieces of the benchmarks: starting servers, reading their CPU and memory, wrk, statistics, tables.
+
+Every benchmark script imports this (benchmarks/ is on sys.path as the script's own directory), prints one
+Markdown section and writes it to benchmarks/results/<name>.md; `benchmarks/run` joins them into latest.md.
+
+Rules kept everywhere: traffic only to loopback addresses, every load loop bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000  # throughput is in MB/s of 10^6 bytes, as iperf and curl report it
+MIB = 1 << 20
+
+sys.path.insert(0, str(ROOT))  # `import bootserver` from the working tree, installed or not
+
+
+def parse_args(doc: str | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true", help="a smoke version: fewer rounds, shorter runs")
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    return parser.parse_args()
+
+
+# -- processes -----------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid`, plus that of its reaped children (tftpd-hpa forks one per transfer)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14-17.
+    return sum(int(v) for v in fields[11:15]) / CLK_TCK
+
+
+class TreeCpu:
+    """CPU seconds of a process and of every process it forks, reaped or not, from a cpuacct cgroup of its own.
+
+    For servers that fork per transfer and ignore SIGCHLD (tftpd-hpa): their children's CPU never reaches
+    the parent's cutime. Falls back to /proc (the process and its reaped children) without cgroups."""
+
+    def __init__(self, pid: int, name: str) -> None:
+        self.pid = pid
+        self.path: Path | None = None
+        v1, v2 = Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup")
+        for base, usage in ((v1, "cpuacct.usage"), (v2, "cpu.stat")):
+            if not (base / "cgroup.procs").is_file():
+                continue
+            if usage == "cpu.stat" and not (base / "cgroup.controllers").is_file():
+                continue  # cgroup v1 without cpuacct: no way to count the children
+            path = base / f"bench-{name}-{pid}"
+            try:
+                path.mkdir()
+                (path / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+                continue
+            self.path, self.usage = path, usage
+            break
+
+    def read(self) -> float:
+        if self.path is None:
+            return cpu_seconds(self.pid)
+        text = (self.path / self.usage).read_text()
+        if self.usage == "cpuacct.usage":
+            return int(text) / 1e9
+        return int(text.split("usage_usec", 1)[1].split()[0]) / 1e6
+
+    def close(self) -> None:
+        """After the process has exited: remove the cgroup (moving any straggler back to the parent)."""
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                (self.path.parent / "cgroup.procs").write_text(pid)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the peak resident set size of `pid`, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`: only this process, which we started."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_http(url: str, timeout: float = 15.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status < 500:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return
+            time.sleep(0.05)
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout:g} s")
+
+
+@dataclass
+class Ours:
+    """`bootserver serve` as a real subprocess, with a config written from `toml`."""
+
+    workdir: Path
+    toml: str
+    http_port: int
+    process: subprocess.Popen | None = None
+    log: Path | None = None
+
+    def start(self) -> Ours:
+        config = self.workdir / "site.toml"
+        config.write_text(self.toml)
+        self.log = self.workdir / "bootserver.log"
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bootserver", "--config", str(config), "--log-level", "warning", "serve"],
+                stdout=log, stderr=log, env=env, cwd=self.workdir)
+        try:
+            wait_http(f"{self.url}/healthz", 30, self.process)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"bootserver did not start:\n{self.log.read_text()[-3000:]}") from None
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, 30)
+
+    def __enter__(self) -> Ours:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A scratch directory on the real disk (like a server's data_dir), removed afterwards."""
+    base = Path(os.environ.get("BENCH_TMP", tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=base) as path:
+        yield Path(path)
+
+
+def random_file(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 4 * MIB))
+            f.write(chunk)
+            left -= len(chunk)
+    return path
+
+
+# -- nginx -----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def nginx(root: Path, scratch: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+    """nginx serving `root` on 127.0.0.1:<free port>, Debian's defaults otherwise (sendfile, auto workers)."""
+    port = free_port()
+    prefix = scratch / "nginx"
+    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""
+user root;
+worker_processes auto;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    types {{ text/plain ipxe; }}
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+""")
+    process = subprocess.Popen(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", 10, process)
+        yield port, process
+    finally:
+        stop(process)
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its live children (nginx's workers), from /proc."""
+    total = cpu_seconds(pid)
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(int(child))
+    return total
+
+
+# -- wrk -----------------------------------------------------------------------------------------------
+
+WRK_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%d,"bytes":%d,"duration_us":%d,"connect":%d,"read":%d,' ..
+    '"write":%d,"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}\\n',
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    bytes: int
+    seconds: float
+    errors: int  # connect, read, write, timeout and HTTP status >= 400
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / self.seconds / MB
+
+
+def wrk(url: str, connections: int, seconds: float, *, threads: int | None = None,
+        timeout: float = 10.0, lua: str = "") -> WrkResult:
+    """Run wrk against `url` for `seconds` (bounded: wrk stops itself, and we kill it at 3x that).
+    `lua`: more of wrk's script (setup/request functions), before our summary."""
+    script = Path(tempfile.gettempdir()) / f"bench-wrk-report-{os.getpid()}.lua"
+    script.write_text(lua + WRK_LUA)
+    threads = threads or min(2, connections)
+    command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
+               "--timeout", f"{timeout:g}s", "--latency", "-s", str(script), url]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds * 3 + 30).stdout
+    finally:
+        script.unlink(missing_ok=True)
+    line = next((line for line in out.splitlines() if line.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    r = json.loads(line.removeprefix("WRKJSON "))
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    return WrkResult(r["requests"], r["bytes"], r["duration_us"] / 1e6, errors, r["p50_us"] / 1000,
+                     r["p99_us"] / 1000, r["max_us"] / 1000)
+
+
+# -- statistics and tables --------------------------------------------------------------------------------
+
+
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    """median (min-max), or the one value when there is one round."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(med(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0-100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(p / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, text: str) -> None:
+    """Print a result section and keep it for latest.md: in $BENCH_PARTS when benchmarks/run runs us,
+    else in benchmarks/results/NAME.md."""
+    parts = Path(os.environ.get("BENCH_PARTS") or RESULTS)
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / f"{name}.md").write_text(text.rstrip() + "\n")
+    print(text.rstrip() + "\n", flush=True)
+
+
+def alternate(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of the servers in one round: rotated every round, so that no one always goes first."""
+    k = round_index % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+# -- py-spy --------------------------------------------------------------------------------------------------
+
+SPY_RATE = 200  # samples per second
+
+
+def py_spy(pid: int, work, fmt: str = "raw", out: Path | None = None):
+    """Run `work()` while py-spy records `pid`: (work's result, seconds work took, the raw profile text or "")."""
+    keep = out is not None
+    out = out or Path(tempfile.gettempdir()) / f"bench-py-spy-{os.getpid()}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", str(SPY_RATE), "--format", fmt,
+                            "-o", str(out), "--duration", "600"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # let it attach
+    started = time.monotonic()
+    try:
+        result = work()
+    finally:
+        elapsed = time.monotonic() - started
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+        try:
+            spy.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.communicate()
+    text = ""
+    if not keep and out.is_file():
+        text = out.read_text()
+        out.unlink()
+    return result, elapsed, text
+
+
+# Frames every sample of an asyncio server has: left out of the inclusive table, which they would fill.
+_PLUMBING = re.compile(r"\((asyncio/|<frozen runpy>|selectors\.py|bootserver/cli\.py|bootserver/__main__\.py)")
+# Waits that py-spy does not recognise as idle: thread-pool workers waiting for work.
+_IDLE = re.compile(r"^_worker \(concurrent/futures/thread\.py:\d+\)$")
+
+
+def summarize_profile(raw: str, seconds: float, rate: int = SPY_RATE, top: int = 15) -> str:
+    """Self and inclusive time per function from py-spy's collapsed stacks ("f1;f2;f3 COUNT" lines)."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    lines_own: collections.Counter[str] = collections.Counter()
+    total = idle = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        if _IDLE.match(_short(frames[-1])):
+            idle += count
+            continue
+        total += count
+        names = [_function(f) for f in frames]
+        own[names[-1]] += count
+        lines_own[_short(frames[-1])] += count
+        for name in set(names):
+            inclusive[name] += count
+    if not total:
+        return "no samples\n"
+    busy = total / (seconds * rate)
+    head = (f"{total} samples while not idle (~{busy:.0%} of one core over the {seconds:.1f} s run"
+            + (f"; {idle} samples of thread-pool workers waiting for work left out" if idle else "") + ").\n\n")
+    own_rows = [(name, f"{100 * n / total:.1f}%") for name, n in own.most_common(top)]
+    inc_rows = [(name, f"{100 * n / total:.1f}%") for name, n in inclusive.most_common()
+                if not _PLUMBING.search(name)][:top]
+    line_rows = [(name, f"{100 * n / total:.1f}%") for name, n in lines_own.most_common(10)]
+    return (head + "Self time (where the CPU is, by function; time in a system call counts as its caller's):\n\n"
+            + table(["function", "self"], own_rows)
+            + "\n\nInclusive time (the function and what it calls; event-loop plumbing left out):\n\n"
+            + table(["function", "inclusive"], inc_rows)
+            + "\n\nHottest lines (self):\n\n" + table(["line", "self"], line_rows) + "\n")
+
+
+def _function(frame: str) -> str:
+    """'_send_block (bootserver/tftp.py:318)' -> '_send_block (bootserver/tftp.py)'."""
+    return re.sub(r":\d+\)$", ")", _short(frame))
+
+
+def _short(frame: str) -> str:
+    frame = re.sub(r"\(/[^()]*/(site-packages|lib/python3\.\d+)/", "(", frame)
+    return re.sub(r"\(/[^()]*/bootserver/", "(bootserver/", frame)
