@@ -184,12 +184,13 @@ class Booter:
             told = f"no profile for {mac}" if spec.profile is None else reason
             text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=told)
             return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
-        self.store.record(mac, "script-served", {"profile": spec.profile.name, "group": spec.group,
-                                                 "reason": spec.reason, "transport": transport},
-                          state="script-served", facts=facts)
-        token = None
+        detail = {"profile": spec.profile.name, "group": spec.group, "reason": spec.reason, "transport": transport}
+        token = record = None
         if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
             token, record = tokens.new_token(mac, self.config.server.token_minutes, client_ip)
+            detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
+        self.store.record(mac, "script-served", detail, state="script-served", facts=facts)
+        if record is not None:
             self.store.add_token(record)
         text = self.render_profile(spec, urls, token)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)

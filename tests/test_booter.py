@@ -54,6 +54,9 @@ def test_raft_script_golden_and_event(booter: Booter):
     event = booter.store.events("52:54:00:00:00:01")[-1]
     assert event.kind == "script-served"
     assert event.detail["group"] == "raft-efi" and event.detail["profile"] == "raft"
+    token = re.search(r"bootserver\.token=(\S+)", payload.data.decode())[1]
+    assert event.detail["token_issued"] == token.split(".")[0]  # the timeline shows the id, never the secret
+    assert token.split(".")[1] not in str(booter.store.events("52:54:00:00:00:01"))
 
 
 def test_local_disk_script_golden(booter: Booter):
