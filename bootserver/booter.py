@@ -260,11 +260,11 @@ class Booter:
         try:
             token_id, secret = tokens.split(report.get("token"))
             tokens.check(self.store.token(token_id), secret, mac, ip=client_ip)
-            host_key, ip = _host_key(report.get("host_key")), _ip(report.get("ip"))
+            (host_key, fingerprint), ip = _host_key(report.get("host_key")), _ip(report.get("ip"))
         except (Unauthorized, Forbidden, BadRequest) as exc:
             self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc)})
             raise
-        detail = {"ip": ip, "host_key": host_key, "fingerprint": _fingerprint(host_key),
+        detail = {"ip": ip, "host_key": host_key, "fingerprint": fingerprint,
                   "kernel": str(report.get("kernel", ""))[:MAX_FACT_LENGTH], "disks": _disks(report.get("disks"))}
         if not self.store.phoned_home(token_id, mac, ip, host_key, detail):
             reason = "this token was used already (a concurrent phone-home won)"
@@ -331,16 +331,13 @@ class Booter:
         return [f"{n} ({self.config.assets[n]})" for n in names if not Path(self.config.assets[n]).is_file()]
 
 
-def _host_key(value: object) -> str:
-    """The node's SSH host key as one OpenSSH line, checked to be a key."""
+def _host_key(value: object) -> tuple[str, str]:
+    """The node's SSH host key as one OpenSSH line, checked to be a key, and its SHA256 fingerprint."""
     try:
-        return asyncssh.import_public_key(str(value)).export_public_key("openssh").decode().strip()
+        key = asyncssh.import_public_key(str(value))
     except (asyncssh.KeyImportError, ValueError, TypeError):
         raise BadRequest("host_key is not an OpenSSH public key line (ssh-ed25519 AAAA...)") from None
-
-
-def _fingerprint(host_key: str) -> str:
-    return asyncssh.import_public_key(host_key).get_fingerprint("sha256")
+    return key.export_public_key("openssh").decode().strip(), key.get_fingerprint("sha256")
 
 
 def _ip(value: object) -> str:

@@ -31,6 +31,7 @@ class Templates:
             autoescape=False,  # iPXE scripts, not HTML; values are checked before they get here
             keep_trailing_newline=True,
         )
+        self._compiled: dict[str, jinja2.Template] = {}  # command lines from the config: a handful
 
     def render(self, name: str, **context: Any) -> str:
         return self._env.get_template(name).render(**context)
@@ -51,4 +52,8 @@ class Templates:
 
     def render_string(self, source: str, **context: Any) -> str:
         """Render a snippet from the config (a kernel command line) with the same rules."""
-        return self._env.from_string(source).render(**context)
+        # Compiled once per distinct source: compiling costs more than rendering, on every boot script.
+        compiled = self._compiled.get(source)
+        if compiled is None:
+            compiled = self._compiled[source] = self._env.from_string(source)
+        return compiled.render(**context)
