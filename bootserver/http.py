@@ -21,8 +21,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .booter import OVERLAY_NAME, Booter, Urls
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 BOOTER = web.AppKey("booter", Booter)
 PUBLIC_ADDRESS = web.AppKey("public_address", str)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024  # phone-home reports are small; anything larger is refused with 413
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, StoreUnavailable: 503}
@@ -57,18 +59,53 @@ def create_app(booter: Booter, public_address: str | None = None) -> web.Applica
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[BOOTER] = booter
     app[PUBLIC_ADDRESS] = public_address or ""
-    app.router.add_get("/boot.ipxe", bootstrap)
-    app.router.add_get("/boot/{mac}.ipxe", machine_script)
-    app.router.add_get("/boot/{mac}/{name}", boot_file)
-    app.router.add_get("/boot/{mac}/{token}/config.json", node_config)
-    app.router.add_get("/boot/{mac}/{token}/" + OVERLAY_NAME, overlay)
-    app.router.add_post("/boot/{mac}/phone-home", phone_home)
-    app.router.add_get("/ipxe/{name}", ipxe_binary)
-    app.router.add_get("/healthz", healthz)
+    get(app, "/boot.ipxe", bootstrap)
+    get(app, "/boot/{mac}.ipxe", machine_script)
+    get(app, "/boot/{mac}/{name}", boot_file)
+    get(app, "/boot/{mac}/{token}/config.json", node_config)
+    get(app, "/boot/{mac}/{token}/" + OVERLAY_NAME, overlay)
+    post(app, "/boot/{mac}/phone-home", phone_home)
+    get(app, "/ipxe/{name}", ipxe_binary)
+    get(app, "/healthz", healthz)
     from . import web as status_pages  # imported here: web.py builds on this module (BOOTER)
 
     status_pages.add_routes(app)
+    app.router.add_route("*", "/{path:.*}", _unrouted, expect_handler=expect_continue)
     return app
+
+
+def get(app: web.Application, path: str, handler: Handler) -> None:
+    app.router.add_get(path, handler, expect_handler=expect_continue)
+
+
+def post(app: web.Application, path: str, handler: Handler) -> None:
+    app.router.add_post(path, handler, expect_handler=expect_continue)
+
+
+async def expect_continue(request: web.Request) -> None:
+    """The `Expect` header, answered before the body is read (and before any middleware runs).
+
+    Ours rather than aiohttp's because aiohttp's echoes the header into its 417 answer and fails with a
+    500 when the header holds bytes that are not UTF-8 (found by fuzz/run).
+    """
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="the only Expect this server understands is 100-continue\n")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not part of the response's size
+
+
+async def _unrouted(request: web.Request) -> web.StreamResponse:
+    """404 or 405 for a path no route takes: routed here, not left to aiohttp, so that `expect_continue`
+    answers its Expect header too."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 @web.middleware

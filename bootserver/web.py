@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from . import metrics, openapi
 from .booter import Booter
 from .errors import BadRequest, BootserverError, Forbidden, NotFound, Unauthorized
-from .http import BOOTER
+from .http import BOOTER, get, post
 from .mac import canonical_mac
 from .status import PROGRESS, clock, event_json, machine_view, size
 from .store import Event, Node
@@ -63,20 +63,20 @@ def add_routes(app: web.Application) -> None:
     app[STREAMS] = set()
     app[METRICS] = metrics.registry(app[BOOTER].store)
     app.on_shutdown.append(_stop_streams)
-    app.router.add_get("/", _page(index))
-    app.router.add_get("/stream", _page(index_stream))
-    app.router.add_get("/machines/{mac}", _page(machine_page))
-    app.router.add_get("/machines/{mac}/stream", _page(machine_stream))
-    app.router.add_post("/machines/{mac}/reprovision", _page(_form_action(Booter.reprovision)))
-    app.router.add_post("/machines/{mac}/boot-from-disk", _page(_form_action(Booter.boot_from_disk)))
-    app.router.add_get("/api/v1/machines", _api(api_machines))
-    app.router.add_get("/api/v1/machines/{mac}", _api(api_machine))
-    app.router.add_get("/api/v1/machines/{mac}/events", _api(api_events))
-    app.router.add_post("/api/v1/machines/{mac}/reprovision", _api(_api_action(Booter.reprovision)))
-    app.router.add_post("/api/v1/machines/{mac}/boot-from-disk", _api(_api_action(Booter.boot_from_disk)))
+    get(app, "/", _page(index))
+    get(app, "/stream", _page(index_stream))
+    get(app, "/machines/{mac}", _page(machine_page))
+    get(app, "/machines/{mac}/stream", _page(machine_stream))
+    post(app, "/machines/{mac}/reprovision", _page(_form_action(Booter.reprovision)))
+    post(app, "/machines/{mac}/boot-from-disk", _page(_form_action(Booter.boot_from_disk)))
+    get(app, "/api/v1/machines", _api(api_machines))
+    get(app, "/api/v1/machines/{mac}", _api(api_machine))
+    get(app, "/api/v1/machines/{mac}/events", _api(api_events))
+    post(app, "/api/v1/machines/{mac}/reprovision", _api(_api_action(Booter.reprovision)))
+    post(app, "/api/v1/machines/{mac}/boot-from-disk", _api(_api_action(Booter.boot_from_disk)))
     # Open even with an API token: a client needs it to learn that (and how) it must authenticate.
-    app.router.add_get("/api/v1/openapi.json", openapi_json)
-    app.router.add_get("/metrics", metrics_page)
+    get(app, "/api/v1/openapi.json", openapi_json)
+    get(app, "/metrics", metrics_page)
 
 
 def _environment() -> jinja2.Environment:

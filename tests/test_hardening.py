@@ -46,6 +46,33 @@ async def test_oversized_header_is_400(app):
     await still_serving(app)
 
 
+@pytest.mark.parametrize(("request_line", "status"), [
+    (b"GET /boot.ipxe", b"417"),  # a route of ours
+    (b"GET /no/such/path", b"417"),  # no route: still our Expect handler, not aiohttp's (which answered 500)
+    (b"POST /boot/52-54-00-00-00-01/phone-home", b"417"),
+])
+async def test_expect_header_that_is_not_utf8_is_417(app, request_line, status):
+    answer = await raw(app.http_address[1], request_line + b" HTTP/1.1\r\nHost: x\r\nExpect: \xff\xfe-continue\r\n"
+                       b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert answer.split()[1] == status, answer[:200]
+    await still_serving(app)
+
+
+async def test_expect_100_continue_is_honoured(app):
+    url = f"http://127.0.0.1:{app.http_address[1]}/boot/52-54-00-00-00-01/phone-home"
+    async with aiohttp.ClientSession() as session, session.post(url, data=b"{}", expect100=True) as response:
+        assert response.status == 401  # the body was read after "100 Continue", and holds no token
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/no/such/path", 404), ("POST", "/healthz", 405), ("DELETE", "/boot.ipxe", 405),
+])
+async def test_unrouted_paths_are_404_or_405(app, method, path, status):
+    url = f"http://127.0.0.1:{app.http_address[1]}{path}"
+    async with aiohttp.ClientSession() as session, session.request(method, url) as response:
+        assert response.status == status
+
+
 async def test_ten_megabyte_body_is_413(app):
     url = f"http://127.0.0.1:{app.http_address[1]}/boot/52-54-00-00-00-01/phone-home"
     async with aiohttp.ClientSession() as session, session.post(url, data=b"{" * (10 << 20)) as response:
