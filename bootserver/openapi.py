@@ -39,11 +39,16 @@ def spec() -> dict[str, Any]:
         "security": [{"bearer": []}, {}],
         "paths": {
             "/api/v1/machines": {"get": {
-                "summary": "Every machine seen, optionally only those in some states",
+                "summary": "The machines seen, by MAC, a page at a time, optionally only those in some states",
                 "parameters": [{"name": "state", "in": "query", "required": False, "style": "form",
                                 "explode": False, "description": "states to list, comma-separated",
-                                "schema": {"type": "array", "items": {"type": "string"}}}],
-                "responses": {"200": _json("MachineList", "the machines, by MAC"), **_ERRORS},
+                                "schema": {"type": "array", "items": {"type": "string"}}},
+                               {"name": "after", "in": "query", "required": False,
+                                "description": "list the machines after this MAC (the last page's `next_after`)",
+                                "schema": {"type": "string"}},
+                               {"name": "limit", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 500}}],
+                "responses": {"200": _json("MachineList", "a page of machines, by MAC"), **_ERRORS},
             }},
             "/api/v1/machines/{mac}": {"get": {
                 "summary": "One machine and its newest events",
@@ -108,6 +113,8 @@ def _schemas() -> dict[str, Any]:
                     }},
         "MachineList": {"type": "object", "required": ["machines"], "properties": {
             "machines": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
+            "next_after": {"type": "string", "nullable": True,
+                           "description": "pass as `after` for the next page; null on the last page"},
             "counts": {"type": "object", "additionalProperties": {"type": "integer"},
                        "description": "machines by state, over all machines"},
         }},

@@ -6,6 +6,7 @@ browser, the API and the terminal tell the same story. Nothing here knows about 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,7 @@ def machine_view(booter: Booter, node: Node) -> MachineView:
                        spec.group, spec.reason, fingerprint(node.host_key), progress(node.state))
 
 
+@functools.lru_cache(maxsize=16384)  # ~18 us a key: 9 ms of every 500-machine page
 def fingerprint(host_key: str | None) -> str | None:
     if not host_key:
         return None

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0  # a comment line this often shows a dead client (and keeps proxies from timing out)
+PAGE_MACHINES = 500  # machines per page of the list (the API may ask for up to 1,000): a big site stays fast
 PAGE_EVENTS = 500  # a machine page shows this many of its newest events; the API pages through all
 BATCH = 100  # events per poll of a stream
 
@@ -197,9 +199,13 @@ def _states(request: web.Request) -> list[str]:
     return [s.strip() for value in request.query.getall("state", []) for s in value.split(",") if s.strip()]
 
 
-def _nodes(booter: Booter, states: list[str]) -> list[Node]:
-    nodes = booter.store.nodes_in_state(*states) if states else booter.store.nodes()
-    return sorted(nodes, key=lambda n: n.mac)
+def _page_of_nodes(request: web.Request, states: list[str], limit: int) -> tuple[list[Node], str | None]:
+    """One page of machines by MAC, those after `?after=MAC`, and the MAC to continue after (None: the last)."""
+    after = request.query.get("after") or None
+    if after is not None:
+        after = canonical_mac(after)  # BadRequest (400) when malformed
+    nodes = request.app[BOOTER].store.nodes(after=after, limit=limit + 1, states=states)
+    return nodes[:limit], nodes[limit - 1].mac if len(nodes) > limit else None
 
 
 def _machine(booter: Booter, mac_text: str) -> Node:
@@ -214,9 +220,13 @@ def _machine(booter: Booter, mac_text: str) -> Node:
 async def index(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
     states = _states(request)
-    views = [machine_view(booter, n) for n in _nodes(booter, states)]
-    return _render(request, "index.html.j2", machines=views, states=states,
-                   counts=booter.store.state_counts(), last_id=booter.store.last_event_id())
+    nodes, next_after = _page_of_nodes(request, states, PAGE_MACHINES)
+    views = [machine_view(booter, n) for n in nodes]
+    query = {"state": ",".join(states)} if states else {}
+    first_url = f"/?{urlencode(query)}" if request.query.get("after") else None
+    next_url = f"/?{urlencode({**query, 'after': next_after})}" if next_after else None
+    return _render(request, "index.html.j2", machines=views, states=states, first_url=first_url,
+                   next_url=next_url, counts=booter.store.state_counts(), last_id=booter.store.last_event_id())
 
 
 async def machine_page(request: web.Request) -> web.Response:
@@ -340,8 +350,10 @@ async def _stop_streams(app: web.Application) -> None:
 
 async def api_machines(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
-    views = [machine_view(booter, n).to_json() for n in _nodes(booter, _states(request))]
-    return _json({"machines": views, "counts": booter.store.state_counts()})
+    limit = min(_whole(request, "limit", PAGE_MACHINES), 1000) or 1
+    nodes, next_after = _page_of_nodes(request, _states(request), limit)
+    views = [machine_view(booter, n).to_json() for n in nodes]
+    return _json({"machines": views, "next_after": next_after, "counts": booter.store.state_counts()})
 
 
 async def api_machine(request: web.Request) -> web.Response:

@@ -46,6 +46,26 @@ async def boot(client, mac: str = "52-54-00-00-00-01") -> None:
 # -- pages ------------------------------------------------------------------------------------------------
 
 
+async def test_machine_list_comes_a_page_at_a_time(client, booter, monkeypatch):
+    macs = [f"52:54:00:00:01:{i:02x}" for i in range(5)]
+    for mac in reversed(macs):
+        booter.store.record(mac, "script-served", state="failed" if mac.endswith(("01", "03")) else "deployed")
+    body = await (await client.get("/api/v1/machines", params={"limit": "2"})).json()
+    assert [m["mac"] for m in body["machines"]] == macs[:2] and body["next_after"] == macs[1]
+    body = await (await client.get("/api/v1/machines", params={"limit": "2", "after": macs[3]})).json()
+    assert [m["mac"] for m in body["machines"]] == macs[4:] and body["next_after"] is None
+    body = await (await client.get("/api/v1/machines", params={"state": "failed", "limit": "1"})).json()
+    assert [m["mac"] for m in body["machines"]] == [macs[1]] and body["next_after"] == macs[1]
+    assert body["counts"] == {"deployed": 3, "failed": 2}  # counts are over all machines, not the page
+    assert (await client.get("/api/v1/machines", params={"after": "not-a-mac"})).status == 400
+    monkeypatch.setattr("bootserver.web.PAGE_MACHINES", 2)
+    html = await (await client.get("/", params={"state": "deployed"})).text()
+    assert macs[0] in html and macs[2] in html and macs[4] not in html
+    assert 'href="/?state=deployed&amp;after=52%3A54%3A00%3A00%3A01%3A02">next page' in html
+    html = await (await client.get("/", params={"state": "deployed", "after": macs[2]})).text()
+    assert macs[4] in html and macs[0] not in html and "next page" not in html and "first page" in html
+
+
 async def test_overview_lists_and_filters_by_state(client, booter):
     await boot(client)
     await client.get("/boot/52-54-00-00-00-02.ipxe")

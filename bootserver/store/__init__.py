@@ -1,0 +1,514 @@
+"""The store: machines, their event log, tokens, leases and jobs. The only code that speaks SQL.
+
+Two backends behind one class: SQLite (sqlite.py), the embedded default for one server, and
+PostgreSQL (postgres.py), for several replicas on one database. Every query is written once, below,
+with `?` placeholders in SQL both understand; the backends spell the few things that differ.
+
+Every write is its own transaction, committed before the call returns, so a killed server loses no
+recorded event. The schema is versioned; MIGRATIONS[n] takes version n to n+1 ({float}, {id} and
+{blob} are the backend's column types).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreUnavailable
+from .postgres import PostgresBackend
+from .sqlite import SqliteBackend
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = [
+    """
+    CREATE TABLE machines (
+        mac        TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        first_seen {float} NOT NULL,
+        last_seen  {float} NOT NULL,
+        facts      TEXT NOT NULL DEFAULT '{{}}'
+    );
+    CREATE TABLE events (
+        id     {id},
+        mac    TEXT NOT NULL REFERENCES machines(mac),
+        time   {float} NOT NULL,
+        kind   TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX events_by_mac ON events(mac, id);
+    """,
+    # Phone-home: one-time tokens (only their hashes), and what a node told us when it called.
+    """
+    CREATE TABLE tokens (
+        id      TEXT PRIMARY KEY,
+        hash    TEXT NOT NULL,
+        mac     TEXT NOT NULL REFERENCES machines(mac),
+        issued  {float} NOT NULL,
+        expires {float} NOT NULL,
+        used    {float}
+    );
+    CREATE INDEX tokens_by_mac ON tokens(mac);
+    ALTER TABLE machines ADD COLUMN host_key TEXT;
+    ALTER TABLE machines ADD COLUMN ip TEXT;
+    ALTER TABLE machines ADD COLUMN reprovision INTEGER NOT NULL DEFAULT 0;
+    """,
+    # DHCP leases of full mode: one row per address; mac NULL for an address a client declined.
+    """
+    CREATE TABLE leases (
+        ip      TEXT PRIMARY KEY,
+        mac     TEXT UNIQUE,
+        state   TEXT NOT NULL,
+        expires {float} NOT NULL
+    );
+    """,
+    # The address that fetched the boot script a token rides on: a phone-home from elsewhere is refused.
+    # NULL for tokens issued before this column existed (they expire within token_minutes anyway).
+    """
+    ALTER TABLE tokens ADD COLUMN ip TEXT;
+    """,
+    # Replicas: which server recorded each event; provisioning jobs that any replica may claim, held by
+    # a lease its owner renews; secrets every replica shares (encrypted before they get here). The live
+    # tokens index keeps issuing a token cheap for a machine that has booted a thousand times.
+    """
+    ALTER TABLE events ADD COLUMN replica TEXT;
+    CREATE TABLE jobs (
+        mac         TEXT PRIMARY KEY REFERENCES machines(mac),
+        state       TEXT NOT NULL,
+        owner       TEXT,
+        lease_until {float},
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        created     {float} NOT NULL,
+        updated     {float} NOT NULL
+    );
+    CREATE INDEX jobs_by_state ON jobs(state, created);
+    CREATE TABLE secrets (
+        name  TEXT PRIMARY KEY,
+        value {blob} NOT NULL
+    );
+    CREATE INDEX tokens_live ON tokens(mac) WHERE used IS NULL;
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A machine as the store knows it: what it reported and how far it got."""
+
+    mac: str
+    state: str
+    first_seen: float
+    last_seen: float
+    facts: dict[str, str] = field(default_factory=dict)
+    host_key: str | None = None  # pinned when it phoned home; SSH trusts only this key
+    ip: str | None = None  # the address it reported when it phoned home
+    reprovision: bool = False  # an operator asked for the whole flow again, disk wipe allowed
+
+
+@dataclass(frozen=True)
+class Token:
+    """A one-time phone-home token: the secret itself is never stored, only its hash."""
+
+    id: str
+    hash: str
+    mac: str
+    issued: float
+    expires: float
+    used: float | None = None
+    ip: str | None = None  # who fetched the script it was issued with; None: not known (any address)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An address held by a DHCP client: `offered` until it asks for it, `bound` once acknowledged.
+
+    `declined` addresses (a client found them in use) have no MAC and are held back until `expires`.
+    """
+
+    ip: str
+    mac: str | None
+    state: str
+    expires: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened to a machine: a script served, a file sent, a report received."""
+
+    id: int
+    mac: str
+    time: float
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    replica: str | None = None  # the server that recorded it (None: recorded before replicas existed)
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    """A provisioning job as one replica holds it: until `lease_until`, renewed while it works."""
+
+    mac: str
+    owner: str | None
+    attempt: int
+    lease_until: float | None
+    taken_over_from: str | None = None  # claimed because this replica's lease lapsed (it died)
+    state: str = "running"  # queued, running or done
+
+
+Backend = SqliteBackend | PostgresBackend
+
+
+class Store:
+    def __init__(self, location: Path | str, replica: str | None = None) -> None:
+        """`location`: an SQLite file (a path, or sqlite:///path) or a postgresql:// URL.
+        `replica`: this server's name, stamped on every event it records (default: the host name)."""
+        self._db: Backend = open_backend(location)
+        self.kind = self._db.kind
+        self.location = self._db.location
+        self.path = location if isinstance(location, Path) else Path(self.location)  # SQLite's file
+        self.replica = replica or socket.gethostname()
+        # The last write's failure (StoreUnavailable's message); None once a write succeeds again.
+        self.problem: str | None = None
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.schema_version()
+
+    def migrate(self) -> tuple[int, int]:
+        """Bring the schema to this bootserver's version: (from, to)."""
+        before = self.schema_version
+        self._migrate()
+        return before, self.schema_version
+
+    def _migrate(self) -> None:
+        with self._transaction():
+            self._db.lock_schema()
+            version = self._db.schema_version()
+            if version > len(MIGRATIONS):
+                raise RuntimeError(f"{self.location} has schema version {version}, newer than this "
+                                   f"bootserver knows ({len(MIGRATIONS)}): upgrade bootserver")
+            types = {"float": self._db.float_type, "id": self._db.id_column, "blob": self._db.blob_type}
+            for step in MIGRATIONS[version:]:
+                for statement in filter(str.strip, step.format(**types).split(";")):
+                    self._db.execute(statement)
+            if version < len(MIGRATIONS):
+                self._db.set_schema_version(len(MIGRATIONS))
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Backend]:
+        """One transaction: committed when the block ends, rolled back whole if anything fails, COMMIT
+        included (a full disk often shows only there), so a failed write leaves nothing behind."""
+        try:
+            self._db.begin()
+            try:
+                yield self._db
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+        except StoreUnavailable as exc:
+            if self.problem is None:
+                log.warning("%s", exc)  # once per outage, not once per refused request
+            self.problem = str(exc)
+            raise
+        if self.problem is not None:
+            log.warning("the store %s can be written again", self.location)
+        self.problem = None
+
+    def _rows(self, sql: str, parameters: Any = ()) -> list[Any]:
+        return self._db.execute(sql, parameters).fetchall()
+
+    def _row(self, sql: str, parameters: Any = ()) -> Any:
+        return self._db.execute(sql, parameters).fetchone()
+
+    def _insert_event(self, db: Backend, mac: str, now: float, kind: str, body: str) -> int:
+        db.lock_for_event()
+        return db.execute("INSERT INTO events (mac, time, kind, detail, replica) VALUES (?, ?, ?, ?, ?) "
+                          "RETURNING id", (mac, now, kind, body, self.replica)).fetchone()["id"]
+
+    def record(self, mac: str, kind: str, detail: dict[str, Any] | None = None, *,
+               state: str | None = None, facts: dict[str, str] | None = None) -> Event:
+        """Append an event for `mac`, creating the machine on first sight, in one transaction.
+
+        `state` moves the machine to a new state; `facts` merges into what it has reported.
+        """
+        now = time.time()
+        body = json.dumps(detail or {}, sort_keys=True)
+        with self._transaction() as db:
+            row = db.execute("SELECT facts FROM machines WHERE mac = ?", (mac,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (mac, state or "discovered", now, now, json.dumps(facts or {})))
+            else:
+                merged = {**json.loads(row["facts"]), **(facts or {})}
+                db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? "
+                           "WHERE mac = ?", (now, state, json.dumps(merged), mac))
+            event_id = self._insert_event(db, mac, now, kind, body)
+        return Event(event_id, mac, now, kind, detail or {}, self.replica)
+
+    # -- one-time tokens --------------------------------------------------------------------------
+
+    def add_token(self, token: Token) -> None:
+        """Keep a new token (its secret only hashed); older unused tokens of the machine stop working."""
+        with self._transaction() as db:
+            db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
+            db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip) VALUES (?, ?, ?, ?, ?, ?)",
+                       (token.id, token.hash, token.mac, token.issued, token.expires, token.ip))
+
+    def token(self, token_id: str) -> Token | None:
+        row = self._row("SELECT * FROM tokens WHERE id = ?", (token_id,))
+        if row is None:
+            return None
+        return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"], row["ip"])
+
+    def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any]) -> bool:
+        """Spend the token, pin the node's host key and queue its provisioning job, in one transaction.
+
+        False if the token was spent meanwhile (by a concurrent phone-home, to this replica or another):
+        exactly one caller wins, so exactly one job is queued.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            # Atomic on both backends: PostgreSQL re-checks `used IS NULL` after waiting for a competing row lock.
+            spent = db.execute("UPDATE tokens SET used = ? WHERE id = ? AND mac = ? AND used IS NULL "
+                               "AND expires > ?", (now, token_id, mac, now)).rowcount
+            if spent != 1:
+                return False
+            db.execute("UPDATE machines SET host_key = ?, ip = ?, state = 'phoned-home', last_seen = ? "
+                       "WHERE mac = ?", (host_key, ip, now, mac))
+            if db.execute("UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL, updated = ? "
+                          "WHERE mac = ?", (now, mac)).rowcount == 0:
+                db.execute("INSERT INTO jobs (mac, state, created, updated) VALUES (?, 'queued', ?, ?)",
+                           (mac, now, now))
+            self._insert_event(db, mac, now, "phoned-home", json.dumps(detail, sort_keys=True))
+        return True
+
+    def set_reprovision(self, mac: str, wanted: bool) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE machines SET reprovision = ? WHERE mac = ?", (int(wanted), mac))
+
+    # -- provisioning jobs (one per machine; any replica may claim a queued one) ------------------------
+
+    def claim_job(self, owner: str, lease_seconds: float) -> JobClaim | None:
+        """Take the oldest queued job, or one whose owner's lease lapsed (that replica died), for `owner`."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' OR (state = 'running' AND lease_until < ? "
+                             "AND owner <> ?) ORDER BY created LIMIT 1" + db.skip_locked, (now, owner)).fetchone()
+            if row is None:
+                return None
+            lapsed = row["owner"] if row["state"] == "running" else None
+            until = now + lease_seconds
+            db.execute("UPDATE jobs SET state = 'running', owner = ?, lease_until = ?, attempt = attempt + 1, "
+                       "updated = ? WHERE mac = ?", (owner, until, now, row["mac"]))
+        return JobClaim(row["mac"], owner, row["attempt"] + 1, until, lapsed)
+
+    def renew_jobs(self, owner: str, macs: Iterable[str], lease_seconds: float) -> set[str]:
+        """Extend `owner`'s leases on `macs`; the MACs it still holds (a missing one was taken over)."""
+        wanted = list(macs)
+        if not wanted:
+            return set()
+        now = time.time()
+        marks = ",".join("?" * len(wanted))
+        with self._transaction() as db:
+            db.execute(f"UPDATE jobs SET lease_until = ?, updated = ? WHERE owner = ? AND state = 'running' "
+                       f"AND mac IN ({marks})", (now + lease_seconds, now, owner, *wanted))
+            rows = db.execute(f"SELECT mac FROM jobs WHERE owner = ? AND state = 'running' AND mac IN ({marks})",
+                              (owner, *wanted)).fetchall()
+        return {row["mac"] for row in rows}
+
+    def finish_job(self, mac: str, owner: str) -> bool:
+        """The job is over (whatever its outcome); False when `owner` no longer held it."""
+        with self._transaction() as db:
+            return db.execute("UPDATE jobs SET state = 'done', lease_until = NULL, updated = ? "
+                              "WHERE mac = ? AND owner = ? AND state = 'running'",
+                              (time.time(), mac, owner)).rowcount == 1
+
+    def running_jobs(self, owner: str) -> list[JobClaim]:
+        """The jobs `owner` holds: after its own restart, the ones it left half done."""
+        return [_job(row) for row in self._rows("SELECT * FROM jobs WHERE owner = ? AND state = 'running' "
+                                                "ORDER BY created", (owner,))]
+
+    def job(self, mac: str) -> JobClaim | None:
+        row = self._row("SELECT * FROM jobs WHERE mac = ?", (mac,))
+        return _job(row) if row else None
+
+    # -- secrets every replica shares (encrypted by the caller) ---------------------------------------
+
+    def secret(self, name: str) -> bytes | None:
+        row = self._row("SELECT value FROM secrets WHERE name = ?", (name,))
+        return bytes(row["value"]) if row else None
+
+    def put_secret_once(self, name: str, value: bytes) -> bytes:
+        """Keep `value` unless `name` is stored already; what is stored. Replicas that start together
+        each generate one: the first to commit wins, and all use its value."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (name, value))
+            return bytes(db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()["value"])
+
+    # -- machines ---------------------------------------------------------------------------------
+
+    def nodes_in_state(self, *states: str) -> list[Node]:
+        return self.nodes(states=states)
+
+    def node(self, mac: str) -> Node | None:
+        row = self._row("SELECT * FROM machines WHERE mac = ?", (mac,))
+        return _node(row) if row else None
+
+    def nodes(self, after: str | None = None, limit: int | None = None,
+              states: Iterable[str] = ()) -> list[Node]:
+        """Machines by MAC: those after `after`, at most `limit`, only in `states` when given."""
+        where, parameters = ["mac > ?"], [after or ""]
+        wanted = list(states)
+        if wanted:
+            where.append(f"state IN ({','.join('?' * len(wanted))})")
+            parameters += wanted
+        sql = f"SELECT * FROM machines WHERE {' AND '.join(where)} ORDER BY mac"
+        if limit is not None:
+            sql += " LIMIT ?"
+            parameters.append(limit)
+        return [_node(row) for row in self._rows(sql, parameters)]
+
+    def node_count(self) -> int:
+        return self._row("SELECT COUNT(*) AS n FROM machines")["n"]
+
+    def events(self, mac: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Events of `mac` with id greater than `after`, oldest first."""
+        rows = self._rows("SELECT * FROM events WHERE mac = ? AND id > ? ORDER BY id LIMIT ?", (mac, after, limit))
+        return [_event(r) for r in rows]
+
+    # -- status pages and metrics (read-only queries) ---------------------------------------------
+
+    def events_after(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Events of every machine with id greater than `after`, oldest first (the live overview)."""
+        return [_event(r) for r in self._rows("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))]
+
+    def last_event_id(self, mac: str | None = None) -> int:
+        """The newest event's id (of `mac`, or of any machine); 0 when there is none."""
+        if mac is None:
+            row = self._row("SELECT MAX(id) AS last FROM events")
+        else:
+            row = self._row("SELECT MAX(id) AS last FROM events WHERE mac = ?", (mac,))
+        return row["last"] or 0
+
+    def state_counts(self) -> dict[str, int]:
+        """How many machines are in each state."""
+        rows = self._rows("SELECT state, COUNT(*) AS n FROM machines GROUP BY state ORDER BY state")
+        return {row["state"]: row["n"] for row in rows}
+
+    def bytes_served(self) -> dict[str, int]:
+        """Bytes of files served to machines, summed over file-served events, by protocol (http, tftp)."""
+        protocol, size = self._db.json_text("detail", "protocol"), self._db.json_number("detail", "bytes")
+        rows = self._rows(f"SELECT {protocol} AS protocol, SUM({size}) AS total FROM events "
+                          f"WHERE kind = 'file-served' GROUP BY 1 ORDER BY 1")
+        return {str(row["protocol"]): int(row["total"] or 0) for row in rows}
+
+    def step_durations(self) -> dict[str, tuple[int, float]]:
+        """Finished provisioning steps, by step: (how many, total seconds), from step-done events."""
+        step, seconds = self._db.json_text("detail", "step"), self._db.json_number("detail", "seconds")
+        rows = self._rows(f"SELECT {step} AS step, COUNT(*) AS n, SUM({seconds}) AS total FROM events "
+                          f"WHERE kind = 'step-done' GROUP BY 1 ORDER BY 1")
+        return {str(row["step"]): (row["n"], float(row["total"] or 0.0)) for row in rows}
+
+    def recent_events(self, mac: str, limit: int = 500) -> list[Event]:
+        """The newest `limit` events of `mac`, oldest first: what a status page shows of a long history."""
+        rows = self._rows("SELECT * FROM (SELECT * FROM events WHERE mac = ? ORDER BY id DESC LIMIT ?) AS recent "
+                          "ORDER BY id", (mac, limit))
+        return [_event(r) for r in rows]
+
+    # -- DHCP leases (full mode) -------------------------------------------------------------------
+    # Each call is one transaction holding the leases table, so two servers (two replicas, or two
+    # processes on one SQLite file) can never hand out one address twice.
+
+    def lease_of(self, mac: str) -> Lease | None:
+        row = self._row("SELECT * FROM leases WHERE mac = ?", (mac,))
+        return _lease(row) if row else None
+
+    def leases(self) -> list[Lease]:
+        return [_lease(row) for row in self._rows("SELECT * FROM leases ORDER BY ip")]
+
+    def offer_lease(self, mac: str, candidates: Iterable[str], expires: float) -> Lease | None:
+        """Hold an address for `mac`: the one it holds already if that is a candidate, else the first
+        candidate nobody holds (or whose lease has run out). None when every candidate is taken."""
+        now = time.time()
+        with self._transaction() as db:
+            db.lock_table("leases")
+            wanted = list(candidates)
+            row = db.execute("SELECT * FROM leases WHERE mac = ?", (mac,)).fetchone()
+            if row is not None and row["ip"] in wanted:
+                # An offer never shortens a lease the client holds already.
+                db.execute("UPDATE leases SET expires = CASE WHEN expires > ? THEN expires ELSE ? END "
+                           "WHERE mac = ?", (expires, expires, mac))
+                return _lease(db.execute("SELECT * FROM leases WHERE mac = ?", (mac,)).fetchone())
+            held = {r["ip"] for r in db.execute("SELECT ip FROM leases WHERE expires > ? AND "
+                                                "(mac IS NULL OR mac <> ?)", (now, mac)).fetchall()}
+            free = next((ip for ip in wanted if ip not in held), None)
+            if free is None:
+                return None
+            db.execute("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, free))
+            db.execute("INSERT INTO leases (ip, mac, state, expires) VALUES (?, ?, 'offered', ?)",
+                       (free, mac, expires))
+        return Lease(free, mac, "offered", expires)
+
+    def bind_lease(self, mac: str, ip: str, expires: float) -> bool:
+        """Give `ip` to `mac` until `expires`; False (nothing changed) while another client holds it."""
+        now = time.time()
+        with self._transaction() as db:
+            db.lock_table("leases")
+            row = db.execute("SELECT * FROM leases WHERE ip = ?", (ip,)).fetchone()
+            if row is not None and row["mac"] != mac and row["expires"] > now:
+                return False
+            db.execute("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, ip))
+            db.execute("INSERT INTO leases (ip, mac, state, expires) VALUES (?, ?, 'bound', ?)", (ip, mac, expires))
+        return True
+
+    def release_lease(self, mac: str, ip: str | None = None) -> bool:
+        """The client gives its address back (or chose another server's offer); True if it held one."""
+        with self._transaction() as db:
+            if ip is None:
+                return db.execute("DELETE FROM leases WHERE mac = ?", (mac,)).rowcount > 0
+            return db.execute("DELETE FROM leases WHERE mac = ? AND ip = ?", (mac, ip)).rowcount > 0
+
+    def decline_lease(self, mac: str, ip: str, until: float) -> bool:
+        """The client found its address in use on the wire: hold the address back from everyone until `until`."""
+        with self._transaction() as db:
+            return db.execute("UPDATE leases SET mac = NULL, state = 'declined', expires = ? "
+                              "WHERE mac = ? AND ip = ?", (until, mac, ip)).rowcount > 0
+
+
+def open_backend(location: Path | str) -> Backend:
+    """The backend `location` names: a postgresql:// URL, else an SQLite file (a path or sqlite:///path)."""
+    if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
+        return PostgresBackend(location)
+    if isinstance(location, str) and location.startswith("sqlite://"):
+        location = location.removeprefix("sqlite://")
+    return SqliteBackend(Path(location))
+
+
+def _lease(row: Any) -> Lease:
+    return Lease(row["ip"], row["mac"], row["state"], row["expires"])
+
+
+def _node(row: Any) -> Node:
+    return Node(row["mac"], row["state"], row["first_seen"], row["last_seen"], json.loads(row["facts"]),
+                row["host_key"], row["ip"], bool(row["reprovision"]))
+
+
+def _event(row: Any) -> Event:
+    return Event(row["id"], row["mac"], row["time"], row["kind"], json.loads(row["detail"]), row["replica"])
+
+
+def _job(row: Any) -> JobClaim:
+    return JobClaim(row["mac"], row["owner"], row["attempt"], row["lease_until"], state=row["state"])
