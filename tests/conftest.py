@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from postgres import PostgresServer
 
 from bootserver import config as configuration
 from bootserver.app import App
@@ -85,9 +86,23 @@ def config(config_file: Path) -> configuration.Config:
     return configuration.load(config_file)
 
 
-@pytest.fixture
-def store(config: configuration.Config):
-    store = Store(config.server.database)
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server (tests/postgres.py), started on first use, for the whole session."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, config: configuration.Config):
+    """The store on each backend: every test using it (and the booter) runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        location = config.server.database
+    else:
+        location = request.getfixturevalue("postgres").new_database()
+    store = Store(location, replica="test-replica")
     yield store
     store.close()
 

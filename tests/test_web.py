@@ -282,6 +282,7 @@ async def test_server_shutdown_ends_open_streams(aiohttp_client, booter):
     stream.close()
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # the CLI process opens the config's SQLite file
 async def test_stream_shows_what_another_process_recorded(client, booter, config_file):
     """`bootserver reprovision` in a shell writes to the store; an open page sees it (the stream polls)."""
     import sys

@@ -246,12 +246,12 @@ class Store:
         now = time.time()
         body = json.dumps(detail or {}, sort_keys=True)
         with self._transaction() as db:
-            row = db.execute("SELECT facts FROM machines WHERE mac = ?", (mac,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) "
-                           "VALUES (?, ?, ?, ?, ?)",
-                           (mac, state or "discovered", now, now, json.dumps(facts or {})))
-            else:
+            # Two replicas may see a new machine at once: one inserts, the other updates.
+            created = db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) "
+                                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (mac) DO NOTHING",
+                                 (mac, state or "discovered", now, now, json.dumps(facts or {}))).rowcount
+            if not created:
+                row = db.execute("SELECT facts FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
                 merged = {**json.loads(row["facts"]), **(facts or {})}
                 db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? "
                            "WHERE mac = ?", (now, state, json.dumps(merged), mac))

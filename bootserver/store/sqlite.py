@@ -19,7 +19,7 @@ class SqliteBackend:
     kind = "sqlite"
     # Dialect: how the few statements that differ are spelled here (see Store).
     float_type, id_column, blob_type = "REAL", "INTEGER PRIMARY KEY", "BLOB"
-    skip_locked = ""  # BEGIN IMMEDIATE already holds the only write lock there is
+    skip_locked = row_lock = ""  # BEGIN IMMEDIATE already holds the only write lock there is
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

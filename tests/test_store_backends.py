@@ -1,0 +1,241 @@
+"""The store's contract on both backends (the `store` fixture runs each test on SQLite and on PostgreSQL),
+then what only PostgreSQL replicas need: several servers racing on one database."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from bootserver.errors import StoreUnavailable
+from bootserver.store import MIGRATIONS, Store, Token
+
+MAC = "52:54:00:00:00:01"
+
+
+def phoned_home(store: Store, mac: str, token_id: str = "t") -> bool:
+    store.record(mac, "script-served", state="script-served")
+    now = time.time()
+    store.add_token(Token(f"{token_id}-{mac}", "hash", mac, now, now + 60))
+    return store.phoned_home(f"{token_id}-{mac}", mac, "10.0.0.5", "ssh-ed25519 AAAA", {"ip": "10.0.0.5"})
+
+
+def test_events_keep_order_detail_and_replica(store):
+    first = store.record(MAC, "script-served", {"profile": "p", "n": 1}, state="script-served", facts={"a": "1"})
+    second = store.record(MAC, "file-served", {"protocol": "http", "bytes": 10}, facts={"b": "2"})
+    assert second.id > first.id and first.replica == "test-replica"
+    node = store.node(MAC)
+    assert node.state == "script-served" and node.facts == {"a": "1", "b": "2"}
+    assert [(e.kind, e.detail, e.replica) for e in store.events(MAC)] == [
+        ("script-served", {"profile": "p", "n": 1}, "test-replica"),
+        ("file-served", {"protocol": "http", "bytes": 10}, "test-replica")]
+    assert [e.id for e in store.events_after(first.id)] == [second.id]
+    assert store.last_event_id() == store.last_event_id(MAC) == second.id
+    assert [e.id for e in store.recent_events(MAC, 1)] == [second.id]
+    assert store.bytes_served() == {"http": 10}
+    assert store.schema_version == len(MIGRATIONS)
+
+
+def test_aggregates_over_json_details(store):
+    store.record(MAC, "step-done", {"step": "disk", "seconds": 1.5})
+    store.record(MAC, "step-done", {"step": "disk", "seconds": 2.0})
+    store.record(MAC, "file-served", {"protocol": "tftp", "bytes": 3})
+    assert store.step_durations() == {"disk": (2, 3.5)}
+    assert store.bytes_served() == {"tftp": 3}
+
+
+def test_machines_page_by_mac_and_state(store):
+    for i in range(5):
+        store.record(f"52:54:00:00:00:0{i}", "x", state="failed" if i % 2 else "deployed")
+    assert [n.mac[-1] for n in store.nodes()] == list("01234")
+    assert [n.mac[-1] for n in store.nodes(after="52:54:00:00:00:01", limit=2)] == ["2", "3"]
+    assert [n.mac[-1] for n in store.nodes(states=["failed"])] == ["1", "3"]
+    assert [n.mac[-1] for n in store.nodes_in_state("deployed", "failed")] == list("01234")
+    assert store.node_count() == 5 and store.state_counts() == {"deployed": 3, "failed": 2}
+
+
+def test_a_token_is_spent_once_and_queues_one_job(store):
+    assert phoned_home(store, MAC)
+    assert not store.phoned_home(f"t-{MAC}", MAC, "10.0.0.5", "ssh-ed25519 AAAA", {})  # replayed
+    node = store.node(MAC)
+    assert (node.state, node.ip, node.host_key) == ("phoned-home", "10.0.0.5", "ssh-ed25519 AAAA")
+    job = store.job(MAC)
+    assert (job.state, job.owner, job.attempt) == ("queued", None, 0)
+
+
+def test_jobs_are_claimed_renewed_finished_and_taken_over_when_a_lease_lapses(store):
+    assert phoned_home(store, MAC)
+    claim = store.claim_job("a", lease_seconds=30)
+    assert (claim.mac, claim.owner, claim.attempt, claim.taken_over_from) == (MAC, "a", 1, None)
+    assert store.claim_job("b", lease_seconds=30) is None  # held, and its lease is live
+    assert store.renew_jobs("a", [MAC], 0.05) == {MAC}
+    assert store.running_jobs("a")[0].mac == MAC
+    time.sleep(0.1)  # a's lease lapses: as if a died
+    assert store.claim_job("a", lease_seconds=30) is None  # a restarted replica settles its own jobs instead
+    taken = store.claim_job("b", lease_seconds=30)
+    assert (taken.owner, taken.attempt, taken.taken_over_from) == ("b", 2, "a")
+    assert store.renew_jobs("a", [MAC], 30) == set()  # a learns it lost the job
+    assert not store.finish_job(MAC, "a")
+    assert store.finish_job(MAC, "b")
+    assert store.job(MAC).state == "done" and store.claim_job("b", 30) is None
+    assert phoned_home(store, MAC, token_id="again")  # the next boot queues the same machine's job again
+    assert store.claim_job("b", 30).attempt == 3
+
+
+def test_the_first_secret_stored_wins(store):
+    assert store.secret("ca") is None
+    assert store.put_secret_once("ca", b"\x00first") == b"\x00first"
+    assert store.put_secret_once("ca", b"second") == b"\x00first"
+    assert store.secret("ca") == b"\x00first"
+
+
+def test_leases_are_offered_bound_released_and_declined(store):
+    pool = ["10.0.0.10", "10.0.0.11"]
+    assert store.offer_lease("52:54:00:00:00:0a", pool, time.time() + 60).ip == "10.0.0.10"
+    assert store.offer_lease("52:54:00:00:00:0b", pool, time.time() + 60).ip == "10.0.0.11"
+    assert store.offer_lease("52:54:00:00:00:0c", pool, time.time() + 60) is None
+    long = time.time() + 3600
+    assert store.bind_lease("52:54:00:00:00:0a", "10.0.0.10", long)
+    assert store.offer_lease("52:54:00:00:00:0a", pool, time.time() + 5).expires == long  # never shortened
+    assert not store.bind_lease("52:54:00:00:00:0c", "10.0.0.10", long)
+    assert store.decline_lease("52:54:00:00:00:0b", "10.0.0.11", time.time() + 60)
+    assert store.release_lease("52:54:00:00:00:0a")
+    assert [(lease.ip, lease.mac, lease.state) for lease in store.leases()] == [("10.0.0.11", None, "declined")]
+
+
+# -- PostgreSQL replicas: several servers on one database ---------------------------------------------
+
+
+@pytest.fixture
+def database(postgres) -> str:
+    return postgres.new_database()
+
+
+def test_replicas_migrating_at_once_migrate_once(database):
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda i: Store(database, replica=f"r{i}"), range(4)))
+    assert {s.schema_version for s in stores} == {len(MIGRATIONS)}
+    assert stores[0].migrate() == (len(MIGRATIONS), len(MIGRATIONS))
+    for s in stores:
+        s.close()
+
+
+def test_two_hundred_jobs_claimed_by_four_replicas_none_twice(database):
+    setup = Store(database, replica="setup")
+    macs = [f"52:54:00:00:{i >> 8:02x}:{i & 0xFF:02x}" for i in range(200)]
+    for mac in macs:
+        assert phoned_home(setup, mac)
+    claimed: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def replica(name: str) -> None:
+        store = Store(database, replica=name)
+        while (claim := store.claim_job(name, 60)) is not None:
+            with lock:
+                claimed.append((claim.mac, name))
+        store.close()
+
+    threads = [threading.Thread(target=replica, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(mac for mac, _ in claimed) == sorted(macs)  # every job once, none twice
+    assert len({name for _, name in claimed}) > 1  # and the work was really shared
+    setup.close()
+
+
+def test_one_token_presented_to_two_replicas_at_once_wins_once(database):
+    a, b = Store(database, replica="a"), Store(database, replica="b")
+    wins = 0
+    for i in range(50):
+        mac = f"52:54:00:00:01:{i:02x}"
+        a.record(mac, "script-served")
+        now = time.time()
+        a.add_token(Token(f"tok{i}", "hash", mac, now, now + 60))
+        barrier = threading.Barrier(2)
+
+        def spend(store: Store, mac: str = mac, i: int = i, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait()
+            return store.phoned_home(f"tok{i}", mac, "10.0.0.5", "ssh-ed25519 AAAA", {})
+
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(spend, [a, b]))
+        assert sorted(results) == [False, True]
+        wins += sum(results)
+        assert [e.kind for e in a.events(mac)].count("phoned-home") == 1
+    assert wins == 50
+    a.close()
+    b.close()
+
+
+def test_two_replicas_never_lease_one_address_twice(database):
+    stores = [Store(database, replica=f"r{i}") for i in range(8)]  # one Store per thread, as one per server
+    pool = [f"10.0.0.{i}" for i in range(10, 30)]
+
+    def take(i: int) -> list[str]:
+        leases = [stores[i].offer_lease(f"52:54:00:00:02:{i * 5 + n:02x}", pool, time.time() + 60) for n in range(5)]
+        return [lease.ip for lease in leases if lease]
+
+    with ThreadPoolExecutor(8) as executor:
+        got = [ip for ips in executor.map(take, range(8)) for ip in ips]
+    assert len(got) == len(set(got)) == 20  # the pool, each address once; the other 20 were refused
+    for s in stores:
+        s.close()
+
+
+def test_event_ids_become_visible_in_order(database):
+    """A reader polling `id > last seen` (the live pages) must never skip an event another replica
+    commits late: ids are taken in commit order."""
+    writers = [Store(database, replica=f"w{i}") for i in range(4)]
+    reader = Store(database, replica="reader")
+    stop = threading.Event()
+    seen: list[int] = []
+    failures: list[Exception] = []
+
+    def write(store: Store) -> None:
+        try:
+            while not stop.is_set():
+                store.record("52:54:00:00:03:01", "tick")  # the first ones create the machine, at once
+                store.record(f"52:54:00:00:04:{store.replica[1:]:0>2}", "tock")  # a machine of its own
+        except Exception as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in writers]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        seen += [e.id for e in reader.events_after(seen[-1] if seen else 0)]
+    stop.set()
+    for t in threads:
+        t.join()
+    seen += [e.id for e in reader.events_after(seen[-1] if seen else 0)]
+    assert not failures
+    assert seen == [e.id for e in reader.events_after(0, limit=10**6)]  # nothing skipped, nothing twice
+    assert len(seen) > 100
+    for s in [*writers, reader]:
+        s.close()
+
+
+def test_a_lost_database_is_a_clear_error_and_comes_back(postgres, database):
+    store = Store(database, replica="r")
+    store.record(MAC, "before")
+    postgres.stop()
+    try:
+        with pytest.raises(StoreUnavailable, match=r"check that PostgreSQL is running.*nothing of this request"):
+            store.record(MAC, "during")
+        assert "cannot be used" in store.problem
+    finally:
+        postgres.start()
+    store.record(MAC, "after")
+    assert [e.kind for e in store.events(MAC)] == ["before", "after"] and store.problem is None
+    store.close()
+
+
+def test_the_password_never_shows_in_errors():
+    with pytest.raises(StoreUnavailable) as raised:
+        Store("postgresql://bootserver:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(raised.value) and "bootserver:***@127.0.0.1:1/db" in str(raised.value)
