@@ -20,7 +20,7 @@ from .booter import Booter
 from .config import Config
 from .errors import ConfigError
 from .jobs import Provisioner
-from .pki import ServerKeys
+from .pki import open_keys
 from .store import Store
 from .templates import Templates
 
@@ -46,8 +46,8 @@ class App:
         keep-alives (`provision.provision`'s keywords), shortened by tests."""
         config.server.data_dir.mkdir(parents=True, exist_ok=True)
         config.server.tftp_root.mkdir(exist_ok=True)
-        store = Store(config.server.database)
-        keys = ServerKeys.load_or_create(config.server.data_dir / "keys")
+        store = Store(config.server.database, replica=config.server.replica)
+        keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
         booter = Booter(config, store, Templates(config.server.templates_dir), keys)
         provisioner = Provisioner(booter, **(ssh_options or {}))
         booter.on_phoned_home = provisioner.schedule
@@ -142,7 +142,8 @@ class App:
 
 
 # Settings the running servers were built from: sockets, the store, the DHCP responder, the job cap.
-RESTART_SERVER_KEYS = ("http", "tftp", "data_dir", "public_address", "provision_concurrency")
+RESTART_SERVER_KEYS = ("http", "tftp", "data_dir", "public_address", "provision_concurrency", "database_url",
+                       "replica", "secret_key_file", "job_lease_seconds")
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:

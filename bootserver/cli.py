@@ -17,7 +17,7 @@ from .errors import BootserverError, NotFound
 from .lab import ADDRESS as LAB_ADDRESS
 from .lab import Lab
 from .mac import canonical_mac
-from .pki import ServerKeys
+from .pki import open_keys
 from .status import clock, machine_view, summarize
 from .store import Store
 from .templates import Templates
@@ -73,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/images/agent)")
     build.set_defaults(command=cmd_image_build)
 
+    db = commands.add_parser("db", help="the store's schema, and moving from SQLite to PostgreSQL")
+    db_commands = db.add_subparsers(required=True, metavar="ACTION")
+    migrate = db_commands.add_parser("migrate", help="bring the store's schema to this version (serve does it too)")
+    migrate.add_argument("--database", help="a postgresql:// URL (default: the config's store)")
+    migrate.set_defaults(command=cmd_db_migrate)
+    copy = db_commands.add_parser("copy", help="copy an SQLite store into an empty PostgreSQL database")
+    copy.add_argument("--from", dest="source", type=Path, required=True, help="the SQLite file (bootserver.sqlite3)")
+    copy.add_argument("--to", dest="target", required=True, help="postgresql://user:password@host/dbname")
+    copy.set_defaults(command=cmd_db_copy)
+
     lab = commands.add_parser("lab", help="QEMU VMs on a VDE switch netbooting from bootserver (root; vde2, QEMU)")
     lab.add_argument("--dir", type=Path, help="where the lab keeps its state, logs and disks (default: DATA_DIR/lab)")
     lab_commands = lab.add_subparsers(required=True, metavar="ACTION")
@@ -115,7 +125,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
-    store = Store(config.server.database)
+    store = Store(config.server.database, replica=config.server.replica)
     seen, _ = store.nodes(), store.close()
     if not seen:
         print(f"no machines yet (store: {config.server.database})")
@@ -192,8 +202,30 @@ def cmd_reprovision(args: argparse.Namespace) -> int:
 
 def _booter(config: configuration.Config) -> Booter:
     """The core without the servers: for commands that read or mark machines in the store."""
-    keys = ServerKeys.load_or_create(config.server.data_dir / "keys")
-    return Booter(config, Store(config.server.database), Templates(config.server.templates_dir), keys)
+    store = Store(config.server.database, replica=config.server.replica)
+    keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
+    return Booter(config, store, Templates(config.server.templates_dir), keys)
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    store = Store(args.database or config.server.database, replica=config.server.replica, migrate=False)
+    before, after = store.migrate()
+    print(f"{store.location}: schema version {before} -> {after}" if before != after
+          else f"{store.location}: schema version {after}, current")
+    store.close()
+    return 0
+
+
+def cmd_db_copy(args: argparse.Namespace) -> int:
+    if not args.source.is_file():
+        raise BootserverError(f"{args.source}: no such SQLite file (it is data_dir/bootserver.sqlite3)")
+    source, target = Store(args.source), Store(args.target)
+    counts = source.copy_into(target)
+    print(f"copied {', '.join(f'{n} {table}' for table, n in counts.items())} into {target.location}")
+    print("next: put the old server's data_dir/keys on the first replica's data_dir before it starts (it moves "
+          "them into the database), then start every replica with the same secret_key_file")
+    return 0
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:

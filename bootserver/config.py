@@ -8,6 +8,9 @@ never becomes a machine that silently boots the wrong thing.
     tftp = "0.0.0.0:6969"              # 69 when root
     public_address = "192.0.2.10"      # how machines reach us, when it differs from what they ask for
     data_dir = "/var/lib/bootserver"
+    # database = "postgresql://bootserver:PASSWORD@db.example/bootserver"   # replicas (README); default SQLite
+    # replica = "boot-a"                  # this server's name in events (default: the host name)
+    # peers = ["http://192.0.2.11:8080"]  # the other replicas: nodes phone home there when we are down
 
     [assets]                           # files by name; relative paths are under data_dir
     agent-kernel = "images/agent/vmlinuz"
@@ -29,6 +32,7 @@ never becomes a machine that silently boots the wrong thing.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -67,14 +71,24 @@ class ServerConfig:
     phone_home_minutes: int = 20  # a machine served a kernel that has not called back by then has failed
     provision_concurrency: int = 8  # nodes provisioned over SSH at once
     api_token: str | None = None  # when set: Bearer token for /api/v1 and the status pages' buttons
+    database_url: str | None = None  # postgresql://... for replicas; None: the SQLite file in data_dir
+    replica: str = field(default_factory=socket.gethostname)  # this server's name in events and job ownership
+    secret_key_file: Path | None = None  # encrypts the secrets replicas share; None: data_dir/secret.key
+    job_lease_seconds: int = 30  # a replica that stops renewing its jobs this long loses them to another
+    peers: tuple[str, ...] = ()  # base URLs of the other replicas: a node's phone-home falls back to them
 
     @property
     def tftp_root(self) -> Path:
         return self.data_dir / "tftp"
 
     @property
-    def database(self) -> Path:
-        return self.data_dir / "bootserver.sqlite3"
+    def database(self) -> Path | str:
+        """Where the store is: a postgresql:// URL, or the SQLite file."""
+        return self.database_url or self.data_dir / "bootserver.sqlite3"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"
 
 
 @dataclass(frozen=True)
@@ -212,7 +226,8 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 
 def _server(raw: dict[str, Any], where: str) -> ServerConfig:
     only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
-                     "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token"}, where)
+                     "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token", "database",
+                     "replica", "secret_key_file", "job_lease_seconds", "peers"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
         raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
@@ -232,7 +247,38 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         phone_home_minutes=_positive(raw, "phone_home_minutes", where, 20),
         provision_concurrency=_positive(raw, "provision_concurrency", where, 8),
         api_token=_api_token(raw, where),
+        database_url=_database(raw, where),
+        replica=_replica(raw, where),
+        secret_key_file=Path(_str(raw, "secret_key_file", where)) if "secret_key_file" in raw else None,
+        job_lease_seconds=_positive(raw, "job_lease_seconds", where, 30),
+        peers=_peers(raw, where),
     )
+
+
+def _database(raw: dict[str, Any], where: str) -> str | None:
+    """A postgresql:// URL for replicas; None (the key left out) for the SQLite file in data_dir."""
+    if "database" not in raw:
+        return None
+    value = _str(raw, "database", where)
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{where} database: expected postgresql://user:password@host/dbname; leave it out for "
+                          f"the embedded SQLite store (data_dir/bootserver.sqlite3)")
+    return value
+
+
+def _replica(raw: dict[str, Any], where: str) -> str:
+    name = _str(raw, "replica", where, socket.gethostname())
+    if not name or len(name) > 63 or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"{where} replica: expected a short name of letters, digits, '-', '_' or '.', "
+                          f"got {name!r}")
+    return name
+
+
+def _peers(raw: dict[str, Any], where: str) -> tuple[str, ...]:
+    peers = raw.get("peers", [])
+    if not isinstance(peers, list) or not all(isinstance(p, str) and p.startswith("http://") for p in peers):
+        raise ConfigError(f"{where} peers: expected a list of the other replicas' base URLs (http://host:port)")
+    return tuple(p.rstrip("/") for p in peers)
 
 
 def _api_token(raw: dict[str, Any], where: str) -> str | None:

@@ -1,10 +1,17 @@
-"""Provisioning jobs: which phoned-home nodes get provisioned, how many at once, what a restart leaves.
+"""Provisioning jobs: which phoned-home nodes get provisioned, by which replica, how many at once, and
+what a restart or a dead replica leaves.
 
 The SSH work for one node is `provision.provision`; this module decides when it runs, turns its
 step events into machine states, and keeps the state machine honest across failures and restarts:
 
     script-served -> kernel-served -> phoned-home -> disk -> deploy -> finishing -> deployed
     any step -> failed (a command failed) | interrupted (the node or the server went away)
+
+A phone-home queues the machine's job in the store (one per machine, whichever replica took the
+call). Every replica's claim loop takes queued jobs under its concurrency cap and holds each by a
+lease it renews; a replica that dies stops renewing, and after `job_lease_seconds` another takes its
+jobs over and runs them again (`resumed` in the machine's events). A replica that restarts marks the
+jobs it had accepted or was running `interrupted` instead: the node may be mid-reboot, so no blind rerun.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from .booter import Booter
 from .errors import BootserverError, StoreUnavailable
 from .mac import hyphenated
 from .provision import Job, NodeAccess, NodeLost, provision
-from .store import Node
+from .store import JobClaim, Node
 
 log = logging.getLogger(__name__)
 
@@ -28,39 +35,60 @@ STEP_STATES = {"disk": "disk", "deploy": "deploy", "finish": "finishing"}
 # States in which a node is being provisioned: a server that stops there leaves it interrupted.
 IN_PROGRESS = ("phoned-home", *STEP_STATES.values())
 SWEEP_SECONDS = 30.0
+CLAIM_POLL_SECONDS = 1.0  # how soon a job queued through another replica is noticed here
 
 
 class Provisioner:
     def __init__(self, booter: Booter, **ssh_options: float) -> None:
         self.booter = booter
         self.store = booter.store
-        self._cap = asyncio.Semaphore(booter.config.server.provision_concurrency)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}  # by MAC: the jobs this replica holds
+        self._wake = asyncio.Event()
         self._ssh_options = ssh_options  # timeouts and keep-alive, shortened by tests
-        self._sweeper: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
+
+    @property
+    def replica(self) -> str:
+        return self.booter.config.server.replica
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.booter.config.server.job_lease_seconds
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Settle what a previous run left half done, then watch for nodes that never call back."""
+        """Settle what a previous run left half done, then claim jobs and watch for nodes that never call."""
         self.recover()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._sweep_forever()), loop.create_task(self._claim_forever()),
+                       loop.create_task(self._renew_forever())]
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._sweeper, *self._tasks.values()] if t is not None]
+        tasks = [*self._loops, *self._running.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def recover(self) -> None:
-        """Nodes that were mid-provisioning when the server stopped are interrupted, not rerun blindly.
+        """Jobs this replica had accepted or was running when it stopped are interrupted, not rerun
+        blindly; so are machines left mid-provisioning with no job (a store from before jobs).
 
         They may be wiped when they phone home again: the half-done disk is ours.
         """
+        for claim in self.store.unfinished_jobs(self.replica):
+            node = self.store.node(claim.mac)
+            if node is not None and node.state in IN_PROGRESS:
+                self._interrupt(node, f"the server stopped during {node.state}")
+            self.store.finish_job(claim.mac, self.replica)
         for node in self.store.nodes_in_state(*IN_PROGRESS):
-            self.store.set_reprovision(node.mac, True)
-            self.store.record(node.mac, "interrupted", {"reason": f"the server stopped during {node.state}"},
-                              state="interrupted")
+            job = self.store.job(node.mac)
+            if job is None or job.state == "done":
+                self._interrupt(node, f"the server stopped during {node.state}")
+
+    def _interrupt(self, node: Node, reason: str) -> None:
+        self.store.set_reprovision(node.mac, True)
+        self.store.record(node.mac, "interrupted", {"reason": reason}, state="interrupted")
 
     def sweep(self, now: float | None = None) -> None:
         """A node served a kernel that has not phoned home in time has failed, with the reason."""
@@ -80,47 +108,78 @@ class Provisioner:
     # -- jobs ---------------------------------------------------------------------------------------
 
     def schedule(self, mac: str) -> None:
-        """Provision `mac` in the background (under the concurrency cap), unless it already is."""
-        running = self._tasks.get(mac)
-        if running is not None and not running.done():
-            return
-        self._tasks[mac] = asyncio.get_running_loop().create_task(self._run(mac))
+        """A phone-home queued `mac`'s job: claim it now rather than at the next poll."""
+        self._wake.set()
 
-    async def wait(self, mac: str) -> None:
-        """Until the job of `mac` (if any) is over; for the CLI and tests."""
-        task = self._tasks.get(mac)
-        if task is not None:
-            await asyncio.shield(task)
+    async def _claim_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(StoreUnavailable):  # logged by the store; the next round tries again
+                while len(self._running) < self.booter.config.server.provision_concurrency:
+                    claim = self.store.claim_job(self.replica, self.lease_seconds)
+                    if claim is None:
+                        break
+                    task = loop.create_task(self._run(claim))
+                    self._running[claim.mac] = task
+                    task.add_done_callback(lambda _, mac=claim.mac: self._done(mac))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), CLAIM_POLL_SECONDS)
+            self._wake.clear()
 
-    async def _run(self, mac: str) -> None:
+    def _done(self, mac: str) -> None:
+        self._running.pop(mac, None)
+        self._wake.set()  # room under the cap for the next job
+
+    async def _renew_forever(self) -> None:
+        """Renew this replica's leases well before they lapse; a job another replica took over (we were
+        too slow, or cut off from the database) is stopped here, so it never runs twice at once."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            mine = list(self._running)
+            try:
+                held = self.store.renew_jobs(self.replica, mine, self.lease_seconds)
+            except StoreUnavailable:
+                continue
+            for mac in set(mine) - held:
+                log.warning("provisioning %s: another replica took this job over; stopping here", mac)
+                self._running[mac].cancel()
+
+    async def _run(self, claim: JobClaim) -> None:
         try:
-            await self._provision(mac)
+            if claim.taken_over_from is not None:
+                node = self.store.node(claim.mac)
+                state = node.state if node else None
+                self.store.record(claim.mac, "resumed", {"from": claim.taken_over_from, "state": state,
+                                                         "attempt": claim.attempt})
+                if state in STEP_STATES.values():  # its disk may be half made, by us: wipe allowed
+                    self.store.set_reprovision(claim.mac, True)
+            await self._provision(claim.mac)
+            self.store.finish_job(claim.mac, self.replica)
         except StoreUnavailable as exc:
-            # Its outcome could not be recorded: on restart (or the next phone-home) it is settled again.
-            log.error("provisioning %s: cannot record its outcome: %s", mac, exc)
+            # Its outcome could not be recorded: the lease lapses and another replica (or this one) retries.
+            log.error("provisioning %s: cannot record its outcome: %s", claim.mac, exc)
 
     async def _provision(self, mac: str) -> None:
-        async with self._cap:
-            node = self.store.node(mac)
-            job = self.job(node) if node else None
-            if job is None:
-                return
-            try:
-                await provision(job, self.booter.keys, lambda kind, detail: self._record(mac, kind, detail),
-                                render=self.booter.templates.render_file, **self._ssh_options)
-            except NodeLost as exc:
-                # Not retried: the node may be dead or rebooting. Its next phone-home starts over (wipe allowed).
-                self.store.set_reprovision(mac, True)
-                self.store.record(mac, "interrupted", {"reason": f"the node stopped answering during {exc.step}: "
-                                                                 f"{exc}", "step": exc.step}, state="interrupted")
-            except BootserverError as exc:
-                self.store.record(mac, "failed", {"reason": str(exc)}, state="failed")
-            except Exception as exc:  # a bug of ours: the machine must still end in a state that says so
-                log.exception("provisioning %s failed", mac)
-                self.store.record(mac, "failed", {"reason": f"internal error: {exc!r}"}, state="failed")
-            else:
-                self.store.set_reprovision(mac, False)
-                self.store.record(mac, "deployed", {"profile": job.context["profile"]}, state="deployed")
+        node = self.store.node(mac)
+        job = self.job(node) if node else None
+        if job is None:
+            return
+        try:
+            await provision(job, self.booter.keys, lambda kind, detail: self._record(mac, kind, detail),
+                            render=self.booter.templates.render_file, **self._ssh_options)
+        except NodeLost as exc:
+            # Not retried: the node may be dead or rebooting. Its next phone-home starts over (wipe allowed).
+            self.store.set_reprovision(mac, True)
+            self.store.record(mac, "interrupted", {"reason": f"the node stopped answering during {exc.step}: "
+                                                             f"{exc}", "step": exc.step}, state="interrupted")
+        except BootserverError as exc:
+            self.store.record(mac, "failed", {"reason": str(exc)}, state="failed")
+        except Exception as exc:  # a bug of ours: the machine must still end in a state that says so
+            log.exception("provisioning %s failed", mac)
+            self.store.record(mac, "failed", {"reason": f"internal error: {exc!r}"}, state="failed")
+        else:
+            self.store.set_reprovision(mac, False)
+            self.store.record(mac, "deployed", {"profile": job.context["profile"]}, state="deployed")
 
     def _record(self, mac: str, kind: str, detail: dict[str, Any]) -> None:
         state = STEP_STATES.get(detail.get("step", "")) if kind == "step-started" else None

@@ -1,6 +1,7 @@
 """The server's keys: its SSH provisioning key and a small CA that issues node TLS certificates.
 
-All of it lives in one directory (data_dir/keys, mode 0700), created on first start:
+With the SQLite store all of it lives in one directory (data_dir/keys, mode 0700), created on first
+start (replicas on PostgreSQL keep it in the database instead, encrypted: load_or_create_shared):
 
     provisioning_ed25519   the SSH key the server logs in to nodes with (OpenSSH format)
     ca.key                 the CA's private key (PKCS8 PEM)
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import logging
 import os
 import re
 import socket
@@ -24,16 +27,24 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
 from cryptography import x509
+from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import BootserverError
 
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
 SSH_KEY_FILE = "provisioning_ed25519"
+SHARED_KEYS = "server-keys"  # the secret (in the store) holding all three, for replicas
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
 
@@ -70,6 +81,38 @@ class ServerKeys:
         ssh_key = _load_or_create_ssh_key(directory / SSH_KEY_FILE, f"bootserver@{name}")
         ca_key, ca_cert = _load_or_create_ca(directory / CA_KEY_FILE, directory / CA_CERT_FILE, name)
         return cls(ssh_key, ca_key, ca_cert)
+
+    @classmethod
+    def load_or_create_shared(cls, store: Store, key_file: Path, directory: Path) -> ServerKeys:
+        """The keys every replica on one database uses, kept in it encrypted with the key in `key_file`.
+
+        The first replica to start stores them: the keys of `directory` when it holds some (a server
+        moving from SQLite keeps its nodes' pinned key and certificates valid), else new ones. Replicas
+        that start together each make a set, and all adopt the one stored first.
+        """
+        box = Fernet(_load_or_create_secret_key(key_file))
+        stored = store.secret(SHARED_KEYS)
+        if stored is None:
+            fresh = cls.load_or_create(directory) if (Path(directory) / SSH_KEY_FILE).exists() else cls.generate()
+            stored = store.put_secret_once(SHARED_KEYS, box.encrypt(fresh._bundle()))
+        try:
+            bundle = json.loads(box.decrypt(stored))
+        except InvalidToken:
+            raise BootserverError(f"the server keys in the database were encrypted with another key than {key_file}: "
+                                  f"copy secret_key_file from the replica that started first") from None
+        return cls(asyncssh.import_private_key(bundle["ssh_key"]),
+                   _pem_ca_key(bundle["ca_key"].encode()), x509.load_pem_x509_certificate(bundle["ca_cert"].encode()))
+
+    @classmethod
+    def generate(cls) -> ServerKeys:
+        name = socket.gethostname()
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        return cls(asyncssh.generate_private_key("ssh-ed25519", comment=f"bootserver@{name}"), ca_key,
+                   _self_signed_ca(ca_key, f"bootserver CA {name}"))
+
+    def _bundle(self) -> bytes:
+        return json.dumps({"ssh_key": self.ssh_key.export_private_key("openssh").decode(),
+                           "ca_key": _pkcs8(self._ca_key).decode(), "ca_cert": self.ca_pem.decode()}).encode()
 
     @property
     def ssh_public(self) -> str:
@@ -117,6 +160,13 @@ class ServerKeys:
 
 # --- loading and creating ----------------------------------------------------------------------
 
+def open_keys(store: Store, data_dir: Path, secret_key_path: Path) -> ServerKeys:
+    """The server's keys: in data_dir/keys with SQLite; shared through the database by PostgreSQL replicas."""
+    if store.kind == "postgresql":
+        return ServerKeys.load_or_create_shared(store, secret_key_path, data_dir / "keys")
+    return ServerKeys.load_or_create(data_dir / "keys")
+
+
 def _load_or_create_ssh_key(path: Path, comment: str) -> asyncssh.SSHKey:
     if not path.exists():
         key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
@@ -154,12 +204,34 @@ def _load_or_create_ca(key_path: Path, cert_path: Path, name: str) -> tuple[ec.E
 
 
 def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    return _pem_ca_key(_read_private(path), str(path))
+
+
+def _pem_ca_key(pem: bytes, where: str = "the CA key") -> ec.EllipticCurvePrivateKey:
     try:
-        key = serialization.load_pem_private_key(_read_private(path), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise BootserverError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+        raise BootserverError(f"{where}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise BootserverError(f"{path}: the CA key must be an ECDSA key, not {type(key).__name__}")
+        raise BootserverError(f"{where}: the CA key must be an ECDSA key, not {type(key).__name__}")
+    return key
+
+
+def _load_or_create_secret_key(path: Path) -> bytes:
+    """The key that encrypts what replicas share in the database; made on the first replica's first start."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_private(path, Fernet.generate_key())
+            log.warning("made %s: copy it to every other replica (same path, mode 0600) before starting them", path)
+        except FileExistsError:
+            pass  # another process made it just now: use that one
+    key = _read_private(path).strip()
+    try:
+        Fernet(key)
+    except ValueError:
+        raise BootserverError(f"{path}: not a key bootserver made (32 url-safe base64 bytes); restore it from "
+                              f"another replica") from None
     return key
 
 

@@ -28,6 +28,16 @@ def test_example_file_parses(config):
     assert config.groups[3].selector == {"mac": "52:54:00:00:00:99"}
 
 
+def test_replica_settings(tmp_path: Path):
+    path = tmp_path / "site.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\ndatabase = "postgresql://u:p@db/boot"\nreplica = "boot-a"\n'
+                    'peers = ["http://192.0.2.11:8080/"]\njob_lease_seconds = 10\n')
+    server = configuration.load(path).server
+    assert (server.database, server.replica, server.peers, server.job_lease_seconds) == (
+        "postgresql://u:p@db/boot", "boot-a", ("http://192.0.2.11:8080",), 10)
+    assert server.secret_key_path == tmp_path / "secret.key"
+
+
 @pytest.mark.parametrize(("toml", "named"), [
     ('[server]\nhttp_port = 1', "unknown key 'http_port'"),
     ('[server]\nhttp = "nohost"', "http"),
@@ -49,6 +59,10 @@ def test_example_file_parses(config):
     ('[machines."52:54:00:00:00:01"]\nlabels = { role = 3 }', "labels"),
     ('[assets]\n"bad/name" = "x"', "name 'bad/name'"),
     ('[server\n', "not valid TOML"),
+    ('[server]\ndatabase = "mysql://x"', "database: expected postgresql://"),
+    ('[server]\nreplica = "a b"', "replica"),
+    ('[server]\npeers = ["ftp://x"]', "peers"),
+    ('[server]\njob_lease_seconds = 0', "job_lease_seconds"),
 ])
 def test_bad_config_is_refused_with_the_key_named(tmp_path: Path, toml: str, named: str):
     path = tmp_path / "bad.toml"

@@ -62,7 +62,7 @@ def test_a_token_is_spent_once_and_queues_one_job(store):
     node = store.node(MAC)
     assert (node.state, node.ip, node.host_key) == ("phoned-home", "10.0.0.5", "ssh-ed25519 AAAA")
     job = store.job(MAC)
-    assert (job.state, job.owner, job.attempt) == ("queued", None, 0)
+    assert (job.state, job.owner, job.attempt) == ("queued", "test-replica", 0)  # the replica that accepted it
 
 
 def test_jobs_are_claimed_renewed_finished_and_taken_over_when_a_lease_lapses(store):
@@ -71,7 +71,7 @@ def test_jobs_are_claimed_renewed_finished_and_taken_over_when_a_lease_lapses(st
     assert (claim.mac, claim.owner, claim.attempt, claim.taken_over_from) == (MAC, "a", 1, None)
     assert store.claim_job("b", lease_seconds=30) is None  # held, and its lease is live
     assert store.renew_jobs("a", [MAC], 0.05) == {MAC}
-    assert store.running_jobs("a")[0].mac == MAC
+    assert store.unfinished_jobs("a")[0].mac == MAC
     time.sleep(0.1)  # a's lease lapses: as if a died
     assert store.claim_job("a", lease_seconds=30) is None  # a restarted replica settles its own jobs instead
     taken = store.claim_job("b", lease_seconds=30)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreUnavailable
+from ..errors import BootserverError, StoreUnavailable
 from .postgres import PostgresBackend
 from .sqlite import SqliteBackend
 
@@ -166,9 +166,10 @@ Backend = SqliteBackend | PostgresBackend
 
 
 class Store:
-    def __init__(self, location: Path | str, replica: str | None = None) -> None:
+    def __init__(self, location: Path | str, replica: str | None = None, migrate: bool = True) -> None:
         """`location`: an SQLite file (a path, or sqlite:///path) or a postgresql:// URL.
-        `replica`: this server's name, stamped on every event it records (default: the host name)."""
+        `replica`: this server's name, stamped on every event it records (default: the host name).
+        `migrate`: bring the schema up to date now (only `bootserver db migrate` does it later)."""
         self._db: Backend = open_backend(location)
         self.kind = self._db.kind
         self.location = self._db.location
@@ -176,7 +177,8 @@ class Store:
         self.replica = replica or socket.gethostname()
         # The last write's failure (StoreUnavailable's message); None once a write succeeds again.
         self.problem: str | None = None
-        self._migrate()
+        if migrate:
+            self._migrate()
 
     def close(self) -> None:
         self._db.close()
@@ -288,10 +290,12 @@ class Store:
                 return False
             db.execute("UPDATE machines SET host_key = ?, ip = ?, state = 'phoned-home', last_seen = ? "
                        "WHERE mac = ?", (host_key, ip, now, mac))
-            if db.execute("UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL, updated = ? "
-                          "WHERE mac = ?", (now, mac)).rowcount == 0:
-                db.execute("INSERT INTO jobs (mac, state, created, updated) VALUES (?, 'queued', ?, ?)",
-                           (mac, now, now))
+            # Queued under the replica that accepted it: if that replica restarts before a claim, the job is its
+            # to settle (interrupted); any replica may claim it meanwhile.
+            if db.execute("UPDATE jobs SET state = 'queued', owner = ?, lease_until = NULL, updated = ? "
+                          "WHERE mac = ?", (self.replica, now, mac)).rowcount == 0:
+                db.execute("INSERT INTO jobs (mac, state, owner, created, updated) VALUES (?, 'queued', ?, ?, ?)",
+                           (mac, self.replica, now, now))
             self._insert_event(db, mac, now, "phoned-home", json.dumps(detail, sort_keys=True))
         return True
 
@@ -333,12 +337,12 @@ class Store:
         """The job is over (whatever its outcome); False when `owner` no longer held it."""
         with self._transaction() as db:
             return db.execute("UPDATE jobs SET state = 'done', lease_until = NULL, updated = ? "
-                              "WHERE mac = ? AND owner = ? AND state = 'running'",
+                              "WHERE mac = ? AND owner = ? AND state <> 'done'",
                               (time.time(), mac, owner)).rowcount == 1
 
-    def running_jobs(self, owner: str) -> list[JobClaim]:
-        """The jobs `owner` holds: after its own restart, the ones it left half done."""
-        return [_job(row) for row in self._rows("SELECT * FROM jobs WHERE owner = ? AND state = 'running' "
+    def unfinished_jobs(self, owner: str) -> list[JobClaim]:
+        """The jobs `owner` accepted (queued) or holds (running): after its own restart, what it left."""
+        return [_job(row) for row in self._rows("SELECT * FROM jobs WHERE owner = ? AND state <> 'done' "
                                                 "ORDER BY created", (owner,))]
 
     def job(self, mac: str) -> JobClaim | None:
@@ -357,6 +361,10 @@ class Store:
         with self._transaction() as db:
             db.execute("INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (name, value))
             return bytes(db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()["value"])
+
+    def copy_into(self, target: Store) -> dict[str, int]:
+        """Copy everything into `target`, an empty store (SQLite to PostgreSQL): rows copied, by table."""
+        return _copy_into(self, target)
 
     # -- machines ---------------------------------------------------------------------------------
 
@@ -486,6 +494,34 @@ class Store:
         with self._transaction() as db:
             return db.execute("UPDATE leases SET mac = NULL, state = 'declined', expires = ? "
                               "WHERE mac = ? AND ip = ?", (until, mac, ip)).rowcount > 0
+
+
+# What `copy_into` moves, parents before children (foreign keys).
+TABLES = {
+    "machines": ("mac", "state", "first_seen", "last_seen", "facts", "host_key", "ip", "reprovision"),
+    "events": ("id", "mac", "time", "kind", "detail", "replica"),
+    "tokens": ("id", "hash", "mac", "issued", "expires", "used", "ip"),
+    "leases": ("ip", "mac", "state", "expires"),
+    "jobs": ("mac", "state", "owner", "lease_until", "attempt", "created", "updated"),
+    "secrets": ("name", "value"),
+}
+
+
+def _copy_rows(source: Store, db: Backend, table: str, columns: tuple[str, ...]) -> int:
+    names, marks = ", ".join(columns), ", ".join("?" * len(columns))
+    rows = source._rows(f"SELECT {names} FROM {table}")
+    for row in rows:
+        db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(row[c] for c in columns))
+    return len(rows)
+
+
+def _copy_into(source: Store, target: Store) -> dict[str, int]:
+    if target.node_count() or target.last_event_id():
+        raise BootserverError(f"{target.location} holds machines already: copy only into an empty database")
+    with target._transaction() as db:
+        counts = {table: _copy_rows(source, db, table, columns) for table, columns in TABLES.items()}
+        db.identity_follows("events", "id")  # new events continue after the copied ids
+    return counts
 
 
 def open_backend(location: Path | str) -> Backend:

@@ -95,6 +95,11 @@ class PostgresBackend:
         self.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
         self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
 
+    def identity_follows(self, table: str, column: str) -> None:
+        """After rows were inserted with their ids, new ones continue after the largest."""
+        self.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                     f"(SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)")
+
     def schema_version(self) -> int:
         exists = self.execute("SELECT to_regclass('schema_version') AS t").fetchone()
         if exists is None or exists["t"] is None:

@@ -70,6 +70,9 @@ class SqliteBackend:
     def lock_table(self, table: str) -> None:
         """Nothing to do: the transaction holds the file's only write lock."""
 
+    def identity_follows(self, table: str, column: str) -> None:
+        """INTEGER PRIMARY KEY continues after the largest id by itself."""
+
     def schema_version(self) -> int:
         return self.execute("PRAGMA user_version").fetchone()[0]
 
