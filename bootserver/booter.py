@@ -240,6 +240,7 @@ class Booter:
             "mac": mac,
             "hostname": (machine.hostname if machine else None) or "",
             "url": urls.api,
+            "peers": " ".join(self.config.server.peers),  # other replicas, space-separated (a flat field for sh)
             "token": token,
             "authorized_keys": [self.keys.ssh_public, *self.config.server.ssh_keys],
         }

@@ -124,6 +124,8 @@ def _schemas() -> dict[str, Any]:
             "time": {"type": "number"},
             "kind": {"type": "string", "example": "file-served"},
             "detail": {"type": "object", "additionalProperties": True},
+            "replica": {"type": "string", "nullable": True,
+                        "description": "the bootserver (replica) that recorded it"},
             "summary": {"type": "string"},
             "tone": {"type": "string", "enum": ["ok", "info", "bad"]},
         }},

@@ -93,7 +93,7 @@ def event_tone(event: Event) -> str:
 
 def event_json(event: Event) -> dict[str, Any]:
     return {"id": event.id, "mac": event.mac, "time": event.time, "kind": event.kind, "detail": event.detail,
-            "summary": summarize(event), "tone": event_tone(event)}
+            "summary": summarize(event), "tone": event_tone(event), "replica": event.replica}
 
 
 def clock(when: float) -> str:

@@ -481,12 +481,13 @@ async def test_agent_retries_until_the_server_answers(agent_image: AgentImage, t
             append=boot_args(url=f"http://10.0.2.2:{port}", mac=DEFAULT_MAC))  # fmt: skip
     try:
         await vm.start()
-        await vm.wait_for_serial(r"phone-home to \S+ failed: .*refused; retrying in 1s", timeout=120)
+        await vm.wait_for_serial(r"phone-home to \S+ failed: .*refused\s+.*no bootserver answered; retrying in 1s",
+                                 timeout=120)
         await server.start(port)
         await vm.wait_until(server.accepted, timeout=60, what="a phone-home after the server came up")
         assert len(server.requests) == 2, vm.report()  # the 503, then the one that worked
         assert check_phone_home(server, vm, agent_image.version)["token"] == ""
-        await vm.wait_for_serial(r"failed: server returned error: HTTP/1.1 503 starting up; retrying in \d+s", 5)
+        await vm.wait_for_serial(r"failed: server returned error: HTTP/1.1 503 starting up\s+.*retrying in \d+s", 5)
         await vm.wait_for_serial(r"bootserver agent: phoned home to \S+ ok", timeout=20)
     finally:
         await vm.stop()
@@ -504,3 +505,24 @@ def test_compressed_modules_are_unpacked(tmp_path: Path) -> None:
         assert image._read_module(tmp_path / name) == elf, name
     assert image._plain("kernel/drivers/net/virtio_net.ko.xz") == "kernel/drivers/net/virtio_net.ko"
     assert image._module_name("kernel/net/core/fail-over.ko.zst") == "fail_over"
+
+
+@pytest.mark.vm
+async def test_agent_falls_back_to_a_peer_replica(agent_image: AgentImage, tmp_path: Path) -> None:
+    """The replica that booted the node is down: the phone-home goes to the next of `peers` (config.json)."""
+    server = PhoneHomeServer()
+    port = await server.start()
+    overlay = overlay_cpio({"mac": DEFAULT_MAC, "url": f"http://10.0.2.2:{free_port()}", "token": "t",
+                            "peers": f"http://10.0.2.2:{free_port()} http://10.0.2.2:{port}", "authorized_keys": []})
+    initrd = tmp_path / "initrd-with-overlay.img"
+    initrd.write_bytes(concatenate_initrds([agent_image.initrd.read_bytes(), overlay]))
+    vm = Vm(workdir=tmp_path, kernel=agent_image.kernel, initrd=initrd, append=boot_args())
+    try:
+        await vm.start()
+        await vm.wait_until(server.accepted, timeout=120, what="a phone-home to the second peer")
+        assert check_phone_home(server, vm, agent_image.version)["token"] == "t"
+        assert len(server.requests) == 1 and vm.serial_log.count("failed: ") == 2, vm.report()  # the two dead ones
+        await vm.wait_for_serial(rf"phoned home to http://10\.0\.2\.2:{port}/boot/\S+ ok", timeout=20)
+    finally:
+        await vm.stop()
+        await server.stop()

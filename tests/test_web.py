@@ -66,6 +66,14 @@ async def test_machine_list_comes_a_page_at_a_time(client, booter, monkeypatch):
     assert macs[4] in html and macs[0] not in html and "next page" not in html and "first page" in html
 
 
+async def test_every_event_names_the_replica_that_recorded_it(client, booter):
+    await boot(client)
+    html = await (await client.get(f"/machines/{MAC}")).text()
+    assert '<span class="replica muted" title="the bootserver that recorded it">test-replica</span>' in html
+    body = await (await client.get(f"/api/v1/machines/{MAC}/events")).json()
+    assert {e["replica"] for e in body["events"]} == {"test-replica"}
+
+
 async def test_overview_lists_and_filters_by_state(client, booter):
     await boot(client)
     await client.get("/boot/52-54-00-00-00-02.ipxe")

@@ -50,6 +50,7 @@ setting() {  # setting NAME: bootserver.NAME from the kernel command line, else 
 read_settings() {
     [ -f "$CONFIG" ] && log "reading $CONFIG"
     URL=$(setting url)
+    PEERS=$(config_field peers)  # the other replicas' base URLs, space-separated
     TOKEN=$(setting token)
     HOST_NAME=$(setting hostname)
     MAC=$(setting mac | tr 'A-F-' 'a-f:')
@@ -188,41 +189,52 @@ disks_json() {  # the disks worth provisioning, as a JSON array
     echo "[$list]"
 }
 
-phone_home() {  # POST what the server needs to provision us; retry until it answers
+phone_home() {  # POST what the server needs to provision us, to it or else its peers; retry until one answers
     if [ -z "$URL" ]; then
         log "no bootserver.url (kernel command line or $CONFIG); not phoning home"
         return 1
     fi
     mac_path=$(echo "$MAC" | tr ':A-F' '-a-f')
-    target="${URL%/}/boot/$mac_path/phone-home"
     delay=1
     while :; do
-        # made again at every try: a slow disk may have shown up since
-        body="{\"mac\": \"$MAC\", \"ip\": \"$IP\", \"host_key\": $(json_string "$HOST_KEY"),"
-        body="$body \"token\": $(json_string "$TOKEN"), \"kernel\": \"$(uname -r)\","
-        body="$body \"disks\": $(disks_json)}"
-        # not wget -T: busybox 1.35's wget crashes with it (SIGSEGV, every time)
-        if timeout 20 wget -q -O /tmp/phone-home.out --header 'Content-Type: application/json' \
-                --post-data "$body" "$target" 2>/tmp/phone-home.err; then
-            log "phoned home to $target ok"
-            return 0
-        fi
-        error=$(grep . /tmp/phone-home.err | tail -n 1)
-        error=${error#wget: }
-        # busybox wget says "wget: server returned error: HTTP/1.1 403 Forbidden"
-        status=$(sed -n 's/.*server returned error: HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' /tmp/phone-home.err)
-        case "$status" in
-            401|403)
-                log "phone-home to $target refused: $error"
-                log "not trying again: the server does not accept this machine (its token?)"
-                return 1
-                ;;
-        esac
-        log "phone-home to $target failed: ${error:-no answer}; retrying in ${delay}s"
+        # the server that booted us first, then the other replicas (any of them may provision us)
+        for base in $URL $PEERS; do
+            phone_home_to "${base%/}/boot/$mac_path/phone-home" && return 0
+            [ "$REFUSED" = 1 ] && return 1
+        done
+        log "no bootserver answered; retrying in ${delay}s"
         sleep "$delay"
         delay=$((delay * 2))
         [ "$delay" -le 30 ] || delay=30
     done
+}
+
+phone_home_to() {  # phone_home_to URL: one try; sets REFUSED=1 when the server will never accept us
+    target=$1
+    REFUSED=0
+    # made again at every try: a slow disk may have shown up since
+    body="{\"mac\": \"$MAC\", \"ip\": \"$IP\", \"host_key\": $(json_string "$HOST_KEY"),"
+    body="$body \"token\": $(json_string "$TOKEN"), \"kernel\": \"$(uname -r)\","
+    body="$body \"disks\": $(disks_json)}"
+    # not wget -T: busybox 1.35's wget crashes with it (SIGSEGV, every time)
+    if timeout 20 wget -q -O /tmp/phone-home.out --header 'Content-Type: application/json' \
+            --post-data "$body" "$target" 2>/tmp/phone-home.err; then
+        log "phoned home to $target ok"
+        return 0
+    fi
+    error=$(grep . /tmp/phone-home.err | tail -n 1)
+    error=${error#wget: }
+    # busybox wget says "wget: server returned error: HTTP/1.1 403 Forbidden"
+    status=$(sed -n 's/.*server returned error: HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' /tmp/phone-home.err)
+    case "$status" in
+        401|403)
+            log "phone-home to $target refused: $error"
+            log "not trying again: the server does not accept this machine (its token?)"
+            REFUSED=1
+            ;;
+        *) log "phone-home to $target failed: ${error:-no answer}" ;;
+    esac
+    return 1
 }
 
 run_hooks() {
