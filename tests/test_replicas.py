@@ -1,0 +1,189 @@
+"""Two real `bootserver serve` replicas on loopback sharing one PostgreSQL database.
+
+Each replica is its own process (so `kill -9` is real) with its own data_dir, HTTP port and name, the same
+`database` and `secret_key_file`. Nodes are real SSH servers (tests/sshd.py) in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+from sshd import ssh_server
+
+from bootserver.pki import ServerKeys
+from bootserver.store import Store
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def mac(i: int) -> str:
+    return f"52:54:00:cc:{i >> 8:02x}:{i & 0xFF:02x}"
+
+
+class Replica:
+    def __init__(self, name: str, tmp_path: Path, database: str, nodes: list, check: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        data = tmp_path / name
+        (data / "images").mkdir(parents=True, exist_ok=True)
+        (data / "images" / "vmlinuz").write_bytes(b"k" * 4096)
+        (data / "images" / "initrd.img").write_bytes(b"i" * 4096)
+        machines = "".join(f'[machines."{mac(i)}"]\nssh = "127.0.0.1:{node.port}"\n' for i, node in enumerate(nodes))
+        self.config = tmp_path / f"{name}.toml"
+        self.config.write_text(
+            f'[server]\nhttp = "127.0.0.1:{self.port}"\ntftp = "off"\ndata_dir = "{data}"\n'
+            f'database = "{database}"\nreplica = "{name}"\nsecret_key_file = "{tmp_path / "secret.key"}"\n'
+            f'job_lease_seconds = 2\nprovision_concurrency = 16\n'
+            '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
+            f'[profiles.p]\nkernel = "kernel"\ninitrd = ["initrd"]\n[profiles.p.deploy]\ncheck = "{check}"\n'
+            f'[groups.all]\nprofile = "p"\n{machines}')
+        self.log = tmp_path / f"{name}.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bootserver", "--config", str(self.config), "--log-level", "warning", "serve",
+                stdout=log, stderr=log)
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.url}/healthz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"replica {self.name} did not start:\n{self.log.read_text()}")
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+            await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def cluster(tmp_path: Path, database: str, count: int, check: str):
+    """`count` nodes (SSH servers) and two replicas, a and b."""
+    keys = ServerKeys.load_or_create(tmp_path / "a" / "keys")  # replica a moves them into the database
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [await stack.enter_async_context(ssh_server(keys.ssh_public)) for _ in range(count)]
+        a = Replica("a", tmp_path, database, nodes, check)
+        b = Replica("b", tmp_path, database, nodes, check)
+        try:
+            await a.start()  # first: it stores the keys the nodes trust
+            await b.start()
+            yield a, b, nodes
+        finally:
+            await a.kill()
+            await b.kill()
+
+
+async def token_for(http: aiohttp.ClientSession, replica: Replica, i: int) -> str:
+    async with http.get(f"{replica.url}/boot/{mac(i).replace(':', '-')}.ipxe") as response:
+        assert response.status == 200
+        return re.search(r"bootserver\.token=(\S+)", await response.text())[1]
+
+
+async def phone_home(http: aiohttp.ClientSession, replica: Replica, i: int, token: str, host_key: str) -> int:
+    body = {"token": token, "ip": "127.0.0.1", "host_key": host_key, "disks": []}
+    async with http.post(f"{replica.url}/boot/{mac(i).replace(':', '-')}/phone-home", json=body) as response:
+        return response.status
+
+
+async def until_all(store: Store, macs: list[str], states: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = {m: store.node(m).state for m in macs}
+        if all(s in states for s in now.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not all {states} after {timeout} s: {Counter(now.values())}")
+        await asyncio.sleep(0.2)
+
+
+async def test_two_hundred_phone_homes_over_two_replicas_make_two_hundred_jobs(postgres, tmp_path: Path):
+    database = postgres.new_database()
+    count = 200
+    async with cluster(tmp_path, database, count, check="true provisioned-once") as (a, b, nodes), \
+            aiohttp.ClientSession() as http:
+        replicas = [a, b]
+        tokens = await asyncio.gather(*(token_for(http, replicas[i % 2], i) for i in range(count)))
+        # Each phones home to the replica that did NOT serve its script: the token is good on both.
+        statuses = await asyncio.gather(*(phone_home(http, replicas[(i + 1) % 2], i, tokens[i],
+                                                     nodes[i].host_key_line) for i in range(count)))
+        assert Counter(statuses) == {202: count}
+        store = Store(database, replica="observer")
+        macs = [mac(i) for i in range(count)]
+        await until_all(store, macs, {"deployed", "failed"}, timeout=120)
+        failed = [m for m in macs if store.node(m).state != "deployed"]
+        assert not failed, [store.events(m)[-3:] for m in failed[:3]]
+        provisioned_by = Counter()
+        for i, m in enumerate(macs):
+            kinds = [e.kind for e in store.events(m)]
+            assert kinds.count("phoned-home") == 1 and kinds.count("deployed") == 1, kinds
+            assert store.job(m).state == "done" and store.job(m).attempt == 1  # claimed once
+            assert sum("provisioned-once" in c for c in nodes[i].commands) == 1  # its deploy ran exactly once
+            provisioned_by[next(e.replica for e in store.events(m) if e.kind == "step-started")] += 1
+        assert set(provisioned_by) == {"a", "b"}, provisioned_by  # both replicas did work
+        store.close()
+
+
+async def test_a_replica_killed_mid_provisioning_leaves_its_jobs_to_the_other(postgres, tmp_path: Path):
+    database = postgres.new_database()
+    count = 6
+    async with cluster(tmp_path, database, count, check="sleep 3") as (a, b, nodes), aiohttp.ClientSession() as http:
+        store = Store(database, replica="observer")
+        for i in range(count):
+            assert await phone_home(http, a, i, await token_for(http, a, i), nodes[i].host_key_line) == 202
+        # a claims at once (b only polls): wait until a is in the middle of some deploys, then kill it
+        deadline = time.monotonic() + 20
+        while not [m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.node(m).state == "deploy"]:
+            assert time.monotonic() < deadline, "replica a never started provisioning"
+            await asyncio.sleep(0.05)
+        held_by_a = {m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.job(m).state == "running"}
+        await a.kill()
+        killed = time.monotonic()
+        await until_all(store, [mac(i) for i in range(count)], {"deployed", "failed", "interrupted"}, timeout=60)
+        for m in map(mac, range(count)):
+            events = store.events(m)
+            assert store.node(m).state == "deployed", [(e.kind, e.detail, e.replica) for e in events[-4:]]
+            assert events[-1].replica == "b"
+        for m in held_by_a:
+            resumed = [e for e in store.events(m) if e.kind == "resumed"]
+            assert len(resumed) == 1 and resumed[0].detail["from"] == "a" and resumed[0].replica == "b"
+            assert store.job(m).attempt == 2
+        print(f"{len(held_by_a)} jobs of the killed replica finished on the other within "
+              f"{time.monotonic() - killed:.1f} s of the kill")
+        store.close()
+
+
+async def test_one_token_presented_to_both_replicas_at_once_is_accepted_once(postgres, tmp_path: Path):
+    database = postgres.new_database()
+    async with cluster(tmp_path, database, 1, check="true") as (a, b, nodes), aiohttp.ClientSession() as http:
+        store = Store(database, replica="observer")
+        for _ in range(5):
+            token = await token_for(http, a, 0)
+            before = len(store.events(mac(0)))
+            statuses = await asyncio.gather(phone_home(http, a, 0, token, nodes[0].host_key_line),
+                                            phone_home(http, b, 0, token, nodes[0].host_key_line))
+            assert sorted(statuses) == [202, 403], statuses
+            await until_all(store, [mac(0)], {"deployed"}, timeout=30)
+            events = store.events(mac(0))[before:]
+            assert [e.kind for e in events].count("phoned-home") == 1
+            assert [e.kind for e in events].count("deployed") == 1
+            store.set_reprovision(mac(0), True)  # the whole flow again, for the next round
+        store.close()
