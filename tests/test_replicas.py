@@ -34,23 +34,21 @@ def mac(i: int) -> str:
 
 
 class Replica:
-    def __init__(self, name: str, tmp_path: Path, database: str, nodes: list, check: str) -> None:
+    """`bootserver serve` as its own process, named `name`, on the shared `database`; `site` is the rest of
+    its config (assets, profiles, machines), `server` more [server] settings."""
+
+    def __init__(self, name: str, tmp_path: Path, database: str, site: str, server: str = "",
+                 port: int | None = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        data = tmp_path / name
-        (data / "images").mkdir(parents=True, exist_ok=True)
-        (data / "images" / "vmlinuz").write_bytes(b"k" * 4096)
-        (data / "images" / "initrd.img").write_bytes(b"i" * 4096)
-        machines = "".join(f'[machines."{mac(i)}"]\nssh = "127.0.0.1:{node.port}"\n' for i, node in enumerate(nodes))
+        self.data = tmp_path / name
+        (self.data / "images").mkdir(parents=True, exist_ok=True)
         self.config = tmp_path / f"{name}.toml"
         self.config.write_text(
-            f'[server]\nhttp = "127.0.0.1:{self.port}"\ntftp = "off"\ndata_dir = "{data}"\n'
+            f'[server]\nhttp = "127.0.0.1:{self.port}"\ntftp = "off"\ndata_dir = "{self.data}"\n'
             f'database = "{database}"\nreplica = "{name}"\nsecret_key_file = "{tmp_path / "secret.key"}"\n'
-            f'job_lease_seconds = 2\nprovision_concurrency = 16\n'
-            '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
-            f'[profiles.p]\nkernel = "kernel"\ninitrd = ["initrd"]\n[profiles.p.deploy]\ncheck = "{check}"\n'
-            f'[groups.all]\nprofile = "p"\n{machines}')
+            f'job_lease_seconds = 2\nprovision_concurrency = 16\n{server}\n{site}')
         self.log = tmp_path / f"{name}.log"
         self.process: asyncio.subprocess.Process | None = None
 
@@ -81,8 +79,14 @@ async def cluster(tmp_path: Path, database: str, count: int, check: str):
     keys = ServerKeys.load_or_create(tmp_path / "a" / "keys")  # replica a moves them into the database
     async with contextlib.AsyncExitStack() as stack:
         nodes = [await stack.enter_async_context(ssh_server(keys.ssh_public)) for _ in range(count)]
-        a = Replica("a", tmp_path, database, nodes, check)
-        b = Replica("b", tmp_path, database, nodes, check)
+        machines = "".join(f'[machines."{mac(i)}"]\nssh = "127.0.0.1:{node.port}"\n' for i, node in enumerate(nodes))
+        site = ('[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
+                f'[profiles.p]\nkernel = "kernel"\ninitrd = ["initrd"]\n[profiles.p.deploy]\ncheck = "{check}"\n'
+                f'[groups.all]\nprofile = "p"\n{machines}')
+        a, b = Replica("a", tmp_path, database, site), Replica("b", tmp_path, database, site)
+        for replica in (a, b):
+            (replica.data / "images" / "vmlinuz").write_bytes(b"k" * 4096)
+            (replica.data / "images" / "initrd.img").write_bytes(b"i" * 4096)
         try:
             await a.start()  # first: it stores the keys the nodes trust
             await b.start()
