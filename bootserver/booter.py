@@ -189,9 +189,7 @@ class Booter:
         if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
             token, record = tokens.new_token(mac, self.config.server.token_minutes, client_ip)
             detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
-        self.store.record(mac, "script-served", detail, state="script-served", facts=facts)
-        if record is not None:
-            self.store.add_token(record)
+        self.store.record(mac, "script-served", detail, state="script-served", facts=facts, token=record)
         text = self.render_profile(spec, urls, token)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
 

@@ -240,10 +240,11 @@ class Store:
                           "RETURNING id", (mac, now, kind, body, self.replica)).fetchone()["id"]
 
     def record(self, mac: str, kind: str, detail: dict[str, Any] | None = None, *,
-               state: str | None = None, facts: dict[str, str] | None = None) -> Event:
+               state: str | None = None, facts: dict[str, str] | None = None, token: Token | None = None) -> Event:
         """Append an event for `mac`, creating the machine on first sight, in one transaction.
 
-        `state` moves the machine to a new state; `facts` merges into what it has reported.
+        `state` moves the machine to a new state; `facts` merges into what it has reported; `token` is
+        kept with it (as add_token does), in the same transaction: one commit per boot script, not two.
         """
         now = time.time()
         body = json.dumps(detail or {}, sort_keys=True)
@@ -258,6 +259,8 @@ class Store:
                 db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? "
                            "WHERE mac = ?", (now, state, json.dumps(merged), mac))
             event_id = self._insert_event(db, mac, now, kind, body)
+            if token is not None:
+                _insert_token(db, token)
         return Event(event_id, mac, now, kind, detail or {}, self.replica)
 
     # -- one-time tokens --------------------------------------------------------------------------
@@ -265,9 +268,7 @@ class Store:
     def add_token(self, token: Token) -> None:
         """Keep a new token (its secret only hashed); older unused tokens of the machine stop working."""
         with self._transaction() as db:
-            db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
-            db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip) VALUES (?, ?, ?, ?, ?, ?)",
-                       (token.id, token.hash, token.mac, token.issued, token.expires, token.ip))
+            _insert_token(db, token)
 
     def token(self, token_id: str) -> Token | None:
         row = self._row("SELECT * FROM tokens WHERE id = ?", (token_id,))
@@ -531,6 +532,13 @@ def open_backend(location: Path | str) -> Backend:
     if isinstance(location, str) and location.startswith("sqlite://"):
         location = location.removeprefix("sqlite://")
     return SqliteBackend(Path(location))
+
+
+def _insert_token(db: Backend, token: Token) -> None:
+    """A new token for its machine; the machine's older unused ones stop working (the live-token index)."""
+    db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
+    db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip) VALUES (?, ?, ?, ?, ?, ?)",
+               (token.id, token.hash, token.mac, token.issued, token.expires, token.ip))
 
 
 def _lease(row: Any) -> Lease:
