@@ -23,6 +23,9 @@ python3Packages.buildPythonApplication {
     asyncssh
     netaddr
     libarchive-c
+    pyelftools
+    prometheus-client
+    psycopg
   ];
 
   # The test suite boots QEMU virtual machines; importing the package is the check here.

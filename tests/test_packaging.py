@@ -191,6 +191,17 @@ def test_readme_documents_the_images_commands() -> None:
 
 # Nix
 
+def test_nix_package_depends_on_what_pyproject_does() -> None:
+    """nixpkgs names Python packages like PyPI, lower-case with '-' (prometheus_client: prometheus-client)."""
+    import tomllib
+
+    wanted = {re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+              for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    listed = re.search(r"dependencies = with python3Packages; \[(.*?)\];", (ROOT / "nix" / "package.nix").read_text(),
+                       re.S)[1].split()
+    assert set(listed) == wanted
+
+
 def test_nix_files_parse(tmp_path: Path) -> None:
     nix = tool("nix-instantiate", "apt-get install nix-bin")
     # a state directory of our own: as non-root, nix cannot set up /nix/var
