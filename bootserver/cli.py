@@ -75,12 +75,27 @@ def _parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="the store's schema, and moving from SQLite to PostgreSQL")
     db_commands = db.add_subparsers(required=True, metavar="ACTION")
-    migrate = db_commands.add_parser("migrate", help="bring the store's schema to this version (serve does it too)")
-    migrate.add_argument("--database", help="a postgresql:// URL (default: the config's store)")
+    migrate = db_commands.add_parser(
+        "migrate", help="bring the store's schema to this version (serve does it too)",
+        description="Bring the store's schema to this bootserver's version and print the version before and after. "
+                    "`serve` does the same at start; run it alone to upgrade a shared database before starting "
+                    "replicas of a new version. Replicas migrating at once migrate once (a lock in the database).")
+    migrate.add_argument("--database", metavar="URL_OR_FILE",
+                         help="postgresql://user:password@host/dbname or an SQLite file (default: the config's "
+                              "[server] database, else data_dir/bootserver.sqlite3)")
     migrate.set_defaults(command=cmd_db_migrate)
-    copy = db_commands.add_parser("copy", help="copy an SQLite store into an empty PostgreSQL database")
-    copy.add_argument("--from", dest="source", type=Path, required=True, help="the SQLite file (bootserver.sqlite3)")
-    copy.add_argument("--to", dest="target", required=True, help="postgresql://user:password@host/dbname")
+    copy = db_commands.add_parser(
+        "copy", help="copy an SQLite store into an empty PostgreSQL database",
+        description="Copy a single server's SQLite store into an empty PostgreSQL database (its schema made first): "
+                    "machines, their timelines with the same event ids, tokens, DHCP leases, jobs and shared "
+                    "secrets, in one transaction. A database that holds machines already is refused. Stop the "
+                    "server first, so that nothing is recorded meanwhile; afterwards, put its data_dir/keys in the "
+                    "first replica's data_dir (that replica moves the keys into the database when it starts) and "
+                    "set [server] database in every replica's config.")
+    copy.add_argument("--from", dest="source", metavar="FILE", type=Path, required=True,
+                      help="the SQLite store: data_dir/bootserver.sqlite3")
+    copy.add_argument("--to", dest="target", metavar="URL", required=True,
+                      help="the PostgreSQL database: postgresql://user:password@host/dbname")
     copy.set_defaults(command=cmd_db_copy)
 
     lab = commands.add_parser("lab", help="QEMU VMs on a VDE switch netbooting from bootserver (root; vde2, QEMU)")
@@ -126,9 +141,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
     store = Store(config.server.database, replica=config.server.replica)
-    seen, _ = store.nodes(), store.close()
+    seen, where, _ = store.node_count(), store.location, store.close()  # location: a URL's password masked
     if not seen:
-        print(f"no machines yet (store: {config.server.database})")
+        print(f"no machines yet (store: {where})")
         return 0
     booter = _booter(config)  # after the check: it makes the server's keys, which `nodes` alone should not
     views = [machine_view(booter, n) for n in booter.store.nodes()]
@@ -146,7 +161,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     mac = canonical_mac(args.mac)
     node = booter.store.node(mac)
     if node is None:
-        raise NotFound(f"no machine {mac} has asked this server for anything yet (store: {booter.store.path})")
+        raise NotFound(f"no machine {mac} has asked this server for anything yet (store: {booter.store.location})")
     events = booter.store.recent_events(mac, max(args.limit, 1))
     width = max((len(e.kind) for e in events), default=0)
     for event in events:

@@ -8,8 +8,11 @@ never becomes a machine that silently boots the wrong thing.
     tftp = "0.0.0.0:6969"              # 69 when root
     public_address = "192.0.2.10"      # how machines reach us, when it differs from what they ask for
     data_dir = "/var/lib/bootserver"
-    # database = "postgresql://bootserver:PASSWORD@db.example/bootserver"   # replicas (README); default SQLite
-    # replica = "boot-a"                  # this server's name in events (default: the host name)
+    # database = "postgresql://bootserver:PASSWORD@db.example/bootserver"   # replicas (README); default:
+    #                                    # the SQLite file data_dir/bootserver.sqlite3 (or a path, sqlite:///path)
+    # replica = "boot-a"                  # this server's name in events and jobs (default: the host name)
+    # secret_key_file = "/var/lib/bootserver/secret.key"  # encrypts shared keys; the same file on every replica
+    # job_lease_seconds = 30              # a replica silent this long loses its provisioning jobs to another
     # peers = ["http://192.0.2.11:8080"]  # the other replicas: nodes phone home there when we are down
 
     [assets]                           # files by name; relative paths are under data_dir
@@ -38,6 +41,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from .deploy import Deployment, deployment_from_toml
 from .disk import DiskLayout, layout_from_toml
@@ -71,7 +77,8 @@ class ServerConfig:
     phone_home_minutes: int = 20  # a machine served a kernel that has not called back by then has failed
     provision_concurrency: int = 8  # nodes provisioned over SSH at once
     api_token: str | None = None  # when set: Bearer token for /api/v1 and the status pages' buttons
-    database_url: str | None = None  # postgresql://... for replicas; None: the SQLite file in data_dir
+    database_url: str | None = None  # postgresql://... for replicas; None: an SQLite file
+    database_file: Path | None = None  # an SQLite file other than data_dir/bootserver.sqlite3
     replica: str = field(default_factory=socket.gethostname)  # this server's name in events and job ownership
     secret_key_file: Path | None = None  # encrypts the secrets replicas share; None: data_dir/secret.key
     job_lease_seconds: int = 30  # a replica that stops renewing its jobs this long loses them to another
@@ -84,7 +91,7 @@ class ServerConfig:
     @property
     def database(self) -> Path | str:
         """Where the store is: a postgresql:// URL, or the SQLite file."""
-        return self.database_url or self.data_dir / "bootserver.sqlite3"
+        return self.database_url or self.database_file or self.data_dir / "bootserver.sqlite3"
 
     @property
     def secret_key_path(self) -> Path:
@@ -247,7 +254,8 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         phone_home_minutes=_positive(raw, "phone_home_minutes", where, 20),
         provision_concurrency=_positive(raw, "provision_concurrency", where, 8),
         api_token=_api_token(raw, where),
-        database_url=_database(raw, where),
+        database_url=_database_url(raw, where),
+        database_file=_database_file(raw, where, data_dir),
         replica=_replica(raw, where),
         secret_key_file=Path(_str(raw, "secret_key_file", where)) if "secret_key_file" in raw else None,
         job_lease_seconds=_positive(raw, "job_lease_seconds", where, 30),
@@ -255,15 +263,34 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
     )
 
 
-def _database(raw: dict[str, Any], where: str) -> str | None:
-    """A postgresql:// URL for replicas; None (the key left out) for the SQLite file in data_dir."""
-    if "database" not in raw:
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _database_url(raw: dict[str, Any], where: str) -> str | None:
+    """A postgresql:// URL for replicas; None for an SQLite file (the key left out, or a path)."""
+    value = _str(raw, "database", where, "")
+    if value.startswith(POSTGRESQL_SCHEMES):
+        try:
+            conninfo_to_dict(value)
+        except psycopg.ProgrammingError:  # its message quotes the URL: the password with it
+            raise ConfigError(f"{where} database: not a URL libpq understands: expected "
+                              f"postgresql://user:password@host:port/dbname (special characters %-encoded)") from None
+        return value
+    if "://" in value.removeprefix("sqlite://"):
+        raise ConfigError(f"{where} database: expected postgresql://user:password@host/dbname or an SQLite file, "
+                          f"got {value.split('://')[0]}://...; leave it out for data_dir/bootserver.sqlite3")
+    return None
+
+
+def _database_file(raw: dict[str, Any], where: str, data_dir: Path) -> Path | None:
+    """An SQLite file given as a path or sqlite:///path (relative: under data_dir); None: the default one."""
+    value = _str(raw, "database", where, "")
+    if not value or value.startswith(POSTGRESQL_SCHEMES):
         return None
-    value = _str(raw, "database", where)
-    if not value.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"{where} database: expected postgresql://user:password@host/dbname; leave it out for "
-                          f"the embedded SQLite store (data_dir/bootserver.sqlite3)")
-    return value
+    path = Path(value.removeprefix("sqlite://")).expanduser()
+    if not path.name:
+        raise ConfigError(f"{where} database: expected an SQLite file's path, got {value!r}")
+    return data_dir / path
 
 
 def _replica(raw: dict[str, Any], where: str) -> str:

@@ -38,6 +38,18 @@ def test_replica_settings(tmp_path: Path):
     assert server.secret_key_path == tmp_path / "secret.key"
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("store.sqlite3", "DATA/store.sqlite3"),  # relative: under data_dir
+    ("/srv/boot/store.sqlite3", "/srv/boot/store.sqlite3"),
+    ("sqlite:///srv/boot/store.sqlite3", "/srv/boot/store.sqlite3"),
+    ("postgres://u@db/boot", "postgres://u@db/boot"),
+])
+def test_database_is_a_url_or_an_sqlite_file(tmp_path: Path, value: str, expected: str):
+    path = tmp_path / "site.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\ndatabase = "{value}"\n')
+    assert str(configuration.load(path).server.database) == expected.replace("DATA", str(tmp_path))
+
+
 @pytest.mark.parametrize(("toml", "named"), [
     ('[server]\nhttp_port = 1', "unknown key 'http_port'"),
     ('[server]\nhttp = "nohost"', "http"),
@@ -60,6 +72,7 @@ def test_replica_settings(tmp_path: Path):
     ('[assets]\n"bad/name" = "x"', "name 'bad/name'"),
     ('[server\n', "not valid TOML"),
     ('[server]\ndatabase = "mysql://x"', "database: expected postgresql://"),
+    ('[server]\ndatabase = "postgresql://u@db/boot?colour=red"', "database: not a URL libpq understands"),
     ('[server]\nreplica = "a b"', "replica"),
     ('[server]\npeers = ["ftp://x"]', "peers"),
     ('[server]\njob_lease_seconds = 0', "job_lease_seconds"),

@@ -101,3 +101,19 @@ async def test_sighup_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_f
 
 async def _is(read, expected: str) -> bool:
     return await read() == expected
+
+
+def test_a_new_database_or_replica_name_needs_a_restart(tmp_path: Path):
+    from bootserver import config as configuration
+    from bootserver.app import needs_restart
+
+    def load(extra: str) -> configuration.Config:
+        path = tmp_path / "site.toml"
+        path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n{extra}')
+        return configuration.load(path)
+
+    old = load('replica = "a"\n')
+    assert needs_restart(old, load('replica = "a"\npeers = ["http://192.0.2.11:8080"]\n')) == []  # applied live
+    assert needs_restart(old, load('replica = "b"\ndatabase = "postgresql://u@db/boot"\n')) == [
+        "[server] database", "[server] replica"]  # the TOML key, not the field it is kept in
+    assert needs_restart(old, load('replica = "a"\ndatabase = "other.sqlite3"\n')) == ["[server] database"]

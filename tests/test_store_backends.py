@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bootserver.errors import StoreUnavailable
+from bootserver.errors import BootserverError, StoreUnavailable
 from bootserver.store import MIGRATIONS, Store, Token
 
 MAC = "52:54:00:00:00:01"
@@ -220,6 +220,57 @@ def test_event_ids_become_visible_in_order(database):
         s.close()
 
 
+def test_a_script_served_while_its_machine_phones_home_is_no_deadlock(database):
+    """Both lock the machine first (then its tokens, then the event order): one waits for the other."""
+    a, b = Store(database, replica="a"), Store(database, replica="b")
+    for i in range(50):
+        mac, now = f"52:54:00:00:05:{i:02x}", time.time()
+        a.record(mac, "script-served", token=Token(f"t{i}", "hash", mac, now, now + 60))
+        barrier = threading.Barrier(2)
+
+        def home(mac: str = mac, i: int = i, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait()
+            return a.phoned_home(f"t{i}", mac, "10.0.0.5", "ssh-ed25519 AAAA", {})
+
+        def script(mac: str = mac, i: int = i, now: float = now, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            b.record(mac, "script-served", token=Token(f"u{i}", "hash", mac, now, now + 60))
+
+        with ThreadPoolExecutor(2) as pool:
+            for future in [pool.submit(home), pool.submit(script)]:
+                future.result()  # StoreUnavailable("deadlock detected") before both took the machine first
+    a.close()
+    b.close()
+
+
+def test_a_sqlite_store_is_copied_whole_with_its_event_ids(tmp_path, database):
+    old = Store(tmp_path / "old.sqlite3", replica="old")
+    for i in range(2500):  # more than one batch
+        old.record(f"52:54:00:00:06:{i % 7:02x}", "file-served", {"bytes": i})
+    old.put_secret_once("server-keys", b"\x00sealed")
+    new = Store(database, replica="new")
+    assert old.copy_into(new) == {"machines": 7, "events": 2500, "tokens": 0, "leases": 0, "jobs": 0, "secrets": 1}
+    assert new.events_after(0, limit=10**6) == old.events_after(0, limit=10**6)
+    assert new.secret("server-keys") == b"\x00sealed" and new.path is None
+    with pytest.raises(BootserverError, match="copy only into an empty database"):
+        old.copy_into(new)
+    old.close()
+    new.close()
+
+
+def test_a_database_restarted_between_requests_costs_no_request(postgres, database):
+    store = Store(database, replica="r")
+    store.record(MAC, "before")
+    postgres.stop()
+    postgres.start()
+    assert [e.kind for e in store.events(MAC)] == ["before"]  # a read on a dead connection: run on a new one
+    postgres.stop()
+    postgres.start()
+    store.record(MAC, "after")  # and BEGIN, before anything of the write was sent
+    assert [e.kind for e in store.events(MAC)] == ["before", "after"] and store.problem is None
+    store.close()
+
+
 def test_a_lost_database_is_a_clear_error_and_comes_back(postgres, database):
     store = Store(database, replica="r")
     store.record(MAC, "before")
@@ -235,7 +286,26 @@ def test_a_lost_database_is_a_clear_error_and_comes_back(postgres, database):
     store.close()
 
 
-def test_the_password_never_shows_in_errors():
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://bootserver:hunter2@127.0.0.1:1/db", "bootserver:***@127.0.0.1:1/db"),
+    ("postgresql://bootserver@127.0.0.1:1/db?password=hunter2", "/db?password=***"),
+    ("postgresql://bootserver:hunter2@[::1/db", "not a URL libpq understands"),  # libpq quotes what it can't parse
+])
+def test_the_password_never_shows_in_errors(url: str, shown: str):
     with pytest.raises(StoreUnavailable) as raised:
-        Store("postgresql://bootserver:hunter2@127.0.0.1:1/db")
-    assert "hunter2" not in str(raised.value) and "bootserver:***@127.0.0.1:1/db" in str(raised.value)
+        Store(url)
+    assert "hunter2" not in str(raised.value) and shown in str(raised.value)
+
+
+def test_a_user_that_may_not_make_tables_is_told_how_to_fix_it(postgres, database):
+    """PostgreSQL 15 and later let only the database's owner create tables in its public schema."""
+    import psycopg
+
+    name = database.rsplit("/", 1)[1]
+    with psycopg.connect(database, autocommit=True) as db:
+        db.execute(f"CREATE ROLE {name}_user LOGIN")
+    with pytest.raises(StoreUnavailable, match=rf"ALTER DATABASE {name} OWNER TO {name}_user"):
+        Store(database.replace("postgres@", f"{name}_user@"))
+    with psycopg.connect(database, autocommit=True) as db:
+        db.execute(f"ALTER DATABASE {name} OWNER TO {name}_user")
+    Store(database.replace("postgres@", f"{name}_user@")).close()  # as the message said

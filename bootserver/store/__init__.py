@@ -173,7 +173,7 @@ class Store:
         self._db: Backend = open_backend(location)
         self.kind = self._db.kind
         self.location = self._db.location
-        self.path = location if isinstance(location, Path) else Path(self.location)  # SQLite's file
+        self.path = self._db.path if isinstance(self._db, SqliteBackend) else None  # SQLite's file
         self.replica = replica or socket.gethostname()
         # The last write's failure (StoreUnavailable's message); None once a write succeeds again.
         self.problem: str | None = None
@@ -235,6 +235,8 @@ class Store:
         return self._db.execute(sql, parameters).fetchone()
 
     def _insert_event(self, db: Backend, mac: str, now: float, kind: str, body: str) -> int:
+        """Last in its transaction: on PostgreSQL event writers pass here one at a time (ids in commit order),
+        so a writer holding this lock must not then wait for a row another writer holds (a deadlock)."""
         db.lock_for_event()
         return db.execute("INSERT INTO events (mac, time, kind, detail, replica) VALUES (?, ?, ?, ?, ?) "
                           "RETURNING id", (mac, now, kind, body, self.replica)).fetchone()["id"]
@@ -258,9 +260,9 @@ class Store:
                 merged = {**json.loads(row["facts"]), **(facts or {})}
                 db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? "
                            "WHERE mac = ?", (now, state, json.dumps(merged), mac))
-            event_id = self._insert_event(db, mac, now, kind, body)
             if token is not None:
                 _insert_token(db, token)
+            event_id = self._insert_event(db, mac, now, kind, body)
         return Event(event_id, mac, now, kind, detail or {}, self.replica)
 
     # -- one-time tokens --------------------------------------------------------------------------
@@ -284,6 +286,9 @@ class Store:
         """
         now = time.time()
         with self._transaction() as db:
+            # The machine first, as record() takes it: a script served to this machine at this moment (its token
+            # written under the machine's lock) waits for us, instead of each holding what the other needs.
+            db.execute("SELECT mac FROM machines WHERE mac = ?" + db.row_lock, (mac,))
             # Atomic on both backends: PostgreSQL re-checks `used IS NULL` after waiting for a competing row lock.
             spent = db.execute("UPDATE tokens SET used = ? WHERE id = ? AND mac = ? AND used IS NULL "
                                "AND expires > ?", (now, token_id, mac, now)).rowcount
@@ -293,10 +298,9 @@ class Store:
                        "WHERE mac = ?", (host_key, ip, now, mac))
             # Queued under the replica that accepted it: if that replica restarts before a claim, the job is its
             # to settle (interrupted); any replica may claim it meanwhile.
-            if db.execute("UPDATE jobs SET state = 'queued', owner = ?, lease_until = NULL, updated = ? "
-                          "WHERE mac = ?", (self.replica, now, mac)).rowcount == 0:
-                db.execute("INSERT INTO jobs (mac, state, owner, created, updated) VALUES (?, 'queued', ?, ?, ?)",
-                           (mac, self.replica, now, now))
+            db.execute("INSERT INTO jobs (mac, state, owner, created, updated) VALUES (?, 'queued', ?, ?, ?) "
+                       "ON CONFLICT (mac) DO UPDATE SET state = 'queued', owner = excluded.owner, "
+                       "lease_until = NULL, updated = excluded.updated", (mac, self.replica, now, now))
             self._insert_event(db, mac, now, "phoned-home", json.dumps(detail, sort_keys=True))
         return True
 
@@ -509,11 +513,14 @@ TABLES = {
 
 
 def _copy_rows(source: Store, db: Backend, table: str, columns: tuple[str, ...]) -> int:
+    """Streamed a thousand rows at a time: a store of years holds millions of events."""
     names, marks = ", ".join(columns), ", ".join("?" * len(columns))
-    rows = source._rows(f"SELECT {names} FROM {table}")
-    for row in rows:
-        db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(row[c] for c in columns))
-    return len(rows)
+    insert = f"INSERT INTO {table} ({names}) VALUES ({marks})"
+    rows, copied = source._db.execute(f"SELECT {names} FROM {table}"), 0
+    while batch := rows.fetchmany(1000):
+        db.execute_many(insert, [tuple(row[c] for c in columns) for row in batch])
+        copied += len(batch)
+    return copied
 
 
 def _copy_into(source: Store, target: Store) -> dict[str, int]:

@@ -2,8 +2,13 @@
 
 psycopg's synchronous API, like sqlite3's: every caller of the store is synchronous, and a round trip
 to a database on the same LAN costs about a tenth of a millisecond, which the event loop can afford.
-One connection per server, in autocommit mode with explicit BEGIN/COMMIT from the Store. A lost
-connection makes the call fail with StoreUnavailable and is opened again by the next call.
+One connection per server, in autocommit mode with explicit BEGIN/COMMIT from the Store. A call that
+finds the database gone fails with StoreUnavailable, and the next call connects again; a connection
+that died while idle (the database restarted between two requests) is replaced without failing one.
+
+Synchronous also means a database that stops answering holds the server's event loop: the TCP
+timeouts below bound how long (unless [server] database sets its own), so a replica cut off from the
+database fails its requests within seconds instead of hanging for the kernel's many minutes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import re
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from ..errors import StoreUnavailable
@@ -22,6 +29,14 @@ log = logging.getLogger(__name__)
 
 # Advisory lock keys (any 64-bit number of our own): the schema, and the order of events.
 SCHEMA_LOCK, EVENT_LOCK = 0x626F6F7401, 0x626F6F7402
+
+# libpq settings a URL may override: give up on an unreachable server, or one that stopped acknowledging
+# what we send (tcp_user_timeout, in ms), within seconds; notice a silently vanished one on an idle connection.
+CONNECTION_DEFAULTS = {"connect_timeout": "5", "tcp_user_timeout": "10000", "keepalives_idle": "30",
+                       "keepalives_interval": "5", "keepalives_count": "3"}
+
+# What makes a statement fail for reasons outside bootserver (StoreUnavailable); anything else is our bug.
+FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.InsufficientPrivilege)
 
 
 class PostgresBackend:
@@ -35,13 +50,20 @@ class PostgresBackend:
     def __init__(self, url: str) -> None:
         self.url = url
         self.location = _without_password(url)
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise StoreUnavailable(f"[server] database {self.location} is not a URL libpq understands "
+                                   f"({_safe(exc, url)}): expected postgresql://user:password@host/dbname") from exc
+        self._options = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in given}
+        self._user, self._dbname = given.get("user", "USER"), given.get("dbname", "DBNAME")
         self._db: psycopg.Connection[dict[str, Any]] | None = None
         self._connection()
 
     def _connection(self) -> psycopg.Connection[dict[str, Any]]:
         if self._db is None or self._db.closed or self._db.broken:
             try:
-                self._db = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=5)
+                self._db = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **self._options)
             except psycopg.Error as exc:
                 self._db = None
                 raise self.unavailable(exc) from exc
@@ -50,9 +72,25 @@ class PostgresBackend:
     def execute(self, sql: str, parameters: Any = ()) -> psycopg.Cursor[dict[str, Any]]:
         """Run one statement written with sqlite's `?` placeholders (the Store writes its SQL once)."""
         db = self._connection()
+        # Outside a transaction the Store only reads or BEGINs: if that finds the connection dead, nothing of it
+        # happened, and it is safe to run on a new one. Inside one, the transaction is lost: the caller fails.
+        idle = db.info.transaction_status == TransactionStatus.IDLE
         try:
             return db.execute(_placeholders(sql), parameters or None)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except FAILURES as exc:
+            if not (idle and db.broken):
+                raise self.unavailable(exc) from exc
+            log.info("the connection to %s was lost while idle (%s): connecting again", self.location, exc)
+        try:
+            return self._connection().execute(_placeholders(sql), parameters or None)
+        except FAILURES as exc:
+            raise self.unavailable(exc) from exc
+
+    def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """One statement for many rows, sent without waiting for each (psycopg pipelines executemany)."""
+        try:
+            self._connection().cursor().executemany(_placeholders(sql), rows)
+        except FAILURES as exc:
             raise self.unavailable(exc) from exc
 
     def begin(self) -> None:
@@ -112,16 +150,30 @@ class PostgresBackend:
         self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
     def unavailable(self, exc: psycopg.Error) -> StoreUnavailable:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        return StoreUnavailable(f"the database {self.location} cannot be used ({message}): check that PostgreSQL "
-                                f"is running and reachable from this host, and the user, password and database "
-                                f"in [server] database; nothing of this request was recorded")
+        """What went wrong (the connection, or the server refusing this statement), and where to look."""
+        message = _safe(exc, self.url)
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):  # PostgreSQL 15+: public schema not writable
+            hint = (f"the user may not make bootserver's tables: make it the database's owner (as postgres: "
+                    f"ALTER DATABASE {self._dbname} OWNER TO {self._user}), or grant it CREATE on its schema")
+        elif self._db is None or self._db.broken:
+            hint = ("check that PostgreSQL is running and reachable from this host, and the user, password and "
+                    "database in [server] database")
+        else:  # the connection is fine: the server refused this statement
+            hint = "the database server's log says why (its disk full, a query cancelled by an operator)"
+        return StoreUnavailable(f"the database {self.location} cannot be used ({message}): {hint}; "
+                                f"nothing of this request was recorded")
 
 
 def _placeholders(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def _safe(exc: psycopg.Error, url: str) -> str:
+    """The error on one line, the URL's password masked (libpq quotes a URL it cannot parse)."""
+    return " ".join(str(exc).replace(url, _without_password(url)).split()) or type(exc).__name__
+
+
 def _without_password(url: str) -> str:
     """The URL as it may appear in logs and error messages."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+    url = re.sub(r"(//[^:/@]*):[^@]*@", r"\1:***@", url)  # user:password@
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)  # ?password=...

@@ -42,6 +42,12 @@ class SqliteBackend:
         except sqlite3.OperationalError as exc:
             raise self.unavailable(exc) from exc
 
+    def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        try:
+            self._db.executemany(sql, rows)
+        except sqlite3.OperationalError as exc:
+            raise self.unavailable(exc) from exc
+
     def begin(self) -> None:
         self.execute("BEGIN IMMEDIATE")
 
