@@ -34,25 +34,20 @@ def emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-class CountingServer(asyncssh.SSHServer):
-    """asyncssh's default server behaviour, plus a line for every connection opened and closed."""
+class CountingServer(sshd.Connections):
+    """tests/sshd.py's server behaviour, plus a line for every connection opened and closed."""
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         emit({"open": time.time()})
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         emit({"close": time.time()})
 
 
 def instrument(index_of_port: dict[int, int]) -> None:
     """Count connections and report finish commands without changing what tests/sshd.py does."""
-    listen = asyncssh.listen
-
-    def counting_listen(*args, **kwargs):
-        kwargs.setdefault("server_factory", CountingServer)
-        return listen(*args, **kwargs)
-
-    asyncssh.listen = counting_listen
+    sshd.Connections = CountingServer  # what ssh_server() makes for each connection
     handle = sshd.TestSSHServer.handle
 
     async def reporting_handle(self: sshd.TestSSHServer, process: asyncssh.SSHServerProcess) -> None:

@@ -10,8 +10,10 @@ step events into machine states, and keeps the state machine honest across failu
 A phone-home queues the machine's job in the store (one per machine, whichever replica took the
 call). Every replica's claim loop takes queued jobs under its concurrency cap and holds each by a
 lease it renews; a replica that dies stops renewing, and after `job_lease_seconds` another takes its
-jobs over and runs them again (`resumed` in the machine's events). A replica that restarts marks the
-jobs it had accepted or was running `interrupted` instead: the node may be mid-reboot, so no blind rerun.
+jobs over and runs them again (`resumed` in the machine's events). A replica that cannot renew (cut off
+from the database) stops its jobs before their leases lapse, so a job never runs on two replicas at
+once. A replica that restarts marks the jobs it had accepted or was running `interrupted` instead: the
+node may be mid-reboot, so no blind rerun.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from .booter import Booter
@@ -43,13 +46,15 @@ class Provisioner:
         self.booter = booter
         self.store = booter.store
         self._running: dict[str, asyncio.Task[None]] = {}  # by MAC: the jobs this replica holds
+        self._lease_ends: dict[str, float] = {}  # by MAC: until when (at the latest) we hold each
         self._wake = asyncio.Event()
         self._ssh_options = ssh_options  # timeouts and keep-alive, shortened by tests
         self._loops: list[asyncio.Task[None]] = []
 
     @property
     def replica(self) -> str:
-        return self.booter.config.server.replica
+        """This server's name: the owner of its jobs, as on the events it records."""
+        return self.store.replica
 
     @property
     def lease_seconds(self) -> float:
@@ -121,6 +126,7 @@ class Provisioner:
                         break
                     task = loop.create_task(self._run(claim))
                     self._running[claim.mac] = task
+                    self._lease_ends[claim.mac] = claim.lease_until or 0.0
                     task.add_done_callback(lambda _, mac=claim.mac: self._done(mac))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), CLAIM_POLL_SECONDS)
@@ -128,27 +134,43 @@ class Provisioner:
 
     def _done(self, mac: str) -> None:
         self._running.pop(mac, None)
+        self._lease_ends.pop(mac, None)
         self._wake.set()  # room under the cap for the next job
 
     async def _renew_forever(self) -> None:
-        """Renew this replica's leases well before they lapse; a job another replica took over (we were
-        too slow, or cut off from the database) is stopped here, so it never runs twice at once."""
+        """Renew this replica's leases well before they lapse. A job another replica took over meanwhile is
+        stopped here; so is one whose lease would lapse before the next try, when renewing fails (the
+        database is unreachable from here, maybe not from the others): it may be taken over any moment."""
+        interval = self.lease_seconds / 3
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.sleep(interval)
             mine = list(self._running)
+            asked = time.time()  # the store's lease starts a little later: ours is the safe side
             try:
                 held = self.store.renew_jobs(self.replica, mine, self.lease_seconds)
             except StoreUnavailable:
+                lapsing = [mac for mac in mine if self._lease_ends.get(mac, 0.0) <= time.time() + interval]
+                self._stop(lapsing, "its lease cannot be renewed (the database is unreachable), another replica "
+                                    "may take it over")
                 continue
-            for mac in set(mine) - held:
-                log.warning("provisioning %s: another replica took this job over; stopping here", mac)
-                self._running[mac].cancel()
+            self._lease_ends.update(dict.fromkeys(held, asked + self.lease_seconds))
+            self._stop(set(mine) - held, "another replica took this job over")
+
+    def _stop(self, macs: Iterable[str], why: str) -> None:
+        for mac in macs:
+            task = self._running.get(mac)
+            if task is not None and not task.done():
+                log.warning("provisioning %s: %s; stopping here", mac, why)
+                task.cancel()
 
     async def _run(self, claim: JobClaim) -> None:
         try:
             if claim.taken_over_from is not None:
                 node = self.store.node(claim.mac)
                 state = node.state if node else None
+                if state not in IN_PROGRESS:  # it recorded the outcome, then died before closing the job
+                    self.store.finish_job(claim.mac, self.replica)
+                    return
                 self.store.record(claim.mac, "resumed", {"from": claim.taken_over_from, "state": state,
                                                          "attempt": claim.attempt})
                 if state in STEP_STATES.values():  # its disk may be half made, by us: wipe allowed
@@ -156,7 +178,8 @@ class Provisioner:
             await self._provision(claim.mac)
             self.store.finish_job(claim.mac, self.replica)
         except StoreUnavailable as exc:
-            # Its outcome could not be recorded: the lease lapses and another replica (or this one) retries.
+            # Not recorded: the lease lapses and another replica takes the job over (finishing it if its outcome
+            # was recorded), or this one, restarted, marks it interrupted.
             log.error("provisioning %s: cannot record its outcome: %s", claim.mac, exc)
 
     async def _provision(self, mac: str) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ class TestSSHServer:
     port: int
     host_key: asyncssh.SSHKey
     commands: list[str] = field(default_factory=list)  # every exec request, in arrival order
+    # every SSH connection: [opened, closed] (time.monotonic(); closed is None while it is open)
+    connections: list[list[float | None]] = field(default_factory=list)
     hang_on: str | None = None  # a command containing this makes the server stop answering entirely
     drop_on: str | None = None  # a command containing this closes the connection, as a reboot would
     _frozen: list[asyncssh.SSHServerConnection] = field(default_factory=list)
@@ -55,6 +58,17 @@ class TestSSHServer:
         """Stop reading from the socket: keepalives go unanswered, exactly like a dead machine."""
         conn._transport.pause_reading()  # private, but this is what "stops responding" means
         self._frozen.append(conn)
+
+
+class Connections(asyncssh.SSHServer):
+    """asyncssh's default server, noting when each connection opens and closes."""
+
+    def __init__(self, server: TestSSHServer) -> None:
+        self.span: list[float | None] = [time.monotonic(), None]
+        server.connections.append(self.span)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.span[1] = time.monotonic()
 
 
 async def _run(command: str, process: asyncssh.SSHServerProcess) -> int:
@@ -118,6 +132,7 @@ async def ssh_server(authorized_key: str, *, hang_on: str | None = None,
         server_host_keys=[host_key],
         authorized_client_keys=asyncssh.import_authorized_keys(authorized_key + "\n"),
         process_factory=server.handle,
+        server_factory=lambda: Connections(server),  # looked up here: sshd_pool adds to it
         sftp_factory=True,  # asyncssh's SFTPServer on the real filesystem, no chroot
         encoding=None,  # bytes through, as sshd does
         password_auth=False, kbdint_auth=False, gss_host=None,

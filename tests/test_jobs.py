@@ -18,6 +18,7 @@ from bootserver.config import Config, Listen
 from bootserver.disk import DiskLayout, Partition
 from bootserver.jobs import Provisioner
 from bootserver.provision import provision
+from bootserver.store import Token
 
 MAC = "52:54:00:00:00:01"
 
@@ -31,6 +32,51 @@ def test_restart_marks_in_progress_nodes_interrupted(booter):
     assert node.state == "interrupted" and node.reprovision  # its half-made disk may be wiped next time
     assert store.events(node.mac)[-1].detail == {"reason": "the server stopped during disk"}
     assert store.node("52:54:00:00:00:02").state == "deployed"
+
+
+def queue_job(store, mac: str, owner: str | None = None, state: str | None = None, lease: float = 30) -> None:
+    """`mac` phoned home (its job queued); claimed by `owner` for `lease` s and moved to `state`, if given."""
+    now = time.time()
+    store.record(mac, "script-served", {}, state="script-served", token=Token(f"t-{mac}", "hash", mac, now, now + 600))
+    assert store.phoned_home(f"t-{mac}", mac, "10.0.0.9", "ssh-ed25519 AAAA", {})
+    if owner is not None:
+        assert store.claim_job(owner, lease).mac == mac
+    if state is not None:
+        store.record(mac, "step-started", {"step": state}, state=state)
+
+
+def test_restart_settles_this_replicas_jobs_and_leaves_the_others(booter):
+    store, me = booter.store, booter.store.replica
+    queue_job(store, "52:54:00:00:00:01", owner=me, state="deploy")
+    queue_job(store, "52:54:00:00:00:02", owner="other", state="deploy")
+    queue_job(store, "52:54:00:00:00:03")  # accepted by this replica, not claimed yet
+    Provisioner(booter).recover()
+    for mac in ("52:54:00:00:00:01", "52:54:00:00:00:03"):
+        assert store.node(mac).state == "interrupted" and store.job(mac).state == "done"
+    # Another replica's job is its own business: it renews the lease, or its lapse hands the job over.
+    assert store.node("52:54:00:00:00:02").state == "deploy"
+    assert (store.job("52:54:00:00:00:02").state, store.job("52:54:00:00:00:02").owner) == ("running", "other")
+
+
+async def test_jobs_of_a_replica_whose_lease_lapsed_are_resumed_unless_they_were_over(booter):
+    store = booter.store
+    # Node 1 was mid-deploy; node 2 was deployed, but its replica died before closing the job.
+    queue_job(store, MAC, owner="dead", state="deploy", lease=-1)
+    queue_job(store, "52:54:00:00:00:02", owner="dead", lease=-1)
+    store.record("52:54:00:00:00:02", "deployed", {}, state="deployed")
+    before = len(store.events("52:54:00:00:00:02"))
+    provisioner = Provisioner(booter)
+    provisioner.start()
+    try:
+        await eventually(lambda: all(store.job(m).state == "done" for m in (MAC, "52:54:00:00:00:02")))
+    finally:
+        await provisioner.stop()
+    resumed = next(e for e in store.events(MAC) if e.kind == "resumed")
+    assert resumed.detail == {"from": "dead", "state": "deploy", "attempt": 2}
+    assert store.node(MAC).reprovision  # its disk may be half made, by us: the run may wipe it
+    assert store.events(MAC)[-1].kind == "nothing-to-provision"  # run again (the example profile has no steps)
+    assert store.node("52:54:00:00:00:02").state == "deployed"
+    assert len(store.events("52:54:00:00:00:02")) == before  # closed, not provisioned again
 
 
 def test_node_that_never_phones_home_fails_with_a_reason(booter):

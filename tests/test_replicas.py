@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import re
 import signal
 import socket
@@ -17,7 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import psycopg
 from sshd import ssh_server
+from test_web import read_event
 
 from bootserver.pki import ServerKeys
 from bootserver.store import Store
@@ -74,8 +78,8 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def cluster(tmp_path: Path, database: str, count: int, check: str):
-    """`count` nodes (SSH servers) and two replicas, a and b."""
+async def cluster(tmp_path: Path, database: str, count: int, check: str, urls: tuple[str, str] | None = None):
+    """`count` nodes (SSH servers) and two replicas, a and b; `urls`: each replica's own URL of `database`."""
     keys = ServerKeys.load_or_create(tmp_path / "a" / "keys")  # replica a moves them into the database
     async with contextlib.AsyncExitStack() as stack:
         nodes = [await stack.enter_async_context(ssh_server(keys.ssh_public)) for _ in range(count)]
@@ -83,7 +87,8 @@ async def cluster(tmp_path: Path, database: str, count: int, check: str):
         site = ('[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
                 f'[profiles.p]\nkernel = "kernel"\ninitrd = ["initrd"]\n[profiles.p.deploy]\ncheck = "{check}"\n'
                 f'[groups.all]\nprofile = "p"\n{machines}')
-        a, b = Replica("a", tmp_path, database, site), Replica("b", tmp_path, database, site)
+        url_a, url_b = urls or (database, database)
+        a, b = Replica("a", tmp_path, url_a, site), Replica("b", tmp_path, url_b, site)
         for replica in (a, b):
             (replica.data / "images" / "vmlinuz").write_bytes(b"k" * 4096)
             (replica.data / "images" / "initrd.img").write_bytes(b"i" * 4096)
@@ -191,3 +196,58 @@ async def test_one_token_presented_to_both_replicas_at_once_is_accepted_once(pos
             assert [e.kind for e in events].count("deployed") == 1
             store.set_reprovision(mac(0), True)  # the whole flow again, for the next round
         store.close()
+
+
+async def test_a_replica_cut_off_from_the_database_stops_its_jobs_before_the_other_takes_them(postgres, tmp_path: Path):
+    """A replica that can no longer renew its leases (here: its database role may not log in any more; on a site,
+    a network partition) must stop its jobs before the leases lapse: the other takes them over then, and a
+    node must never have two replicas provisioning it at once."""
+    database = postgres.new_database()
+    count = 4
+    roles = {name: f"replica_{name}_{tmp_path.name[-12:].lower()}_{id(tmp_path):x}" for name in "ab"}
+    with psycopg.connect(postgres.url("postgres"), autocommit=True) as admin:
+        for role in roles.values():
+            admin.execute(f"CREATE ROLE {role} SUPERUSER LOGIN")
+    urls = tuple(database.replace("//postgres@", f"//{roles[name]}@", 1) for name in "ab")
+    async with cluster(tmp_path, database, count, check="sleep 5", urls=urls) as (a, b, nodes), \
+            aiohttp.ClientSession() as http:
+        store = Store(database, replica="observer")
+        for i in range(count):
+            assert await phone_home(http, a, i, await token_for(http, a, i), nodes[i].host_key_line) == 202
+        deadline = time.monotonic() + 20
+        while not [m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.node(m).state == "deploy"]:
+            assert time.monotonic() < deadline, "replica a never started provisioning"
+            await asyncio.sleep(0.05)
+        held_by_a = {m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.job(m).state == "running"}
+        with psycopg.connect(postgres.url("postgres"), autocommit=True) as admin:
+            admin.execute(f"ALTER ROLE {roles['a']} NOLOGIN")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (roles["a"],))
+        await until_all(store, [mac(i) for i in range(count)], {"deployed", "failed", "interrupted"}, timeout=60)
+        assert a.process.returncode is None  # cut off, not dead
+        for i, m in enumerate(map(mac, range(count))):
+            assert store.node(m).state == "deployed", [(e.kind, e.detail, e.replica) for e in store.events(m)[-4:]]
+            spans = sorted(nodes[i].connections)
+            assert all(closed is not None for _, closed in spans), spans
+            for (_, closed), (opened, _) in itertools.pairwise(spans):
+                assert closed <= opened, f"{m}: two replicas connected at once: {spans}"
+        for m in held_by_a:
+            resumed = [e for e in store.events(m) if e.kind == "resumed"]
+            assert len(resumed) == 1 and resumed[0].detail["from"] == "a" and resumed[0].replica == "b"
+        assert "its lease cannot be renewed" in a.log.read_text()
+        store.close()
+
+
+async def test_a_page_on_one_replica_follows_what_the_other_records(postgres, tmp_path: Path):
+    database = postgres.new_database()
+    async with cluster(tmp_path, database, 1, check="true") as (a, b, nodes), aiohttp.ClientSession() as http:
+        token = await token_for(http, a, 0)
+        page = await (await http.get(f"{b.url}/machines/{mac(0)}")).text()
+        assert '<span class="replica muted" title="the bootserver that recorded it">a</span>' in page
+        async with http.get(f"{b.url}/machines/{mac(0)}/stream") as stream:
+            assert await phone_home(http, a, 0, token, nodes[0].host_key_line) == 202
+            seen = []
+            while not seen or seen[-1][0] != "deployed":
+                data = (await read_event(stream, timeout=15))["data"]
+                seen.append((data["kind"], data["replica"]))
+                assert json.dumps(data["html"])  # rendered by b, for b's page
+        assert seen[0] == ("phoned-home", "a") and seen[-1][0] == "deployed", seen
