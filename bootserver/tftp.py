@@ -8,8 +8,8 @@ never what a boot loader wants, and answering a netascii client with raw bytes w
 every CR byte of a binary file without anyone noticing.
 
 Layout: one `_Listener` protocol on the well-known port decodes requests and refuses or admits
-them; every admitted transfer gets a `_Session` protocol on its own ephemeral socket (a new TID, as
-RFC 1350 asks). Everything runs on the event loop; no threads.
+them; every admitted transfer gets a `_Session` on its own ephemeral socket (a new TID, as RFC 1350
+asks), read and written straight from the event loop. Everything runs on the event loop; no threads.
 
 The transfer socket is deliberately *not* connected to the peer. A connected UDP socket never sees
 datagrams from other (host, port) pairs (the kernel drops them), so RFC 1350's "ERROR 5 unknown
@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qs
 
 from tftpy.TftpPacketFactory import TftpPacketFactory
@@ -72,6 +72,11 @@ IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 # Blocks sent per event-loop turn, so that one big window does not stall every other transfer.
 SEND_BURST = 64
+# Bytes read per datagram on a transfer socket: an ACK is 4, an ERROR at most a few hundred; longer
+# datagrams are cut, which costs nothing since nothing past the opcode and number matters there.
+RECV_SIZE = 1024
+# How often, at most, the server looks for transfers whose retransmission deadline has passed.
+SWEEP_INTERVAL = 0.1
 # Transfers at once, in all and per client address. A firmware or iPXE fetches one file at a time (a PXE
 # ROM's tsize probe ends at once), so 16 leaves room for a few machines behind one NAT; 1,000 in all is
 # well above a rack booting together. A client that never ACKs holds its session timeout * (retries + 1)
@@ -229,15 +234,15 @@ class _Blocks:
             # The size at open time, so tsize and the block count agree for the whole transfer.
             self.size = os.fstat(self._fd).st_size
 
-    def read(self, offset: int, length: int) -> bytes | memoryview:
+    def read_into(self, target: memoryview, offset: int) -> None:
+        """Fill `target` with the bytes at `offset`."""
         if self._view is not None:
-            return self._view[offset : offset + length]
+            target[:] = self._view[offset : offset + len(target)]
+            return
         assert self._fd is not None
         # Blocking, but a block from the page cache costs microseconds; not worth a thread hop.
-        chunk = os.pread(self._fd, length, offset)
-        if len(chunk) != length:
+        if os.preadv(self._fd, [target], offset) != len(target):
             raise OSError(f"file shrank during the transfer (short read at offset {offset})")
-        return chunk
 
     def close(self) -> None:
         if self._fd is not None:
@@ -250,18 +255,25 @@ class _Blocks:
 # --------------------------------------------------------------------------------------------
 
 
-class _Session(asyncio.DatagramProtocol):
+class _Session:
     """Sends one payload to one peer from its own socket.
 
     Blocks are numbered from 1 without limit here; only the wire number wraps at 65536. `_acked`
     is the highest block the client acknowledged (0 for the OACK, -1 before that); `_sent` is the
     highest block handed to the socket. Only an ACK that moves `_acked` forward sends anything:
-    duplicates are ignored (Sorcerer's Apprentice) and retransmission is the timer's job alone.
+    duplicates are ignored (Sorcerer's Apprentice) and retransmission is the deadline's job alone.
+
+    The socket is read and written directly from an event-loop reader, not through an asyncio
+    transport: the transport receives every datagram into a fresh 256 KiB buffer, which cost more
+    than the rest of the ACK's handling together (measured 28 us vs 6 us per ACK and DATA on
+    loopback). A lock-step transfer is one ACK in and one DATA out per block, so this is the hot path.
     """
 
-    def __init__(self, server: TftpServer, sockaddr: SockAddr, filename: str, payload: Payload,
-                 blocks: _Blocks, negotiated: Negotiated, started: float) -> None:
+    def __init__(self, server: TftpServer, sock: socket.socket, sockaddr: SockAddr, filename: str,
+                 payload: Payload, blocks: _Blocks, negotiated: Negotiated, started: float) -> None:
         self._server = server
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
         self.sockaddr = sockaddr
         self.peer: Address = (sockaddr[0], sockaddr[1])
         self.filename = filename
@@ -276,26 +288,55 @@ class _Session(asyncio.DatagramProtocol):
         self._next = 1  # next block of the current window to send
         self._window_end = 0
         self._attempts = 0  # timeouts since the last progress
-        self._timer: asyncio.TimerHandle | None = None
-        self._paused = False
+        self.deadline: float | None = None  # loop time at which to retransmit; the server's sweep checks it
+        self._blocked = False  # the socket's send buffer is full: wait until it is writable
         self._pump_pending = False
         self._done = False
-        self.transport: asyncio.DatagramTransport | None = None
 
-    # asyncio callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._done:  # aborted while the socket was being set up
-            transport.close()
-            return
-        # cast, not isinstance: asyncio's selector datagram transport does not subclass DatagramTransport
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def start(self) -> None:
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
         if self._opts.oack:
             self._send_oack()
         else:
             self._start_window(1)
 
-    def datagram_received(self, data: bytes, addr: SockAddr) -> None:
+    # the socket
+
+    def _on_readable(self) -> None:
+        # One datagram per call: in lock-step there is only ever one waiting, and draining until
+        # EAGAIN would cost a second system call per ACK. The selector calls again if more wait.
+        try:
+            data, addr = self._sock.recvfrom(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. an ICMP error queued on the socket
+            log.debug("tftp %s:%d: socket error: %s", *self.peer, exc)
+            return
+        try:
+            self._on_datagram(data, addr)
+        except Exception as exc:  # a bug of ours: end this transfer, keep the server
+            log.exception("tftp %s:%d: internal error", *self.peer)
+            self._fail(ERR_UNDEFINED, "internal error", f"internal error: {exc!r}")
+
+    def _send(self, packet: bytes | memoryview, sockaddr: SockAddr) -> bool:
+        """Send one datagram; False when the send buffer is full (the caller decides what to retry)."""
+        try:
+            self._sock.sendto(packet, sockaddr)
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:  # unreachable, message too long, ...: the retransmission deadline decides
+            log.debug("tftp %s:%d: send failed: %s", *self.peer, exc)
+            return True
+
+    def _on_writable(self) -> None:
+        self._loop.remove_writer(self._sock.fileno())
+        self._blocked = False
+        self._pump()
+
+    # the transfer
+
+    def _on_datagram(self, data: bytes, addr: SockAddr) -> None:
         if (addr[0], addr[1]) != self.peer:
             self._stray(data, addr)
         elif len(data) < 4:
@@ -313,27 +354,14 @@ class _Session(asyncio.DatagramProtocol):
             else:
                 log.debug("tftp %s:%d: ignored opcode %d during transfer", *self.peer, opcode)
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("tftp %s:%d: socket error: %s", *self.peer, exc)
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    # the transfer
-
     def _stray(self, data: bytes, addr: SockAddr) -> None:
         """RFC 1350: a packet from another TID gets ERROR 5, and the transfer goes on."""
         log.debug("tftp %s:%d: datagram from unknown TID %s:%d", *self.peer, addr[0], addr[1])
-        if data[:2] != b"\0\5" and self.transport is not None:  # never answer an ERROR with an ERROR
-            self.transport.sendto(error_packet(ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
+        if data[:2] != b"\0\5":  # never answer an ERROR with an ERROR
+            self._send(error_packet(ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
 
     def _send_oack(self) -> None:
-        assert self.transport is not None
-        self.transport.sendto(oack_packet(self._opts.oack), self.sockaddr)
+        self._send(oack_packet(self._opts.oack), self.sockaddr)  # if the buffer is full, the deadline resends
         self._arm_timer()
 
     def _start_window(self, first: int) -> None:
@@ -344,13 +372,16 @@ class _Session(asyncio.DatagramProtocol):
     def _pump(self) -> None:
         """Send the rest of the current window, SEND_BURST blocks per event-loop turn."""
         self._pump_pending = False
-        if self._done or self._paused or self.transport is None:
+        if self._done or self._blocked:
             return
         try:
             for _ in range(SEND_BURST):
                 if self._next > self._window_end:
                     break
-                self._send_block(self._next)
+                if not self._send_block(self._next):
+                    self._blocked = True
+                    self._loop.add_writer(self._sock.fileno(), self._on_writable)
+                    return
                 self._next += 1
         except OSError as exc:
             self._fail(ERR_UNDEFINED, "read error", f"cannot read {self.filename!r}: {exc}")
@@ -358,17 +389,23 @@ class _Session(asyncio.DatagramProtocol):
         if self._next <= self._window_end:
             if not self._pump_pending:
                 self._pump_pending = True
-                asyncio.get_running_loop().call_soon(self._pump)
+                self._loop.call_soon(self._pump)
         else:
             self._arm_timer()  # the window is out; now wait for its ACK
 
-    def _send_block(self, block: int) -> None:
-        assert self.transport is not None
+    def _send_block(self, block: int) -> bool:
         blksize = self._opts.blksize
         offset = (block - 1) * blksize
-        chunk = self._blocks.read(offset, min(blksize, self._blocks.size - offset))
-        self.transport.sendto(_DATA_HEADER.pack(DATA, block & 0xFFFF) + chunk, self.sockaddr)
+        length = min(blksize, self._blocks.size - offset)
+        # One buffer for the whole server, filled in place: sendto copies it before returning, and
+        # everything runs on one thread, so no block is ever built twice or allocated per packet.
+        packet = self._server.scratch[: 4 + length]
+        _DATA_HEADER.pack_into(packet, 0, DATA, block & 0xFFFF)
+        self._blocks.read_into(packet[4:], offset)
+        if not self._send(packet, self.sockaddr):
+            return False
         self._sent = max(self._sent, block)
+        return True
 
     def _on_ack(self, wire: int) -> None:
         if self._done:
@@ -379,7 +416,7 @@ class _Session(asyncio.DatagramProtocol):
             return  # duplicate or stale: resending here is the Sorcerer's Apprentice bug
         self._acked = block
         self._attempts = 0
-        self._cancel_timer()
+        self.deadline = None
         if block >= self._last_block:
             self.finish(None)
         else:
@@ -387,16 +424,13 @@ class _Session(asyncio.DatagramProtocol):
             self._start_window(block + 1)
 
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._on_timeout)
+        # A deadline, not a timer per ACK: call_later and cancel for every block cost more than the
+        # server's periodic sweep of all sessions (see TftpServer._sweep).
+        self.deadline = self._loop.time() + self._timeout
+        self._server._wake_sweep()
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def on_deadline(self) -> None:
+        self.deadline = None
         self._attempts += 1
         retries = self._server.retries
         if self._attempts > retries:
@@ -409,8 +443,8 @@ class _Session(asyncio.DatagramProtocol):
 
     def _fail(self, code: int, wire_message: str, error: str) -> None:
         """End the transfer with an error, telling the client too."""
-        if self.transport is not None and not self._done:
-            self.transport.sendto(error_packet(code, wire_message), self.sockaddr)
+        if not self._done:
+            self._send(error_packet(code, wire_message), self.sockaddr)
         self.finish(error)
 
     def finish(self, error: str | None) -> None:
@@ -418,9 +452,11 @@ class _Session(asyncio.DatagramProtocol):
         if self._done:
             return
         self._done = True
-        self._cancel_timer()
-        if self.transport is not None:
-            self.transport.close()
+        self.deadline = None
+        self._loop.remove_reader(self._sock.fileno())
+        if self._blocked:
+            self._loop.remove_writer(self._sock.fileno())
+        self._sock.close()
         self._blocks.close()
         bytes_sent = min(max(self._acked, 0) * self._opts.blksize, self._blocks.size)
         if error is None:
@@ -467,7 +503,8 @@ class TftpServer:
         self._family = socket.AF_INET
         self._sessions: dict[Address, _Session] = {}
         self._per_host: Counter[str] = Counter()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self.scratch = memoryview(bytearray(4 + MAX_BLKSIZE))  # every DATA packet is built here, see _send_block
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -496,12 +533,12 @@ class TftpServer:
     async def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         for session in list(self._sessions.values()):
             session.finish("server closed")
-        await asyncio.sleep(0)  # let the closed transports run connection_lost and close their sockets
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        await asyncio.sleep(0)  # let the listening transport run connection_lost and close its socket
 
     # requests
 
@@ -549,13 +586,11 @@ class TftpServer:
             log.warning("tftp %s:%d: cannot open a transfer socket: %s", *peer, exc)
             self._refuse(sockaddr, request, started, ERR_UNDEFINED, "internal error", f"no transfer socket: {exc}")
             return
-        session = _Session(self, sockaddr, request.filename, payload, blocks, negotiated, started)
+        session = _Session(self, sock, sockaddr, request.filename, payload, blocks, negotiated, started)
         self._sessions[peer] = session
         self._per_host[peer[0]] += 1
         log.debug("tftp %s:%d: sending %r, options %s", *peer, request.filename, negotiated.oack)
-        task = asyncio.get_running_loop().create_task(self._run_session(session, sock))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        session.start()
 
     def _resolve_payload(self, sockaddr: SockAddr, request: Request, started: float) -> Payload | None:
         """What to send, or None after refusing the request."""
@@ -589,17 +624,6 @@ class TftpServer:
             raise
         return sock
 
-    async def _run_session(self, session: _Session, sock: socket.socket) -> None:
-        try:
-            await asyncio.get_running_loop().create_datagram_endpoint(lambda: session, sock=sock)
-        except OSError as exc:
-            sock.close()
-            self._send_error(session.sockaddr, ERR_UNDEFINED, "internal error")
-            session.finish(f"no transfer socket: {exc}")
-        except asyncio.CancelledError:
-            sock.close()  # asyncio closed the transport, if it got that far; the socket is ours to close
-            raise
-
     def _refuse(self, sockaddr: SockAddr, request: Request, started: float, code: int, wire_message: str,
                 error: str) -> None:
         peer: Address = (sockaddr[0], sockaddr[1])
@@ -614,6 +638,25 @@ class TftpServer:
             self._transport.sendto(error_packet(code, message), sockaddr)
 
     # session bookkeeping
+
+    def _wake_sweep(self) -> None:
+        """Make sure a sweep is scheduled while any transfer waits for an ACK."""
+        if self._sweep_timer is None:
+            interval = min(SWEEP_INTERVAL, self.timeout / 4)  # a deadline fires at most this late
+            self._sweep_timer = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        now = asyncio.get_running_loop().time()
+        for session in list(self._sessions.values()):
+            if session.deadline is not None and session.deadline <= now:
+                try:
+                    session.on_deadline()
+                except Exception as exc:  # a bug of ours: end that transfer, keep sweeping the others
+                    log.exception("tftp %s:%d: internal error on retransmission", *session.peer)
+                    session.finish(f"internal error: {exc!r}")
+        if self._sessions:
+            self._wake_sweep()
 
     def _forget(self, session: _Session) -> None:
         if self._sessions.get(session.peer) is session:

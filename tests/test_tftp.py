@@ -286,6 +286,44 @@ async def test_curl_missing_file_fails(env: Env, tmp_path: Path) -> None:
     assert transfer.payload is None and transfer.error is not None and transfer.error.startswith("not found")
 
 
+class FullSendBufferSocket(socket.socket):
+    """Fault injection, not a fake network: a real UDP socket whose every third DATA send reports a full
+    send buffer (EAGAIN), which loopback almost never does but a busy NIC does."""
+
+    data_sends = 0
+    refused = 0
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        if bytes(data[:2]) == b"\0\3":
+            FullSendBufferSocket.data_sends += 1
+            if FullSendBufferSocket.data_sends % 3 == 0:
+                FullSendBufferSocket.refused += 1
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+        return super().sendto(data, *args)
+
+
+@pytest.mark.parametrize("windowsize", [1, 8])
+async def test_full_send_buffer_loses_no_block(make_env: ServerFactory, monkeypatch: pytest.MonkeyPatch,
+                                               windowsize: int) -> None:
+    env = await make_env(timeout=5.0)
+    original = TftpServer._transfer_socket
+
+    def transfer_socket(self: TftpServer) -> socket.socket:
+        real = original(self)
+        return FullSendBufferSocket(real.family, real.type, fileno=real.detach())
+
+    monkeypatch.setattr(TftpServer, "_transfer_socket", transfer_socket)
+    FullSendBufferSocket.data_sends = FullSendBufferSocket.refused = 0
+    result = await download_raw(env, "kernel", blksize=1024, windowsize=windowsize)
+    assert result.data == env.files["kernel"]
+    # Each block arrived once, in order: a refused send was retried when the socket became writable,
+    # not left to the retransmission timer (5 s here) and not sent twice.
+    assert result.blocks == list(range(1, len(env.files["kernel"]) // 1024 + 2))
+    assert FullSendBufferSocket.refused > 100
+    [transfer] = await env.wait_done()
+    assert transfer.error is None
+
+
 # atftp 0.8.0 in Debian 12 implements RFC 7440 windowsize (`--option "windowsize N"`).
 @pytest.mark.parametrize(("options", "blksize", "windowsize"), [
     ([], 512, 1),
