@@ -1,10 +1,13 @@
 """MAC addresses: accepted in any common form, always stored and shown in one canonical form."""
 
+from functools import lru_cache
+
 from netaddr import EUI, AddrFormatError, mac_unix_expanded
 
 from .errors import BadRequest
 
 
+@lru_cache(maxsize=4096)  # netaddr's parser costs ~30 us; every boot request names its MAC
 def canonical_mac(text: str) -> str:
     """`52:54:00:12:34:56` for any common spelling (hyphens, dots, bare hex, upper case).
 
