@@ -9,7 +9,7 @@ import asyncssh
 import pytest
 from conftest import eventually
 
-from bootserver.app import App
+from bootserver.app import HTTP_BACKLOG, App
 
 
 async def curl(*args: str) -> tuple[int, bytes]:
@@ -63,6 +63,16 @@ async def test_tftp_refusals_keep_the_server_serving(app: App, name: str):
     assert code != 0
     code, _ = await curl(f"{tftp}/boot.ipxe")
     assert code == 0
+
+
+async def test_http_listens_with_room_for_a_rack_calling_at_once(app: App):
+    # For a listening socket, ss shows the accept backlog as Send-Q. aiohttp's default, 128, made 1,000
+    # machines phoning home together wait for resent SYNs (benchmarks/bench_burst.py: p99 2.5 s).
+    proc = await asyncio.create_subprocess_exec("ss", "-Hltn", f"sport = :{app.http_address[1]}",
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    [line] = out.decode().splitlines()
+    assert int(line.split()[2]) == min(HTTP_BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
 
 
 async def test_http_and_tftp_share_one_store(app: App):
