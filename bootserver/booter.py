@@ -17,7 +17,7 @@ from typing import Any
 import asyncssh
 
 from . import tokens
-from .config import FACT_KEYS, Config, Machine, Profile
+from .config import FACT_KEYS, Config, Group, Machine, Profile
 from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unauthorized
 from .mac import canonical_mac, hyphenated
 from .overlay import overlay_cpio
@@ -89,6 +89,8 @@ class Booter:
         self.keys = keys
         # Called with a MAC once its node has phoned home and may be provisioned (set by the App).
         self.on_phoned_home: Callable[[str], None] = lambda mac: None
+        self._groups_for: Config | None = None  # the config _groups was computed from
+        self._groups: dict[tuple[str, str | None, str | None], str | None] = {}
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -99,9 +101,7 @@ class Booter:
         """
         facts = facts or {}
         machine = self.config.machines.get(mac)
-        attributes = {**(machine.labels if machine else {}), **facts, "mac": mac}
-        matching = [g for g in self.config.groups
-                    if all(attributes.get(k) == v for k, v in g.selector.items())]
+        matching = self._matching_groups(mac, facts)
         if not matching:
             known = "a configured machine" if machine else "an unknown machine"
             return BootSpec(mac, None, None, f"{mac} is {known} and no group matches it", machine, facts)
@@ -111,6 +111,23 @@ class Booter:
         reason = f"group {best.name} ({why})" + (f"; also matched, less specific: {', '.join(others)}"
                                                  if others else "")
         return BootSpec(mac, self.config.profiles[best.profile], best.name, reason, machine, facts)
+
+    def _matching_groups(self, mac: str, facts: dict[str, str]) -> list[Group]:
+        machine = self.config.machines.get(mac)
+        attributes = {**(machine.labels if machine else {}), **facts, "mac": mac}
+        return [g for g in self.config.groups if all(attributes.get(k) == v for k, v in g.selector.items())]
+
+    def group_of(self, mac: str, arch: str | None, platform: str | None) -> str | None:
+        """boot_spec(...).group for these facts, remembered until the config changes: a job lists its
+        group's members, which asks this of every machine (28 ms per job with 1,000 machines before)."""
+        if self._groups_for is not self.config:
+            self._groups_for, self._groups = self.config, {}
+        key = (mac, arch, platform)
+        if key not in self._groups:
+            facts = {k: v for k, v in (("arch", arch), ("platform", platform)) if v is not None}
+            matching = self._matching_groups(mac, facts)
+            self._groups[key] = max(matching, key=lambda g: len(g.selector)).name if matching else None
+        return self._groups[key]
 
     @staticmethod
     def firmware_binary(client_arch: int) -> str:

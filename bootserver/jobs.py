@@ -239,14 +239,13 @@ class Provisioner:
     def context(self, node: Node, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
         """Template context for config files: this node and every member of its group (a Raft peer list)."""
         members = []
-        macs = {n.mac: n for n in self.store.nodes()}
-        for mac in sorted(set(macs) | set(self.booter.config.machines)):
-            known = macs.get(mac)
-            facts = {k: v for k, v in (known.facts if known else {}).items() if k in ("arch", "platform")}
-            if self.booter.boot_spec(mac, facts).group != group:
+        known = {m.mac: m for m in self.store.members()}
+        for mac in sorted(set(known) | set(self.booter.config.machines)):
+            member = known.get(mac)
+            if self.booter.group_of(mac, member and member.arch, member and member.platform) != group:
                 continue
             machine = self.booter.config.machines.get(mac)
-            members.append({"mac": mac, "hostname": self.hostname(mac), "ip": known.ip if known else None,
+            members.append({"mac": mac, "hostname": self.hostname(mac), "ip": member.ip if member else None,
                             "labels": machine.labels if machine else {}})
         me = next(m for m in members if m["mac"] == node.mac)
         return {"node": me, "group": members, "group_name": group, "profile": profile, "hostname": hostname}

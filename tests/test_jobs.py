@@ -18,7 +18,7 @@ from bootserver.config import Config, Listen
 from bootserver.disk import DiskLayout, Partition
 from bootserver.jobs import Provisioner
 from bootserver.provision import provision
-from bootserver.store import Token
+from bootserver.store import Member, Token
 
 MAC = "52:54:00:00:00:01"
 
@@ -100,6 +100,26 @@ def test_job_context_lists_the_whole_group(booter):
     context = Provisioner(booter).context(node, "raft", "raft", "node1")
     assert [(m["hostname"], m["ip"]) for m in context["group"]] == [("node1", "10.0.0.1"), ("node2", None)]
     assert context["node"]["hostname"] == "node1"
+
+
+def test_job_context_groups_by_reported_facts_and_follows_a_config_change(booter):
+    store = booter.store
+    store.record("52:54:00:00:00:01", "x", {})
+    store.record("52:54:00:00:00:02", "x", {}, facts={"platform": "efi", "arch": "x86_64"})
+    node = store.node("52:54:00:00:00:01")
+    provisioner = Provisioner(booter)
+    # node2 booted on EFI: it belongs to the more specific raft-efi group, not to node1's.
+    assert [m["hostname"] for m in provisioner.context(node, "raft", "raft", "node1")["group"]] == ["node1"]
+    booter.config = dataclasses.replace(booter.config, groups=tuple(
+        g for g in booter.config.groups if g.name != "raft-efi"))  # as a reload would
+    assert [m["hostname"] for m in provisioner.context(node, "raft", "raft", "node1")["group"]] == ["node1", "node2"]
+
+
+def test_members_are_every_machine_with_its_address_and_group_facts(store):
+    store.record("52:54:00:00:00:01", "x", {}, facts={"platform": "efi", "arch": "x86_64", "serial": "S1"})
+    store.record("52:54:00:00:00:02", "x", {})
+    assert sorted(store.members(), key=lambda m: m.mac) == [Member("52:54:00:00:00:01", None, "x86_64", "efi"),
+                                       Member("52:54:00:00:00:02", None, None, None)]
 
 
 def test_profile_without_disk_or_deploy_needs_no_job(booter):

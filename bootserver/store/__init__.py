@@ -113,6 +113,16 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Member:
+    """A machine as a group's member list needs it: where it is, and the facts that pick its group."""
+
+    mac: str
+    ip: str | None
+    arch: str | None
+    platform: str | None
+
+
+@dataclass(frozen=True)
 class Token:
     """A one-time phone-home token: the secret itself is never stored, only its hash."""
 
@@ -393,6 +403,12 @@ class Store:
             sql += " LIMIT ?"
             parameters.append(limit)
         return [_node(row) for row in self._rows(sql, parameters)]
+
+    def members(self) -> list[Member]:
+        """Every machine's address and the facts that choose its group: what a group's member list needs,
+        for each job, without loading every machine whole (its host key, its state)."""
+        return [Member(row["mac"], row["ip"], facts.get("arch"), facts.get("platform"))
+                for row in self._rows("SELECT mac, ip, facts FROM machines") for facts in (json.loads(row["facts"]),)]
 
     def node_count(self) -> int:
         return self._row("SELECT COUNT(*) AS n FROM machines")["n"]
