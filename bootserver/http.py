@@ -157,8 +157,10 @@ async def bootstrap(request: web.Request) -> web.Response:
 
 async def machine_script(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
-    payload = booter.machine_script(request.match_info["mac"], dict(request.query), urls(request), "http",
-                                    client_ip=request.remote)
+    with booter.store.group_commit() as committed:
+        payload = booter.machine_script(request.match_info["mac"], dict(request.query), urls(request), "http",
+                                        client_ip=request.remote)
+    await committed  # the script carries a token: answer only once the store has kept it
     return _text(payload)
 
 
@@ -221,7 +223,10 @@ async def phone_home(request: web.Request) -> web.Response:
         raise BadRequest("body is not JSON") from None
     if not isinstance(report, dict):
         raise BadRequest("body must be a JSON object")
-    node = request.app[BOOTER].phone_home(request.match_info["mac"], report, client_ip=request.remote)
+    booter = request.app[BOOTER]
+    with booter.store.group_commit() as committed:
+        node = booter.phone_home(request.match_info["mac"], report, client_ip=request.remote)
+    await committed
     # 202: accepted; provisioning runs in the background and shows in the machine's events.
     return web.json_response({"mac": node.mac, "state": node.state}, status=202)
 

@@ -20,6 +20,7 @@ class SqliteBackend:
     # Dialect: how the few statements that differ are spelled here (see Store).
     float_type, id_column, blob_type = "REAL", "INTEGER PRIMARY KEY", "BLOB"
     skip_locked = row_lock = ""  # BEGIN IMMEDIATE already holds the only write lock there is
+    group_commits = True  # see Store.group_commit
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,9 @@ class SqliteBackend:
 
     def begin(self) -> None:
         self.execute("BEGIN IMMEDIATE")
+
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
 
     def commit(self) -> None:
         self.execute("COMMIT")
