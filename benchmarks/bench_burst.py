@@ -53,12 +53,13 @@ async def curl_burst(base: str, tokens: dict[int, str], host_keys: dict[int, str
             path = mac(i).replace(":", "-")
             lines += [f'url = "{base}/boot/{path}/phone-home"', f'interface = "{address(i)}"',
                       'header = "Content-Type: application/json"', f"data-binary = {json.dumps(body)}",
-                      'output = "/dev/null"', 'max-time = 120', 'write-out = "%{http_code} %{time_total}\\n"', "next"]
+                      'output = "/dev/null"', "silent", 'max-time = 120',
+                      'write-out = "%{http_code} %{time_total}\\n"', "next"]
         config = scratch / f"burst-{p}.curl"
         config.write_text("\n".join(lines[:-1]) + "\n")
         configs.append(config)
     # --next separates transfers in the config: every option but the global ones is given per transfer.
-    argv = ["curl", "--silent", "--parallel", "--parallel-immediate", "--parallel-max", "300"]
+    argv = ["curl", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max", "300"]
     procs = [await asyncio.create_subprocess_exec(*argv, "--config", str(c), stdout=asyncio.subprocess.PIPE)
              for c in configs]
     outputs = await asyncio.gather(*(proc.communicate() for proc in procs))
