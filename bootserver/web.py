@@ -38,7 +38,7 @@ from .booter import Booter
 from .errors import BadRequest, BootserverError, Forbidden, NotFound, Unauthorized
 from .http import BOOTER, get, post
 from .mac import canonical_mac
-from .status import PROGRESS, clock, event_json, machine_view, size
+from .status import Progress, clock, event_json, machine_view, size
 from .store import Event, Node
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,14 @@ def _environment() -> jinja2.Environment:
     # autoescape: hostnames, DHCP strings and command output come from machines and may hold markup.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(PAGES_DIR), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(clock=clock, size=size)
-    env.globals.update(progress_states=PROGRESS)
+    env.filters.update(clock=clock, size=size, cells=progress_cells)
     return env
+
+
+def progress_cells(p: Progress) -> str:
+    """A progress bar's cells, one per step, the done ones lit. Built here from two numbers: a loop in the
+    template escaped every cell and took most of the time of a 500-machine list."""
+    return '<i class="on"></i>' * p.done + '<i class=""></i>' * (p.total - p.done)  # markup: used with |safe
 
 
 def _render(request: web.Request, name: str, status: int = 200, **context: Any) -> web.Response:
@@ -97,7 +102,8 @@ def _render(request: web.Request, name: str, status: int = 200, **context: Any) 
 
 
 def _json(body: object, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, indent=1))
+    # No indent: indenting makes json use its pure-Python encoder, half the time of a 500-machine list.
+    return web.json_response(body, status=status, dumps=json.dumps)
 
 
 # -- errors, authentication and cross-site requests -------------------------------------------------
