@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0  # a comment line this often shows a dead client (and keeps proxies from timing out)
-PAGE_MACHINES = 500  # machines per page of the list (the API may ask for up to 1,000): a big site stays fast
+PAGE_MACHINES = 500  # machines per page of the API's list (which may ask for up to 1,000): a big site stays fast
+# Rows per page of the HTML list: every open list re-fetches its page on new events (at most once a second), and
+# 500 rows were 233 KB and ~45 ms of the server's time per fetch with 10,000 machines.
+PAGE_ROWS = 250
 PAGE_EVENTS = 500  # a machine page shows this many of its newest events; the API pages through all
 BATCH = 100  # events per poll of a stream
 
@@ -226,7 +229,7 @@ def _machine(booter: Booter, mac_text: str) -> Node:
 async def index(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
     states = _states(request)
-    nodes, next_after = _page_of_nodes(request, states, PAGE_MACHINES)
+    nodes, next_after = _page_of_nodes(request, states, PAGE_ROWS)
     views = [machine_view(booter, n) for n in nodes]
     query = {"state": ",".join(states)} if states else {}
     first_url = f"/?{urlencode(query)}" if request.query.get("after") else None
