@@ -35,6 +35,7 @@ never becomes a machine that silently boots the wrong thing.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ class DhcpConfig:
     netmask: IPv4Address | None = None
     router: IPv4Address | None = None
     dns: tuple[IPv4Address, ...] = ()
+    domain: str | None = None  # full mode: option 15, the DNS domain of the segment
     lease_seconds: int = 3600
 
     @property
@@ -389,7 +391,7 @@ def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
 
 def _dhcp(raw: dict[str, Any], where: str) -> DhcpConfig:
     only_keys(raw, {"mode", "answer", "interface", "server_address", "port", "proxy_port", "pool", "netmask",
-                     "router", "dns", "lease_seconds"}, where)
+                     "router", "dns", "domain", "lease_seconds"}, where)
     mode = _choice(raw, "mode", where, DHCP_MODES)
     if mode == "off":
         return DhcpConfig()
@@ -410,11 +412,24 @@ def _dhcp(raw: dict[str, Any], where: str) -> DhcpConfig:
         netmask=_ipv4(raw, "netmask", where) if "netmask" in raw else None,
         router=_ipv4(raw, "router", where) if "router" in raw else None,
         dns=tuple(_ipv4({"dns": d}, "dns", where) for d in dns),
+        domain=_domain(raw, where) if "domain" in raw else None,
         lease_seconds=_positive(raw, "lease_seconds", where, 3600),
     )
     if mode == "full":
         _check_full_mode(dhcp, where)
     return dhcp
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _domain(raw: dict[str, Any], where: str) -> str:
+    domain = _str(raw, "domain", where)
+    labels = domain.rstrip(".").split(".")
+    if len(domain) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(f"{where} domain: {domain!r} is not a DNS name (letters, digits and hyphens, "
+                          f"dot-separated labels of 1-63 characters, e.g. \"lab.example.org\")")
+    return domain
 
 
 def _check_full_mode(dhcp: DhcpConfig, where: str) -> None:

@@ -48,7 +48,7 @@ MESSAGE_NAMES = {DISCOVER: "DISCOVER", OFFER: "OFFER", REQUEST: "REQUEST", DECLI
 
 # Option codes used here (RFC 2132 unless noted).
 PAD, END = 0, 255
-SUBNET_MASK, ROUTER, DNS_SERVERS, HOSTNAME = 1, 3, 6, 12
+SUBNET_MASK, ROUTER, DNS_SERVERS, HOSTNAME, DOMAIN_NAME = 1, 3, 6, 12, 15
 VENDOR_OPTIONS = 43  # PXE: encapsulated vendor options
 REQUESTED_IP, LEASE_TIME, OVERLOAD, MESSAGE_TYPE, SERVER_ID = 50, 51, 52, 53, 54
 RENEWAL_TIME, REBINDING_TIME, VENDOR_CLASS, BOOTFILE_NAME = 58, 59, 60, 67
@@ -346,7 +346,8 @@ class Responder:
             return self._pxe_request(packet, source) if kind in (REQUEST, INFORM) else None
         if self.config.mode == "proxy":
             return self._proxy_discover(packet, source) if kind == DISCOVER else None
-        handlers = {DISCOVER: self._discover, REQUEST: self._request, RELEASE: self._release, DECLINE: self._decline}
+        handlers = {DISCOVER: self._discover, REQUEST: self._request, RELEASE: self._release, DECLINE: self._decline,
+                    INFORM: self._inform}
         handler = handlers.get(kind or 0)
         if handler is None:
             log.debug("dhcp %s: ignored message type %s", source[0], kind)
@@ -413,6 +414,26 @@ class Responder:
         reply.ciaddr = packet.ciaddr
         return Reply(reply, self._destination(packet, source))
 
+    def _inform(self, packet: DhcpPacket, source: Address) -> Reply | None:
+        """RFC 2131 3.4: a client with an address configured by other means asks for the rest.
+
+        The ACK carries the segment's options (and the boot file for a PXE client) but no address and no
+        lease: yiaddr stays 0, and nothing is written to the leases.
+        """
+        client = Client.of(packet)
+        if packet.ciaddr == IPv4Address(0):
+            log.info("dhcp %s: INFORM without ciaddr ignored (RFC 2131 4.4.3: it must say its address)", client.mac)
+            return None
+        boot = self._boot(client, packet)
+        if boot is None:
+            return None
+        reply = self._reply(packet, ACK, client, boot)
+        self._add_segment_options(reply, client.mac)
+        reply.ciaddr = packet.ciaddr
+        # 4.3.5: to ciaddr (the relay's when relayed), never broadcast: the client has its address.
+        to = (str(packet.giaddr), 67) if packet.giaddr != IPv4Address(0) else (str(packet.ciaddr), source[1])
+        return Reply(reply, to)
+
     def _release(self, packet: DhcpPacket, source: Address) -> None:
         assert self.leases is not None
         if self.leases.release(packet.mac, packet.ciaddr):
@@ -451,18 +472,27 @@ class Responder:
         return reply
 
     def _add_lease_options(self, reply: DhcpPacket, ip: IPv4Address) -> None:
-        config = self.config
         reply.yiaddr = ip
-        seconds = config.lease_seconds
+        seconds = self.config.lease_seconds
         reply.options[LEASE_TIME] = seconds.to_bytes(4, "big")
         reply.options[RENEWAL_TIME] = (seconds // 2).to_bytes(4, "big")
         reply.options[REBINDING_TIME] = (seconds * 7 // 8).to_bytes(4, "big")
+        self._add_segment_options(reply, reply.mac)
+
+    def _add_segment_options(self, reply: DhcpPacket, mac: str) -> None:
+        """What every configured client of the segment is told: mask, router, DNS, domain, its own name."""
+        config = self.config
         assert config.netmask is not None
         reply.options[SUBNET_MASK] = config.netmask.packed
         if config.router is not None:
             reply.options[ROUTER] = config.router.packed
         if config.dns:
             reply.options[DNS_SERVERS] = b"".join(a.packed for a in config.dns)
+        if config.domain:
+            reply.options[DOMAIN_NAME] = config.domain.encode()
+        machine = self.booter.config.machines.get(mac)
+        if machine is not None and machine.hostname:
+            reply.options[HOSTNAME] = machine.hostname.encode()  # the [machines] name, so the OS takes it
 
     def _nak(self, request: DhcpPacket) -> DhcpPacket:
         options = {MESSAGE_TYPE: bytes([NAK]), SERVER_ID: self.server_address.packed}

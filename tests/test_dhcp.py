@@ -23,6 +23,7 @@ from bootserver.app import App
 from bootserver.dhcp import (
     ACK,
     DISCOVER,
+    INFORM,
     NAK,
     OFFER,
     RELEASE,
@@ -348,6 +349,36 @@ async def test_full_mode_conversation(tmp_path: Path, peer: Peer):
         assert app.store.lease_of(MAC1) is None
 
 
+async def test_full_mode_names_the_machine_and_the_domain(tmp_path: Path, peer: Peer):
+    machines = {MAC1: {"hostname": "node1"}}
+    async with serving(tmp_path, "full", machines=machines, domain="lab.example.org") as app:
+        port = app.dhcp_addresses[0][1]
+        offer = await peer.ask(port, request(DISCOVER, MAC1, PLAIN, xid=40))
+        assert (offer.options[12], offer.options[15]) == (b"node1", b"lab.example.org")
+        ack = await peer.ask(port, request(REQUEST, MAC1, {**PLAIN, 50: offer.yiaddr.packed, 54: offer.options[54]},
+                                           xid=41))
+        assert (ack.options[12], ack.options[15]) == (b"node1", b"lab.example.org")
+        unnamed = await peer.ask(port, request(DISCOVER, MAC2, PLAIN, xid=42))
+        assert 12 not in unnamed.options and unnamed.options[15] == b"lab.example.org"
+
+
+async def test_inform_gets_the_segment_options_and_no_lease(tmp_path: Path, peer: Peer):
+    async with serving(tmp_path, "full", machines={MAC1: {"hostname": "node1"}}) as app:
+        port = app.dhcp_addresses[0][1]
+        # Without ciaddr an INFORM says nothing we could answer to (RFC 2131 4.4.3): ignored.
+        ack = await peer.silence(port, request(INFORM, MAC1, PLAIN, xid=50),
+                                 then=request(INFORM, MAC1, PLAIN, xid=51, ciaddr=IPv4Address("127.0.0.1")))
+        assert ack.message_type == ACK and ack.yiaddr == IPv4Address(0) and ack.ciaddr == IPv4Address("127.0.0.1")
+        assert ack.options[1] == IPv4Address("255.0.0.0").packed and ack.options[3] == IPv4Address("127.0.0.254").packed
+        assert ack.options[6] == IPv4Address("127.0.0.53").packed and ack.options[12] == b"node1"
+        assert not {51, 58, 59} & set(ack.options), "an INFORM gets no lease"
+        assert ack.file == b"" and 60 not in ack.options
+        pxe = await peer.ask(port, request(INFORM, MAC2, BIOS_PXE, xid=52, ciaddr=IPv4Address("127.0.0.1")))
+        assert pxe.file == b"undionly.kpxe" and pxe.options[60] == b"PXEClient"
+        assert app.store.leases() == [], "nothing was leased"
+        assert [e.detail["message"] for e in app.store.events(MAC1)] == ["INFORM"]
+
+
 async def test_leases_survive_a_restart_and_are_never_handed_out_twice(tmp_path: Path, peer: Peer):
     async with serving(tmp_path, "full") as app:
         port = app.dhcp_addresses[0][1]
@@ -444,6 +475,10 @@ async def test_a_port_in_use_is_a_clear_error(tmp_path: Path):
       "dns": "10.0.0.1"}, "dns: expected a list"),
     ({"mode": "full", "server_address": "10.0.0.1", "pool": "10.0.0.10-10.0.0.20", "netmask": "255.255.255.0",
       "lease_seconds": 0}, "lease_seconds"),
+    ({"mode": "full", "server_address": "10.0.0.1", "pool": "10.0.0.10-10.0.0.20", "netmask": "255.255.255.0",
+      "domain": "lab_1.example"}, "domain: 'lab_1.example' is not a DNS name"),
+    ({"mode": "full", "server_address": "10.0.0.1", "pool": "10.0.0.10-10.0.0.20", "netmask": "255.255.255.0",
+      "domain": "lab..example"}, "domain: 'lab..example' is not a DNS name"),
 ])
 def test_bad_dhcp_config_is_refused_with_the_key_named(dhcp: dict, named: str):
     with pytest.raises(ConfigError, match=r"\[dhcp\]") as info:
