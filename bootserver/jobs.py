@@ -38,6 +38,7 @@ STEP_STATES = {"disk": "disk", "deploy": "deploy", "finish": "finishing"}
 # States in which a node is being provisioned: a server that stops there leaves it interrupted.
 IN_PROGRESS = ("phoned-home", *STEP_STATES.values())
 SWEEP_SECONDS = 30.0
+TOKEN_KEEP_SECONDS = 7 * 86400  # an expired token's row is kept this long (for "used already" messages), then pruned
 CLAIM_POLL_SECONDS = 1.0  # how soon a job queued through another replica is noticed here
 
 
@@ -96,13 +97,18 @@ class Provisioner:
         self.store.record(node.mac, "interrupted", {"reason": reason}, state="interrupted")
 
     def sweep(self, now: float | None = None) -> None:
-        """A node served a kernel that has not phoned home in time has failed, with the reason."""
+        """A node served a kernel that has not phoned home in time has failed, with the reason. Tokens
+        long expired are deleted (every boot script issues one: unpruned, the table only grows)."""
+        now = now or time.time()
         minutes = self.booter.config.server.phone_home_minutes
-        deadline = (now or time.time()) - minutes * 60
+        deadline = now - minutes * 60
         for node in self.store.nodes_in_state("kernel-served"):
             if node.last_seen < deadline:
                 self.store.record(node.mac, "failed", {"reason": f"did not phone home within {minutes} minutes "
                                                                  f"of being served its kernel"}, state="failed")
+        pruned = self.store.prune_tokens(now - TOKEN_KEEP_SECONDS)
+        if pruned:
+            log.info("pruned %d phone-home tokens that expired over %d days ago", pruned, TOKEN_KEEP_SECONDS // 86400)
 
     async def _sweep_forever(self) -> None:
         while True:

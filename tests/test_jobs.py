@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import inspect
+import logging
 import os
 import re
 import stat
@@ -16,7 +17,7 @@ from sshd import ssh_server
 from bootserver.app import App
 from bootserver.config import Config, Listen
 from bootserver.disk import DiskLayout, Partition
-from bootserver.jobs import Provisioner
+from bootserver.jobs import TOKEN_KEEP_SECONDS, Provisioner
 from bootserver.provision import provision
 from bootserver.store import Member, Token
 
@@ -89,6 +90,20 @@ def test_node_that_never_phones_home_fails_with_a_reason(booter):
     node = store.node("52:54:00:00:00:01")
     assert node.state == "failed"
     assert "did not phone home within 20 minutes" in store.events(node.mac)[-1].detail["reason"]
+
+
+def test_the_sweep_prunes_tokens_a_week_after_they_expire(booter, caplog):
+    caplog.set_level(logging.INFO, logger="bootserver.jobs")
+    store = booter.store
+    store.record("52:54:00:00:00:01", "script-served", state="script-served")
+    expired = time.time() - 60
+    store.add_token(Token("spent", "hash", "52:54:00:00:00:01", expired - 1800, expired))
+    provisioner = Provisioner(booter)
+    provisioner.sweep()
+    assert store.token("spent") is not None, "kept a week: a replay is told it was used, not that it is unknown"
+    provisioner.sweep(now=expired + TOKEN_KEEP_SECONDS + 1)
+    assert store.token("spent") is None
+    assert "pruned 1 phone-home tokens that expired over 7 days ago" in caplog.text
 
 
 def test_job_context_lists_the_whole_group(booter):

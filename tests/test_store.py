@@ -58,6 +58,6 @@ def test_tokens_of_an_older_store_have_no_address(tmp_path):
     db.commit()
     db.close()
     store = Store(path)
-    assert store.schema_version == len(MIGRATIONS) == 5
+    assert store.schema_version == len(MIGRATIONS) == 6
     assert store.token("t").ip is None
     store.close()

@@ -65,6 +65,18 @@ def test_a_token_is_spent_once_and_queues_one_job(store):
     assert (job.state, job.owner, job.attempt) == ("queued", "test-replica", 0)  # the replica that accepted it
 
 
+def test_expired_tokens_are_pruned_in_bounded_batches(store):
+    store.record(MAC, "script-served", state="script-served")
+    for i in range(5):  # expired 50, 40, 30, 20 and 10 s ago
+        store.add_token(Token(f"old{i}", "hash", MAC, 0, time.time() - 50 + 10 * i))
+    store.add_token(Token("live", "hash", MAC, 0, time.time() + 60))
+    assert store.prune_tokens(time.time() - 25, limit=2) == 2, "the two oldest first"
+    assert [store.token(f"old{i}") is None for i in range(5)] == [True, True, False, False, False]
+    assert store.prune_tokens(time.time() - 25) == 1 and store.prune_tokens(time.time() - 25) == 0
+    assert store.prune_tokens(time.time()) == 2
+    assert store.token("live") is not None and store.token("old4") is None
+
+
 def test_jobs_are_claimed_renewed_finished_and_taken_over_when_a_lease_lapses(store):
     assert phoned_home(store, MAC)
     claim = store.claim_job("a", lease_seconds=30)

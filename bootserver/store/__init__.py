@@ -99,6 +99,10 @@ MIGRATIONS = [
     );
     CREATE INDEX tokens_live ON tokens(mac) WHERE used IS NULL;
     """,
+    # Tokens are deleted some days after they expire (prune_tokens): every boot script issues one.
+    """
+    CREATE INDEX tokens_by_expiry ON tokens(expires);
+    """,
 ]
 
 
@@ -428,6 +432,17 @@ class Store:
                        "lease_until = NULL, updated = excluded.updated", (mac, self.replica, now, now))
             self._insert_event(db, mac, now, "phoned-home", json.dumps(detail, sort_keys=True))
         return True
+
+    def prune_tokens(self, expired_before: float, limit: int = 10_000) -> int:
+        """Delete up to `limit` tokens that expired before `expired_before`; how many went.
+
+        Bounded so that the first prune of a long-running store does not hold the event loop or the
+        database for long: the next call goes on. A pruned token presented later is "unknown" instead of
+        "used already" or "expired", refused all the same.
+        """
+        with self._transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE id IN (SELECT id FROM tokens WHERE expires < ? "
+                              "ORDER BY expires LIMIT ?)", (expired_before, limit)).rowcount
 
     def set_reprovision(self, mac: str, wanted: bool) -> None:
         with self._transaction() as db:
