@@ -283,6 +283,46 @@ def test_a_database_restarted_between_requests_costs_no_request(postgres, databa
     store.close()
 
 
+def test_sessions_get_a_lock_timeout_and_an_idle_in_transaction_timeout(database):
+    store = Store(database, replica="r")
+    settings = [store._db.execute(f"SHOW {name}").fetchone()
+                for name in ("lock_timeout", "idle_in_transaction_session_timeout")]
+    assert [next(iter(row.values())) for row in settings] == ["10s", "30s"]
+    store.close()
+
+
+def test_a_lock_held_by_a_stalled_replica_fails_a_request_in_time_and_keeps_nothing(database):
+    stalled = Store(database, replica="stalled")
+    waiting = Store(database + "?options=-c%20lock_timeout%3D300", replica="waiting")  # 10 s by default
+    stalled._db.begin()
+    stalled._db.lock_for_event()  # as mid-record(): then the process stops (SIGSTOP, a frozen VM)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"held a lock it needs.*nothing of this request was recorded"):
+        waiting.record(MAC, "during")
+    assert time.monotonic() - started < 5, "failed at the lock timeout, not after a TCP timeout"
+    stalled._db.rollback()
+    waiting.record(MAC, "after")
+    assert [e.kind for e in waiting.events(MAC)] == ["after"] and waiting.problem is None
+    stalled.close()
+    waiting.close()
+
+
+def test_the_database_ends_a_stalled_replicas_transaction_and_frees_its_locks(database):
+    stalled = Store(database + "?options=-c%20idle_in_transaction_session_timeout%3D300", replica="stalled")
+    other = Store(database, replica="other")
+    stalled._db.begin()
+    stalled._db.lock_for_event()
+    started = time.monotonic()
+    other.record(MAC, "meanwhile")  # waits until the database ends the stalled session, well inside lock_timeout
+    assert time.monotonic() - started < 5
+    with pytest.raises(StoreUnavailable, match="the database ended its session"):  # it wakes up: told why
+        stalled.record(MAC, "late")
+    stalled.record(MAC, "again")  # and the next request connects again
+    assert [e.kind for e in other.events(MAC)] == ["meanwhile", "again"]
+    stalled.close()
+    other.close()
+
+
 def test_a_lost_database_is_a_clear_error_and_comes_back(postgres, database):
     store = Store(database, replica="r")
     store.record(MAC, "before")

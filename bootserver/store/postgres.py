@@ -32,11 +32,19 @@ SCHEMA_LOCK, EVENT_LOCK = 0x626F6F7401, 0x626F6F7402
 
 # libpq settings a URL may override: give up on an unreachable server, or one that stopped acknowledging
 # what we send (tcp_user_timeout, in ms), within seconds; notice a silently vanished one on an idle connection.
+# The store runs on the event loop, so a statement waiting for a lock that a stalled replica holds would stall
+# this server too: lock waits end after LOCK_TIMEOUT (StoreUnavailable, the request fails, nothing is kept),
+# and the database ends a session that sits in a transaction for IDLE_IN_TRANSACTION (a stopped or hung
+# replica), releasing its locks. Our own transactions never wait on anything between their statements.
+LOCK_TIMEOUT, IDLE_IN_TRANSACTION = "10s", "30s"
 CONNECTION_DEFAULTS = {"connect_timeout": "5", "tcp_user_timeout": "10000", "keepalives_idle": "30",
-                       "keepalives_interval": "5", "keepalives_count": "3"}
+                       "keepalives_interval": "5", "keepalives_count": "3",
+                       "options": f"-c lock_timeout={LOCK_TIMEOUT} "
+                                  f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}"}
 
 # What makes a statement fail for reasons outside bootserver (StoreUnavailable); anything else is our bug.
-FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.InsufficientPrivilege)
+FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.InsufficientPrivilege,
+            psycopg.errors.IdleInTransactionSessionTimeout)
 
 
 class PostgresBackend:
@@ -133,7 +141,11 @@ class PostgresBackend:
         self.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
 
     def lock_schema(self) -> None:
-        """Replicas starting together migrate one after the other: the second finds nothing to do."""
+        """Replicas starting together migrate one after the other: the second finds nothing to do.
+
+        It waits as long as the first takes (an index on a big table can take minutes): no lock timeout.
+        """
+        self.execute("SET LOCAL lock_timeout = 0")
         self.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
         self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
 
@@ -159,6 +171,13 @@ class PostgresBackend:
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):  # PostgreSQL 15+: public schema not writable
             hint = (f"the user may not make bootserver's tables: make it the database's owner (as postgres: "
                     f"ALTER DATABASE {self._dbname} OWNER TO {self._user}), or grant it CREATE on its schema")
+        elif isinstance(exc, psycopg.errors.LockNotAvailable):
+            hint = (f"another replica (or session) held a lock it needs for over lock_timeout ({LOCK_TIMEOUT} "
+                    f"unless the URL sets options): a replica stalled or cut off mid-transaction; the database "
+                    f"ends such a session after {IDLE_IN_TRANSACTION} idle, or see pg_stat_activity")
+        elif isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
+            hint = (f"this replica sat in a transaction for over {IDLE_IN_TRANSACTION} (was the process stopped "
+                    f"or starved?) and the database ended its session: the next request connects again")
         elif self._db is None or self._db.broken:
             hint = ("check that PostgreSQL is running and reachable from this host, and the user, password and "
                     "database in [server] database")
