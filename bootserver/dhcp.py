@@ -346,6 +346,12 @@ class Responder:
             return self._pxe_request(packet, source) if kind in (REQUEST, INFORM) else None
         if self.config.mode == "proxy":
             return self._proxy_discover(packet, source) if kind == DISCOVER else None
+        if packet.giaddr != IPv4Address(0) and packet.giaddr not in (self.config.network or ()):
+            # RFC 2131 4.3.1: a relayed request wants an address of the relay's subnet; our pool is of ours.
+            log.warning("dhcp %s: relayed from %s, outside %s, the only network we lease on: ignored (give the "
+                        "client's segment its own DHCP server, or run bootserver in proxy mode there)",
+                        packet.chaddr.hex(":"), packet.giaddr, self.config.network)
+            return None
         handlers = {DISCOVER: self._discover, REQUEST: self._request, RELEASE: self._release, DECLINE: self._decline,
                     INFORM: self._inform}
         handler = handlers.get(kind or 0)

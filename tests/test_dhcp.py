@@ -172,6 +172,24 @@ def test_the_dhcp_event_records_what_the_client_said_and_our_answer(responder_fa
         "bootfile": "http://127.0.0.1:8080/boot.ipxe", "answer": "iPXE: the bootstrap script"}
 
 
+def test_relayed_requests_are_answered_through_the_relay(responder_factory):
+    relay = IPv4Address("127.0.0.5")
+    proxy = responder_factory("proxy").handle(request(DISCOVER, MAC1, BIOS_PXE, giaddr=relay).encode(),
+                                              ("127.0.0.5", 67), False)
+    assert proxy is not None and proxy.to == ("127.0.0.5", 67) and proxy.packet.giaddr == relay
+    full = responder_factory("full").handle(request(DISCOVER, MAC1, BIOS_PXE, giaddr=relay).encode(),
+                                            ("127.0.0.5", 67), False)
+    assert full is not None and full.to == ("127.0.0.5", 67) and full.packet.yiaddr == IPv4Address("127.0.0.100")
+
+
+def test_full_mode_ignores_relays_of_another_subnet(responder_factory, caplog):
+    responder = responder_factory("full")
+    far = request(DISCOVER, MAC1, BIOS_PXE, giaddr=IPv4Address("10.9.0.1")).encode()
+    assert responder.handle(far, ("10.9.0.1", 67), False) is None
+    assert "relayed from 10.9.0.1, outside 127.0.0.0/8, the only network we lease on" in caplog.text
+    assert responder.booter.store.leases() == []
+
+
 def test_answer_known_ignores_machines_not_in_the_config(responder_factory):
     responder = responder_factory("proxy", answer="known", machines={MAC2: {"hostname": "n2"}})
     assert responder.handle(request(DISCOVER, MAC1, BIOS_PXE).encode(), ("127.0.0.1", 1), False) is None
