@@ -175,10 +175,10 @@ def test_the_dhcp_event_records_what_the_client_said_and_our_answer(responder_fa
 def test_relayed_requests_are_answered_through_the_relay(responder_factory):
     relay = IPv4Address("127.0.0.5")
     proxy = responder_factory("proxy").handle(request(DISCOVER, MAC1, BIOS_PXE, giaddr=relay).encode(),
-                                              ("127.0.0.5", 67), False)
+                                              ("127.0.0.9", 67), False)
     assert proxy is not None and proxy.to == ("127.0.0.5", 67) and proxy.packet.giaddr == relay
     full = responder_factory("full").handle(request(DISCOVER, MAC1, BIOS_PXE, giaddr=relay).encode(),
-                                            ("127.0.0.5", 67), False)
+                                            ("127.0.0.9", 67), False)
     assert full is not None and full.to == ("127.0.0.5", 67) and full.packet.yiaddr == IPv4Address("127.0.0.100")
 
 
