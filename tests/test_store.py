@@ -58,6 +58,29 @@ def test_tokens_of_an_older_store_have_no_address(tmp_path):
     db.commit()
     db.close()
     store = Store(path)
-    assert store.schema_version == len(MIGRATIONS) == 6
+    assert store.schema_version == len(MIGRATIONS) == 7
     assert store.token("t").ip is None
+    store.close()
+
+
+def test_an_older_store_gets_its_metrics_totals_from_its_events(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    db = sqlite3.connect(path)
+    for step in MIGRATIONS[:6]:  # the schema before running totals
+        db.executescript(step.format(float="REAL", id="INTEGER PRIMARY KEY", blob="BLOB"))
+    db.execute("PRAGMA user_version=6")
+    db.execute("INSERT INTO machines (mac, state, first_seen, last_seen) VALUES ('52:54:00:00:00:01', 's', 0, 0)")
+    for kind, detail in (("file-served", '{"protocol": "http", "bytes": 100}'),
+                         ("file-served", '{"protocol": "http", "bytes": 50}'),
+                         ("file-served", '{"protocol": "tftp", "bytes": 7}'),
+                         ("step-done", '{"step": "disk", "seconds": 1.5}'), ("dhcp", '{"bytes": 99}')):
+        db.execute("INSERT INTO events (mac, time, kind, detail) VALUES ('52:54:00:00:00:01', 0, ?, ?)",
+                   (kind, detail))
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.bytes_served() == {"http": 150, "tftp": 7} and store.step_durations() == {"disk": (1, 1.5)}
+    store.record("52:54:00:00:00:01", "file-served", {"protocol": "http", "bytes": 1})
+    store.record("52:54:00:00:00:01", "step-done", {"step": "disk", "seconds": 0.5})
+    assert store.bytes_served() == {"http": 151, "tftp": 7} and store.step_durations() == {"disk": (2, 2.0)}
     store.close()

@@ -261,7 +261,9 @@ def test_a_sqlite_store_is_copied_whole_with_its_event_ids(tmp_path, database):
         old.record(f"52:54:00:00:06:{i % 7:02x}", "file-served", {"bytes": i})
     old.put_secret_once("server-keys", b"\x00sealed")
     new = Store(database, replica="new")
-    assert old.copy_into(new) == {"machines": 7, "events": 2500, "tokens": 0, "leases": 0, "jobs": 0, "secrets": 1}
+    assert old.copy_into(new) == {"machines": 7, "events": 2500, "tokens": 0, "leases": 0, "jobs": 0, "secrets": 1,
+                                  "totals": 1}
+    assert new.bytes_served() == old.bytes_served() == {"None": sum(range(2500))}
     assert new.events_after(0, limit=10**6) == old.events_after(0, limit=10**6)
     assert new.secret("server-keys") == b"\x00sealed" and new.path is None
     with pytest.raises(BootserverError, match="copy only into an empty database"):

@@ -103,7 +103,18 @@ MIGRATIONS = [
     """
     CREATE INDEX tokens_by_expiry ON tokens(expires);
     """,
+    # Running totals behind /metrics (bytes served by protocol, provisioning steps), kept as events are
+    # recorded: a scrape reads a few rows instead of summing every event ever recorded (0.4 s at 10^6).
+    # Older stores get theirs summed from their events once (TOTALS_VERSION).
+    """
+    CREATE TABLE totals (
+        name  TEXT PRIMARY KEY,
+        count INTEGER NOT NULL,
+        value {float} NOT NULL
+    );
+    """,
 ]
+TOTALS_VERSION = 7  # the schema version that added totals
 
 
 @dataclass(frozen=True)
@@ -238,8 +249,18 @@ class Store:
             for step in MIGRATIONS[version:]:
                 for statement in filter(str.strip, step.format(**types).split(";")):
                     self._db.execute(statement)
+            if version < TOTALS_VERSION <= len(MIGRATIONS):
+                self._sum_totals_from_events()
             if version < len(MIGRATIONS):
                 self._db.set_schema_version(len(MIGRATIONS))
+
+    def _sum_totals_from_events(self) -> None:
+        db = self._db
+        for prefix, kind, key, number in (("bytes:", "file-served", "protocol", "bytes"),
+                                          ("step:", "step-done", "step", "seconds")):
+            name, amount = db.json_text("detail", key), db.json_number("detail", number)
+            db.execute(f"INSERT INTO totals (name, count, value) SELECT '{prefix}' || COALESCE({name}, 'None'), "
+                       f"COUNT(*), COALESCE(SUM({amount}), 0) FROM events WHERE kind = '{kind}' GROUP BY 1")
 
     @contextmanager
     def _transaction(self) -> Iterator[Backend]:
@@ -363,12 +384,18 @@ class Store:
     def _row(self, sql: str, parameters: Any = ()) -> Any:
         return self._db.execute(sql, parameters).fetchone()
 
-    def _insert_event(self, db: Backend, mac: str, now: float, kind: str, body: str) -> int:
+    def _insert_event(self, db: Backend, mac: str, now: float, kind: str, detail: dict[str, Any]) -> int:
         """Last in its transaction: on PostgreSQL event writers pass here one at a time (ids in commit order),
-        so a writer holding this lock must not then wait for a row another writer holds (a deadlock)."""
+        so a writer holding this lock must not then wait for a row another writer holds (a deadlock): the
+        event's running total, a row of its own, is added before the lock."""
+        total = _total_of(kind, detail)
+        if total is not None:
+            db.execute("INSERT INTO totals (name, count, value) VALUES (?, 1, ?) ON CONFLICT (name) DO UPDATE "
+                       "SET count = totals.count + 1, value = totals.value + excluded.value", total)
         db.lock_for_event()
         return db.execute("INSERT INTO events (mac, time, kind, detail, replica) VALUES (?, ?, ?, ?, ?) "
-                          "RETURNING id", (mac, now, kind, body, self.replica)).fetchone()["id"]
+                          "RETURNING id", (mac, now, kind, json.dumps(detail, sort_keys=True),
+                                           self.replica)).fetchone()["id"]
 
     def record(self, mac: str, kind: str, detail: dict[str, Any] | None = None, *,
                state: str | None = None, facts: dict[str, str] | None = None, token: Token | None = None) -> Event:
@@ -378,7 +405,6 @@ class Store:
         kept with it (as add_token does), in the same transaction: one commit per boot script, not two.
         """
         now = time.time()
-        body = json.dumps(detail or {}, sort_keys=True)
         with self._transaction() as db:
             # Two replicas may see a new machine at once: one inserts, the other updates.
             created = db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) "
@@ -391,7 +417,7 @@ class Store:
                            "WHERE mac = ?", (now, state, json.dumps(merged), mac))
             if token is not None:
                 _insert_token(db, token)
-            event_id = self._insert_event(db, mac, now, kind, body)
+            event_id = self._insert_event(db, mac, now, kind, detail or {})
         return Event(event_id, mac, now, kind, detail or {}, self.replica)
 
     # -- one-time tokens --------------------------------------------------------------------------
@@ -430,7 +456,7 @@ class Store:
             db.execute("INSERT INTO jobs (mac, state, owner, created, updated) VALUES (?, 'queued', ?, ?, ?) "
                        "ON CONFLICT (mac) DO UPDATE SET state = 'queued', owner = excluded.owner, "
                        "lease_until = NULL, updated = excluded.updated", (mac, self.replica, now, now))
-            self._insert_event(db, mac, now, "phoned-home", json.dumps(detail, sort_keys=True))
+            self._insert_event(db, mac, now, "phoned-home", detail)
         return True
 
     def prune_tokens(self, expired_before: float, limit: int = 10_000) -> int:
@@ -568,18 +594,16 @@ class Store:
         return {row["state"]: row["n"] for row in rows}
 
     def bytes_served(self) -> dict[str, int]:
-        """Bytes of files served to machines, summed over file-served events, by protocol (http, tftp)."""
-        protocol, size = self._db.json_text("detail", "protocol"), self._db.json_number("detail", "bytes")
-        rows = self._rows(f"SELECT {protocol} AS protocol, SUM({size}) AS total FROM events "
-                          f"WHERE kind = 'file-served' GROUP BY 1 ORDER BY 1")
-        return {str(row["protocol"]): int(row["total"] or 0) for row in rows}
+        """Bytes of files served to machines, over all file-served events, by protocol (http, tftp)."""
+        return {name: int(value) for name, (_, value) in self._totals("bytes:").items()}
 
     def step_durations(self) -> dict[str, tuple[int, float]]:
-        """Finished provisioning steps, by step: (how many, total seconds), from step-done events."""
-        step, seconds = self._db.json_text("detail", "step"), self._db.json_number("detail", "seconds")
-        rows = self._rows(f"SELECT {step} AS step, COUNT(*) AS n, SUM({seconds}) AS total FROM events "
-                          f"WHERE kind = 'step-done' GROUP BY 1 ORDER BY 1")
-        return {str(row["step"]): (row["n"], float(row["total"] or 0.0)) for row in rows}
+        """Finished provisioning steps, by step: (how many, total seconds), over all step-done events."""
+        return self._totals("step:")
+
+    def _totals(self, prefix: str) -> dict[str, tuple[int, float]]:
+        rows = self._rows("SELECT name, count, value FROM totals WHERE name LIKE ? ORDER BY name", (prefix + "%",))
+        return {row["name"].removeprefix(prefix): (row["count"], float(row["value"])) for row in rows}
 
     def recent_events(self, mac: str, limit: int = 500) -> list[Event]:
         """The newest `limit` events of `mac`, oldest first: what a status page shows of a long history."""
@@ -655,6 +679,7 @@ TABLES = {
     "leases": ("ip", "mac", "state", "expires"),
     "jobs": ("mac", "state", "owner", "lease_until", "attempt", "created", "updated"),
     "secrets": ("name", "value"),
+    "totals": ("name", "count", "value"),
 }
 
 
@@ -685,6 +710,15 @@ def open_backend(location: Path | str) -> Backend:
     if isinstance(location, str) and location.startswith("sqlite://"):
         location = location.removeprefix("sqlite://")
     return SqliteBackend(Path(location))
+
+
+def _total_of(kind: str, detail: dict[str, Any]) -> tuple[str, float] | None:
+    """The running total an event adds to (name, amount), if any: what /metrics reports."""
+    if kind == "file-served":
+        return f"bytes:{detail.get('protocol')}", float(detail.get("bytes") or 0)
+    if kind == "step-done":
+        return f"step:{detail.get('step')}", float(detail.get("seconds") or 0)
+    return None
 
 
 def _insert_token(db: Backend, token: Token) -> None:
