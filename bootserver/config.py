@@ -14,6 +14,7 @@ never becomes a machine that silently boots the wrong thing.
     # secret_key_file = "/var/lib/bootserver/secret.key"  # encrypts shared keys; the same file on every replica
     # job_lease_seconds = 30              # a replica silent this long loses its provisioning jobs to another
     # peers = ["http://192.0.2.11:8080"]  # the other replicas: nodes phone home there when we are down
+    # event_days = 90                     # delete events older than this (default: keep every event)
 
     [assets]                           # files by name; relative paths are under data_dir
     agent-kernel = "images/agent/vmlinuz"
@@ -84,6 +85,7 @@ class ServerConfig:
     secret_key_file: Path | None = None  # encrypts the secrets replicas share; None: data_dir/secret.key
     job_lease_seconds: int = 30  # a replica that stops renewing its jobs this long loses them to another
     peers: tuple[str, ...] = ()  # base URLs of the other replicas: a node's phone-home falls back to them
+    event_days: int | None = None  # events older than this are deleted; None: every event is kept
 
     @property
     def tftp_root(self) -> Path:
@@ -236,7 +238,7 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 def _server(raw: dict[str, Any], where: str) -> ServerConfig:
     only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
                      "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token", "database",
-                     "replica", "secret_key_file", "job_lease_seconds", "peers"}, where)
+                     "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
         raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
@@ -262,6 +264,7 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         secret_key_file=Path(_str(raw, "secret_key_file", where)) if "secret_key_file" in raw else None,
         job_lease_seconds=_positive(raw, "job_lease_seconds", where, 30),
         peers=_peers(raw, where),
+        event_days=_positive(raw, "event_days", where, 1) if "event_days" in raw else None,
     )
 
 

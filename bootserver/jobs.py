@@ -98,7 +98,8 @@ class Provisioner:
 
     def sweep(self, now: float | None = None) -> None:
         """A node served a kernel that has not phoned home in time has failed, with the reason. Tokens
-        long expired are deleted (every boot script issues one: unpruned, the table only grows)."""
+        long expired are deleted (every boot script issues one: unpruned, the table only grows), and
+        events older than `[server] event_days` when it is set."""
         now = now or time.time()
         minutes = self.booter.config.server.phone_home_minutes
         deadline = now - minutes * 60
@@ -109,6 +110,9 @@ class Provisioner:
         pruned = self.store.prune_tokens(now - TOKEN_KEEP_SECONDS)
         if pruned:
             log.info("pruned %d phone-home tokens that expired over %d days ago", pruned, TOKEN_KEEP_SECONDS // 86400)
+        days = self.booter.config.server.event_days
+        if days is not None and (pruned := self.store.prune_events(now - days * 86400)):
+            log.info("pruned %d events older than %d days ([server] event_days)", pruned, days)
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -76,6 +76,7 @@ def test_database_is_a_url_or_an_sqlite_file(tmp_path: Path, value: str, expecte
     ('[server]\nreplica = "a b"', "replica"),
     ('[server]\npeers = ["ftp://x"]', "peers"),
     ('[server]\njob_lease_seconds = 0', "job_lease_seconds"),
+    ('[server]\nevent_days = 0', "event_days"),
 ])
 def test_bad_config_is_refused_with_the_key_named(tmp_path: Path, toml: str, named: str):
     path = tmp_path / "bad.toml"

@@ -106,6 +106,19 @@ def test_the_sweep_prunes_tokens_a_week_after_they_expire(booter, caplog):
     assert "pruned 1 phone-home tokens that expired over 7 days ago" in caplog.text
 
 
+def test_the_sweep_prunes_events_older_than_event_days_when_set(booter, caplog):
+    caplog.set_level(logging.INFO, logger="bootserver.jobs")
+    store = booter.store
+    store.record("52:54:00:00:00:01", "dhcp", {"message": "DISCOVER"})
+    later = time.time() + 2 * 86400
+    Provisioner(booter).sweep(now=later)
+    assert len(store.events("52:54:00:00:00:01")) == 1, "kept: event_days is not set"
+    booter.config = dataclasses.replace(booter.config, server=dataclasses.replace(booter.config.server, event_days=1))
+    Provisioner(booter).sweep(now=later)
+    assert store.events("52:54:00:00:00:01") == [] and store.node("52:54:00:00:00:01") is not None
+    assert "pruned 1 events older than 1 days" in caplog.text
+
+
 def test_job_context_lists_the_whole_group(booter):
     store = booter.store
     store.record("52:54:00:00:00:01", "x", {})

@@ -77,6 +77,15 @@ def test_expired_tokens_are_pruned_in_bounded_batches(store):
     assert store.token("live") is not None and store.token("old4") is None
 
 
+def test_old_events_are_pruned_oldest_first_and_metrics_keep_their_totals(store):
+    events = [store.record(MAC, "file-served", {"protocol": "http", "bytes": 10}) for _ in range(5)]
+    assert store.prune_events(events[3].time, limit=2) == 2, "two at most, the oldest"
+    assert store.prune_events(events[3].time) == 1 and store.prune_events(events[3].time) == 0
+    assert [e.id for e in store.events(MAC)] == [events[3].id, events[4].id]
+    assert store.bytes_served() == {"http": 50}, "a scrape still counts every byte ever served"
+    assert store.node(MAC) is not None
+
+
 def test_jobs_are_claimed_renewed_finished_and_taken_over_when_a_lease_lapses(store):
     assert phoned_home(store, MAC)
     claim = store.claim_job("a", lease_seconds=30)

@@ -470,6 +470,17 @@ class Store:
             return db.execute("DELETE FROM tokens WHERE id IN (SELECT id FROM tokens WHERE expires < ? "
                               "ORDER BY expires LIMIT ?)", (expired_before, limit)).rowcount
 
+    def prune_events(self, before: float, limit: int = 10_000) -> int:
+        """Delete events recorded before `before` among the oldest `limit` (by id); how many went.
+
+        Looks at the oldest ids only, so a call on a store with nothing to prune costs one short index
+        scan, not a pass over every event; the next call goes on where this one stopped. Metrics do not
+        change: their totals are kept apart (the totals table).
+        """
+        with self._transaction() as db:
+            return db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) "
+                              "AND time < ?", (limit, before)).rowcount
+
     def set_reprovision(self, mac: str, wanted: bool) -> None:
         with self._transaction() as db:
             db.execute("UPDATE machines SET reprovision = ? WHERE mac = ?", (int(wanted), mac))
