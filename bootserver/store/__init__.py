@@ -115,6 +115,9 @@ MIGRATIONS = [
     """,
 ]
 TOTALS_VERSION = 7  # the schema version that added totals
+# The running totals, by the event kind that adds to them: (name prefix, detail key that names the total,
+# detail key of the amount). One row per name, e.g. "bytes:http", "step:disk".
+TOTALS = {"file-served": ("bytes:", "protocol", "bytes"), "step-done": ("step:", "step", "seconds")}
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,7 @@ class Store:
 
     def _sum_totals_from_events(self) -> None:
         db = self._db
-        for prefix, kind, key, number in (("bytes:", "file-served", "protocol", "bytes"),
-                                          ("step:", "step-done", "step", "seconds")):
+        for kind, (prefix, key, number) in TOTALS.items():
             name, amount = db.json_text("detail", key), db.json_number("detail", number)
             db.execute(f"INSERT INTO totals (name, count, value) SELECT '{prefix}' || COALESCE({name}, 'None'), "
                        f"COUNT(*), COALESCE(SUM({amount}), 0) FROM events WHERE kind = '{kind}' GROUP BY 1")
@@ -606,11 +608,11 @@ class Store:
 
     def bytes_served(self) -> dict[str, int]:
         """Bytes of files served to machines, over all file-served events, by protocol (http, tftp)."""
-        return {name: int(value) for name, (_, value) in self._totals("bytes:").items()}
+        return {name: int(value) for name, (_, value) in self._totals(TOTALS["file-served"][0]).items()}
 
     def step_durations(self) -> dict[str, tuple[int, float]]:
         """Finished provisioning steps, by step: (how many, total seconds), over all step-done events."""
-        return self._totals("step:")
+        return self._totals(TOTALS["step-done"][0])
 
     def _totals(self, prefix: str) -> dict[str, tuple[int, float]]:
         rows = self._rows("SELECT name, count, value FROM totals WHERE name LIKE ? ORDER BY name", (prefix + "%",))
@@ -725,11 +727,10 @@ def open_backend(location: Path | str) -> Backend:
 
 def _total_of(kind: str, detail: dict[str, Any]) -> tuple[str, float] | None:
     """The running total an event adds to (name, amount), if any: what /metrics reports."""
-    if kind == "file-served":
-        return f"bytes:{detail.get('protocol')}", float(detail.get("bytes") or 0)
-    if kind == "step-done":
-        return f"step:{detail.get('step')}", float(detail.get("seconds") or 0)
-    return None
+    if kind not in TOTALS:
+        return None
+    prefix, key, number = TOTALS[kind]
+    return f"{prefix}{detail.get(key)}", float(detail.get(number) or 0)
 
 
 def _insert_token(db: Backend, token: Token) -> None:
