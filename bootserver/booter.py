@@ -7,9 +7,9 @@ Booter, the way Pixiecore's protocol servers all ask one Booter. Nothing here kn
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +17,10 @@ from typing import Any
 import asyncssh
 
 from . import tokens
+from .admission import RateLimit, canonical_uuid, same_uuid, strict_ip, window
 from .config import FACT_KEYS, Config, Group, Machine, Profile
-from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unauthorized
+from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, TooManyRequests, Unauthorized
+from .lifecycle import IN_PROGRESS, KERNEL_FROM, State
 from .mac import canonical_mac, hyphenated
 from .overlay import overlay_cpio
 from .payload import Payload
@@ -91,6 +93,8 @@ class Booter:
         self.on_phoned_home: Callable[[str], None] = lambda mac: None
         self._groups_for: Config | None = None  # the config _groups was computed from
         self._groups: dict[tuple[str, str | None, str | None], str | None] = {}
+        # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
+        self._new_machines = RateLimit(config.server.new_machines_per_minute)
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -147,6 +151,9 @@ class Booter:
         said: its decoded DHCP options) is recorded in the `dhcp` event beside our answer.
         """
         mac = canonical_mac(mac)
+        # DHCP's sender is no address (0.0.0.0, or the relay): every unseen MAC draws on one budget. Over it
+        # the client is still answered, only not recorded: a flood of invented MACs must not stop real boots.
+        record = self.store.node(mac) is not None or self._new_machines.allow("dhcp")
         if self.config.dhcp.answer == "known" and mac not in self.config.machines:
             answer = None
             reason = "not answered: not in [machines] and [dhcp] answer is \"known\""
@@ -158,8 +165,11 @@ class Booter:
             answer = self._firmware_answer(client_arch, http_client, urls)
         if answer is not None:
             reason = answer.reason
-        self.store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,
-                                        "answer": reason})
+        if record:
+            self.store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,
+                                            "answer": reason})
+        else:
+            log.warning("dhcp: %s not recorded: over [server] new_machines_per_minute of unseen MACs", mac)
         return answer
 
     def _firmware_answer(self, client_arch: int, http_client: bool, urls: Urls) -> DhcpBoot:
@@ -183,12 +193,17 @@ class Booter:
                        transport: str, client_ip: str | None = None) -> Payload:
         """The iPXE script for one machine, recorded as an event whatever it says.
 
-        `client_ip`: the address asking, which the boot's phone-home token is bound to.
+        `client_ip`: the address asking, which the boot's phone-home token is bound to. A token is issued only
+        while the machine's provisioning window is open, and only to one address at a time: a second address
+        claiming the MAC while the first one's token is live is a conflict, refused and shown, never a silent
+        winner (with enroll = "open" the first claimant keeps its token; otherwise both claims are held).
         """
         mac = canonical_mac(mac_text)
         facts = clean_facts(reported)
         node = self.store.node(mac)
-        if node is not None and node.state == "deployed" and not node.reprovision:
+        if node is None:
+            self._admit_new(mac, client_ip)
+        if node is not None and node.state == State.DEPLOYED and not node.reprovision:
             return self._local_disk(mac, facts, transport)
         spec = self.boot_spec(mac, {k: v for k, v in facts.items() if k in FACT_KEYS})
         missing = self._missing_assets(spec.profile)
@@ -198,16 +213,66 @@ class Booter:
                 f"(for the default agent image: run `bootserver image build`)")
             self.store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
             # The machine itself is told the same whether or not we know it: the event log says why.
-            told = f"no profile for {mac}" if spec.profile is None else reason
-            text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=told)
-            return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+            return self._noboot(mac, f"no profile for {mac}" if spec.profile is None else reason)
         detail = {"profile": spec.profile.name, "group": spec.group, "reason": spec.reason, "transport": transport}
         token = record = None
         if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
-            token, record = tokens.new_token(mac, self.config.server.token_minutes, client_ip)
+            refusal = self._no_token(mac, node, facts, transport, client_ip, urls)
+            if refusal is not None:
+                return refusal
+            token, record = tokens.new_token(mac, self.config.server.token_minutes, client_ip,
+                                             uuid=canonical_uuid(facts.get("uuid")))
             detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
-        self.store.record(mac, "script-served", detail, state="script-served", facts=facts, token=record)
+        self.store.record(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts, token=record)
         text = self.render_profile(spec, urls, token)
+        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+
+    def _admit_new(self, mac: str, client_ip: str | None) -> None:
+        """An unseen MAC becomes a row in the store: only so many a minute from one source."""
+        if not self._new_machines.allow(tokens.client_address(client_ip) or "unknown"):
+            raise TooManyRequests(f"{client_ip} introduced more than {self.config.server.new_machines_per_minute} "
+                                  f"new machines in a minute ([server] new_machines_per_minute): try again later")
+
+    def _no_token(self, mac: str, node: Node | None, facts: dict[str, str], transport: str,
+                  client_ip: str | None, urls: Urls) -> Payload | None:
+        """Why this boot gets no token (a script that says so, recorded), or None when it may have one."""
+        if node is not None and node.state in IN_PROGRESS:
+            reason = f"{mac} is being provisioned ({node.state}): a script asked for now is not its own boot"
+            self.store.record(mac, "no-boot", {"reason": reason, "transport": transport, "from": client_ip})
+            return self._noboot(mac, reason)
+        opened = window(self.config, mac, node)
+        if not opened.open:
+            return self._wait(mac, node, facts, transport, opened.reason, urls)
+        live = self.store.live_token(mac)
+        here = tokens.client_address(client_ip)
+        if live is not None and live.ip is not None and here is not None and live.ip != here:
+            return self._conflict(mac, live.ip, here, live.id, transport)
+        return None
+
+    def _wait(self, mac: str, node: Node | None, facts: dict[str, str], transport: str, reason: str,
+              urls: Urls) -> Payload:
+        """No window: the machine waits and asks again. Recorded once per wait, not once per poll."""
+        if node is not None and node.state == State.NEW:
+            self.store.touch(mac, facts)
+        else:
+            state = State.NEW if node is None or node.state != State.DEPLOYED else None
+            self.store.record(mac, "waiting", {"reason": reason, "transport": transport}, facts=facts, state=state)
+        text = self.templates.render("wait.ipxe.j2", mac=mac, reason=reason, files_url=urls.files)
+        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+
+    def _conflict(self, mac: str, first: str, second: str, token_id: str, transport: str) -> Payload:
+        detail = {"first": first, "second": second, "live_token": token_id, "transport": transport}
+        if self.config.server.enroll == "open":
+            reason = (f"{second} claimed {mac} while {first} holds this boot's token: refused; with [server] enroll "
+                      f"\"open\" the first claimant keeps it")
+            self.store.record(mac, "claim-conflict", {**detail, "held": False, "reason": reason})
+        else:
+            reason = f"{first} and {second} both claimed {mac}"
+            self.store.hold(mac, reason, {**detail, "held": True, "reason": f"{reason}: both claims held"})
+        return self._noboot(mac, reason)
+
+    def _noboot(self, mac: str, reason: str) -> Payload:
+        text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=reason)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
 
     def _local_disk(self, mac: str, facts: dict[str, str], transport: str) -> Payload:
@@ -268,36 +333,78 @@ class Booter:
     def phone_home(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
         """A booted node calls back: check its one-time token, pin its host key, hand it to provisioning.
 
-        Refusals (missing, unknown, expired, replayed or another machine's token, or a call from
-        another address than the one that fetched the boot script) change nothing but the event log,
-        and raise Unauthorized or Forbidden for the protocol to answer.
+        `client_ip`: the address the call came from, which is where provisioning will connect (the reported
+        `ip` is only recorded). Refusals (missing, unknown, expired, replayed or another machine's token, a call
+        from another address than the one that fetched the boot script or than the one leased to the MAC, held
+        claims, a UUID other than the firmware's) change nothing but the event log, and raise Unauthorized or
+        Forbidden for the protocol to answer.
         """
         mac = canonical_mac(mac_text)
         try:
+            peer = strict_ip(client_ip, "the caller's address")
             token_id, secret = tokens.split(report.get("token"))
-            tokens.check(self.store.token(token_id), secret, mac, ip=client_ip)
-            (host_key, fingerprint), ip = _host_key(report.get("host_key")), _ip(report.get("ip"))
+            token = tokens.check(self.store.token(token_id), secret, mac, ip=peer)
+            node = self.store.node(mac)
+            if node is not None and node.held:
+                raise Forbidden(f"{mac}'s claims are held ({node.held}): an operator must approve it")
+            (host_key, fingerprint) = _host_key(report.get("host_key"))
+            reported_ip = strict_ip(report["ip"]) if report.get("ip") is not None else None
+            self._check_lease(mac, peer)
+            smbios = self._check_uuid(mac, token.uuid, report.get("uuid"))
         except (Unauthorized, Forbidden, BadRequest) as exc:
-            self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc)})
+            if self.store.node(mac) is not None:  # a refusal for a MAC never seen makes no machine row
+                self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc), "from": client_ip})
             raise
-        detail = {"ip": ip, "host_key": host_key, "fingerprint": fingerprint,
+        detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
                   "kernel": str(report.get("kernel", ""))[:MAX_FACT_LENGTH], "disks": _disks(report.get("disks"))}
-        if not self.store.phoned_home(token_id, mac, ip, host_key, detail):
-            reason = "this token was used already (a concurrent phone-home won)"
-            self.store.record(mac, "refused", {"what": "phone-home", "reason": reason})
+        if not self.store.phoned_home(token_id, mac, peer, host_key, detail):
+            reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
+            self.store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})
             raise Forbidden(reason)
         self.on_phoned_home(mac)
         node = self.store.node(mac)
         assert node is not None
         return node
 
+    def _check_lease(self, mac: str, peer: str) -> None:
+        """As the segment's DHCP server we know each MAC's address: a call from any other is not that machine."""
+        if self.config.dhcp.mode != "full":
+            return
+        lease = self.store.lease_of(mac)
+        if lease is None or lease.ip != peer:
+            held = f"holds {lease.ip}" if lease is not None else "holds no lease"
+            raise Forbidden(f"phone-home from {peer}, but {mac} {held} from our DHCP server")
+
+    def _check_uuid(self, mac: str, at_script: str | None, reported: object) -> str | None:
+        """The SMBIOS UUID the agent read must be the one the firmware reported with its script, and the one
+        pinned in [machines] if any: a MAC is easy to claim, the machine's UUID less so."""
+        smbios = canonical_uuid(reported)
+        machine = self.config.machines.get(mac)
+        expected = [(what, value) for what, value in (("pinned in [machines]", machine and machine.uuid),
+                                                      ("reported by the firmware", at_script)) if value]
+        for what, value in expected:
+            if smbios is None or not same_uuid(smbios, value):
+                raise Forbidden(f"SMBIOS UUID {smbios or '(none)'} is not the one {what} ({value})")
+        return smbios
+
     def reprovision(self, mac_text: str) -> None:
-        """Send a machine through the whole flow on its next boot; its disk may be wiped."""
+        """Send a machine through the whole flow on its next boot; its disk may be wiped. Opens its window."""
         mac = canonical_mac(mac_text)
         if self.store.node(mac) is None:
             raise NotFound(f"no machine {mac} has booted from this server")
-        self.store.set_reprovision(mac, True)
-        self.store.record(mac, "reprovision-requested", {}, state="reprovision")
+        self.store.open_window(mac, self._window_end(), "reprovision-requested", self._window_detail(),
+                               state=State.REPROVISION, reprovision=True)
+
+    def approve(self, mac_text: str) -> None:
+        """Open the machine's provisioning window for `[server] window_minutes` (seen or not yet), and let go
+        of held claims: its next boot gets a token, its first accepted phone-home closes the window."""
+        self.store.open_window(canonical_mac(mac_text), self._window_end(), "approved", self._window_detail())
+
+    def _window_end(self) -> float:
+        return time.time() + self.config.server.window_minutes * 60
+
+    def _window_detail(self) -> dict[str, Any]:
+        return {"window_minutes": self.config.server.window_minutes}
 
     def boot_from_disk(self, mac_text: str) -> None:
         """Boot the machine's local disk from its next boot on, as if deployed; nothing is provisioned."""
@@ -305,7 +412,7 @@ class Booter:
         if self.store.node(mac) is None:
             raise NotFound(f"no machine {mac} has booted from this server")
         self.store.set_reprovision(mac, False)
-        self.store.record(mac, "boot-from-disk-requested", {}, state="deployed")
+        self.store.record(mac, "boot-from-disk-requested", {}, state=State.DEPLOYED)
 
     def ipxe_binary(self, name: str) -> Payload:
         """An iPXE binary for chainloading, from the configured iPXE directory."""
@@ -327,6 +434,10 @@ class Booter:
         if payload.mac is None:
             return
         with contextlib.suppress(StoreUnavailable):
+            if self.store.node(payload.mac) is None:  # anyone may fetch a kernel: no machine row for that
+                log.debug("%s sent for %s, a MAC that never asked for its script: not recorded", payload.name,
+                          payload.mac)
+                return
             self._record_file(payload, protocol, sent, seconds, error)
 
     def _record_file(self, payload: Payload, protocol: str, sent: int, seconds: float, error: str | None) -> None:
@@ -337,8 +448,8 @@ class Booter:
             self.store.record(payload.mac, "file-failed", {**detail, "error": error})
             return
         profile_kernel = {p.kernel for p in self.config.profiles.values()}
-        state = "kernel-served" if payload.name in profile_kernel and sent == payload.size else None
-        self.store.record(payload.mac, "file-served", detail, state=state)
+        state = State.KERNEL_SERVED if payload.name in profile_kernel and sent == payload.size else None
+        self.store.record(payload.mac, "file-served", detail, state=state, only_from=KERNEL_FROM)
 
     def _missing_assets(self, profile: Profile | None) -> list[str]:
         if profile is None:
@@ -355,13 +466,6 @@ def _host_key(value: object) -> tuple[str, str]:
     except (asyncssh.KeyImportError, ValueError, TypeError):
         raise BadRequest("host_key is not an OpenSSH public key line (ssh-ed25519 AAAA...)") from None
     return key.export_public_key("openssh").decode().strip(), key.get_fingerprint("sha256")
-
-
-def _ip(value: object) -> str:
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        raise BadRequest(f"ip is not an IP address: {str(value)[:64]!r}") from None
 
 
 def _disks(value: object) -> list[dict[str, Any]]:

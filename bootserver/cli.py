@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     reprovision.add_argument("mac")
     reprovision.set_defaults(command=cmd_reprovision)
 
+    approve = commands.add_parser("approve", help="open a machine's provisioning window ([server] enroll)")
+    approve.add_argument("mac")
+    approve.set_defaults(command=cmd_approve)
+
     image = commands.add_parser("image", help="build the default agent netboot image")
     image_commands = image.add_subparsers(required=True, metavar="ACTION")
     build = image_commands.add_parser("build", help="kernel + initramfs from Debian packages")
@@ -212,6 +216,16 @@ def cmd_reprovision(args: argparse.Namespace) -> int:
     booter.reprovision(args.mac)
     mac = canonical_mac(args.mac)
     print(f"{mac} will be provisioned again on its next boot (its disk may be wiped); reboot it to start")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    booter = _booter(config)
+    mac = canonical_mac(args.mac)
+    booter.approve(mac)
+    print(f"{mac} may be provisioned for {config.server.window_minutes} minutes: its next boot gets a token, "
+          f"its first accepted phone-home closes the window")
     return 0
 
 

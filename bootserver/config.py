@@ -15,6 +15,12 @@ never becomes a machine that silently boots the wrong thing.
     # job_lease_seconds = 30              # a replica silent this long loses its provisioning jobs to another
     # peers = ["http://192.0.2.11:8080"]  # the other replicas: nodes phone home there when we are down
     # event_days = 90                     # delete events older than this (default: keep every event)
+    # enroll = "open"                     # who gets provisioned: open | known | approve (README: threat model)
+    # window_minutes = 60                 # approve: how long an operator's approval stays open
+    # trusted_proxies = ["192.0.2.1"]     # HTTP proxies whose X-Forwarded-For names the machine
+    # new_machines_per_minute = 30        # machines one source address may introduce per minute
+    # provision_per_source = 2            # provisioning jobs at once for one node address
+    # job_minutes = 60                    # a provisioning job still running after this has failed
 
     [assets]                           # files by name; relative paths are under data_dir
     agent-kernel = "images/agent/vmlinuz"
@@ -39,8 +45,9 @@ import os
 import re
 import socket
 import tomllib
+import uuid
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +93,12 @@ class ServerConfig:
     job_lease_seconds: int = 30  # a replica that stops renewing its jobs this long loses them to another
     peers: tuple[str, ...] = ()  # base URLs of the other replicas: a node's phone-home falls back to them
     event_days: int | None = None  # events older than this are deleted; None: every event is kept
+    enroll: str = "open"  # open: any machine a group matches; known: [machines] only; approve: an operator opens
+    window_minutes: int = 60  # enroll = "approve": an approval's provisioning window
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()  # their X-Forwarded-For names the client
+    new_machines_per_minute: int = 30  # new machine rows one source address may cause per minute
+    provision_per_source: int = 2  # provisioning jobs at once (on this replica) for one node address
+    job_minutes: int = 60  # a provisioning job running longer has failed (a node that stalls frees its slot)
 
     @property
     def tftp_root(self) -> Path:
@@ -132,6 +145,7 @@ class Machine:
     labels: dict[str, str] = field(default_factory=dict)
     ssh: Listen | None = None  # where to reach its SSH when not at the reported IP:22 (NAT, port forwards)
     ip: IPv4Address | None = None  # its reserved address when bootserver is the DHCP server ([dhcp] mode = "full")
+    uuid: str | None = None  # its SMBIOS UUID: a boot that reports another is refused
 
 
 DHCP_MODES = ("off", "proxy", "full")
@@ -238,7 +252,9 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 def _server(raw: dict[str, Any], where: str) -> ServerConfig:
     only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
                      "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token", "database",
-                     "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days"}, where)
+                     "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days", "enroll",
+                     "window_minutes", "trusted_proxies", "new_machines_per_minute", "provision_per_source",
+                     "job_minutes"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
         raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
@@ -265,7 +281,26 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         job_lease_seconds=_positive(raw, "job_lease_seconds", where, 30),
         peers=_peers(raw, where),
         event_days=_positive(raw, "event_days", where, 1) if "event_days" in raw else None,
+        enroll=_choice(raw, "enroll", where, ENROLL_MODES),
+        window_minutes=_positive(raw, "window_minutes", where, 60),
+        trusted_proxies=_networks(raw, "trusted_proxies", where),
+        new_machines_per_minute=_positive(raw, "new_machines_per_minute", where, 30),
+        provision_per_source=_positive(raw, "provision_per_source", where, 2),
+        job_minutes=_positive(raw, "job_minutes", where, 60),
     )
+
+
+ENROLL_MODES = ("open", "known", "approve")
+
+
+def _networks(raw: dict[str, Any], key: str, where: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    values = raw.get(key, [])
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{where} {key}: expected a list of addresses or networks (\"192.0.2.1\", \"10.0.0.0/8\")")
+    try:
+        return tuple(ip_network(v) for v in values)
+    except ValueError as exc:
+        raise ConfigError(f"{where} {key}: {exc}") from None
 
 
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
@@ -380,7 +415,7 @@ def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
         if mac in machines:
             raise ConfigError(f"{here}: the same MAC as another [machines] entry ({mac})")
         body = _table(body, None, here)
-        only_keys(body, {"hostname", "labels", "ssh", "ip"}, here)
+        only_keys(body, {"hostname", "labels", "ssh", "ip", "uuid"}, here)
         labels = _string_table(body.get("labels", {}), f"{here} labels")
         clash = set(labels) & set(FACT_KEYS)
         if clash:
@@ -388,7 +423,8 @@ def _machines(raw: dict[str, Any], where: str) -> dict[str, Machine]:
         hostname = body.get("hostname") and _str(body, "hostname", here)
         ssh = _listen(_str(body, "ssh", here), f"{here} ssh") if "ssh" in body else None
         ip = _ipv4(body, "ip", here) if "ip" in body else None
-        machines[mac] = Machine(mac, hostname, labels, ssh, ip)
+        smbios = _uuid(_str(body, "uuid", here), f"{here} uuid") if "uuid" in body else None
+        machines[mac] = Machine(mac, hostname, labels, ssh, ip, smbios)
     return machines
 
 
@@ -553,6 +589,13 @@ def _mac(text: Any, where: str) -> str:
         return canonical_mac(str(text))
     except BadRequest as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _uuid(text: str, where: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a UUID (as in /sys/class/dmi/id/product_uuid)") from None
 
 
 def _check_name(name: str, where: str) -> None:

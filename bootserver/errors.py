@@ -31,3 +31,7 @@ class Forbidden(BootserverError):
 class StoreUnavailable(BootserverError):
     """The store cannot be written (disk full, read-only, gone): the request was not recorded, so it
     is refused; the server stays up and works again once the cause is fixed."""
+
+
+class TooManyRequests(BootserverError):
+    """A source asked more than it may (new machines a minute, live streams); it may try again later."""

@@ -15,6 +15,7 @@ Status pages, the JSON API (/api/v1) and /metrics are in web.py.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -27,7 +28,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .booter import OVERLAY_NAME, Booter, Urls
-from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, Unauthorized
+from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, TooManyRequests, Unauthorized
 from .payload import Payload
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ PUBLIC_ADDRESS = web.AppKey("public_address", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024  # phone-home reports are small; anything larger is refused with 413
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
-_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, StoreUnavailable: 503}
+_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, TooManyRequests: 429,
+           StoreUnavailable: 503}
 
 
 class _ClientGarbage(logging.Filter):
@@ -140,6 +142,28 @@ def urls(request: web.Request) -> Urls:
     return Urls(files=base, api=base)
 
 
+def client_address(request: web.Request) -> str | None:
+    """The machine's address: the peer's, or through a proxy in `[server] trusted_proxies`, the nearest address
+    in its X-Forwarded-For that is not one of them. Anyone else's X-Forwarded-For is ignored: it is just text."""
+    peer = request.remote
+    trusted = request.app[BOOTER].config.server.trusted_proxies
+    if peer is None or not trusted or not _in(peer, trusted):
+        return peer
+    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            return hop
+    return peer
+
+
+def _in(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 def _host_port(host: str, port: int) -> str:
     host = f"[{host}]" if ":" in host else host
     return host if port == 80 else f"{host}:{port}"
@@ -159,7 +183,7 @@ async def machine_script(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
     with booter.store.group_commit() as committed:
         payload = booter.machine_script(request.match_info["mac"], dict(request.query), urls(request), "http",
-                                        client_ip=request.remote)
+                                        client_ip=client_address(request))
     await committed  # the script carries a token: answer only once the store has kept it
     return _text(payload)
 
@@ -225,7 +249,7 @@ async def phone_home(request: web.Request) -> web.Response:
         raise BadRequest("body must be a JSON object")
     booter = request.app[BOOTER]
     with booter.store.group_commit() as committed:
-        node = booter.phone_home(request.match_info["mac"], report, client_ip=request.remote)
+        node = booter.phone_home(request.match_info["mac"], report, client_ip=client_address(request))
     await committed
     # 202: accepted; provisioning runs in the background and shows in the machine's events.
     return web.json_response({"mac": node.mac, "state": node.state}, status=202)

@@ -19,6 +19,7 @@ node may be mid-reboot, so no blind rerun.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -43,10 +44,16 @@ CLAIM_POLL_SECONDS = 1.0  # how soon a job queued through another replica is not
 
 
 class Provisioner:
-    def __init__(self, booter: Booter, **ssh_options: float) -> None:
+    def __init__(self, booter: Booter, ssh_port: int = 22, job_seconds: float | None = None,
+                 **ssh_options: float) -> None:
+        """`ssh_port`, `job_seconds` (instead of [server] job_minutes) and `ssh_options` (provision's timeouts and
+        keep-alives) are for tests, which shorten them."""
         self.booter = booter
+        self._job_seconds = job_seconds
         self.store = booter.store
+        self._ssh_port = ssh_port  # where a node's sshd listens unless [machines] says otherwise
         self._running: dict[str, asyncio.Task[None]] = {}  # by MAC: the jobs this replica holds
+        self._sources: dict[str, str] = {}  # by MAC: the node address a running job counts against
         self._lease_ends: dict[str, float] = {}  # by MAC: until when (at the latest) we hold each
         self._wake = asyncio.Event()
         self._ssh_options = ssh_options  # timeouts and keep-alive, shortened by tests
@@ -131,9 +138,12 @@ class Provisioner:
         while True:
             with contextlib.suppress(StoreUnavailable):  # logged by the store; the next round tries again
                 while len(self._running) < self.booter.config.server.provision_concurrency:
-                    claim = self.store.claim_job(self.replica, self.lease_seconds)
+                    claim = self.store.claim_job(self.replica, self.lease_seconds, self._busy_sources())
                     if claim is None:
                         break
+                    source = self._source_of(claim.mac)
+                    if source is not None:
+                        self._sources[claim.mac] = source
                     task = loop.create_task(self._run(claim))
                     self._running[claim.mac] = task
                     self._lease_ends[claim.mac] = claim.lease_until or 0.0
@@ -142,8 +152,24 @@ class Provisioner:
                 await asyncio.wait_for(self._wake.wait(), CLAIM_POLL_SECONDS)
             self._wake.clear()
 
+    def _busy_sources(self) -> list[str]:
+        """Node addresses that hold all the jobs one address may hold at once ([server] provision_per_source):
+        a forger that claims many MACs from one address, with an sshd that never answers, holds only those."""
+        counts = collections.Counter(self._sources.values())
+        return [ip for ip, n in counts.items() if n >= self.booter.config.server.provision_per_source]
+
+    def _source_of(self, mac: str) -> str | None:
+        """The address a job counts against: the one it phoned home from. A machine whose SSH endpoint the
+        operator configured ([machines] ssh) counts against none: that address is not the caller's choice."""
+        machine = self.booter.config.machines.get(mac)
+        if machine is not None and machine.ssh is not None:
+            return None
+        node = self.store.node(mac)
+        return node.ip if node else None
+
     def _done(self, mac: str) -> None:
         self._running.pop(mac, None)
+        self._sources.pop(mac, None)
         self._lease_ends.pop(mac, None)
         self._wake.set()  # room under the cap for the next job
 
@@ -197,9 +223,15 @@ class Provisioner:
         job = self.job(node) if node else None
         if job is None:
             return
+        minutes = self.booter.config.server.job_minutes
         try:
-            await provision(job, self.booter.keys, lambda kind, detail: self._record(mac, kind, detail),
-                            render=self.booter.templates.render_file, **self._ssh_options)
+            async with asyncio.timeout(self._job_seconds or minutes * 60):
+                await provision(job, self.booter.keys, lambda kind, detail: self._record(mac, kind, detail),
+                                render=self.booter.templates.render_file, **self._ssh_options)
+        except TimeoutError:
+            # A node that stalls (or an sshd that never answers) must not hold a provisioning slot for good.
+            self.store.record(mac, "failed", {"reason": f"provisioning did not finish within {minutes} minutes "
+                                                        f"([server] job_minutes)"}, state="failed")
         except NodeLost as exc:
             # Not retried: the node may be dead or rebooting. Its next phone-home starts over (wipe allowed).
             self.store.set_reprovision(mac, True)
@@ -229,7 +261,7 @@ class Provisioner:
         if node.host_key is None or node.ip is None:
             raise BootserverError(f"{node.mac} has not phoned home: no pinned host key")
         machine = self.booter.config.machines.get(node.mac)
-        host, port = (machine.ssh.host, machine.ssh.port) if machine and machine.ssh else (node.ip, 22)
+        host, port = (machine.ssh.host, machine.ssh.port) if machine and machine.ssh else (node.ip, self._ssh_port)
         hostname = self.hostname(node.mac)
         return Job(
             mac=node.mac,

@@ -37,6 +37,12 @@ class StoreCollector(Collector):
             served.add_metric([protocol], total)
         yield served
 
+        yield CounterMetricFamily("bootserver_claim_conflicts", "Times two addresses claimed one MAC while a "
+                                  "token of it was live (refused, or both claims held)",
+                                  value=self._store.claim_conflicts())
+        yield GaugeMetricFamily("bootserver_machines_held", "Machines whose claims are held until an operator "
+                                "approves one", value=self._store.held_count())
+
         steps = SummaryMetricFamily("bootserver_provision_step_seconds",
                                     "Durations of finished provisioning steps, by step", labels=["step"])
         for step, (count, seconds) in self._store.step_durations().items():

@@ -66,6 +66,9 @@ def spec() -> dict[str, Any]:
             }},
             "/api/v1/machines/{mac}/reprovision": _action(
                 "Run the whole flow again on the machine's next boot (its disk may be wiped)"),
+            "/api/v1/machines/{mac}/approve": _action(
+                "Open the machine's provisioning window ([server] enroll) and let go of claims held in a conflict; "
+                "a MAC not seen yet may be approved ahead of its first boot"),
             "/api/v1/machines/{mac}/boot-from-disk": _action(
                 "Boot the machine's local disk from its next boot on, as if deployed"),
             "/api/v1/openapi.json": {"get": {
@@ -101,10 +104,14 @@ def _schemas() -> dict[str, Any]:
                         "first_seen": {"type": "number", "description": "Unix time"},
                         "last_seen": {"type": "number", "description": "Unix time"},
                         "facts": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "host_key": nullable_string,
                         "host_key_fingerprint": nullable_string,
                         "ip": nullable_string,
                         "reprovision": {"type": "boolean"},
+                        "window_until": {"type": "number", "nullable": True,
+                                         "description": "Unix time its provisioning window closes (enroll = approve)"},
+                        "held": {"type": "string", "nullable": True,
+                                 "description": "why its claims are held (two addresses claimed it); "
+                                                "approve to release"},
                         "hostname": nullable_string,
                         "profile": nullable_string,
                         "group": nullable_string,

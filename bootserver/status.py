@@ -20,10 +20,10 @@ from .store import Event, Node
 # The happy path, in order; the progress indicator is the state's position in it.
 PROGRESS = ("script-served", "kernel-served", "phoned-home", "disk", "deploy", "finishing", "deployed")
 # States that are not on the path: a machine there is shown as such rather than as a position.
-OFF_PATH = {"failed": "bad", "interrupted": "bad", "reprovision": "busy", "discovered": "idle"}
+OFF_PATH = {"failed": "bad", "interrupted": "bad", "reprovision": "busy", "discovered": "idle", "new": "idle"}
 # Event kinds that mean something went wrong, or went right, for colouring the timeline.
 BAD_KINDS = {"failed", "interrupted", "step-failed", "file-failed", "refused", "connect-failed",
-             "host-key-mismatch", "no-boot"}
+             "host-key-mismatch", "no-boot", "claim-conflict"}
 GOOD_KINDS = {"deployed", "step-done", "phoned-home"}
 SUMMARY_LENGTH = 200
 
@@ -62,7 +62,8 @@ class MachineView:
     progress: Progress
 
     def to_json(self) -> dict[str, Any]:
-        return {**vars(self.node), "hostname": self.hostname, "profile": self.profile, "group": self.group,
+        node = {k: v for k, v in vars(self.node).items() if k != "host_key"}  # its fingerprint is enough to check
+        return {**node, "hostname": self.hostname, "profile": self.profile, "group": self.group,
                 "reason": self.reason, "host_key_fingerprint": self.fingerprint,
                 "progress": self.progress.to_json()}
 
@@ -91,8 +92,14 @@ def event_tone(event: Event) -> str:
     return "ok" if event.kind in GOOD_KINDS else "info"
 
 
+# Event details never shown: a pinned host key would let a caller steer our SSH at the machine that owns it
+# (events recorded before the key was left out of them still hold it).
+HIDDEN_DETAIL = ("host_key",)
+
+
 def event_json(event: Event) -> dict[str, Any]:
-    return {"id": event.id, "mac": event.mac, "time": event.time, "kind": event.kind, "detail": event.detail,
+    detail = {k: v for k, v in event.detail.items() if k not in HIDDEN_DETAIL}
+    return {"id": event.id, "mac": event.mac, "time": event.time, "kind": event.kind, "detail": detail,
             "summary": summarize(event), "tone": event_tone(event), "replica": event.replica}
 
 
@@ -174,4 +181,7 @@ _SUMMARIES = {
     "connect-failed": lambda d: f"SSH to {d.get('host')}:{d.get('port')} failed: {d.get('error')}",
     "host-key-mismatch": lambda d: f"SSH host key of {d.get('host')}:{d.get('port')} is not the pinned one: "
                                    f"{d.get('error')}",
+    "waiting": lambda d: f"no provisioning window over {d.get('transport', '?')}: {d.get('reason')}",
+    "approved": lambda d: f"approved: may be provisioned for {d.get('window_minutes')} minutes",
+    "claim-conflict": lambda d: f"conflict: {d.get('reason')}",
 }

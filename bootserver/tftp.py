@@ -41,7 +41,7 @@ from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketOACK
 
 from .booter import IPXE_BINARIES, OVERLAY_NAME, Booter, Urls
-from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable
+from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, TooManyRequests
 from .payload import Payload, resolve_under
 
 log = logging.getLogger(__name__)
@@ -603,6 +603,9 @@ class TftpServer:
             self._refuse(sockaddr, request, started, ERR_ACCESS, "access violation", f"forbidden: {exc}")
         except BadRequest as exc:
             self._refuse(sockaddr, request, started, ERR_ILLEGAL, "bad request", f"bad request: {exc}")
+        except TooManyRequests as exc:
+            self._refuse(sockaddr, request, started, ERR_UNDEFINED, "too many new machines from this address, "
+                         "try again later", str(exc))
         except StoreUnavailable as exc:  # the store logs it; the client is told, in short, why
             self._refuse(sockaddr, request, started, ERR_UNDEFINED, "server cannot record requests: "
                          "store unavailable (disk full or read-only), try again later", str(exc))

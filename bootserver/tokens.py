@@ -18,12 +18,13 @@ from .errors import Forbidden, Unauthorized
 from .store import Token
 
 
-def new_token(mac: str, minutes: int, ip: str | None = None) -> tuple[str, Token]:
-    """The token to hand out, and the record to store; `ip`: the address the script is sent to."""
+def new_token(mac: str, minutes: int, ip: str | None = None, uuid: str | None = None) -> tuple[str, Token]:
+    """The token to hand out, and the record to store; `ip`: the address the script is sent to, `uuid`: the
+    SMBIOS UUID its firmware reported with the request (the agent must report the same)."""
     token_id, secret = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
     now = time.time()
     return f"{token_id}.{secret}", Token(token_id, _hash(secret), mac, now, now + minutes * 60,
-                                         ip=client_address(ip))
+                                         ip=client_address(ip), uuid=uuid)
 
 
 def client_address(text: str | None) -> str | None:

@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from . import metrics, openapi
 from .booter import Booter
-from .errors import BadRequest, BootserverError, Forbidden, NotFound, Unauthorized
+from .errors import BadRequest, BootserverError, Forbidden, NotFound, TooManyRequests, Unauthorized
 from .http import BOOTER, get, post
 from .mac import canonical_mac
 from .status import Progress, clock, event_json, machine_view, size
@@ -79,6 +79,8 @@ def add_routes(app: web.Application) -> None:
     get(app, "/api/v1/machines/{mac}/events", _api(api_events))
     post(app, "/api/v1/machines/{mac}/reprovision", _api(_api_action(Booter.reprovision)))
     post(app, "/api/v1/machines/{mac}/boot-from-disk", _api(_api_action(Booter.boot_from_disk)))
+    post(app, "/machines/{mac}/approve", _page(_form_action(Booter.approve)))
+    post(app, "/api/v1/machines/{mac}/approve", _api(_api_approve))
     # Open even with an API token: a client needs it to learn that (and how) it must authenticate.
     get(app, "/api/v1/openapi.json", openapi_json)
     get(app, "/metrics", metrics_page)
@@ -111,8 +113,8 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 # -- errors, authentication and cross-site requests -------------------------------------------------
 
-_STATUS = ((BadRequest, 400, "Bad request"), (Unauthorized, 401, "API token needed"),
-           (Forbidden, 403, "Refused"), (NotFound, 404, "Not found"))
+_STATUS = ((TooManyRequests, 429, "Too many requests"), (BadRequest, 400, "Bad request"),
+           (Unauthorized, 401, "API token needed"), (Forbidden, 403, "Refused"), (NotFound, 404, "Not found"))
 
 
 def _status(exc: BootserverError, path: str) -> tuple[int, str]:
@@ -389,6 +391,14 @@ def _whole(request: web.Request, name: str, default: int) -> int:
     if not value.isdigit():
         raise BadRequest(f"{name} must be a whole number, not {value[:32]!r}")
     return int(value)
+
+
+async def _api_approve(request: web.Request) -> web.Response:
+    """Unlike the other actions, for a MAC not seen yet too: an operator may approve a machine before it boots."""
+    booter = request.app[BOOTER]
+    mac = canonical_mac(request.match_info["mac"])
+    booter.approve(mac)
+    return _json(machine_view(booter, _machine(booter, mac)).to_json())
 
 
 def _api_action(action: Callable[[Booter, str], None]) -> Handler:

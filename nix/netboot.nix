@@ -75,7 +75,8 @@
         ip=$(ip -j -4 addr show ''${iface:+dev "$iface"} | jq -r '[.[].addr_info[] | select(.scope == "global")][0].local // empty')
         body=$(jq -n --arg mac "$mac" --arg ip "$ip" --arg host_key "$host_key" --arg token "$token" \
           --arg kernel "$(uname -r)" --argjson disks "$(disks)" \
-          '{mac: $mac, ip: $ip, host_key: $host_key, token: $token, kernel: $kernel, disks: $disks}')
+          --arg uuid "$(cat /sys/class/dmi/id/product_uuid 2>/dev/null || true)" \
+          '{mac: $mac, ip: $ip, host_key: $host_key, token: $token, kernel: $kernel, disks: $disks, uuid: $uuid}')
         status=$(curl -sS -o /tmp/phone-home.out -w '%{http_code}' --max-time 20 \
           -H 'Content-Type: application/json' --data "$body" "$url/boot/''${mac//:/-}/phone-home" || true)
         case $status in

@@ -127,6 +127,18 @@ def booter(config: configuration.Config, store: Store, keys: ServerKeys) -> Boot
     return Booter(config, store, Templates(), keys)
 
 
+def admit(store: Store, mac: str, ip: str = "10.0.0.9", facts: dict | None = None) -> None:
+    """Make `mac` a machine that phoned home with a token we issued (what group member lists count)."""
+    import asyncssh
+
+    from bootserver import tokens
+
+    _, token = tokens.new_token(mac, 30, ip)
+    store.record(mac, "script-served", {}, state="script-served", facts=facts, token=token)
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode().strip()
+    assert store.phoned_home(token.id, mac, ip, key, {})
+
+
 async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):
     """Wait until predicate() is truthy (a server records a transfer just after the client has it all)."""
     import asyncio

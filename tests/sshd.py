@@ -122,13 +122,14 @@ async def _pump(source: asyncio.StreamReader, sink: asyncssh.SSHWriter) -> None:
 
 
 @contextlib.asynccontextmanager
-async def ssh_server(authorized_key: str, *, hang_on: str | None = None,
-                     drop_on: str | None = None) -> AsyncIterator[TestSSHServer]:
-    """An SSH server on 127.0.0.1:<free port> accepting only `authorized_key` (an OpenSSH public key line)."""
+async def ssh_server(authorized_key: str, *, hang_on: str | None = None, drop_on: str | None = None,
+                     host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[TestSSHServer]:
+    """An SSH server on host:port (default 127.0.0.1:<free port>) accepting only `authorized_key` (an OpenSSH
+    public key line)."""
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     server = TestSSHServer(port=0, host_key=host_key, hang_on=hang_on, drop_on=drop_on)
     acceptor = await asyncssh.listen(
-        "127.0.0.1", 0,
+        host, port,
         server_host_keys=[host_key],
         authorized_client_keys=asyncssh.import_authorized_keys(authorized_key + "\n"),
         process_factory=server.handle,

@@ -80,6 +80,7 @@ def test_hostile_facts_are_refused(booter: Booter):
 
 
 def test_boot_file_and_transfer_events(booter: Booter):
+    booter.machine_script("52:54:00:00:00:01", {}, Urls("http://h", "http://h"), "http", "10.0.0.1")
     payload = booter.boot_file("52:54:00:00:00:01", "vmlinuz")
     assert payload.path.name == "vmlinuz" and payload.mac == "52:54:00:00:00:01"
     booter.file_sent(payload, "tftp", payload.size, 0.5)

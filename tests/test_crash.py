@@ -106,6 +106,9 @@ async def drive(url: str, host_key: str, acked: Counter) -> None:
                     script = await response.text()
                     if response.status != 200:
                         continue
+                if "bootserver.token=" not in script:  # being provisioned (or deployed): no token for a new boot
+                    acked[(mac, "no-boot" if "falling through" in script else "script-served")] += 1
+                    continue
                 acked[(mac, "script-served")] += 1
                 async with session.get(f"{url}/boot/{path}/kernel") as response:
                     await response.read()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from conftest import eventually
+from conftest import admit, eventually
 from sshd import ssh_server
 
 from bootserver.app import App
@@ -132,8 +132,8 @@ def test_job_context_lists_the_whole_group(booter):
 
 def test_job_context_groups_by_reported_facts_and_follows_a_config_change(booter):
     store = booter.store
-    store.record("52:54:00:00:00:01", "x", {})
-    store.record("52:54:00:00:00:02", "x", {}, facts={"platform": "efi", "arch": "x86_64"})
+    admit(store, "52:54:00:00:00:01")
+    admit(store, "52:54:00:00:00:02", facts={"platform": "efi", "arch": "x86_64"})
     node = store.node("52:54:00:00:00:01")
     provisioner = Provisioner(booter)
     # node2 booted on EFI: it belongs to the more specific raft-efi group, not to node1's.
@@ -143,11 +143,12 @@ def test_job_context_groups_by_reported_facts_and_follows_a_config_change(booter
     assert [m["hostname"] for m in provisioner.context(node, "raft", "raft", "node1")["group"]] == ["node1", "node2"]
 
 
-def test_members_are_every_machine_with_its_address_and_group_facts(store):
-    store.record("52:54:00:00:00:01", "x", {}, facts={"platform": "efi", "arch": "x86_64", "serial": "S1"})
-    store.record("52:54:00:00:00:02", "x", {})
-    assert sorted(store.members(), key=lambda m: m.mac) == [Member("52:54:00:00:00:01", None, "x86_64", "efi"),
-                                       Member("52:54:00:00:00:02", None, None, None)]
+def test_members_are_every_admitted_machine_with_its_address_and_group_facts(store):
+    admit(store, "52:54:00:00:00:01", "10.0.0.1", facts={"platform": "efi", "arch": "x86_64", "serial": "S1"})
+    admit(store, "52:54:00:00:00:02", "10.0.0.2")
+    store.record("52:54:00:00:00:03", "x", {}, facts={"arch": "x86_64"})  # asked for files only: no member (finding 10)
+    assert sorted(store.members(), key=lambda m: m.mac) == [Member("52:54:00:00:00:01", "10.0.0.1", "x86_64", "efi"),
+                                                            Member("52:54:00:00:00:02", "10.0.0.2", None, None)]
 
 
 def test_profile_without_disk_or_deploy_needs_no_job(booter):

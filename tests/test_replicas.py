@@ -51,6 +51,7 @@ class Replica:
         self.config = tmp_path / f"{name}.toml"
         self.config.write_text(
             f'[server]\nhttp = "127.0.0.1:{self.port}"\ntftp = "off"\ndata_dir = "{self.data}"\n'
+            'new_machines_per_minute = 100000\n'
             f'database = "{database}"\nreplica = "{name}"\nsecret_key_file = "{tmp_path / "secret.key"}"\n'
             f'job_lease_seconds = 2\nprovision_concurrency = 16\n{server}\n{site}')
         self.log = tmp_path / f"{name}.log"

@@ -58,7 +58,7 @@ def test_tokens_of_an_older_store_have_no_address(tmp_path):
     db.commit()
     db.close()
     store = Store(path)
-    assert store.schema_version == len(MIGRATIONS) == 7
+    assert store.schema_version == len(MIGRATIONS) == 8
     assert store.token("t").ip is None
     store.close()
 

@@ -53,6 +53,7 @@ class Server:
         self.config = tmp_path / "site.toml"
         self.config.write_text(
             f'[server]\nhttp = "127.0.0.1:{self.http}"\ntftp = "127.0.0.1:{self.tftp}"\ndata_dir = "{self.data}"\n'
+            'new_machines_per_minute = 100000\n'
             f'[assets]\nkernel = "{images / "vmlinuz"}"\n'
             '[profiles.p]\nkernel = "kernel"\n[groups.all]\nprofile = "p"\n')
         self.log = tmp_path / "server.log"

@@ -215,6 +215,8 @@ phone_home_to() {  # phone_home_to URL: one try; sets REFUSED=1 when the server 
     # made again at every try: a slow disk may have shown up since
     body="{\"mac\": \"$MAC\", \"ip\": \"$IP\", \"host_key\": $(json_string "$HOST_KEY"),"
     body="$body \"token\": $(json_string "$TOKEN"), \"kernel\": \"$(uname -r)\","
+    # the SMBIOS UUID the firmware reported with our script: the server checks they are one machine
+    body="$body \"uuid\": $(json_string "$(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"),"
     body="$body \"disks\": $(disks_json)}"
     # not wget -T: busybox 1.35's wget crashes with it (SIGSEGV, every time)
     if timeout 20 wget -q -O /tmp/phone-home.out --header 'Content-Type: application/json' \

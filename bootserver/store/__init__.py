@@ -113,11 +113,19 @@ MIGRATIONS = [
         value {float} NOT NULL
     );
     """,
+    # Trust on the boot network: a machine's provisioning window (enroll = "approve"), claims held while two
+    # addresses claim one MAC, and the SMBIOS UUID its firmware reported with the script a token rides on.
+    """
+    ALTER TABLE machines ADD COLUMN window_until {float};
+    ALTER TABLE machines ADD COLUMN held TEXT;
+    ALTER TABLE tokens ADD COLUMN uuid TEXT
+    """,
 ]
 TOTALS_VERSION = 7  # the schema version that added totals
 # The running totals, by the event kind that adds to them: (name prefix, detail key that names the total,
 # detail key of the amount). One row per name, e.g. "bytes:http", "step:disk".
-TOTALS = {"file-served": ("bytes:", "protocol", "bytes"), "step-done": ("step:", "step", "seconds")}
+TOTALS = {"file-served": ("bytes:", "protocol", "bytes"), "step-done": ("step:", "step", "seconds"),
+          "claim-conflict": ("conflicts:", "transport", "")}  # counted only
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,8 @@ class Node:
     host_key: str | None = None  # pinned when it phoned home; SSH trusts only this key
     ip: str | None = None  # the address it reported when it phoned home
     reprovision: bool = False  # an operator asked for the whole flow again, disk wipe allowed
+    window_until: float | None = None  # until when an operator's approval lets it be provisioned
+    held: str | None = None  # why its claims are held (two addresses claimed it): an operator must approve
 
 
 @dataclass
@@ -167,6 +177,7 @@ class Token:
     expires: float
     used: float | None = None
     ip: str | None = None  # who fetched the script it was issued with; None: not known (any address)
+    uuid: str | None = None  # the SMBIOS UUID the firmware reported with that script, if it did
 
 
 @dataclass(frozen=True)
@@ -400,21 +411,26 @@ class Store:
                                            self.replica)).fetchone()["id"]
 
     def record(self, mac: str, kind: str, detail: dict[str, Any] | None = None, *,
-               state: str | None = None, facts: dict[str, str] | None = None, token: Token | None = None) -> Event:
+               state: str | None = None, facts: dict[str, str] | None = None, token: Token | None = None,
+               only_from: Iterable[str] | None = None) -> Event:
         """Append an event for `mac`, creating the machine on first sight, in one transaction.
 
-        `state` moves the machine to a new state; `facts` merges into what it has reported; `token` is
-        kept with it (as add_token does), in the same transaction: one commit per boot script, not two.
+        `state` moves the machine to a new state (if it is in one of `only_from`, when given); `facts` merges
+        into what it has reported; `token` is kept with it (as add_token does), in the same transaction: one
+        commit per boot script, not two.
         """
         now = time.time()
         with self._transaction() as db:
             # Two replicas may see a new machine at once: one inserts, the other updates.
             created = db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) "
                                  "VALUES (?, ?, ?, ?, ?) ON CONFLICT (mac) DO NOTHING",
-                                 (mac, state or "discovered", now, now, json.dumps(facts or {}))).rowcount
+                                 (mac, (only_from is None and state) or "discovered", now, now,
+                                  json.dumps(facts or {}))).rowcount
             if not created:
-                row = db.execute("SELECT facts FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
+                row = db.execute("SELECT facts, state FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
                 merged = {**json.loads(row["facts"]), **(facts or {})}
+                if only_from is not None and row["state"] not in only_from:
+                    state = None  # the lifecycle does not move it from where it is
                 db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? "
                            "WHERE mac = ?", (now, state, json.dumps(merged), mac))
             if token is not None:
@@ -433,7 +449,13 @@ class Store:
         row = self._row("SELECT * FROM tokens WHERE id = ?", (token_id,))
         if row is None:
             return None
-        return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"], row["ip"])
+        return _token(row)
+
+    def live_token(self, mac: str, now: float | None = None) -> Token | None:
+        """The machine's newest token that is neither spent nor expired: the claim of the boot under way."""
+        row = self._row("SELECT * FROM tokens WHERE mac = ? AND used IS NULL AND expires > ? ORDER BY issued DESC "
+                        "LIMIT 1", (mac, now or time.time()))
+        return _token(row) if row else None
 
     def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any]) -> bool:
         """Spend the token, pin the node's host key and queue its provisioning job, in one transaction.
@@ -447,12 +469,15 @@ class Store:
             # written under the machine's lock) waits for us, instead of each holding what the other needs.
             db.execute("SELECT mac FROM machines WHERE mac = ?" + db.row_lock, (mac,))
             # Atomic on both backends: PostgreSQL re-checks `used IS NULL` after waiting for a competing row lock.
+            # Not while the machine's claims are held: a conflict found after the check in the core wins.
             spent = db.execute("UPDATE tokens SET used = ? WHERE id = ? AND mac = ? AND used IS NULL "
-                               "AND expires > ?", (now, token_id, mac, now)).rowcount
+                               "AND expires > ? AND NOT EXISTS (SELECT 1 FROM machines WHERE mac = ? AND "
+                               "held IS NOT NULL)", (now, token_id, mac, now, mac)).rowcount
             if spent != 1:
                 return False
-            db.execute("UPDATE machines SET host_key = ?, ip = ?, state = 'phoned-home', last_seen = ? "
-                       "WHERE mac = ?", (host_key, ip, now, mac))
+            # The provisioning window closes at the first accepted phone-home.
+            db.execute("UPDATE machines SET host_key = ?, ip = ?, state = 'phoned-home', last_seen = ?, "
+                       "window_until = NULL WHERE mac = ?", (host_key, ip, now, mac))
             # Queued under the replica that accepted it: if that replica restarts before a claim, the job is its
             # to settle (interrupted); any replica may claim it meanwhile.
             db.execute("INSERT INTO jobs (mac, state, owner, created, updated) VALUES (?, 'queued', ?, ?, ?) "
@@ -483,18 +508,54 @@ class Store:
             return db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) "
                               "AND time < ?", (limit, before)).rowcount
 
+    def open_window(self, mac: str, until: float, kind: str, detail: dict[str, Any], *, state: str | None = None,
+                    reprovision: bool | None = None) -> Event:
+        """An operator approved `mac` (seen or not): it may be provisioned until `until`; held claims are let go.
+        The event `kind` says which action did it; `state` and `reprovision` change with it, in one transaction."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) VALUES (?, 'new', ?, ?, '{}') "
+                       "ON CONFLICT (mac) DO NOTHING", (mac, now, now))
+            db.execute("UPDATE machines SET window_until = ?, held = NULL, state = COALESCE(?, state), "
+                       "reprovision = COALESCE(?, reprovision) WHERE mac = ?",
+                       (until, state, None if reprovision is None else int(reprovision), mac))
+            event_id = self._insert_event(db, mac, now, kind, detail)
+        return Event(event_id, mac, now, kind, detail, self.replica)
+
+    def hold(self, mac: str, why: str, detail: dict[str, Any]) -> Event:
+        """Two addresses claimed `mac`: hold its claims (no token, no phone-home) until an operator approves."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE machines SET held = ?, last_seen = ? WHERE mac = ?", (why, now, mac))
+            event_id = self._insert_event(db, mac, now, "claim-conflict", detail)
+        return Event(event_id, mac, now, "claim-conflict", detail, self.replica)
+
+    def touch(self, mac: str, facts: dict[str, str] | None = None) -> None:
+        """`mac` asked again for what it was told before (a waiting machine polls): last seen, no new event."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT facts FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE machines SET last_seen = ?, facts = ? WHERE mac = ?",
+                           (now, json.dumps({**json.loads(row["facts"]), **(facts or {})}), mac))
+
     def set_reprovision(self, mac: str, wanted: bool) -> None:
         with self._transaction() as db:
             db.execute("UPDATE machines SET reprovision = ? WHERE mac = ?", (int(wanted), mac))
 
     # -- provisioning jobs (one per machine; any replica may claim a queued one) ------------------------
 
-    def claim_job(self, owner: str, lease_seconds: float) -> JobClaim | None:
-        """Take the oldest queued job, or one whose owner's lease lapsed (that replica died), for `owner`."""
+    def claim_job(self, owner: str, lease_seconds: float, busy: Iterable[str] = ()) -> JobClaim | None:
+        """Take the oldest queued job, or one whose owner's lease lapsed (that replica died), for `owner`;
+        not one of a machine at an address in `busy` (that address has all the jobs it may have at once)."""
         now = time.time()
+        skip = list(busy)
+        unless = (f" AND mac NOT IN (SELECT mac FROM machines WHERE ip IN ({','.join('?' * len(skip))}))"
+                  if skip else "")
         with self._transaction() as db:
-            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' OR (state = 'running' AND lease_until < ? "
-                             "AND owner <> ?) ORDER BY created LIMIT 1" + db.skip_locked, (now, owner)).fetchone()
+            row = db.execute("SELECT * FROM jobs WHERE (state = 'queued' OR (state = 'running' AND lease_until < ? "
+                             "AND owner <> ?))" + unless + " ORDER BY created LIMIT 1" + db.skip_locked,
+                             (now, owner, *skip)).fetchone()
             if row is None:
                 return None
             lapsed = row["owner"] if row["state"] == "running" else None
@@ -574,10 +635,12 @@ class Store:
         return [_node(row) for row in self._rows(sql, parameters)]
 
     def members(self) -> list[Member]:
-        """Every machine's address and the facts that choose its group: what a group's member list needs,
-        for each job, without loading every machine whole (its host key, its state)."""
+        """Every admitted machine's address and the facts that choose its group: what a group's member list needs,
+        for each job, without loading every machine whole. Admitted: it phoned home with a token we issued (a
+        MAC that only asked for files, as anyone on the boot network may, is no member of anything)."""
         return [Member(row["mac"], row["ip"], facts.get("arch"), facts.get("platform"))
-                for row in self._rows("SELECT mac, ip, facts FROM machines") for facts in (json.loads(row["facts"]),)]
+                for row in self._rows("SELECT mac, ip, facts FROM machines WHERE host_key IS NOT NULL")
+                for facts in (json.loads(row["facts"]),)]
 
     def node_count(self) -> int:
         return self._row("SELECT COUNT(*) AS n FROM machines")["n"]
@@ -613,6 +676,13 @@ class Store:
     def step_durations(self) -> dict[str, tuple[int, float]]:
         """Finished provisioning steps, by step: (how many, total seconds), over all step-done events."""
         return self._totals(TOTALS["step-done"][0])
+
+    def claim_conflicts(self) -> int:
+        """Times two addresses claimed one MAC at once (held or refused), over all claim-conflict events."""
+        return sum(count for count, _ in self._totals(TOTALS["claim-conflict"][0]).values())
+
+    def held_count(self) -> int:
+        return self._row("SELECT COUNT(*) AS n FROM machines WHERE held IS NOT NULL")["n"]
 
     def _totals(self, prefix: str) -> dict[str, tuple[int, float]]:
         rows = self._rows("SELECT name, count, value FROM totals WHERE name LIKE ? ORDER BY name", (prefix + "%",))
@@ -686,9 +756,10 @@ class Store:
 
 # What `copy_into` moves, parents before children (foreign keys).
 TABLES = {
-    "machines": ("mac", "state", "first_seen", "last_seen", "facts", "host_key", "ip", "reprovision"),
+    "machines": ("mac", "state", "first_seen", "last_seen", "facts", "host_key", "ip", "reprovision", "window_until",
+                 "held"),
     "events": ("id", "mac", "time", "kind", "detail", "replica"),
-    "tokens": ("id", "hash", "mac", "issued", "expires", "used", "ip"),
+    "tokens": ("id", "hash", "mac", "issued", "expires", "used", "ip", "uuid"),
     "leases": ("ip", "mac", "state", "expires"),
     "jobs": ("mac", "state", "owner", "lease_until", "attempt", "created", "updated"),
     "secrets": ("name", "value"),
@@ -736,8 +807,8 @@ def _total_of(kind: str, detail: dict[str, Any]) -> tuple[str, float] | None:
 def _insert_token(db: Backend, token: Token) -> None:
     """A new token for its machine; the machine's older unused ones stop working (the live-token index)."""
     db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
-    db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip) VALUES (?, ?, ?, ?, ?, ?)",
-               (token.id, token.hash, token.mac, token.issued, token.expires, token.ip))
+    db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip, uuid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (token.id, token.hash, token.mac, token.issued, token.expires, token.ip, token.uuid))
 
 
 def _lease(row: Any) -> Lease:
@@ -746,7 +817,11 @@ def _lease(row: Any) -> Lease:
 
 def _node(row: Any) -> Node:
     return Node(row["mac"], row["state"], row["first_seen"], row["last_seen"], json.loads(row["facts"]),
-                row["host_key"], row["ip"], bool(row["reprovision"]))
+                row["host_key"], row["ip"], bool(row["reprovision"]), row["window_until"], row["held"])
+
+
+def _token(row: Any) -> Token:
+    return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"], row["ip"], row["uuid"])
 
 
 def _event(row: Any) -> Event:
