@@ -223,14 +223,14 @@ class Provisioner:
         job = self.job(node) if node else None
         if job is None:
             return
-        minutes = self.booter.config.server.job_minutes
+        limit = self._job_seconds or self.booter.config.server.job_minutes * 60
         try:
-            async with asyncio.timeout(self._job_seconds or minutes * 60):
+            async with asyncio.timeout(limit):
                 await provision(job, self.booter.keys, lambda kind, detail: self._record(mac, kind, detail),
                                 render=self.booter.templates.render_file, **self._ssh_options)
         except TimeoutError:
             # A node that stalls (or an sshd that never answers) must not hold a provisioning slot for good.
-            self.store.record(mac, "failed", {"reason": f"provisioning did not finish within {minutes} minutes "
+            self.store.record(mac, "failed", {"reason": f"provisioning did not finish within {limit / 60:g} minutes "
                                                         f"([server] job_minutes)"}, state="failed")
         except NodeLost as exc:
             # Not retried: the node may be dead or rebooting. Its next phone-home starts over (wipe allowed).
