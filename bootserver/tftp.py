@@ -19,6 +19,18 @@ an unconnected socket, so a vanished client is noticed by the retransmission tim
 
 tftpy is used to decode requests (wrapped: it raises many exception types on bad input) and to
 encode OACK. ERROR and DATA are encoded here: see `error_packet` and `_DATA_HEADER` for why.
+
+The boot network is not trusted: anything on it can send requests from many source addresses, and
+can forge the source address of a request.
+
+Admission keeps room for sources that hold no transfer. A source (IP address) may hold at most
+`max_sessions_per_client` transfers; the table holds at most `max_sessions`; and a source that already
+holds a transfer may not start another once the table holds `max_sessions - new_source_reserve` or
+more. The last `new_source_reserve` places (a quarter of the table by default) are thus only ever
+taken by a source's *first* transfer. Without it, 63 addresses x 16 transfers fill 1,000 places and
+every real machine is told "too many sessions"; with it, filling the table takes at least 47 addresses
+for the 750 shared places plus 250 more, one place each, and until then a booting machine, which
+fetches one file at a time and so holds nothing when it asks, still finds a place.
 """
 
 from __future__ import annotations
@@ -83,6 +95,9 @@ SWEEP_INTERVAL = 0.1
 # seconds (6 s by default), so 1,000 abandoned requests cost 6 s of a full table, not a leak.
 MAX_SESSIONS = 1000
 MAX_SESSIONS_PER_CLIENT = 16
+# The share of the table kept for sources that hold no transfer (see the module docstring): a quarter,
+# so that sources that already hold transfers can never take more than three quarters of it.
+NEW_SOURCE_RESERVE_FRACTION = 4  # reserve = max_sessions // this
 LISTEN_BUFFER = 1 << 20  # bytes of receive buffer asked for the listening socket
 # File descriptors a transfer holds: its socket, and the open file unless the payload is in memory.
 FDS_PER_SESSION = 2
@@ -492,13 +507,21 @@ class TftpServer:
 
     def __init__(self, resolve: Callable[[str, Address], Payload], on_done: Callable[[Transfer], None], *,
                  timeout: float = 1.0, retries: int = 5, max_sessions: int = MAX_SESSIONS,
-                 max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT) -> None:
+                 max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT,
+                 new_source_reserve: int | None = None) -> None:
+        """`new_source_reserve`: places of the table only a source holding no transfer may take (see the
+        module docstring); None for a quarter of `max_sessions`."""
+        if new_source_reserve is None:
+            new_source_reserve = max_sessions // NEW_SOURCE_RESERVE_FRACTION
+        if not 0 <= new_source_reserve < max_sessions:
+            raise ValueError(f"new_source_reserve {new_source_reserve} is not in [0, max_sessions {max_sessions})")
         self._resolve = resolve
         self._on_done = on_done
         self.timeout = timeout
         self.retries = retries
         self._max_sessions = max_sessions
         self._max_per_client = max_sessions_per_client
+        self._new_source_reserve = new_source_reserve
         self._transport: asyncio.DatagramTransport | None = None
         self._family = socket.AF_INET
         self._sessions: dict[Address, _Session] = {}
@@ -562,10 +585,18 @@ class TftpServer:
         elif peer in self._sessions:
             # Same host and port: the client's TID, so a retransmitted RRQ of a running transfer.
             log.debug("tftp %s:%d: ignored duplicate request for %r", *peer, request.filename)
-        elif len(self._sessions) >= self._max_sessions or self._per_host[peer[0]] >= self._max_per_client:
+        elif not self._has_room(peer[0]):
             self._refuse(sockaddr, request, started, ERR_UNDEFINED, "too many sessions", "too many sessions")
         else:
             self._admit(sockaddr, request, started)
+
+    def _has_room(self, host: str) -> bool:
+        """Whether `host` may start one more transfer now (the policy is in the module docstring)."""
+        held, running = self._per_host.get(host, 0), len(self._sessions)
+        if held >= self._max_per_client or running >= self._max_sessions:
+            return False
+        # A source already served may not eat into the reserve kept for sources holding nothing.
+        return held == 0 or running < self._max_sessions - self._new_source_reserve
 
     def _admit(self, sockaddr: SockAddr, request: Request, started: float) -> None:
         peer: Address = (sockaddr[0], sockaddr[1])

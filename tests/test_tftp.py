@@ -704,6 +704,54 @@ async def test_session_caps_total_and_per_client(make_env: ServerFactory) -> Non
     assert len(refused) == 2 and all(t.payload is None for t in refused)
 
 
+async def test_finding_12_table_filled_by_few_sources_still_admits_a_new_source(make_env: ServerFactory) -> None:
+    """Finding 12 (trust on the boot network): sources that already hold transfers cannot fill the
+    table; the last `new_source_reserve` places go only to a source's first transfer, up to the hard cap.
+    With a plain total cap, four sources at their per-source cap would fill this table of 8."""
+    env = await make_env(timeout=5.0, max_sessions=8, max_sessions_per_client=2, new_source_reserve=2)
+    sources = [f"127.0.0.{i}" for i in range(2, 8)]  # 127.0.0.2-5 flood, .6 and .7 arrive late
+    clients: list[RawClient] = []
+
+    async def ask(host: str) -> Packet:
+        client = RawClient(env.addr, host)
+        clients.append(client)
+        client.send(rrq("kernel"))
+        return await asyncio.to_thread(client.recv)
+
+    too_many = (ERROR, 0, b"too many sessions\0")
+    try:
+        # The per-source cap: a third transfer from one address is refused while the table is nearly empty.
+        assert [(await ask(sources[0])).opcode for _ in range(3)] == [DATA, DATA, ERROR]
+        assert env.server.sessions == 2
+        # Three more sources ask for two each, as many as a total cap alone would let fill the table.
+        answers = [(await ask(host)) for host in sources[1:4] for _ in range(2)]
+        # A new source still gets a transfer.
+        late = await ask(sources[4])
+        assert (late.opcode, late.number) == (DATA, 1)
+        assert env.server.sessions == 8  # the hard cap
+        # Because once 8 - 2 = 6 places were held, a source holding one transfer could not take another,
+        # though under its per-source cap: the reserve was left for the new source.
+        assert [p.opcode for p in answers] == [DATA] * 5 + [ERROR]
+        assert (answers[-1].opcode, answers[-1].number, answers[-1].body) == too_many
+        # Past the hard cap nobody is admitted, not even a new source.
+        full = await ask(sources[5])
+        assert (full.opcode, full.number, full.body) == too_many
+    finally:
+        for client in clients:
+            client.close()
+    refused = [t for t in env.done if t.error == "too many sessions"]
+    assert len(refused) == 3 and all(t.payload is None for t in refused)
+
+
+def test_new_source_reserve_must_leave_room() -> None:
+    resolve = make_resolve(Path("/nonexistent"))
+    assert TftpServer(resolve, print, max_sessions=1)._new_source_reserve == 0
+    assert TftpServer(resolve, print)._new_source_reserve == 250  # a quarter of 1,000 by default
+    for reserve in (-1, 10):
+        with pytest.raises(ValueError, match="new_source_reserve"):
+            TftpServer(resolve, print, max_sessions=10, new_source_reserve=reserve)
+
+
 async def test_close_ends_transfers_and_frees_sockets(make_env: ServerFactory) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))
     env = await make_env(timeout=5.0)

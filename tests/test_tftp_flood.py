@@ -1,6 +1,7 @@
 """TFTP under abuse, against the whole server (App, real UDP sockets on loopback): abandoned sessions and
-bursts are capped per client and in total, every session is freed after its retries, file descriptors
-come back to where they were, and a missing TFTP root is reported while everything else serves."""
+bursts are capped per client and in total with a quarter of the table kept for new client addresses,
+every session is freed after its retries, file descriptors come back to where they were, and a missing
+TFTP root is reported while everything else serves."""
 
 from __future__ import annotations
 
@@ -107,10 +108,20 @@ async def _flood_and_recover(app: App) -> None:
     admitted, refusals = await asyncio.to_thread(flood, server, burst, "boot/52-54-00-00-00-01/vmlinuz")
     assert admitted == tftp.MAX_SESSIONS_PER_CLIENT
     assert set(refusals) == {struct.pack("!HH", ERROR, 0) + b"too many sessions\0"}
-    # 1,000 more, 10 from each of 100 addresses: admitted until the table is full, the rest refused.
+    # Finding 12 (trust on the boot network): 1,000 more, 10 from each of 100 addresses. Sources that
+    # hold a transfer are admitted until three quarters of the table is taken; past that, each address
+    # still holding nothing gets one: the last quarter is kept for sources holding none.
+    shared = total - total // 4
+    full, partial = divmod(shared - tftp.MAX_SESSIONS_PER_CLIENT, 10)  # 73 addresses get 10, the 74th 4
+    rest = 100 - full - (partial > 0)  # and the 26 after it 1 each
     spread = client_sockets([f"127.0.1.{i}" for i in range(1, 101)], 10)
     admitted, refusals = await asyncio.to_thread(flood, server, spread, "pxelinux.0")
-    assert admitted == total - tftp.MAX_SESSIONS_PER_CLIENT and len(refusals) == CLIENTS - admitted
+    assert admitted == shared - tftp.MAX_SESSIONS_PER_CLIENT + rest and len(refusals) == CLIENTS - admitted
+    assert tftp_server.sessions == shared + rest < total
+    # So it takes new addresses to fill the table: 300 of them, one request each; up to the hard cap.
+    fresh = client_sockets([f"127.0.{3 + i // 200}.{1 + i % 200}" for i in range(300)], 1)
+    admitted, refusals = await asyncio.to_thread(flood, server, fresh, "pxelinux.0")
+    assert admitted == total - shared - rest and len(refusals) == len(fresh) - admitted
     assert tftp_server.sessions == total
 
     # Full table: HTTP serves as ever, a new TFTP client is told why it is turned away.
@@ -121,7 +132,7 @@ async def _flood_and_recover(app: App) -> None:
     # Nobody ACKs: every session ends after its retries (timeout * (retries + 1) = 6 s), nothing leaks.
     deadline = tftp_server.timeout * (tftp_server.retries + 1) + 5
     await eventually(lambda: tftp_server.sessions == 0, timeout=deadline)
-    for sock in burst + spread + late:
+    for sock in burst + spread + fresh + late:
         sock.close()
     # Not above the baseline: no socket or file of the flood leaked (fewer is fine: the test process
     # itself may close something meanwhile).
