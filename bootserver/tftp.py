@@ -19,6 +19,26 @@ an unconnected socket, so a vanished client is noticed by the retransmission tim
 
 tftpy is used to decode requests (wrapped: it raises many exception types on bad input) and to
 encode OACK. ERROR and DATA are encoded here: see `error_packet` and `_DATA_HEADER` for why.
+
+The boot network is not trusted: anything on it can send requests from many source addresses, and
+can forge the source address of a request. Two rules follow.
+
+Admission keeps room for sources that hold no transfer. A source (IP address) may hold at most
+`max_sessions_per_client` transfers; the table holds at most `max_sessions`; and a source that already
+holds a transfer may not start another once the table holds `max_sessions - new_source_reserve` or
+more. The last `new_source_reserve` places (a quarter of the table by default) are thus only ever
+taken by a source's *first* transfer. Without it, 63 addresses x 16 transfers fill 1,000 places and
+every real machine is told "too many sessions"; with it, filling the table takes at least 47 addresses
+for the 750 shared places plus 250 more, one place each, and until then a booting machine, which
+fetches one file at a time and so holds nothing when it asks, still finds a place.
+
+A transfer whose peer has never been heard from gets one retransmission of its first packet (OACK
+or DATA 1), then is dropped without an ERROR. A forged RRQ sends its answers to the forged address:
+every answer to a peer that never replied is traffic reflected at a victim, so a 22-byte request
+buys at most two datagrams of at most 516 bytes (OACKs are smaller), instead of `retries + 1` of
+them and an ERROR. A peer is heard from once any datagram from its (host, port) reaches the
+transfer's socket: only a host that received our first packet knows that socket's port. From then
+on the usual `retries` apply, and a transfer that times out tells the client why.
 """
 
 from __future__ import annotations
@@ -60,8 +80,8 @@ MIN_BLKSIZE, MAX_BLKSIZE = 8, 65464  # RFC 2348
 MAX_WINDOWSIZE = 65535  # RFC 7440
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 255  # RFC 2349
 # Larger timeout options are ignored (RFC 2349 lets a server ignore, not change, the value): a transfer
-# nobody ACKs holds its socket and file timeout * (retries + 1) seconds, which 255 would make 25 minutes
-# (found by fuzz/run). Boot ROMs ask 1-4 s, when they ask at all.
+# whose client stops ACKing holds its socket and file timeout * (retries + 1) seconds, which 255 would
+# make 25 minutes (found by fuzz/run). Boot ROMs ask 1-4 s, when they ask at all.
 MAX_ACCEPTED_TIMEOUT = 5
 MAX_REQUEST = 512  # RFC 2347: a request, options included, fits in 512 octets
 # Bytes of headers around a TFTP data block: IP + UDP + 4 bytes of TFTP header.
@@ -79,10 +99,16 @@ RECV_SIZE = 1024
 SWEEP_INTERVAL = 0.1
 # Transfers at once, in all and per client address. A firmware or iPXE fetches one file at a time (a PXE
 # ROM's tsize probe ends at once), so 16 leaves room for a few machines behind one NAT; 1,000 in all is
-# well above a rack booting together. A client that never ACKs holds its session timeout * (retries + 1)
-# seconds (6 s by default), so 1,000 abandoned requests cost 6 s of a full table, not a leak.
+# well above a rack booting together. A client that never answers holds its session timeout * 2 seconds
+# (its first packet and one retransmission: 2 s by default), so 1,000 abandoned or forged requests cost
+# 2 s of a full table, not a leak.
 MAX_SESSIONS = 1000
 MAX_SESSIONS_PER_CLIENT = 16
+# The share of the table kept for sources that hold no transfer (see the module docstring): a quarter,
+# so that sources that already hold transfers can never take more than three quarters of it.
+NEW_SOURCE_RESERVE_FRACTION = 4  # reserve = max_sessions // this
+# Retransmissions of the first packet to a peer never heard from (see the module docstring).
+UNANSWERED_RETRIES = 1
 LISTEN_BUFFER = 1 << 20  # bytes of receive buffer asked for the listening socket
 # File descriptors a transfer holds: its socket, and the open file unless the payload is in memory.
 FDS_PER_SESSION = 2
@@ -288,6 +314,7 @@ class _Session:
         self._next = 1  # next block of the current window to send
         self._window_end = 0
         self._attempts = 0  # timeouts since the last progress
+        self._heard = False  # a datagram came from the peer's TID: it is not a forged source
         self.deadline: float | None = None  # loop time at which to retransmit; the server's sweep checks it
         self._blocked = False  # the socket's send buffer is full: wait until it is writable
         self._pump_pending = False
@@ -339,7 +366,9 @@ class _Session:
     def _on_datagram(self, data: bytes, addr: SockAddr) -> None:
         if (addr[0], addr[1]) != self.peer:
             self._stray(data, addr)
-        elif len(data) < 4:
+            return
+        self._heard = True
+        if len(data) < 4:
             log.debug("tftp %s:%d: ignored %d-byte datagram", *self.peer, len(data))
         else:
             opcode, number = _DATA_HEADER.unpack_from(data)
@@ -432,8 +461,12 @@ class _Session:
     def on_deadline(self) -> None:
         self.deadline = None
         self._attempts += 1
-        retries = self._server.retries
-        if self._attempts > retries:
+        retries = self._server.retries if self._heard else min(self._server.retries, UNANSWERED_RETRIES)
+        if self._attempts > retries and not self._heard:
+            # Maybe a forged source: an ERROR would be one more datagram at someone who never asked.
+            log.info("tftp %s:%d: %r never answered, dropped after %d retries", *self.peer, self.filename, retries)
+            self.finish(f"never answered: dropped after {retries} retries")
+        elif self._attempts > retries:
             log.info("tftp %s:%d: %r timed out after %d retries", *self.peer, self.filename, retries)
             self._fail(ERR_UNDEFINED, "timed out", f"timed out after {retries} retries")
         elif self._acked < 0:
@@ -492,13 +525,21 @@ class TftpServer:
 
     def __init__(self, resolve: Callable[[str, Address], Payload], on_done: Callable[[Transfer], None], *,
                  timeout: float = 1.0, retries: int = 5, max_sessions: int = MAX_SESSIONS,
-                 max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT) -> None:
+                 max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT,
+                 new_source_reserve: int | None = None) -> None:
+        """`new_source_reserve`: places of the table only a source holding no transfer may take (see the
+        module docstring); None for a quarter of `max_sessions`."""
+        if new_source_reserve is None:
+            new_source_reserve = max_sessions // NEW_SOURCE_RESERVE_FRACTION
+        if not 0 <= new_source_reserve < max_sessions:
+            raise ValueError(f"new_source_reserve {new_source_reserve} is not in [0, max_sessions {max_sessions})")
         self._resolve = resolve
         self._on_done = on_done
         self.timeout = timeout
         self.retries = retries
         self._max_sessions = max_sessions
         self._max_per_client = max_sessions_per_client
+        self._new_source_reserve = new_source_reserve
         self._transport: asyncio.DatagramTransport | None = None
         self._family = socket.AF_INET
         self._sessions: dict[Address, _Session] = {}
@@ -562,10 +603,18 @@ class TftpServer:
         elif peer in self._sessions:
             # Same host and port: the client's TID, so a retransmitted RRQ of a running transfer.
             log.debug("tftp %s:%d: ignored duplicate request for %r", *peer, request.filename)
-        elif len(self._sessions) >= self._max_sessions or self._per_host[peer[0]] >= self._max_per_client:
+        elif not self._has_room(peer[0]):
             self._refuse(sockaddr, request, started, ERR_UNDEFINED, "too many sessions", "too many sessions")
         else:
             self._admit(sockaddr, request, started)
+
+    def _has_room(self, host: str) -> bool:
+        """Whether `host` may start one more transfer now (the policy is in the module docstring)."""
+        held, running = self._per_host.get(host, 0), len(self._sessions)
+        if held >= self._max_per_client or running >= self._max_sessions:
+            return False
+        # A source already served may not eat into the reserve kept for sources holding nothing.
+        return held == 0 or running < self._max_sessions - self._new_source_reserve
 
     def _admit(self, sockaddr: SockAddr, request: Request, started: float) -> None:
         peer: Address = (sockaddr[0], sockaddr[1])

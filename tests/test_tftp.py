@@ -500,40 +500,94 @@ async def test_packet_from_wrong_tid_gets_error_5_and_transfer_continues(env: En
     assert transfer.error is None
 
 
-async def test_client_that_never_acks_times_out(make_env: ServerFactory) -> None:
-    env = await make_env(timeout=0.2, retries=2)
+def collect(client: RawClient, silence: float) -> list[Packet]:
+    """Every datagram that reaches `client` until none arrives for `silence` seconds."""
+    packets = []
+    while (packet := client.recv_or_none(silence)) is not None:
+        packets.append(packet)
+    return packets
 
-    def scenario(client: RawClient) -> list[Packet]:
-        client.send(rrq("kernel"))
-        packets = [client.recv()]
-        while packets[-1].opcode == DATA:
-            packets.append(client.recv())
-        return packets
 
+@pytest.mark.parametrize(("options", "first"), [({}, (DATA, 1)), ({"blksize": 1400, "tsize": 0}, (OACK, 0))],
+                         ids=["data", "oack"])
+async def test_finding_12_unanswered_request_gets_one_retransmission_then_silence(
+        make_env: ServerFactory, options: dict[str, object], first: tuple[int, int]) -> None:
+    """Finding 12 (trust on the boot network): an RRQ with a forged source address sends our answers to
+    a victim. A peer never heard from gets its first packet and one retransmission, then nothing: no
+    more retries (5 here), no ERROR. With every retry, this request would have brought back 7."""
+    env = await make_env(timeout=0.2, retries=5)
     client = RawClient(env.addr)
     try:
-        packets = await asyncio.to_thread(scenario, client)
+        client.send(rrq("kernel", **options))
+        # 1 s of silence is five timeouts: longer than any gap between retransmissions.
+        packets = await asyncio.to_thread(collect, client, 1.0)
+        [transfer] = await env.wait_done()
+        assert await asyncio.to_thread(client.recv_or_none, 0.5) is None  # and nothing after the end
     finally:
         client.close()
-    # The first DATA 1, two retransmissions, then an ERROR telling the client why.
-    assert [(p.opcode, p.number) for p in packets] == [(DATA, 1)] * 3 + [(ERROR, 0)]
-    [transfer] = await env.wait_done()
-    assert transfer.error == "timed out after 2 retries"
+    assert [(p.opcode, p.number) for p in packets] == [first] * 2
+    assert transfer.error == "never answered: dropped after 1 retries"
     assert transfer.bytes_sent == 0 and transfer.payload is not None
 
 
-async def test_unacknowledged_oack_is_retransmitted(make_env: ServerFactory) -> None:
-    env = await make_env(timeout=0.2, retries=1)
+@pytest.mark.parametrize(("options", "answer", "resent"), [({}, ack(1), (DATA, 2)),
+                                                           ({"tsize": 0}, ack(0), (DATA, 1))],
+                         ids=["data", "oack"])
+async def test_client_that_stops_acking_gets_every_retry_then_an_error(
+        make_env: ServerFactory, options: dict[str, object], answer: bytes, resent: tuple[int, int]) -> None:
+    """Once the client has ACKed (its first block, or the OACK), it gets the usual retries and is told
+    why the transfer ends."""
+    env = await make_env(timeout=0.2, retries=2)
     client = RawClient(env.addr)
     try:
-        client.send(rrq("kernel", tsize=0))
+        client.send(rrq("kernel", **options))
         first = await asyncio.to_thread(client.recv)
-        again = await asyncio.to_thread(client.recv)
+        client.send(answer, first.addr)
+        packets = await asyncio.to_thread(collect, client, 1.0)
     finally:
         client.close()
-    assert first.opcode == again.opcode == OACK
+    # The next block, two retransmissions, then an ERROR telling the client why.
+    assert [(p.opcode, p.number) for p in packets] == [resent] * 3 + [(ERROR, 0)]
     [transfer] = await env.wait_done()
-    assert transfer.error == "timed out after 1 retries"
+    assert transfer.error == "timed out after 2 retries"
+    assert transfer.payload is not None
+
+
+async def test_any_datagram_from_the_peer_tid_counts_as_an_answer(make_env: ServerFactory) -> None:
+    """Finding 12: only a peer that received our first packet knows the transfer's port, so anything it
+    sends there (here a datagram too short to mean anything) proves its address is not forged."""
+    env = await make_env(timeout=0.2, retries=2)
+    client = RawClient(env.addr)
+    try:
+        client.send(rrq("kernel"))
+        first = await asyncio.to_thread(client.recv)
+        client.send(b"\0", first.addr)
+        packets = await asyncio.to_thread(collect, client, 1.0)
+    finally:
+        client.close()
+    assert [(p.opcode, p.number) for p in packets] == [(DATA, 1)] * 2 + [(ERROR, 0)]
+    [transfer] = await env.wait_done()
+    assert transfer.error == "timed out after 2 retries"
+
+
+async def test_finding_12_another_port_of_the_peer_host_is_no_answer(make_env: ServerFactory) -> None:
+    """Finding 12: a datagram from the peer's host but another port (not its TID) gets ERROR 5 and does
+    not count as the peer answering: the transfer is still dropped after one retransmission."""
+    env = await make_env(timeout=0.2, retries=5)
+    client, stray = RawClient(env.addr), RawClient(env.addr)
+    try:
+        client.send(rrq("kernel"))
+        first = await asyncio.to_thread(client.recv)
+        stray.send(ack(1), first.addr)
+        unknown = await asyncio.to_thread(stray.recv)
+        packets = await asyncio.to_thread(collect, client, 1.0)
+    finally:
+        client.close()
+        stray.close()
+    assert (unknown.opcode, unknown.number) == (ERROR, 5)
+    assert [(p.opcode, p.number) for p in [first, *packets]] == [(DATA, 1)] * 2
+    [transfer] = await env.wait_done()
+    assert transfer.error == "never answered: dropped after 1 retries"
 
 
 async def test_client_error_aborts_quietly(env: Env) -> None:
@@ -702,6 +756,54 @@ async def test_session_caps_total_and_per_client(make_env: ServerFactory) -> Non
             client.close()
     refused = [t for t in env.done if t.error == "too many sessions"]
     assert len(refused) == 2 and all(t.payload is None for t in refused)
+
+
+async def test_finding_12_table_filled_by_few_sources_still_admits_a_new_source(make_env: ServerFactory) -> None:
+    """Finding 12 (trust on the boot network): sources that already hold transfers cannot fill the
+    table; the last `new_source_reserve` places go only to a source's first transfer, up to the hard cap.
+    With a plain total cap, four sources at their per-source cap would fill this table of 8."""
+    env = await make_env(timeout=5.0, max_sessions=8, max_sessions_per_client=2, new_source_reserve=2)
+    sources = [f"127.0.0.{i}" for i in range(2, 8)]  # 127.0.0.2-5 flood, .6 and .7 arrive late
+    clients: list[RawClient] = []
+
+    async def ask(host: str) -> Packet:
+        client = RawClient(env.addr, host)
+        clients.append(client)
+        client.send(rrq("kernel"))
+        return await asyncio.to_thread(client.recv)
+
+    too_many = (ERROR, 0, b"too many sessions\0")
+    try:
+        # The per-source cap: a third transfer from one address is refused while the table is nearly empty.
+        assert [(await ask(sources[0])).opcode for _ in range(3)] == [DATA, DATA, ERROR]
+        assert env.server.sessions == 2
+        # Three more sources ask for two each, as many as a total cap alone would let fill the table.
+        answers = [(await ask(host)) for host in sources[1:4] for _ in range(2)]
+        # A new source still gets a transfer.
+        late = await ask(sources[4])
+        assert (late.opcode, late.number) == (DATA, 1)
+        assert env.server.sessions == 8  # the hard cap
+        # Because once 8 - 2 = 6 places were held, a source holding one transfer could not take another,
+        # though under its per-source cap: the reserve was left for the new source.
+        assert [p.opcode for p in answers] == [DATA] * 5 + [ERROR]
+        assert (answers[-1].opcode, answers[-1].number, answers[-1].body) == too_many
+        # Past the hard cap nobody is admitted, not even a new source.
+        full = await ask(sources[5])
+        assert (full.opcode, full.number, full.body) == too_many
+    finally:
+        for client in clients:
+            client.close()
+    refused = [t for t in env.done if t.error == "too many sessions"]
+    assert len(refused) == 3 and all(t.payload is None for t in refused)
+
+
+def test_new_source_reserve_must_leave_room() -> None:
+    resolve = make_resolve(Path("/nonexistent"))
+    assert TftpServer(resolve, print, max_sessions=1)._new_source_reserve == 0
+    assert TftpServer(resolve, print)._new_source_reserve == 250  # a quarter of 1,000 by default
+    for reserve in (-1, 10):
+        with pytest.raises(ValueError, match="new_source_reserve"):
+            TftpServer(resolve, print, max_sessions=10, new_source_reserve=reserve)
 
 
 async def test_close_ends_transfers_and_frees_sockets(make_env: ServerFactory) -> None:

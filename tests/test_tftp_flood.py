@@ -1,6 +1,7 @@
 """TFTP under abuse, against the whole server (App, real UDP sockets on loopback): abandoned sessions and
-bursts are capped per client and in total, every session is freed after its retries, file descriptors
-come back to where they were, and a missing TFTP root is reported while everything else serves."""
+bursts are capped per client and in total with a quarter of the table kept for new client addresses,
+every unanswered session is dropped after one retransmission, file descriptors come back to where they
+were, and a missing TFTP root is reported while everything else serves."""
 
 from __future__ import annotations
 
@@ -102,16 +103,29 @@ async def _flood_and_recover(app: App) -> None:
     app.store.record("52:54:00:00:00:01", "script-served", {})  # a MAC that asked for nothing first is not recorded
     gc.collect()  # objects left by earlier tests must not close their files in the middle of this count
     baseline = open_fds()
+    # A request nobody answers holds its place timeout * 2 s (its first packet and one retransmission):
+    # 6 s here rather than 2, so that no place is freed while the floods below run on a loaded machine.
+    tftp_server.timeout = 3.0
 
     # A burst of 1,000 RRQs from one address (1,000 source ports): only the per-client cap is admitted.
     burst = client_sockets(["127.0.0.2"], CLIENTS)
     admitted, refusals = await asyncio.to_thread(flood, server, burst, "boot/52-54-00-00-00-01/vmlinuz")
     assert admitted == tftp.MAX_SESSIONS_PER_CLIENT
     assert set(refusals) == {struct.pack("!HH", ERROR, 0) + b"too many sessions\0"}
-    # 1,000 more, 10 from each of 100 addresses: admitted until the table is full, the rest refused.
+    # Finding 12 (trust on the boot network): 1,000 more, 10 from each of 100 addresses. Sources that
+    # hold a transfer are admitted until three quarters of the table is taken; past that, each address
+    # still holding nothing gets one: the last quarter is kept for sources holding none.
+    shared = total - total // 4
+    full, partial = divmod(shared - tftp.MAX_SESSIONS_PER_CLIENT, 10)  # 73 addresses get 10, the 74th 4
+    rest = 100 - full - (partial > 0)  # and the 26 after it 1 each
     spread = client_sockets([f"127.0.1.{i}" for i in range(1, 101)], 10)
     admitted, refusals = await asyncio.to_thread(flood, server, spread, "pxelinux.0")
-    assert admitted == total - tftp.MAX_SESSIONS_PER_CLIENT and len(refusals) == CLIENTS - admitted
+    assert admitted == shared - tftp.MAX_SESSIONS_PER_CLIENT + rest and len(refusals) == CLIENTS - admitted
+    assert tftp_server.sessions == shared + rest < total
+    # So it takes new addresses to fill the table: 300 of them, one request each; up to the hard cap.
+    fresh = client_sockets([f"127.0.{3 + i // 200}.{1 + i % 200}" for i in range(300)], 1)
+    admitted, refusals = await asyncio.to_thread(flood, server, fresh, "pxelinux.0")
+    assert admitted == total - shared - rest and len(refusals) == len(fresh) - admitted
     assert tftp_server.sessions == total
 
     # Full table: HTTP serves as ever, a new TFTP client is told why it is turned away.
@@ -119,17 +133,17 @@ async def _flood_and_recover(app: App) -> None:
     late = client_sockets(["127.0.2.1"], 1)
     assert (await asyncio.to_thread(flood, server, late, "pxelinux.0"))[0] == 0
 
-    # Nobody ACKs: every session ends after its retries (timeout * (retries + 1) = 6 s), nothing leaks.
-    deadline = tftp_server.timeout * (tftp_server.retries + 1) + 5
+    # Nobody ACKs: every session is dropped after one retransmission (timeout * 2 = 6 s), nothing leaks.
+    deadline = tftp_server.timeout * (tftp.UNANSWERED_RETRIES + 1) + 5
     await eventually(lambda: tftp_server.sessions == 0, timeout=deadline)
-    for sock in burst + spread + late:
+    for sock in burst + spread + fresh + late:
         sock.close()
     # Not above the baseline: no socket or file of the flood leaked (fewer is fine: the test process
     # itself may close something meanwhile).
     await eventually(lambda: open_fds() <= baseline, timeout=5)
     failed = [e for e in app.store.events("52:54:00:00:00:01") if e.kind == "file-failed"]
     assert len(failed) == tftp.MAX_SESSIONS_PER_CLIENT
-    assert {e.detail["error"] for e in failed} == {f"timed out after {tftp_server.retries} retries"}
+    assert {e.detail["error"] for e in failed} == {f"never answered: dropped after {tftp.UNANSWERED_RETRIES} retries"}
     # And it serves a real client again.
     assert await curl_tftp(f"tftp://127.0.0.1:{server[1]}/pxelinux.0") == 0
 
