@@ -202,7 +202,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for item in (*deploy.files, *deploy.templates):
             print(f"put {item.source} -> {root}{item.dest} (mode {item.mode:04o})")
         if deploy.tls_dir:
-            print(f"issue TLS certificate -> {root}{deploy.tls_dir}/node.crt, node.key, ca.crt")
+            print(f"TLS: node.key made on the node, its CSR signed by our CA -> {root}{deploy.tls_dir}/node.key, "
+                  "node.crt, ca.crt")
         for unit in deploy.units:
             print(f"install unit {unit.source.name}{' and enable it' if unit.enable else ''}")
         if deploy.check:

@@ -11,7 +11,7 @@
     dest = "/etc/raft/raft.toml"
     mode = "0644"
     [profiles.raft.deploy.tls]
-    dir = "/etc/raft/tls"                             # node.crt, node.key (0600), ca.crt
+    dir = "/etc/raft/tls"                             # node.key (0600, made on the node), node.crt, ca.crt
     [[profiles.raft.deploy.units]]
     source = "units/raftd.service"                    # relative to data_dir
     enable = true
@@ -34,8 +34,11 @@ from .errors import BootserverError, ConfigError
 from .tomlcheck import only_keys, table
 
 if TYPE_CHECKING:
-    from .pki import NodeCertificate
+    from .pki import IssuedCertificate
     from .provision import Runner
+
+# Signs a node's certificate request (PEM) with the server's CA, choosing the names itself.
+Sign = Callable[[bytes], "IssuedCertificate"]
 
 # Where unit files go inside the target root, and what the enable symlinks point at.
 UNIT_DIR = "/etc/systemd/system"
@@ -44,6 +47,10 @@ UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target", ".path", ".mount")
 INSTALL_LINKS: dict[str, str | None] = {"WantedBy": ".wants", "RequiredBy": ".requires",
                                         "UpheldBy": ".upholds", "Alias": None}
 STEP = "deploy"
+# `openssl req` insists on a configuration file, and the agent has no /usr/lib/ssl/openssl.cnf: this is
+# all it needs (the subject comes from -subj). printf's format, for the node's shell.
+OPENSSL_REQ_CONFIG = r"[req]\ndistinguished_name = dn\n[dn]\n"
+CSR_BEGIN, CSR_END = "-----BEGIN CERTIFICATE REQUEST-----", "-----END CERTIFICATE REQUEST-----"
 
 @dataclass(frozen=True)
 class DeployFile:
@@ -162,23 +169,56 @@ def _list(raw: dict[str, Any], key: str, where: str) -> list[Any]:
 # --- deploying ---------------------------------------------------------------------------------
 
 async def deploy(runner: Runner, deployment: Deployment, *, target: str, context: dict[str, Any],
-                 certificate: NodeCertificate | None, render: Callable[[Path, dict[str, Any]], str]) -> None:
+                 sign: Sign | None, render: Callable[[Path, dict[str, Any]], str]) -> None:
     """Put `deployment` onto the node under `target` ("/" for a diskless node, "/mnt" for a mounted disk).
 
-    Binaries and config go first and units last, so a unit that starts finds everything it needs."""
+    Binaries and config go first and units last, so a unit that starts finds everything it needs.
+    The TLS key is made on the node; `sign` gets the node's certificate request and returns the certificate."""
     for item in deployment.files:
         await _put_file(runner.sftp, item.source, _under(target, item.dest), item.mode)
     for item in deployment.templates:
         await _put_bytes(runner.sftp, _render(render, item.source, context), _under(target, item.dest), item.mode)
-    if deployment.tls_dir and certificate:
-        tls = _under(target, deployment.tls_dir)
-        await _put_bytes(runner.sftp, certificate.cert_pem, f"{tls}/node.crt", 0o644)
-        await _put_bytes(runner.sftp, certificate.key_pem, f"{tls}/node.key", 0o600)
-        await _put_bytes(runner.sftp, certificate.ca_pem, f"{tls}/ca.crt", 0o644)
+    if deployment.tls_dir and sign is not None:
+        await _deploy_tls(runner, _under(target, deployment.tls_dir), sign)
     if deployment.units:
         await _install_units(runner, deployment.units, target)
     if deployment.check:
         await runner.run(STEP, f"TARGET={shlex.quote(target)} sh -c {shlex.quote(deployment.check)}")
+
+
+async def _deploy_tls(runner: Runner, tls: str, sign: Sign) -> None:
+    """node.key made on the node (it never leaves it), node.crt signed for the request it sends, ca.crt.
+
+    The new key is made beside node.key and renamed into place only once its certificate is signed, so
+    a refused request leaves no key without a certificate."""
+    key, fresh = f"{tls}/node.key", f"{tls}/.node.key.bootserver-tmp"
+    csr = _csr_pem(await runner.run(STEP, _key_and_csr_command(tls, fresh)))
+    try:
+        issued = sign(csr.encode())
+    except BootserverError as exc:
+        await runner.run(STEP, f"rm -f {shlex.quote(fresh)}")
+        raise DeployError(f"TLS certificate for {key}: {exc}") from None
+    await runner.run(STEP, f"mv -f {shlex.quote(fresh)} {shlex.quote(key)}")
+    await _put_bytes(runner.sftp, issued.cert_pem, f"{tls}/node.crt", 0o644)
+    await _put_bytes(runner.sftp, issued.ca_pem, f"{tls}/ca.crt", 0o644)
+
+
+def _key_and_csr_command(tls: str, key: str) -> str:
+    """Shell for the node: an EC P-256 key at `key` (0600 from the start: umask), and its certificate
+    request on stdout. Only the request comes back: the names in it are a placeholder the CA ignores."""
+    return (f"set -e; mkdir -p {shlex.quote(tls)}; umask 077; conf=$(mktemp); trap 'rm -f \"$conf\"' EXIT; "
+            f"printf '{OPENSSL_REQ_CONFIG}' > \"$conf\"; rm -f {shlex.quote(key)}; "
+            f"openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {shlex.quote(key)}; "
+            f"openssl req -new -sha256 -config \"$conf\" -subj /CN=node -key {shlex.quote(key)}")
+
+
+def _csr_pem(stdout: str) -> str:
+    """The PEM request in what `openssl req` printed."""
+    start, end = stdout.find(CSR_BEGIN), stdout.find(CSR_END)
+    if start < 0 or end < start:
+        raise DeployError(f"the node printed no certificate request (expected {CSR_BEGIN}); it printed: "
+                          f"{stdout.strip()[:200]!r}")
+    return stdout[start:end + len(CSR_END)] + "\n"
 
 
 def _under(target: str, path: str) -> str:

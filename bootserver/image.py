@@ -10,9 +10,9 @@ Everything comes from Debian packages fetched with the host's own apt (`apt-get 
 a Debian (or derivative) host with up-to-date apt lists is required:
 
 1. the kernel is the package `linux-image-amd64` currently depends on, plus `busybox-static`,
-   the packages of AGENT_PROGRAMS (dropbear, sftp-server, sfdisk, parted, mke2fs, mkfs.fat, blkid...)
-   and the closure of their library dependencies (libc6 included, so the host's own libraries
-   never matter); the .debs are cached in `cache_dir/debs` and only downloaded again when the
+   the packages of AGENT_PROGRAMS (dropbear, sftp-server, sfdisk, parted, mke2fs, mkfs.fat, blkid,
+   openssl...) and the closure of their library dependencies (libc6 included, so the host's own
+   libraries never matter); the .debs are cached in `cache_dir/debs` and only downloaded again when the
    candidate changes or the cached file fails its SHA256 check;
 2. the initramfs holds busybox (with one symlink per applet), those programs with every shared
    library they need (found by reading their ELF headers with pyelftools: PT_INTERP and
@@ -125,6 +125,9 @@ AGENT_PROGRAMS: dict[str, dict[str, tuple[str, ...]]] = {
     "dosfstools": {"sbin/mkfs.fat": ("mkfs.fat", "mkfs.vfat", "mkdosfs"), "sbin/fsck.fat": ("fsck.fat", "fsck.vfat")},
     # Debian's busybox has no blkid applet; lsblk -J and wipefs are what a provisioner wants too
     "util-linux": {"sbin/blkid": ("blkid",), "sbin/wipefs": ("wipefs",), "bin/lsblk": ("lsblk",)},
+    # the node's TLS key is made on the node (genpkey) and only its request (req) goes to the server.
+    # There is no /usr/lib/ssl/openssl.cnf: the server passes `openssl req` a config of its own.
+    "openssl": {"usr/bin/openssl": ("openssl",)},
 }
 # dropbear's SFTP subsystem: the program, kept at its own path; dropbear runs it by the path
 # compiled into it (SFTPSERVER_PATH, /usr/lib/sftp-server on Debian), a symlink to it here.

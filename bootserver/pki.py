@@ -1,5 +1,8 @@
 """The server's keys: its SSH provisioning key and a small CA that issues node TLS certificates.
 
+The CA signs certificate requests: each node makes its own key pair and sends only the request
+(over the pinned SSH session), so no node's private key is ever made, held or sent by the server.
+
 With the SQLite store all of it lives in one directory (data_dir/keys, mode 0700), created on first
 start (replicas on PostgreSQL keep it in the database instead, encrypted: load_or_create_shared):
 
@@ -25,12 +28,13 @@ import re
 import socket
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,11 +59,27 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
+# Public keys we sign for: what the agent makes (P-256), and P-384. RSA and the rest are refused.
+ACCEPTED_CURVES = ("secp256r1", "secp384r1")
+MAX_CSR_BYTES = 16 * 1024
+
+
 @dataclass(frozen=True)
-class NodeCertificate:
+class IssuedCertificate:
+    """A node certificate signed for a key the node made and kept: there is no private key here."""
+
     cert_pem: bytes
-    key_pem: bytes = field(repr=False)  # PKCS8 PEM, unencrypted (deployed to the node as 0600)
     ca_pem: bytes
+    serial: int
+    sans: tuple[str, ...]  # as put in the certificate: the DNS name, then the IP addresses
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    fingerprint: str  # SHA-256 of the DER certificate, hex
+
+    def event_detail(self) -> dict[str, Any]:
+        """What the `certificate-issued` event records: public facts about the certificate, no key material."""
+        return {"serial": f"{self.serial:x}", "sans": list(self.sans), "not_before": self.not_before.isoformat(),
+                "not_after": self.not_after.isoformat(), "fingerprint_sha256": self.fingerprint}
 
 
 class ServerKeys:
@@ -119,13 +139,18 @@ class ServerKeys:
         """One authorized_keys line: "ssh-ed25519 AAAA... bootserver@<hostname>"."""
         return self.ssh_key.export_public_key("openssh").decode().strip()
 
-    def issue(self, hostname: str, ips: Sequence[str], days: int = 365) -> NodeCertificate:
-        """A new key and a certificate for it, valid for `hostname` and `ips`, for server and client auth."""
+    def sign(self, csr_pem: bytes, hostname: str, ips: Sequence[str], days: int = 365) -> IssuedCertificate:
+        """A certificate for the key in the node's certificate request `csr_pem`, valid for `hostname`
+        and `ips`, for server and client auth.
+
+        The request must be signed by its own key (so the node holds that key) and carry a public key
+        we accept; every name it asks for is ignored: the subject and SANs are ours alone."""
         _check_hostname(hostname)
         addresses = _parse_ips(ips, hostname)
         if days < 1:
             raise BootserverError(f"certificate for {hostname}: validity must be at least 1 day, not {days}")
-        key = ec.generate_private_key(ec.SECP256R1())
+        public_key = _checked_csr(csr_pem, hostname).public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # _checked_csr refuses any other kind
         now = datetime.datetime.now(datetime.UTC)
         # A certificate outliving its CA would fail to verify anyway; end it with the CA instead.
         not_after = min(now + datetime.timedelta(days=days), self._ca_cert.not_valid_after_utc)
@@ -135,7 +160,7 @@ class ServerKeys:
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
             .issuer_name(self._ca_cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
@@ -147,15 +172,47 @@ class ServerKeys:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
             .sign(self._ca_key, hashes.SHA256())
         )
-        return NodeCertificate(
+        return IssuedCertificate(
             cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-            key_pem=_pkcs8(key),
             ca_pem=self.ca_pem,
+            serial=cert.serial_number,
+            sans=(hostname, *(str(a) for a in addresses)),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
         )
+
+
+def _checked_csr(csr_pem: bytes, hostname: str) -> x509.CertificateSigningRequest:
+    """The request in `csr_pem` if it is one, signed by its own key, for a key we accept."""
+    where = f"the certificate request from {hostname}"
+    if not isinstance(csr_pem, bytes):
+        raise BootserverError(f"{where}: expected PEM bytes, not {type(csr_pem).__name__}")
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise BootserverError(f"{where} is {len(csr_pem)} bytes long; a request is at most {MAX_CSR_BYTES}")
+    if b"PRIVATE KEY" in csr_pem:
+        # Never parse, keep or log what the node must keep to itself.
+        raise BootserverError(f"{where} holds a private key, not a certificate request: the key stays on the node")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise BootserverError(f"{where} is not a PEM certificate request ({exc})") from None
+    try:
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise BootserverError(f"{where}: its public key cannot be read ({exc})") from None
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name not in ACCEPTED_CURVES:
+        kind = (f"an EC key on {public_key.curve.name}" if isinstance(public_key, ec.EllipticCurvePublicKey)
+                else f"a {type(public_key).__name__.removeprefix('_')}")
+        raise BootserverError(f"{where} is for {kind}; we sign EC keys on {' or '.join(ACCEPTED_CURVES)} only")
+    if not csr.is_signature_valid:
+        raise BootserverError(f"{where} has a signature that does not verify with its own public key: "
+                              f"corrupted, or made by something that does not hold the key")
+    return csr
 
 
 # --- loading and creating ----------------------------------------------------------------------

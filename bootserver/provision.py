@@ -26,7 +26,7 @@ from . import disk
 from .deploy import Deployment, deploy
 from .disk import DiskLayout
 from .errors import BootserverError
-from .pki import ServerKeys
+from .pki import IssuedCertificate, ServerKeys
 
 TAIL = 2048  # bytes of stdout/stderr kept in events
 MESSAGE_TAIL = 500  # of stderr quoted in an exception message: enough to act on, short enough to read
@@ -184,7 +184,7 @@ async def provision(job: Job, keys: ServerKeys, record: Record, *, render: Rende
             await _step(runner, record, "disk", lambda: _partition(runner, job, target_root))
             target = target_root
         if job.deployment:
-            await _step(runner, record, "deploy", lambda: _deploy(runner, job, keys, target, render))
+            await _step(runner, record, "deploy", lambda: _deploy(runner, job, keys, record, target, render))
         await _step(runner, record, "finish", lambda: _finish(runner, target, reboot))
 
 
@@ -300,11 +300,17 @@ async def _partition(runner: Runner, job: Job, target_root: str) -> None:
         await runner.run("disk", command)
 
 
-async def _deploy(runner: Runner, job: Job, keys: ServerKeys, target: str, render: Render) -> None:
+async def _deploy(runner: Runner, job: Job, keys: ServerKeys, record: Record, target: str, render: Render) -> None:
     assert job.deployment is not None
-    certificate = keys.issue(job.hostname, list(job.ips)) if job.deployment.tls_dir else None
-    await deploy(runner, job.deployment, target=target, context=job.context, certificate=certificate,
-                 render=render)
+    await deploy(runner, job.deployment, target=target, context=job.context,
+                 sign=lambda csr_pem: _sign(keys, record, job, csr_pem), render=render)
+
+
+def _sign(keys: ServerKeys, record: Record, job: Job, csr_pem: bytes) -> IssuedCertificate:
+    """Sign the node's certificate request for the job's names (never the request's), and record it."""
+    issued = keys.sign(csr_pem, job.hostname, list(job.ips))
+    record("certificate-issued", issued.event_detail())
+    return issued
 
 
 async def _finish(runner: Runner, target: str, reboot: bool) -> None:

@@ -6,6 +6,7 @@ browser, the API and the terminal tell the same story. Nothing here knows about 
 
 from __future__ import annotations
 
+import datetime
 import functools
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ OFF_PATH = {"failed": "bad", "interrupted": "bad", "reprovision": "busy", "disco
 # Event kinds that mean something went wrong, or went right, for colouring the timeline.
 BAD_KINDS = {"failed", "interrupted", "step-failed", "file-failed", "refused", "connect-failed",
              "host-key-mismatch", "no-boot", "claim-conflict"}
-GOOD_KINDS = {"deployed", "step-done", "phoned-home"}
+GOOD_KINDS = {"deployed", "step-done", "phoned-home", "certificate-issued"}
 SUMMARY_LENGTH = 200
 
 
@@ -156,6 +157,25 @@ def _step_failed(d: dict[str, Any]) -> str:
     return f"step {d.get('step')} failed: {d.get('error')}"
 
 
+def _certificate(d: dict[str, Any]) -> str:
+    sans = d.get("sans")
+    names = ", ".join(str(n) for n in sans) if isinstance(sans, list) and sans else "none"
+    return f"TLS certificate issued: serial {d.get('serial')}, SANs {names}, expires {expiry(d.get('not_after'))}"
+
+
+def expiry(value: object) -> str:
+    """A certificate's not_after (ISO 8601, as recorded) in UTC to the minute; anything else as it is."""
+    if not isinstance(value, str):
+        return "?"
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if when.tzinfo is not None:
+        when = when.astimezone(datetime.UTC)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _generic(d: dict[str, Any]) -> str:
     """Scalar details as key=value: enough for kinds we do not know yet (dhcp, from another module)."""
     return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None)
@@ -178,6 +198,7 @@ _SUMMARIES = {
     "reprovision-requested": lambda d: "re-provisioning requested: the next boot runs the whole flow",
     "boot-from-disk-requested": lambda d: "boot from disk requested: the next boot boots the local disk",
     "nothing-to-provision": lambda d: f"profile {d.get('profile')} has no disk or deploy section",
+    "certificate-issued": _certificate,
     "connect-failed": lambda d: f"SSH to {d.get('host')}:{d.get('port')} failed: {d.get('error')}",
     "host-key-mismatch": lambda d: f"SSH host key of {d.get('host')}:{d.get('port')} is not the pinned one: "
                                    f"{d.get('error')}",

@@ -28,8 +28,9 @@
   };
   systemd.services.sshd.wantedBy = lib.mkForce [ "multi-user.target" ];
 
-  # What provisioning runs on the node (see bootserver/disk.py), besides coreutils and util-linux.
-  environment.systemPackages = with pkgs; [ parted dosfstools e2fsprogs ];
+  # What provisioning runs on the node (see bootserver/disk.py), besides coreutils and util-linux;
+  # openssl makes the node's TLS key and certificate request on the node (bootserver/deploy.py).
+  environment.systemPackages = with pkgs; [ parted dosfstools e2fsprogs openssl ];
 
   systemd.services.bootserver-phone-home = {
     description = "Report to bootserver: token, address, SSH host key, disks";

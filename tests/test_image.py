@@ -172,7 +172,8 @@ def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Pa
     assert sftp is not None and b"[-d start_directory]" in entries[sftp]["data"], sftp_path
 
     programs = ["dropbear", "dropbearkey", "sfdisk", "parted", "partprobe", "mkfs.ext4", "mke2fs", "e2fsck",
-                "tune2fs", "mkfs.vfat", "mkfs.fat", "mkdosfs", "fsck.vfat", "blkid", "wipefs", "lsblk"]  # fmt: skip
+                "tune2fs", "mkfs.vfat", "mkfs.fat", "mkdosfs", "fsck.vfat", "blkid", "wipefs", "lsblk",
+                "openssl"]  # fmt: skip
     todo = [resolve(entries, f"sbin/{name}") for name in programs] + [sftp]
     for name, path in zip(programs, todo, strict=False):
         assert path is not None and path != "bin/busybox", (name, path)  # the real one, not busybox's
@@ -198,11 +199,56 @@ def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Pa
     libraries = {posixpath.basename(p) for p in checked}
     assert {"libc.so.6", "ld-linux-x86-64.so.2"} <= libraries, sorted(libraries)
     assert any(name.startswith("libtomcrypt.so.") for name in libraries), sorted(libraries)  # dropbear's
+    assert {"libssl.so.3", "libcrypto.so.3"} <= libraries, sorted(libraries)  # openssl's
 
     assert b"[defaults]" in entries["etc/mke2fs.conf"]["data"]
     assert entries["etc/shells"]["data"] == b"/bin/sh\n"
     assert entries["etc/passwd"]["data"].startswith(b"root:x:0:0:root:/root:/bin/sh\n")
     assert entries["root"]["perm"] == 0o700
+
+
+def extract_initramfs(entries: dict[str, dict], root: Path) -> None:
+    """Directories, regular files and symlinks of the archive under root (device nodes left out)."""
+    for path, entry in entries.items():
+        dest = root / path
+        if entry["type"] == stat.S_IFDIR:
+            dest.mkdir(parents=True, exist_ok=True)
+            dest.chmod(entry["perm"])
+        elif entry["type"] == stat.S_IFREG:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(entry["data"])
+            dest.chmod(entry["perm"])
+        elif entry["type"] == stat.S_IFLNK:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(entry["link"])
+
+
+def test_openssl_makes_the_tls_key_and_request_inside_the_agent(agent_image: AgentImage, tmp_path: Path) -> None:
+    """The deploy step's own command, run by the agent's busybox sh and openssl in a chroot of the
+    initramfs: no /usr/lib/ssl, no /proc, nothing of the host's. The key stays, the request verifies."""
+    chroot = shutil.which("chroot")
+    if os.geteuid() != 0 or chroot is None:
+        pytest.skip("needs root and chroot")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from bootserver.deploy import _csr_pem, _key_and_csr_command
+
+    root = tmp_path / "agent"
+    extract_initramfs(read_initramfs(agent_image.initrd), root)
+    assert not (root / "usr/lib/ssl").exists() and not (root / "etc/ssl").exists()
+    command = _key_and_csr_command("/mnt/etc/tls", "/mnt/etc/tls/.node.key.new")
+    result = subprocess.run([chroot, str(root), "/bin/env", "-i", "PATH=/bin", "/bin/sh", "-c", command],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    key_file = root / "mnt/etc/tls/.node.key.new"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    assert key.curve.name == "secp256r1"
+    csr = x509.load_pem_x509_csr(_csr_pem(result.stdout).encode())
+    assert csr.is_signature_valid and csr.public_key() == key.public_key()
+    assert "PRIVATE KEY" not in result.stdout + result.stderr
+    assert not list((root / "tmp").iterdir())  # the config file went
 
 
 def test_agent_scripts_pass_shellcheck() -> None:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
+import inspect
 import ipaddress
+import json
 import socket
 import ssl
 import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bootserver import pki
 from bootserver.errors import BootserverError
@@ -25,9 +31,78 @@ def keys(tmp_path_factory) -> pki.ServerKeys:
     return pki.ServerKeys.load_or_create(tmp_path_factory.mktemp("data") / "keys")
 
 
+@dataclass(frozen=True)
+class Node:
+    """What a node ends up with: the key it made itself, and the certificate the server signed for it."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    issued: pki.IssuedCertificate
+
+
+def node_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def request(key, common_name: str = "node", sans: list[x509.GeneralName] | None = None,
+            extensions: list[x509.ExtensionType] = ()) -> bytes:
+    """A PEM certificate request signed by `key`, as a node (or an impostor) would make it."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=True)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+
+
+def _der_items(data: bytes) -> tuple[bytes, list[bytes]]:
+    """A DER SEQUENCE's tag byte and its items (each a whole TLV)."""
+    def tlv(at: int) -> int:  # where the TLV starting at `at` ends
+        length, at = data[at + 1], at + 2
+        if length & 0x80:
+            count = length & 0x7F
+            length, at = int.from_bytes(data[at:at + count]), at + count
+        return at + length
+
+    end, at, items = tlv(0), 2 + (data[1] & 0x7F if data[1] & 0x80 else 0), []
+    while at < end:
+        items.append(data[at:tlv(at)])
+        at = tlv(at)
+    return data[:1], items
+
+
+def _der_sequence(tag: bytes, items: list[bytes]) -> bytes:
+    body = b"".join(items)
+    size = len(body)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes(
+        (size.bit_length() + 7) // 8)
+    return tag + length + body
+
+
+def forged_request(key: ec.EllipticCurvePrivateKey | None = None) -> bytes:
+    """A request for `key` whose signature was made by another key: what the CA must refuse."""
+    key = key or node_key()
+    mine = x509.load_pem_x509_csr(request(key)).public_bytes(serialization.Encoding.DER)
+    theirs = x509.load_pem_x509_csr(request(node_key())).public_bytes(serialization.Encoding.DER)
+    tag, (info, algorithm, _) = _der_items(mine)
+    _, (_, _, signature) = _der_items(theirs)
+    der = _der_sequence(tag, [info, algorithm, signature])
+    csr = x509.load_der_x509_csr(der)  # still a well-formed request...
+    assert not csr.is_signature_valid  # ...that does not verify
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+IPS = ["127.0.0.1", "192.0.2.7", "2001:db8::7"]
+
+
 @pytest.fixture(scope="module")
-def node(keys: pki.ServerKeys) -> pki.NodeCertificate:
-    return keys.issue("node1.example", ["127.0.0.1", "192.0.2.7", "2001:db8::7"])
+def node(keys: pki.ServerKeys) -> Node:
+    key = node_key()
+    issued = keys.sign(request(key), "node1.example", IPS)
+    return Node(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()), issued.cert_pem, issued)
 
 
 def _mode(path: Path) -> int:
@@ -106,12 +181,11 @@ def test_issued_certificate(keys, node):
     cert = x509.load_pem_x509_certificate(node.cert_pem)
     ca = x509.load_pem_x509_certificate(keys.ca_pem)
     cert.verify_directly_issued_by(ca)
-    assert node.ca_pem == keys.ca_pem
+    assert node.issued.ca_pem == keys.ca_pem
+    assert cert.subject.rfc4514_string() == "CN=node1.example"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["node1.example"]
-    assert san.get_values_for_type(x509.IPAddress) == [
-        ipaddress.ip_address(a) for a in ("127.0.0.1", "192.0.2.7", "2001:db8::7")
-    ]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(a) for a in IPS]
     constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
     assert constraints.critical and not constraints.value.ca
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
@@ -122,21 +196,62 @@ def test_issued_certificate(keys, node):
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
-    assert node.key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS8, unencrypted
-    assert "key_pem" not in repr(node)
 
 
-def test_each_issue_has_its_own_key_and_serial(keys, node):
-    other = keys.issue("node1.example", ["127.0.0.1"])
-    assert other.key_pem != node.key_pem
+def test_certificate_is_for_the_key_in_the_request_and_holds_no_private_key(node):
+    cert = x509.load_pem_x509_certificate(node.cert_pem)
+    node_public = serialization.load_pem_private_key(node.key_pem, None).public_key()
+    assert cert.public_key() == node_public  # the node's own key, not one the server made
+    # What signing returns has nowhere to carry a private key, and carries none.
+    assert not [f.name for f in dataclasses.fields(pki.IssuedCertificate) if "key" in f.name]
+    assert b"PRIVATE KEY" not in repr(node.issued).encode() + node.issued.cert_pem + node.issued.ca_pem
+
+
+def test_the_server_cannot_make_a_node_key():
+    """Signing needs a request: there is no path that makes a key pair for a node on the server."""
+    assert not hasattr(pki.ServerKeys, "issue") and not hasattr(pki, "NodeCertificate")
+    assert list(inspect.signature(pki.ServerKeys.sign).parameters)[:4] == ["self", "csr_pem", "hostname", "ips"]
+
+
+def test_issued_facts_match_the_certificate(node):
+    cert = x509.load_pem_x509_certificate(node.cert_pem)
+    issued = node.issued
+    assert issued.serial == cert.serial_number
+    assert issued.sans == ("node1.example", *IPS)
+    assert issued.not_after == cert.not_valid_after_utc and issued.not_before == cert.not_valid_before_utc
+    assert issued.fingerprint == cert.fingerprint(hashes.SHA256()).hex()
+    detail = issued.event_detail()
+    assert detail == {"serial": f"{cert.serial_number:x}", "sans": ["node1.example", *IPS],
+                      "not_before": cert.not_valid_before_utc.isoformat(),
+                      "not_after": cert.not_valid_after_utc.isoformat(),
+                      "fingerprint_sha256": issued.fingerprint}
+    assert datetime.datetime.fromisoformat(detail["not_after"]) == cert.not_valid_after_utc
+    assert json.loads(json.dumps(detail)) == detail  # storable as an event
+
+
+def test_names_in_the_request_are_ignored(keys):
+    """A node (or whoever answers at its address) asks for another host's names, and a CA: it gets ours."""
+    asked = request(node_key(), common_name="other.example",
+                    sans=[x509.DNSName("other.example"), x509.DNSName("*.example"),
+                          x509.IPAddress(ipaddress.ip_address("10.9.9.9"))],
+                    extensions=[x509.BasicConstraints(ca=True, path_length=None)])
+    cert = x509.load_pem_x509_certificate(keys.sign(asked, "node1", ["127.0.0.1"]).cert_pem)
+    assert cert.subject.rfc4514_string() == "CN=node1"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in san] == ["node1", "127.0.0.1"]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert "other.example" not in cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_each_signing_has_its_own_serial(keys, node):
+    other = keys.sign(request(node_key()), "node1.example", ["127.0.0.1"])
     first, second = (x509.load_pem_x509_certificate(n.cert_pem) for n in (node, other))
     assert first.serial_number != second.serial_number
+    assert first.public_key() != second.public_key()
 
 
 def test_certificate_starts_in_the_past_and_ends_with_the_ca(keys):
-    import datetime
-
-    cert = x509.load_pem_x509_certificate(keys.issue("n", [], days=100_000).cert_pem)
+    cert = x509.load_pem_x509_certificate(keys.sign(request(node_key()), "n", [], days=100_000).cert_pem)
     ca = x509.load_pem_x509_certificate(keys.ca_pem)
     assert cert.not_valid_before_utc < datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
     assert cert.not_valid_after_utc <= ca.not_valid_after_utc
@@ -152,7 +267,44 @@ def test_certificate_starts_in_the_past_and_ends_with_the_ca(keys):
 ])
 def test_bad_input_is_refused(keys, hostname, ips, message):
     with pytest.raises(BootserverError, match=message):
-        keys.issue(hostname, ips)
+        keys.sign(request(node_key()), hostname, ips)
+
+
+def test_request_with_a_bad_signature_is_refused(keys):
+    with pytest.raises(BootserverError, match="signature that does not verify with its own public key"):
+        keys.sign(forged_request(), "node1", ["127.0.0.1"])
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    (lambda: rsa.generate_private_key(65537, 2048), "is for a RSAPublicKey; we sign EC keys on secp256r1 or secp384r1"),
+    (lambda: ec.generate_private_key(ec.SECP521R1()), "is for an EC key on secp521r1"),
+    (ed25519.Ed25519PrivateKey.generate, "is for a Ed25519PublicKey"),
+])
+def test_request_for_a_key_we_do_not_accept_is_refused(keys, key, message):
+    with pytest.raises(BootserverError, match=message):
+        keys.sign(request(key()), "node1", ["127.0.0.1"])
+
+
+def test_p384_requests_are_signed(keys):
+    cert = x509.load_pem_x509_certificate(keys.sign(request(ec.generate_private_key(ec.SECP384R1())), "n", []).cert_pem)
+    assert cert.public_key().curve.name == "secp384r1"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"-----BEGIN PRIVATE KEY-----\nMIGHAgEA\n-----END PRIVATE KEY-----\n", "holds a private key"),
+    (b"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n", "holds a private key"),
+    (b"garbage", "not a PEM certificate request"),
+    (b"x" * (pki.MAX_CSR_BYTES + 1), "at most 16384"),
+    ("a string", "expected PEM bytes"),
+])
+def test_signing_takes_nothing_but_a_request(keys, data, message):
+    with pytest.raises(BootserverError, match=message):
+        keys.sign(data, "node1", ["127.0.0.1"])
+
+
+def test_a_certificate_is_not_a_request(keys, node):
+    with pytest.raises(BootserverError, match="not a PEM certificate request"):
+        keys.sign(node.cert_pem, "node1", ["127.0.0.1"])
 
 
 # --- a real TLS handshake ----------------------------------------------------------------------
@@ -163,7 +315,7 @@ def _write(tmp_path: Path, name: str, data: bytes) -> str:
     return str(path)
 
 
-def _handshake(tmp_path: Path, node: pki.NodeCertificate, ca_pem: bytes, server_hostname: str) -> str:
+def _handshake(tmp_path: Path, node: Node, ca_pem: bytes, server_hostname: str) -> str:
     """A TLS 1.2+ server with the node's certificate, and a client trusting only `ca_pem`.
 
     Returns what the server read from the client; raises the client's ssl.SSLError on failure.

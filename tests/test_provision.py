@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,8 +18,10 @@ import asyncssh
 import jinja2
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from sshd import TestSSHServer, ssh_server
+from test_pki import forged_request
 
 from bootserver import deploy as deploy_module
 from bootserver.deploy import DeployError, DeployFile, Deployment, Unit, deploy, deployment_from_toml
@@ -99,10 +102,9 @@ async def test_deploy_files_templates_tls_units_and_check(sshd, keys, data_dir, 
         check='test -x "$TARGET/usr/local/bin/raftd" && echo "$TARGET" > "$TARGET/checked"',
     )
     events = Events()
-    certificate = keys.issue("node1", ["127.0.0.1"])
     async with session(access(sshd), keys, events) as runner:
         await deploy(runner, deployment, target=str(target), context={"hostname": "node1", "peers": ["a", "b"]},
-                     certificate=certificate, render=render)
+                     sign=lambda csr: keys.sign(csr, "node1", ["127.0.0.1"]), render=render)
 
     binary = target / "usr/local/bin/raftd"
     assert binary.read_bytes() == (data_dir / "files/raftd").read_bytes()
@@ -116,6 +118,7 @@ async def test_deploy_files_templates_tls_units_and_check(sshd, keys, data_dir, 
     assert {p.name: _mode(p) for p in tls.iterdir()} == {"node.crt": 0o644, "node.key": 0o600, "ca.crt": 0o644}
     assert (tls / "ca.crt").read_bytes() == keys.ca_pem
     _assert_chains(tls / "node.crt", keys.ca_pem)
+    assert _public_key(tls / "node.key") == _certificate(tls / "node.crt").public_key()
 
     system = target / "etc/systemd/system"
     assert (system / "raftd.service").read_bytes() == (data_dir / "units/raftd.service").read_bytes()
@@ -136,7 +139,7 @@ async def test_deploy_twice_replaces_everything(sshd, keys, data_dir, tmp_path):
                             units=(Unit(data_dir / "units/raftd.service"),))
     async with session(access(sshd), keys, Events()) as runner:
         for _ in range(2):
-            await deploy(runner, deployment, target=target, context={}, certificate=None, render=render)
+            await deploy(runner, deployment, target=target, context={}, sign=None, render=render)
     assert _mode(tmp_path / "mnt/bin/raftd") == 0o700
 
 
@@ -144,8 +147,7 @@ async def test_unit_without_install_section_cannot_be_enabled(sshd, keys, data_d
     deployment = Deployment(units=(Unit(data_dir / "units/helper.service", enable=True),))
     async with session(access(sshd), keys, Events()) as runner:
         with pytest.raises(DeployError, match=r"helper\.service has enable = true but no WantedBy=.*\[Install\]"):
-            await deploy(runner, deployment, target=str(tmp_path / "mnt"), context={}, certificate=None,
-                         render=render)
+            await deploy(runner, deployment, target=str(tmp_path / "mnt"), context={}, sign=None, render=render)
 
 
 async def test_undefined_template_variable_fails_the_step_naming_both(sshd, keys, data_dir, tmp_path):
@@ -188,6 +190,152 @@ async def test_units_on_a_running_system_are_enabled_by_its_systemd(data_dir):
     await deploy_module._enable_live(runner, units)  # type: ignore[arg-type]
     assert runner.commands == ["systemctl daemon-reload", "systemctl enable --now raftd.service",
                                "systemctl is-active raftd.service"]
+
+
+# --- TLS: the key is made on the node, the server signs its request ------------------------------
+
+@pytest.fixture
+def no_server_keygen(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Key generation refused to bootserver's own code (asyncssh's key exchange may still make its
+    ephemeral keys); returns where anything in bootserver tried."""
+    tried: list[str] = []
+
+    def guard(original: Any, name: str) -> Any:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("bootserver"):
+                tried.append(f"{caller}: {name}")
+                raise AssertionError(f"{caller} made a key pair ({name}) during provisioning")
+            return original(*args, **kwargs)
+        return generate
+
+    monkeypatch.setattr(ec, "generate_private_key", guard(ec.generate_private_key, "ec"))
+    monkeypatch.setattr(rsa, "generate_private_key", guard(rsa.generate_private_key, "rsa"))
+    for cls in (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey):
+        monkeypatch.setattr(cls, "generate", staticmethod(guard(cls.generate, cls.__name__)))
+    return tried
+
+
+@pytest.fixture
+def sftp_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path the server opens over SFTP."""
+    paths: list[str] = []
+    original = asyncssh.SFTPClient.open
+
+    def spy(self: asyncssh.SFTPClient, path: Any, *args: Any, **kwargs: Any) -> Any:
+        paths.append(path.decode() if isinstance(path, bytes) else str(path))
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(asyncssh.SFTPClient, "open", spy)
+    return paths
+
+
+def fake_openssl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, req: str) -> None:
+    """Put an `openssl` first on the PATH of the node's commands (the test sshd runs them with ours):
+    the real one, except that `openssl req ...` runs `req` (shell) instead, with "$@" the arguments."""
+    real = shutil.which("openssl")
+    assert real is not None, "the tests need Debian's openssl on the host"
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    script = bin_dir / "openssl"
+    script.write_text(f'#!/bin/sh\nOPENSSL={real}\nif [ "$1" = req ]; then\n{req}\nfi\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+async def test_tls_key_is_made_on_the_node_and_only_its_certificate_comes_back(
+        sshd, keys, tmp_path, no_server_keygen, sftp_opens, monkeypatch):
+    # No openssl configuration at all, as on the agent (which has no /usr/lib/ssl).
+    monkeypatch.setenv("OPENSSL_CONF", str(tmp_path / "no-such-openssl.cnf"))
+    tls = tmp_path / "node/etc/raft/tls"
+    events = Events()
+    await provision(job(sshd, deployment=Deployment(tls_dir=str(tls))), keys, events, render=render, reboot=False)
+
+    assert events.kinds() == ["step-started", "command", "certificate-issued", "command", "step-done",
+                              "step-started", "command", "step-done"]
+    assert {p.name: _mode(p) for p in tls.iterdir()} == {"node.crt": 0o644, "node.key": 0o600, "ca.crt": 0o644}
+    key = serialization.load_pem_private_key((tls / "node.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    cert = _certificate(tls / "node.crt")
+    assert cert.public_key() == key.public_key()  # certified: the key the node made
+    _assert_chains(tls / "node.crt", keys.ca_pem)
+
+    # The server never had the key: it made none, read none over SFTP, and none came back on any channel.
+    assert no_server_keygen == []
+    assert not [p for p in sftp_opens if p.endswith("node.key") or "node.key." in p], sftp_opens
+    assert "openssl genpkey" in events.of("command")[0]["command"]
+    key_text = (tls / "node.key").read_text()
+    everything = json.dumps(list(events)) + "".join(sshd.commands)
+    assert "PRIVATE KEY" not in everything and key_text.splitlines()[1] not in everything
+
+    (issued,) = events.of("certificate-issued")
+    assert issued == {"serial": f"{cert.serial_number:x}", "sans": ["node1", "127.0.0.1"],
+                      "not_before": cert.not_valid_before_utc.isoformat(),
+                      "not_after": cert.not_valid_after_utc.isoformat(),
+                      "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex()}
+
+
+async def test_a_new_key_every_time(sshd, keys, tmp_path):
+    tls = tmp_path / "node/tls"
+    deployment = Deployment(tls_dir=str(tls))
+    first = None
+    for _ in range(2):
+        await provision(job(sshd, deployment=deployment), keys, Events(), render=render, reboot=False)
+        key = (tls / "node.key").read_bytes()
+        assert key != first and _mode(tls / "node.key") == 0o600
+        assert _public_key(tls / "node.key") == _certificate(tls / "node.crt").public_key()
+        first = key
+
+
+async def test_names_the_node_asks_for_are_not_certified(sshd, keys, tmp_path, monkeypatch):
+    """A node asking for another host's name and address gets a certificate for its own, chosen by the server."""
+    fake_openssl(tmp_path, monkeypatch, 'exec "$OPENSSL" "$@" -subj /CN=other.example '
+                                        '-addext "subjectAltName=DNS:other.example,IP:10.9.9.9"')
+    tls = tmp_path / "node/tls"
+    events = Events()
+    await provision(job(sshd, deployment=Deployment(tls_dir=str(tls))), keys, events, render=render, reboot=False)
+
+    asked = x509.load_pem_x509_csr(events.of("command")[0]["stdout_tail"].encode())  # what the node sent
+    assert asked.subject.rfc4514_string() == "CN=other.example"
+    asked_san = asked.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert asked_san.get_values_for_type(x509.DNSName) == ["other.example"]
+    cert = _certificate(tls / "node.crt")
+    assert cert.subject.rfc4514_string() == "CN=node1"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(name.value) for name in san] == ["node1", "127.0.0.1"]
+    assert events.of("certificate-issued")[0]["sans"] == ["node1", "127.0.0.1"]
+
+
+async def test_request_with_a_bad_signature_fails_the_step(sshd, keys, tmp_path, monkeypatch):
+    forged = tmp_path / "forged.csr"
+    forged.write_bytes(forged_request())
+    fake_openssl(tmp_path, monkeypatch, f"cat {forged}; exit 0")
+    tls = tmp_path / "node/tls"
+    events = Events()
+    with pytest.raises(StepFailed) as failed:
+        await provision(job(sshd, deployment=Deployment(tls_dir=str(tls))), keys, events, render=render,
+                        reboot=False)
+    assert failed.value.step == "deploy"
+    assert "certificate request from node1 has a signature that does not verify" in str(failed.value)
+    assert str(failed.value).startswith("deploy: TLS certificate for ")
+    assert "certificate-issued" not in events.kinds()
+    assert events.kinds()[-1] == "step-failed"
+    assert list(tls.iterdir()) == []  # no certificate, and the unsigned key was removed
+
+
+async def test_node_that_prints_no_request_fails_the_step(sshd, keys, tmp_path, monkeypatch):
+    fake_openssl(tmp_path, monkeypatch, "echo 'req: unable to load config' >&2; exit 0")
+    with pytest.raises(StepFailed, match="the node printed no certificate request"):
+        await provision(job(sshd, deployment=Deployment(tls_dir=str(tmp_path / "tls"))), keys, Events(),
+                        render=render, reboot=False)
+
+
+async def test_node_without_openssl_fails_the_step_saying_so(sshd, keys, tmp_path, monkeypatch):
+    fake_openssl(tmp_path, monkeypatch, "echo 'sh: openssl: not found' >&2; exit 127")
+    with pytest.raises(StepFailed, match="exited with status 127: sh: openssl: not found") as failed:
+        await provision(job(sshd, deployment=Deployment(tls_dir=str(tmp_path / "tls"))), keys, Events(),
+                        render=render, reboot=False)
+    assert "openssl req" in (failed.value.command or "")
 
 
 # --- commands, events, failures -----------------------------------------------------------------
@@ -462,6 +610,14 @@ def _assert_chains(cert_path: Path, ca_pem: bytes) -> None:
     cert.verify_directly_issued_by(ca)  # raises unless ca's key signed it
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["node1"]
+
+
+def _certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _public_key(key_path: Path) -> Any:
+    return serialization.load_pem_private_key(key_path.read_bytes(), None).public_key()
 
 
 def _blkid(node: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from qemu import DEFAULT_MAC, Vm, free_port
 from test_vm_boot import events, wait_for_state
 
@@ -159,6 +161,12 @@ def check_disk(disk: Path, app: App) -> None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert "node1" in san.get_values_for_type(x509.DNSName)
         assert debugfs(device, "cat /etc/raft/tls/ca.crt") == app.booter.keys.ca_pem
+        # The key the agent's openssl made on the node, 0600, and the one the certificate is for.
+        assert re.search(r"Mode:\s+0600\b", debugfs(device, "stat /etc/raft/tls/node.key").decode())
+        key = serialization.load_pem_private_key(debugfs(device, "cat /etc/raft/tls/node.key"), None)
+        assert cert.public_key() == key.public_key()
+        issued = [e.detail for e in app.store.events(DEFAULT_MAC) if e.kind == "certificate-issued"]
+        assert [d["serial"] for d in issued] == [f"{cert.serial_number:x}"], issued
         link = debugfs(device, "stat /etc/systemd/system/multi-user.target.wants/raftd.service").decode()
         assert 'Fast link dest: "/etc/systemd/system/raftd.service"' in link
         assert debugfs(device, "cat /etc/systemd/system/raftd.service").decode() == UNIT

@@ -2,10 +2,14 @@
 
 import asyncio
 import dataclasses
+import datetime
 import re
 
 import pytest
 from conftest import eventually
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 from test_http import boot_token, report
@@ -107,6 +111,33 @@ async def test_machine_page_explains_and_shows_the_timeline(client, booter):
     body = await (await client.get("/api/v1/machines/52-54-00-00-00-01")).json()
     assert body["host_key_fingerprint"] == fingerprint and body["reason"].startswith("group raft-efi")
     assert [e["kind"] for e in body["events"]][-1] == "phoned-home"
+
+
+async def test_machine_page_lists_the_certificates_issued(client, booter, keys):
+    await boot(client)
+    html = await (await client.get(f"/machines/{MAC}")).text()
+    assert 'id="certificates"' not in html  # none issued yet: no empty list
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    details = []
+    for ip in ("10.0.0.5", "10.0.0.6"):
+        issued = keys.sign(csr.public_bytes(serialization.Encoding.PEM), "node1", [ip])
+        details.append(issued.event_detail())
+        booter.store.record(MAC, "certificate-issued", issued.event_detail())
+    html = await (await client.get(f"/machines/{MAC}")).text()
+    table = html[html.index('id="certificates"'):html.index("</table>", html.index('id="certificates"'))]
+    newest, oldest = details[1], details[0]
+    assert table.index(newest["serial"]) < table.index(oldest["serial"])  # newest first
+    for detail, ip in ((newest, "10.0.0.6"), (oldest, "10.0.0.5")):
+        assert f"node1, {ip}" in table and detail["fingerprint_sha256"] in table
+        expires = datetime.datetime.fromisoformat(detail["not_after"]).strftime("%Y-%m-%d %H:%M")
+        assert f"{expires} UTC" in table
+        summary = (f"TLS certificate issued: serial {detail['serial']}, SANs node1, {ip}, "
+                   f"expires {expires} UTC")
+        assert summary in html  # the timeline says it too
+    event = (await (await client.get(f"/api/v1/machines/{MAC}/events")).json())["events"][-1]
+    assert event["kind"] == "certificate-issued" and event["tone"] == "ok"
+    assert event["summary"].startswith(f"TLS certificate issued: serial {newest['serial']}")
 
 
 async def test_unknown_and_malformed_macs_get_clear_pages(client):
