@@ -15,6 +15,11 @@ never becomes a machine that silently boots the wrong thing.
     # job_lease_seconds = 30              # a replica silent this long loses its provisioning jobs to another
     # peers = ["http://192.0.2.11:8080"]  # the other replicas: nodes phone home there when we are down
     # event_days = 90                     # delete events older than this (default: keep every event)
+    # api_token = "..."                   # Bearer token for writes (default: made once in data_dir/api_token)
+    # pages = "public"                    # "token": pages, API reads, streams and /metrics need the token too
+    # origins = ["http://boot.example:8080"]  # this server's own origins, for writes (default: its names)
+    # streams_per_client = 8              # live streams (SSE) open at once per client address; 429 beyond
+    # streams_total = 100                 # live streams open at once in all
 
     [assets]                           # files by name; relative paths are under data_dir
     agent-kernel = "images/agent/vmlinuz"
@@ -86,6 +91,10 @@ class ServerConfig:
     job_lease_seconds: int = 30  # a replica that stops renewing its jobs this long loses them to another
     peers: tuple[str, ...] = ()  # base URLs of the other replicas: a node's phone-home falls back to them
     event_days: int | None = None  # events older than this are deleted; None: every event is kept
+    pages: str = "public"  # "token": the pages, API reads, streams and /metrics need the API token too
+    origins: tuple[str, ...] = ()  # scheme://host[:port] this server is reached by; (): its own names (web.py)
+    streams_per_client: int = 8  # live streams (SSE) open at once from one client address
+    streams_total: int = 100  # live streams open at once in all
 
     @property
     def tftp_root(self) -> Path:
@@ -238,7 +247,8 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 def _server(raw: dict[str, Any], where: str) -> ServerConfig:
     only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
                      "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token", "database",
-                     "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days"}, where)
+                     "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days",
+                     "pages", "origins", "streams_per_client", "streams_total"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
         raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
@@ -265,7 +275,20 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         job_lease_seconds=_positive(raw, "job_lease_seconds", where, 30),
         peers=_peers(raw, where),
         event_days=_positive(raw, "event_days", where, 1) if "event_days" in raw else None,
+        pages=_choice(raw, "pages", where, ("public", "token")),
+        origins=_origins(raw, where),
+        streams_per_client=_positive(raw, "streams_per_client", where, 8),
+        streams_total=_positive(raw, "streams_total", where, 100),
     )
+
+
+def _origins(raw: dict[str, Any], where: str) -> tuple[str, ...]:
+    """scheme://host[:port] without a path: what a browser sends as Origin for this server's pages."""
+    origins = raw.get("origins", [])
+    if not isinstance(origins, list) or not all(
+            isinstance(o, str) and re.fullmatch(r"https?://[^/?#\s@]+/?", o) for o in origins):
+        raise ConfigError(f"{where} origins: expected a list of origins like \"http://boot.example:8080\"")
+    return tuple(o.rstrip("/").lower() for o in origins)
 
 
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
