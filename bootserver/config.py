@@ -286,7 +286,7 @@ def _origins(raw: dict[str, Any], where: str) -> tuple[str, ...]:
     """scheme://host[:port] without a path: what a browser sends as Origin for this server's pages."""
     origins = raw.get("origins", [])
     if not isinstance(origins, list) or not all(
-            isinstance(o, str) and re.fullmatch(r"https?://[^/?#\s@]+/?", o) for o in origins):
+            isinstance(o, str) and re.fullmatch(r"(?i)https?://[^/?#\s@]+/?", o) for o in origins):
         raise ConfigError(f"{where} origins: expected a list of origins like \"http://boot.example:8080\"")
     return tuple(o.rstrip("/").lower() for o in origins)
 

@@ -272,7 +272,7 @@ def _token_query(request: web.Request) -> None:
     if not _token_is(request, request.query["token"]):
         raise Unauthorized("wrong API token in ?token= (compare with [server] api_token, else data_dir/api_token)")
     rest = urlencode([(k, v) for k, v in request.query.items() if k != "token"])
-    response = web.HTTPSeeOther(request.path + (f"?{rest}" if rest else ""))
+    response = web.HTTPSeeOther(request.rel_url.raw_path + (f"?{rest}" if rest else ""))
     response.set_cookie(COOKIE, _cookie_value(request), httponly=True, samesite="Strict", path="/")
     raise response
 

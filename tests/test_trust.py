@@ -277,3 +277,18 @@ async def test_pages_token_mode_guards_reads_but_not_booting(config):
         # The cookie is not a credential for writes: those still need the token itself.
         async with http.post(f"{base}/api/v1/machines/{MAC}/reprovision") as response:
             assert response.status == 401
+
+
+@pytest.mark.parametrize(("key", "value"), [("pages", "private"), ("origins", "http://boot.example"),
+                                            ("origins", ["boot.example:8080"]), ("origins", ["http://a/path"]),
+                                            ("streams_per_client", 0), ("streams_total", "many")])
+def test_trust_keys_are_checked(tmp_path, key, value):
+    """The new [server] keys (findings 7 and 8) refuse what they cannot mean, naming the key."""
+    from bootserver.config import parse
+    from bootserver.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        parse({"server": {"data_dir": str(tmp_path), key: value}})
+    server = parse({"server": {"data_dir": str(tmp_path), "origins": ["HTTPS://Boot.Example/"]}}).server
+    assert (server.pages, server.origins, server.streams_per_client, server.streams_total) == \
+        ("public", ("https://boot.example",), 8, 100)
