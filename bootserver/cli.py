@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from ipaddress import IPv4Interface
@@ -119,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import App  # aiohttp is only needed when serving
 
+    # Files we make (the SQLite store and its WAL, keys, data_dir/api_token) are ours alone: 0600, 0700.
+    os.umask(0o077)
     config = configuration.load(args.config)
     asyncio.run(App.open(config).serve_forever())
     return 0

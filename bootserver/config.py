@@ -21,6 +21,11 @@ never becomes a machine that silently boots the wrong thing.
     # new_machines_per_minute = 30        # machines one source address may introduce per minute
     # provision_per_source = 2            # provisioning jobs at once for one node address
     # job_minutes = 60                    # a provisioning job still running after this has failed
+    # api_token = "..."                   # Bearer token for writes (default: made once in data_dir/api_token)
+    # pages = "public"                    # "token": pages, API reads, streams and /metrics need the token too
+    # origins = ["http://boot.example:8080"]  # this server's own origins, for writes (default: its names)
+    # streams_per_client = 8              # live streams (SSE) open at once per client address; 429 beyond
+    # streams_total = 100                 # live streams open at once in all
 
     [assets]                           # files by name; relative paths are under data_dir
     agent-kernel = "images/agent/vmlinuz"
@@ -99,6 +104,10 @@ class ServerConfig:
     new_machines_per_minute: int = 30  # new machine rows one source address may cause per minute
     provision_per_source: int = 2  # provisioning jobs at once (on this replica) for one node address
     job_minutes: int = 60  # a provisioning job running longer has failed (a node that stalls frees its slot)
+    pages: str = "public"  # "token": the pages, API reads, streams and /metrics need the API token too
+    origins: tuple[str, ...] = ()  # scheme://host[:port] this server is reached by; (): its own names (web.py)
+    streams_per_client: int = 8  # live streams (SSE) open at once from one client address
+    streams_total: int = 100  # live streams open at once in all
 
     @property
     def tftp_root(self) -> Path:
@@ -254,7 +263,8 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
                      "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token", "database",
                      "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days", "enroll",
                      "window_minutes", "trusted_proxies", "new_machines_per_minute", "provision_per_source",
-                     "job_minutes"}, where)
+                     "job_minutes", "pages", "origins", "streams_per_client",
+                     "streams_total"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
         raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
@@ -287,6 +297,10 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         new_machines_per_minute=_positive(raw, "new_machines_per_minute", where, 30),
         provision_per_source=_positive(raw, "provision_per_source", where, 2),
         job_minutes=_positive(raw, "job_minutes", where, 60),
+        pages=_choice(raw, "pages", where, ("public", "token")),
+        origins=_origins(raw, where),
+        streams_per_client=_positive(raw, "streams_per_client", where, 8),
+        streams_total=_positive(raw, "streams_total", where, 100),
     )
 
 
@@ -301,6 +315,15 @@ def _networks(raw: dict[str, Any], key: str, where: str) -> tuple[IPv4Network | 
         return tuple(ip_network(v) for v in values)
     except ValueError as exc:
         raise ConfigError(f"{where} {key}: {exc}") from None
+
+
+def _origins(raw: dict[str, Any], where: str) -> tuple[str, ...]:
+    """scheme://host[:port] without a path: what a browser sends as Origin for this server's pages."""
+    origins = raw.get("origins", [])
+    if not isinstance(origins, list) or not all(
+            isinstance(o, str) and re.fullmatch(r"(?i)https?://[^/?#\s@]+/?", o) for o in origins):
+        raise ConfigError(f"{where} origins: expected a list of origins like \"http://boot.example:8080\"")
+    return tuple(o.rstrip("/").lower() for o in origins)
 
 
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")

@@ -245,6 +245,8 @@ async def phone_home(request: web.Request) -> web.Response:
         report = json.loads(await body(request))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body is not JSON") from None
+    except RecursionError:  # 60,000 [ in 64 KiB: json.loads recurses once per level
+        raise BadRequest("body is not a phone-home report: JSON nested too deep") from None
     if not isinstance(report, dict):
         raise BadRequest("body must be a JSON object")
     booter = request.app[BOOTER]

@@ -23,7 +23,8 @@ def _json(schema: str, description: str) -> dict[str, Any]:
 def _action(summary: str) -> dict[str, Any]:
     return {"post": {
         "summary": summary,
-        "description": "Refused with 403 when a browser sends it from another site (Sec-Fetch-Site, Origin).",
+        "description": "Refused with 403 when a browser sends it from another site (Sec-Fetch-Site, Origin) or "
+                       "for a name not in `[server] origins` (Host).",
         "parameters": [_MAC],
         "responses": {"200": _json("Machine", "the machine, as it is now"), **_ERRORS, **_NOT_FOUND,
                       "403": {"$ref": "#/components/responses/Error"}},
@@ -35,7 +36,9 @@ def spec() -> dict[str, Any]:
         "openapi": "3.0.3",
         "info": {"title": "bootserver", "version": __version__,
                  "description": "Machines that netbooted from this server, their states and event logs. "
-                                "When `[server] api_token` is set, every call needs `Authorization: Bearer`."},
+                                "Writes (POST) need `Authorization: Bearer TOKEN` (`[server] api_token`, else the one "
+                                "the server made in data_dir/api_token) and a Host and Origin of `[server] origins`; "
+                                "reads need it too when `[server] pages = \"token\"`."},
         "security": [{"bearer": []}, {}],
         "paths": {
             "/api/v1/machines": {"get": {
@@ -59,7 +62,7 @@ def spec() -> dict[str, Any]:
                 "summary": "A machine's events after an event id, oldest first (poll with the last id seen)",
                 "parameters": [_MAC,
                                {"name": "after", "in": "query", "required": False,
-                                "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                                "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "default": 0}},
                                {"name": "limit", "in": "query", "required": False,
                                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}}],
                 "responses": {"200": _json("EventPage", "the events"), **_ERRORS, **_NOT_FOUND},

@@ -4,7 +4,7 @@
     GET  /stream                             server-sent events: something happened (the overview refreshes)
     GET  /machines/{mac}                     one machine: why it boots what it boots, its timeline
     GET  /machines/{mac}/stream              server-sent events: that machine's new events, rendered
-    POST /machines/{mac}/reprovision         the page's buttons (same-origin only; the API token if set)
+    POST /machines/{mac}/reprovision         the page's buttons (same-origin only; the API token, typed)
     POST /machines/{mac}/boot-from-disk
     GET  /api/v1/machines[?state=]           the same data as JSON
     GET  /api/v1/machines/{mac}
@@ -15,18 +15,29 @@
 
 Live updates poll the store (every POLL_SECONDS) rather than listen in memory, so that events
 recorded by another process (`bootserver reprovision` from a shell) show up too.
+
+Trust: anyone on the boot network can send anything. Every write needs the API token: [server] api_token, else
+one made at first start in data_dir/api_token (0600). Writes must also name this server: Host and Origin are
+checked against [server] origins (default: its own names and addresses), which DNS rebinding cannot pass. With
+[server] pages = "token", reads need the token too (Bearer, or a cookie set by opening a page with ?token=).
+Live streams are capped per client address and in all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
+import os
+import secrets
+import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlencode
 
 import jinja2
@@ -56,7 +67,16 @@ BATCH = 100  # events per poll of a stream
 PAGES = web.AppKey("pages", jinja2.Environment)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 STREAMS = web.AppKey("streams", set)
+STREAM_CLIENTS = web.AppKey("stream_clients", Counter)  # open streams by client address
 METRICS = web.AppKey("metrics", CollectorRegistry)
+MADE_TOKENS = web.AppKey("made_tokens", dict)  # data_dir -> the token made there (no [server] api_token)
+TOKEN_FILE = "api_token"  # in data_dir, when [server] api_token is not set
+COOKIE = "bootserver_pages"  # [server] pages = "token": set by ?token=, proves the token to later reads
+RETRY_STREAM_SECONDS = 10
+MAX_ID = 2**63 - 1  # event ids and limits: what SQLite's INTEGER (and PostgreSQL's bigint) holds
+# Every response: no page of ours may be framed by another site (clickjacking the buttons), none sniffed.
+SECURITY_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY",
+                    "X-Content-Type-Options": "nosniff"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,8 +86,12 @@ def add_routes(app: web.Application) -> None:
     app[PAGES] = _environment()
     app[STOPPING] = asyncio.Event()
     app[STREAMS] = set()
+    app[STREAM_CLIENTS] = Counter()
     app[METRICS] = metrics.registry(app[BOOTER].store)
+    app[MADE_TOKENS] = {}
+    _expected_token(app)  # made now, at start, when there is none: the operator can read it at once
     app.on_shutdown.append(_stop_streams)
+    app.on_response_prepare.append(_security_headers)
     get(app, "/", _page(index))
     get(app, "/stream", _page(index_stream))
     get(app, "/machines/{mac}", _page(machine_page))
@@ -83,7 +107,7 @@ def add_routes(app: web.Application) -> None:
     post(app, "/api/v1/machines/{mac}/approve", _api(_api_approve))
     # Open even with an API token: a client needs it to learn that (and how) it must authenticate.
     get(app, "/api/v1/openapi.json", openapi_json)
-    get(app, "/metrics", metrics_page)
+    get(app, "/metrics", _api(metrics_page))
 
 
 def _environment() -> jinja2.Environment:
@@ -126,9 +150,13 @@ def _status(exc: BootserverError, path: str) -> tuple[int, str]:
 
 
 def _page(handler: Handler) -> Handler:
-    """Errors become an HTML page that says what was wrong (a malformed MAC, an unknown machine)."""
+    """Errors become an HTML page that says what was wrong (a malformed MAC, an unknown machine).
+    Reads need the token when [server] pages = "token"; ?token= sets the cookie that proves it from then on."""
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
+            if request.method in ("GET", "HEAD"):
+                _token_query(request)
+                _check_read(request)
             return await handler(request)
         except BootserverError as exc:
             status, title = _status(exc, request.path)
@@ -137,11 +165,14 @@ def _page(handler: Handler) -> Handler:
 
 
 def _api(handler: Handler) -> Handler:
-    """Every /api/v1 call: the API token when one is configured; errors as JSON."""
+    """Every /api/v1 call and /metrics: the API token for writes (and for reads when [server] pages = "token");
+    errors as JSON."""
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            _check_token(request, _bearer(request))
-            if request.method != "GET":
+            if request.method in ("GET", "HEAD"):
+                _check_read(request)
+            else:
+                _check_token(request, _bearer(request))
                 _check_same_origin(request)
             return await handler(request)
         except BootserverError as exc:
@@ -153,44 +184,156 @@ def _api(handler: Handler) -> Handler:
     return wrapped
 
 
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 def _bearer(request: web.Request) -> str | None:
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     return credentials.strip() if scheme.lower() == "bearer" else None
 
 
-def _check_token(request: web.Request, presented: str | None) -> None:
-    expected = request.app[BOOTER].config.server.api_token
-    if expected is None:
-        return
-    if not presented:
-        raise Unauthorized("this server needs its API token ([server] api_token): "
-                           "send it as `Authorization: Bearer TOKEN`")
+def load_or_make_token(data_dir: Path) -> str:
+    """The token in data_dir/api_token, made (random, mode 0600) when there is none yet."""
+    path = data_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if len(token) >= 16:
+        if path.stat().st_mode & 0o077:
+            log.warning("%s was readable by others: made 0600", path)
+            path.chmod(0o600)
+        return token
+    token = secrets.token_urlsafe(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{TOKEN_FILE}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask, and an older temporary file's mode
+        os.write(fd, f"{token}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    log.warning("no [server] api_token: made one in %s (mode 0600); API writes and the pages' buttons need it",
+                path)
+    return token
+
+
+def _expected_token(app: web.Application) -> str:
+    """[server] api_token, else the one made in data_dir/api_token (at start, or after a reload removed the key)."""
+    server = app[BOOTER].config.server
+    if server.api_token is not None:
+        return server.api_token
+    made = app[MADE_TOKENS]
+    if server.data_dir not in made:
+        made[server.data_dir] = load_or_make_token(server.data_dir)
+    return made[server.data_dir]
+
+
+def _token_is(request: web.Request, presented: str) -> bool:
     # compare_digest: the time taken does not tell how many leading characters were right.
-    if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise Unauthorized("wrong API token (compare with [server] api_token)")
+    return hmac.compare_digest(presented.encode(), _expected_token(request.app).encode())
+
+
+def _check_token(request: web.Request, presented: str | None) -> None:
+    if not presented:
+        raise Unauthorized("this server needs its API token ([server] api_token, else the one it made in "
+                           "data_dir/api_token): send it as `Authorization: Bearer TOKEN`")
+    if not _token_is(request, presented):
+        raise Unauthorized("wrong API token (compare with [server] api_token, else data_dir/api_token)")
+
+
+def _cookie_value(request: web.Request) -> str:
+    """What the pages' cookie holds: derived from the token, so that the cookie is no API token itself."""
+    return hmac.new(_expected_token(request.app).encode(), b"bootserver pages cookie", "sha256").hexdigest()
+
+
+def _check_read(request: web.Request) -> None:
+    """[server] pages = "token": a read needs the token as Bearer, or the cookie that ?token= set."""
+    if request.app[BOOTER].config.server.pages != "token":
+        return
+    presented = _bearer(request)
+    if presented:
+        _check_token(request, presented)
+        return
+    cookie = request.cookies.get(COOKIE, "")
+    if not (cookie and hmac.compare_digest(cookie.encode(), _cookie_value(request).encode())):
+        raise Unauthorized("this server's pages need its API token ([server] pages = \"token\"; the token is "
+                           "[server] api_token, else data_dir/api_token): open a page once with ?token=TOKEN "
+                           "(a cookie keeps it), or send `Authorization: Bearer TOKEN`")
+
+
+def _token_query(request: web.Request) -> None:
+    """A page opened with ?token=TOKEN ([server] pages = "token"): set the cookie and go to the page without it,
+    so that the token leaves the address bar and the history."""
+    if request.app[BOOTER].config.server.pages != "token" or "token" not in request.query:
+        return
+    if not _token_is(request, request.query["token"]):
+        raise Unauthorized("wrong API token in ?token= (compare with [server] api_token, else data_dir/api_token)")
+    rest = urlencode([(k, v) for k, v in request.query.items() if k != "token"])
+    response = web.HTTPSeeOther(request.rel_url.raw_path + (f"?{rest}" if rest else ""))
+    response.set_cookie(COOKIE, _cookie_value(request), httponly=True, samesite="Strict", path="/")
+    raise response
 
 
 def _check_same_origin(request: web.Request) -> None:
-    """Refuse state-changing requests that a browser sends on behalf of another site (CSRF).
+    """Refuse state-changing requests that a browser sends on behalf of another site (CSRF, DNS rebinding).
 
-    Why Fetch Metadata and Origin rather than a per-session CSRF token: we have no sessions or
-    cookies to hang a token on, and these headers are set by the browser itself, which a page on
-    another site cannot forge. Modern browsers send `Sec-Fetch-Site` on every request; where it is
-    missing, every browser of the last years still sends `Origin` on a POST, which must then name
-    this host. A request with neither does not come from a browser (curl, scripts), and cross-site
-    forgery is a browser problem; such clients are held by the API token when one is set.
+    Why Fetch Metadata and Origin rather than a per-session CSRF token: we have no sessions to hang a token
+    on, and these headers are set by the browser itself, which a page on another site cannot forge.
+    `Sec-Fetch-Site` other than same-origin or none is refused. `Origin`, sent by every browser on a POST,
+    must be one of this server's own origins ([server] origins), and so must `Host`: a page of a rebound
+    name (evil.example resolving to us) is same-origin to the browser, but neither header names us then.
+    A request with no browser headers (curl, scripts) still needs the API token.
     """
+    host = request.headers.get("Host", "")
+    origins = _allowed_origins(request)
+    if _netloc("//" + host) not in {_netloc(o) for o in origins}:
+        raise Forbidden(f"Host {host[:100]!r} is not one of this server's names: add its origin to [server] "
+                        f"origins (this server answers writes for {', '.join(sorted(origins))})")
     site = request.headers.get("Sec-Fetch-Site")
-    if site is not None:
-        # "none": the user did it themselves (typed, bookmarked); "same-site" is another origin still.
-        if site not in ("same-origin", "none"):
-            raise Forbidden(f"cross-site request refused (Sec-Fetch-Site: {site}): "
-                            f"use the buttons on this server's own pages")
-        return
+    # "none": the user did it themselves (typed, bookmarked); "same-site" is another origin still.
+    if site is not None and site not in ("same-origin", "none"):
+        raise Forbidden(f"cross-site request refused (Sec-Fetch-Site: {site}): "
+                        f"use the buttons on this server's own pages")
     origin = request.headers.get("Origin")
-    if origin is not None and _netloc(origin) != _netloc("//" + request.headers.get("Host", "")):
-        raise Forbidden(f"cross-origin request refused (Origin {origin} is not this server, "
-                        f"{request.headers.get('Host', '?')})")
+    if origin is not None and _origin(origin) not in origins:
+        raise Forbidden(f"cross-origin request refused (Origin {origin[:100]} is not one of this server's "
+                        f"origins, [server] origins)")
+
+
+def _allowed_origins(request: web.Request) -> set[str]:
+    """[server] origins, else http:// + each of our names and addresses + the HTTP port (configured, and the one
+    this request came in on): public_address, the listening host if specific, loopback, the host name, the
+    DHCP server_address."""
+    config = request.app[BOOTER].config
+    server = config.server
+    if server.origins:
+        return {_origin(o) for o in server.origins}
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    ports = {p for p in (server.http.port, sockname[1] if sockname else 0) if p}
+    hosts = {server.public_address, "127.0.0.1", "localhost", "::1", *_host_names(),
+             server.http.host if server.http.host not in ("", "0.0.0.0", "::", "[::]") else None,
+             str(config.dhcp.server_address) if config.dhcp.server_address else None}
+    return {_origin(f"http://{_bracketed(h)}:{p}") for h in hosts if h for p in ports}
+
+
+@functools.cache
+def _host_names() -> tuple[str, ...]:
+    return socket.gethostname(), socket.getfqdn()
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port], lower case, without the scheme's default port."""
+    scheme, _, _ = url.rpartition("//")
+    return f"{scheme.lower()}//{_netloc(url)}"
 
 
 def _netloc(url: str) -> str:
@@ -246,7 +389,7 @@ async def machine_page(request: web.Request) -> web.Response:
     events = [event_json(e) for e in reversed(booter.store.recent_events(node.mac, PAGE_EVENTS))]
     return _render(request, "machine.html.j2", m=machine_view(booter, node), events=events,
                    last_id=events[0]["id"] if events else 0, limit=PAGE_EVENTS,
-                   token_needed=booter.config.server.api_token is not None)
+                   token_needed=True)  # [server] api_token, else the one made in data_dir/api_token
 
 
 def _form_action(action: Callable[[Booter, str], None]) -> Handler:
@@ -283,8 +426,14 @@ def _resume_after(request: web.Request, default: int) -> int:
     value = request.headers.get("Last-Event-ID") or request.query.get("after")
     if value is None or value == "":
         return default
-    if not value.isdigit():
-        raise BadRequest(f"Last-Event-ID or after must be an event id (a whole number), not {value[:32]!r}")
+    return _number(value, "Last-Event-ID or after must be an event id (a whole number)")
+
+
+def _number(value: str, what: str) -> int:
+    """A whole number in ASCII digits (str.isdigit takes '²' and '٣', which int() then refuses), at most MAX_ID:
+    what the store can compare with (a larger one overflowed SQLite's INTEGER: 500)."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_ID:
+        raise BadRequest(f"{what}, at most {MAX_ID}, not {value[:32]!r}")
     return int(value)
 
 
@@ -321,15 +470,27 @@ def _event_message(pages: jinja2.Environment, event: Event, summary: str) -> dic
 
 async def _stream(request: web.Request, after: int,
                   messages: Callable[[int], Iterable[tuple[int, dict[str, Any]]]]) -> web.StreamResponse:
-    """Send `messages(after)` as server-sent events until the client goes away or the server stops."""
+    """Send `messages(after)` as server-sent events until the client goes away or the server stops.
+
+    At most [server] streams_per_client from one client address and streams_total in all (each polls the
+    store: 400 open streams took half the CPU); beyond, 429 with a message and Retry-After."""
+    server = request.app[BOOTER].config.server
+    clients, client = request.app[STREAM_CLIENTS], request.remote or "?"
+    if clients.total() >= server.streams_total:
+        _too_many(f"{server.streams_total} live streams are open, the most this server keeps "
+                  f"([server] streams_total): close some pages, or try again later")
+    if clients[client] >= server.streams_per_client:
+        _too_many(f"{server.streams_per_client} live streams are open from {client}, the most one client may "
+                  f"keep ([server] streams_per_client): close some pages, or try again later")
+    clients[client] += 1
+    streams, stopping = request.app[STREAMS], request.app[STOPPING]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})  # nginx: do not buffer the stream
-    await response.prepare(request)
-    streams, stopping = request.app[STREAMS], request.app[STOPPING]
-    streams.add(response)
     loop = asyncio.get_running_loop()
-    quiet_since = loop.time()
     try:
+        await response.prepare(request)
+        streams.add(response)
+        quiet_since = loop.time()
         await response.write(b"retry: 2000\n\n")  # reconnect after 2 s; the browser resumes by Last-Event-ID
         while not stopping.is_set() and not _gone(request):
             for event_id, data in messages(after):
@@ -344,7 +505,14 @@ async def _stream(request: web.Request, after: int,
         pass
     finally:
         streams.discard(response)
+        clients[client] -= 1
+        if clients[client] <= 0:
+            del clients[client]
     return response
+
+
+def _too_many(message: str) -> NoReturn:
+    raise web.HTTPTooManyRequests(text=message + "\n", headers={"Retry-After": str(RETRY_STREAM_SECONDS)})
 
 
 def _gone(request: web.Request) -> bool:
@@ -388,9 +556,7 @@ def _whole(request: web.Request, name: str, default: int) -> int:
     value = request.query.get(name, "")
     if not value:
         return default
-    if not value.isdigit():
-        raise BadRequest(f"{name} must be a whole number, not {value[:32]!r}")
-    return int(value)
+    return _number(value, f"{name} must be a whole number")
 
 
 async def _api_approve(request: web.Request) -> web.Response:

@@ -12,7 +12,8 @@ from bootserver.dhcp import DhcpPacket
 
 # Values that break parsers: empty, huge, signed, off by one around every limit the code has.
 NUMBERS = ["0", "1", "7", "8", "512", "1468", "65464", "65465", "65535", "65536", "-1", "+8", " 8", "1_000",
-           "99999999999", "", "abc", "8\x00", "٣"]
+           "99999999999", "", "abc", "8\x00", "٣",
+           "²", "9" * 20, "9223372036854775807", "9223372036854775808", "9" * 5000]  # isdigit() yet not int()
 STRINGS = ["", ".", "..", "../../etc/passwd", "%2e%2e", "a" * 300, "\x00", "\xff", "ü", "\\", "/", "//",
            "${mac}", "{{ 7*7 }}", "'", '"', "<script>", "\r\n", "\t", "%00", "%", "?", "#", ";", "*"]
 MACS = ["52-54-00-00-00-01", "52:54:00:00:00:02", "525400000003", "aa-bb-cc-dd-ee-ff", "ff-ff-ff-ff-ff-ff",
@@ -146,13 +147,17 @@ PATHS = ["/", "/boot.ipxe", "/boot/{mac}.ipxe", "/boot/{mac}.ipxe?platform=efi&a
          "/boot/{mac}/{token}/bootserver.cpio", "/ipxe/undionly.kpxe", "/ipxe/{x}", "/healthz", "/metrics",
          "/machines/{mac}", "/?state={x}", "/api/v1/machines", "/api/v1/machines?state={x}",
          "/api/v1/machines/{mac}", "/api/v1/machines/{mac}/events?after={n}", "/api/v1/openapi.json",
-         "/{x}"]
+         "/api/v1/machines/{mac}/events?after={n}&limit={n}", "/api/v1/machines?limit={n}&after={x}",
+         "/stream?after={n}", "/machines/{mac}/stream?after={n}", "/{x}"]
 POSTS = ["/boot/{mac}/phone-home", "/api/v1/machines/{mac}/reprovision", "/api/v1/machines/{mac}/boot-from-disk",
          "/machines/{mac}/reprovision"]
 HEADERS = ["Range: bytes={n}-", "Range: bytes=-{n}", "Range: bytes={n}-{n}", "Accept: text/event-stream",
            "Authorization: Bearer {x}", "Origin: http://{x}", "Sec-Fetch-Site: cross-site", "Cookie: {x}",
            "Transfer-Encoding: chunked", "Content-Type: application/json", "Expect: 100-continue",
-           "X-{x}: {x}", "Host: {x}", "If-Modified-Since: {x}", "Content-Length: {n}"]
+           "X-{x}: {x}", "Host: {x}", "If-Modified-Since: {x}", "Content-Length: {n}", "Last-Event-ID: {n}",
+           "Origin: http://127.0.0.1", "Sec-Fetch-Site: same-origin"]
+# Bodies whose nesting is deeper than json.loads can recurse (a RecursionError was a 500).
+DEEP_BODIES = [b"[" * 60_000, b'{"a":' * 30_000, b"[" * 1000 + b"]" * 1000]
 
 
 def fill(m: Mutator, template: str, token: str) -> str:
@@ -169,6 +174,8 @@ def phone_home_body(m: Mutator, token: str) -> bytes:
                                "disks": [{"name": "vda", "size_bytes": 1 << 30, "partitions": 0}]}
     for key in rng.sample(sorted(body), rng.randint(0, 2)):
         body[key] = rng.choice([None, 0, -1, [], {}, m.text(), [m.text()] * 50])
+    if rng.random() < 0.05:
+        return m.choice(DEEP_BODIES)
     data = json.dumps(body).encode()
     return m.bytes(data) if rng.random() < 0.3 else data
 

@@ -139,6 +139,16 @@ def admit(store: Store, mac: str, ip: str = "10.0.0.9", facts: dict | None = Non
     assert store.phoned_home(token.id, mac, ip, key, {})
 
 
+def api_token(config: configuration.Config) -> str:
+    """The API token a server made in its data_dir at start (no [server] api_token configured)."""
+    return config.server.api_token or (config.server.data_dir / "api_token").read_text().strip()
+
+
+def bearer(config: configuration.Config) -> dict[str, str]:
+    """Headers for an API write (or a read with [server] pages = "token")."""
+    return {"Authorization": f"Bearer {api_token(config)}"}
+
+
 async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):
     """Wait until predicate() is truthy (a server records a transfer just after the client has it all)."""
     import asyncio

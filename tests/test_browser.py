@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import api_token
 from test_http import report
 
 from bootserver.app import App
@@ -75,7 +76,9 @@ async def test_status_page_updates_live_and_reprovisions(app: App, browser, tmp_
         await page.screenshot(path=str(REPO / "artifacts" / "status-page.png"), full_page=True,
                               animations="disabled")  # the new-event highlight, finished
 
-        # Re-provision: the button posts (same origin), the page comes back with the new state.
+        # Re-provision: the button posts (same origin) with the API token typed in (the one the server made in
+        # its data_dir), the page comes back with the new state.
+        await page.locator('form[action$="/reprovision"] input[name="api_token"]').fill(api_token(app.config))
         await page.get_by_role("button", name="Re-provision").click()
         await expect(summary.locator(".badge")).to_have_text("reprovision")
         await expect(timeline).to_contain_text("re-provisioning requested")

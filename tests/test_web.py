@@ -6,7 +6,7 @@ import datetime
 import re
 
 import pytest
-from conftest import eventually
+from conftest import api_token, bearer, eventually
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -178,34 +178,38 @@ async def test_everything_from_machines_is_escaped(aiohttp_client, booter):
 async def test_buttons_work_same_origin_and_refuse_cross_site(client, booter):
     await boot(client)
     page = f"/machines/{MAC}/reprovision"
+    form = {"api_token": api_token(booter.config)}
     for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
                     {"Origin": "http://evil.example"}, {"Origin": "null"}):
-        response = await client.post(page, headers=headers, allow_redirects=False)
+        response = await client.post(page, headers=headers, data=form, allow_redirects=False)
         assert response.status == 403, headers
         assert "refused" in await response.text()
-        response = await client.post(f"/api/v1/machines/{MAC}/boot-from-disk", headers=headers)
+        response = await client.post(f"/api/v1/machines/{MAC}/boot-from-disk",
+                                     headers={**headers, **bearer(booter.config)})
         assert response.status == 403, headers
     assert booter.store.node(MAC).state == "kernel-served"  # nothing happened
     origin = f"http://127.0.0.1:{client.port}"
-    response = await client.post(page, headers={"Sec-Fetch-Site": "same-origin", "Origin": origin},
+    response = await client.post(page, headers={"Sec-Fetch-Site": "same-origin", "Origin": origin}, data=form,
                                  allow_redirects=False)
     assert response.status == 303 and response.headers["Location"] == f"/machines/{MAC}"
     node = booter.store.node(MAC)
     assert node.state == "reprovision" and node.reprovision
-    response = await client.post(f"/machines/{MAC}/boot-from-disk", headers={"Origin": origin},
+    response = await client.post(f"/machines/{MAC}/boot-from-disk", headers={"Origin": origin}, data=form,
                                  allow_redirects=False)
     assert response.status == 303
     node = booter.store.node(MAC)
     assert node.state == "deployed" and not node.reprovision
     script = await (await client.get("/boot/52-54-00-00-00-01.ipxe")).text()
     assert "sanboot" in script or "exit" in script  # it boots its disk now
-    body = await (await client.post(f"/api/v1/machines/{MAC}/reprovision")).json()  # curl: no browser headers
+    # curl: no browser headers, the token
+    body = await (await client.post(f"/api/v1/machines/{MAC}/reprovision", headers=bearer(booter.config))).json()
     assert body["state"] == "reprovision" and body["reprovision"] is True
-    assert (await client.post("/api/v1/machines/52:54:00:00:00:77/reprovision")).status == 404
+    missing = await client.post("/api/v1/machines/52:54:00:00:00:77/reprovision", headers=bearer(booter.config))
+    assert missing.status == 404
 
 
 async def test_api_token_guards_the_api_and_the_buttons(aiohttp_client, booter):
-    client = await aiohttp_client(create_app(with_server(booter, api_token=TOKEN)))
+    client = await aiohttp_client(create_app(with_server(booter, api_token=TOKEN, pages="token")))
     await boot(client)
     response = await client.get("/api/v1/machines")
     assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -216,8 +220,8 @@ async def test_api_token_guards_the_api_and_the_buttons(aiohttp_client, booter):
     right = {"Authorization": f"Bearer {TOKEN}"}
     assert (await client.get(f"/api/v1/machines/{MAC}/events", headers=right)).status == 200
     assert (await client.get("/api/v1/openapi.json")).status == 200  # how to authenticate is public
-    # Pages stay readable; their buttons need the token, typed into the form.
-    html = await (await client.get(f"/machines/{MAC}")).text()
+    # The buttons need the token, typed into the form.
+    html = await (await client.get(f"/machines/{MAC}", headers=right)).text()
     assert 'name="api_token"' in html
     response = await client.post(f"/machines/{MAC}/reprovision", data={"api_token": "nope"}, allow_redirects=False)
     assert response.status == 401 and "wrong API token" in await response.text()
