@@ -221,7 +221,7 @@ class Booter:
             if refusal is not None:
                 return refusal
             token, record = tokens.new_token(mac, self.config.server.token_minutes, client_ip,
-                                             uuid=canonical_uuid(facts.get("uuid")))
+                                             uuid=_firmware_uuid(facts))
             detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
         self.store.record(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts, token=record)
         text = self.render_profile(spec, urls, token)
@@ -482,6 +482,15 @@ def _disks(value: object) -> list[dict[str, Any]]:
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _firmware_uuid(facts: dict[str, str]) -> str | None:
+    """The UUID iPXE reported, if it is one: an older bootstrap (or iPXE's :uristring) may send garbage, which
+    then counts as no UUID reported, so that only a pinned [machines] uuid is checked for this boot."""
+    try:
+        return canonical_uuid(facts.get("uuid"))
+    except BadRequest:
+        return None
 
 
 def clean_facts(reported: dict[str, str]) -> dict[str, str]:

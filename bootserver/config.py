@@ -384,7 +384,7 @@ def _api_token(raw: dict[str, Any], where: str) -> str | None:
 
 def _listen(text: str, where: str) -> Listen:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {text!r} is not host:port with a port 0-65535")
     return Listen(host.strip("[]") or "0.0.0.0", int(port))
 

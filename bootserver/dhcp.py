@@ -234,7 +234,7 @@ class Client:
 def _arch_from_vendor_class(vendor: str) -> int:
     """`PXEClient:Arch:00007:UNDI:003016` -> 7; a PXE client that names no architecture is a PC BIOS."""
     parts = vendor.split(":")
-    if len(parts) > 2 and parts[1] == "Arch" and parts[2].isdigit():
+    if len(parts) > 2 and parts[1] == "Arch" and parts[2].isascii() and parts[2].isdigit() and len(parts[2]) <= 5:
         return int(parts[2])
     return 0
 

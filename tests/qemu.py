@@ -72,6 +72,7 @@ class Vm:
         hostfwd: dict[int, int] | None = None,
         extra_args: Sequence[str] = (),
         qemu: str = QEMU,
+        uuid: str | None = None,
     ) -> None:
         if firmware not in ("bios", "uefi"):
             raise ValueError(f"firmware must be 'bios' or 'uefi', not {firmware!r}")
@@ -91,6 +92,7 @@ class Vm:
         self.hostfwd = dict(hostfwd or {})
         self.extra_args = list(extra_args)
         self.qemu = qemu
+        self.uuid = uuid  # the SMBIOS system UUID its firmware and OS report
         Vm._count += 1
         self.serial_path = self.workdir / f"serial-{Vm._count}.log"
         self.process: asyncio.subprocess.Process | None = None
@@ -120,6 +122,8 @@ class Vm:
             "-netdev", netdev,
             "-device", device,
         ]  # fmt: skip
+        if self.uuid is not None:
+            cmd += ["-uuid", self.uuid]
         if self.disk is not None:
             cmd += ["-drive", f"file={self.disk},if=virtio,format=raw"]
         if self.firmware == "uefi":

@@ -126,6 +126,8 @@ def test_malformed_packets_are_refused(data: bytes, why: str):
     ({60: b"PXEClient:Arch:00011:UNDI:003000", 93: b"\0\x0b"}, 11, False, False),
     ({60: b"PXEClient:Arch:00007:UNDI:003000"}, 7, False, False),  # no option 93: from the vendor class
     ({60: b"PXEClient"}, 0, False, False),
+    ({60: "PXEClient:Arch:²:UNDI:003000".encode()}, 0, False, False),  # str.isdigit() takes "²"; int() does not
+    ({60: b"PXEClient:Arch:99999999999999999999:UNDI:003000"}, 0, False, False),
     (IPXE, 0, True, False),
     ({77: b"iPXE"}, None, True, False),
     ({175: b"\xb1\x01\x01"}, None, True, False),

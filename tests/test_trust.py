@@ -453,3 +453,13 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(tmp_path):
             app.store.record(MAC, "failed", {}, state="failed")
             with app.store._transaction() as db:  # let the next claim start clean
                 db.execute("UPDATE tokens SET used = 1")
+
+
+async def test_a_uuid_the_firmware_garbled_counts_as_none(tmp_path):
+    """iPXE 1.0 (2019)'s ${uuid:uristring} escapes the UUID's raw bytes: such a report is no UUID, not a 400 that
+    stops the boot (found with QEMU's -uuid); only a pinned one is then checked."""
+    config = site(tmp_path)
+    async with served(config) as (app, base):
+        status, text = await script(base, REAL, uuid="=,Z_NkJ&FF}*;L]")
+        assert status == 200 and token_in(text)
+        assert app.store.token(token_in(text).split(".")[0]).uuid is None

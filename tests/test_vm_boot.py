@@ -21,10 +21,12 @@ import pytest
 from qemu import DEFAULT_MAC, OVMF, Vm
 
 from bootserver import config as configuration
+from bootserver.admission import same_uuid
 from bootserver.app import App
 from bootserver.image import AgentImage
 
 pytestmark = pytest.mark.vm
+VM_UUID = "5a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
 
 
 @pytest.fixture
@@ -74,7 +76,7 @@ def events(app: App, mac: str = DEFAULT_MAC) -> str:
 async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transport: str):
     port = app.http_address[1] if transport == "http" else app.tftp_address[1]
     bootfile = f"{transport}://10.0.2.2:{port}/boot.ipxe"
-    async with Vm(workdir=tmp_path, firmware=firmware, bootfile=bootfile, memory=512) as vm:
+    async with Vm(workdir=tmp_path, firmware=firmware, bootfile=bootfile, memory=512, uuid=VM_UUID) as vm:
         took = await wait_for_state(app, vm, "phoned-home", timeout=240)
     print(f"{firmware} over {transport}: QEMU start to phone-home {took:.1f} s")
 
@@ -91,6 +93,11 @@ async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transpor
         assert served[name]["bytes"] == path.stat().st_size, events(app)
     assert served["bootserver.cpio"]["protocol"] == transport  # the per-boot overlay: keys and token
     report = next(e.detail for e in log if e.kind == "phoned-home")
-    assert ipaddress.ip_address(report["ip"]) in ipaddress.ip_network("10.0.2.0/24")
-    assert report["host_key"].startswith("ssh-ed25519 ")
-    assert app.store.node(DEFAULT_MAC).host_key == report["host_key"]
+    # SSH goes to where the call came from (slirp: the host's loopback); the guest's own address is only recorded.
+    assert report["ip"] == "127.0.0.1"
+    assert ipaddress.ip_address(report["reported_ip"]) in ipaddress.ip_network("10.0.2.0/24")
+    assert app.store.node(DEFAULT_MAC).host_key.startswith("ssh-ed25519 ")
+    # The firmware's SMBIOS UUID (iPXE, with the script over HTTP) and the agent's (sysfs) are one machine's.
+    assert report["uuid"] == VM_UUID, events(app)
+    if transport == "http":
+        assert same_uuid(app.store.node(DEFAULT_MAC).facts["uuid"], VM_UUID), events(app)
