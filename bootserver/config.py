@@ -56,13 +56,11 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-
 from .deploy import Deployment, deployment_from_toml
 from .disk import DiskLayout, layout_from_toml
 from .errors import BadRequest, ConfigError
 from .mac import canonical_mac
+from .store.postgres import check_url
 from .tomlcheck import only_keys, table
 
 # Selector keys that come from the machine's request rather than from its configured labels.
@@ -334,8 +332,8 @@ def _database_url(raw: dict[str, Any], where: str) -> str | None:
     value = _str(raw, "database", where, "")
     if value.startswith(POSTGRESQL_SCHEMES):
         try:
-            conninfo_to_dict(value)
-        except psycopg.ProgrammingError:  # its message quotes the URL: the password with it
+            check_url(value)
+        except ValueError:  # libpq's message quotes the URL: the password with it
             raise ConfigError(f"{where} database: not a URL libpq understands: expected "
                               f"postgresql://user:password@host:port/dbname (special characters %-encoded)") from None
         return value

@@ -200,3 +200,11 @@ def _without_password(url: str) -> str:
     """The URL as it may appear in logs and error messages."""
     url = re.sub(r"(//[^:/@]*):[^@]*@", r"\1:***@", url)  # user:password@
     return re.sub(r"([?&]password=)[^&]*", r"\1***", url)  # ?password=...
+
+
+def check_url(url: str) -> None:
+    """ValueError (with no text: libpq's would quote the password) unless libpq can parse `url`."""
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ValueError from None
