@@ -162,7 +162,7 @@ def readelf(path: Path) -> tuple[str | None, list[str]]:
 
 def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Path) -> None:
     if shutil.which("readelf") is None:
-        pytest.skip("readelf (binutils) is not installed")
+        pytest.fail("readelf is missing: install binutils (./setup test does)")
     entries = read_initramfs(agent_image.initrd)
 
     # dropbear runs its SFTP subsystem by the path compiled into it: that must be sftp-server
@@ -228,7 +228,7 @@ def test_openssl_makes_the_tls_key_and_request_inside_the_agent(agent_image: Age
     initramfs: no /usr/lib/ssl, no /proc, nothing of the host's. The key stays, the request verifies."""
     chroot = shutil.which("chroot")
     if os.geteuid() != 0 or chroot is None:
-        pytest.skip("needs root and chroot")
+        pytest.fail("needs root and chroot (CI runs as root; ./setup test installs coreutils' chroot)")
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 

@@ -469,7 +469,7 @@ async def test_node_that_drops_mid_step_is_lost(keys, data_dir, tmp_path):
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Any:
     if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup")
+        pytest.fail("needs root and losetup (util-linux): CI runs as root, ./setup test installs it")
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(128 * 1024 * 1024)  # sparse

@@ -165,6 +165,7 @@ async def test_a_replica_killed_mid_provisioning_leaves_its_jobs_to_the_other(po
             assert time.monotonic() < deadline, "replica a never started provisioning"
             await asyncio.sleep(0.05)
         held_by_a = {m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.job(m).state == "running"}
+        assert held_by_a, "replica a held no running job when it was stopped: the takeover below would prove nothing"
         await a.kill()
         killed = time.monotonic()
         await until_all(store, [mac(i) for i in range(count)], {"deployed", "failed", "interrupted"}, timeout=60)
@@ -220,6 +221,7 @@ async def test_a_replica_cut_off_from_the_database_stops_its_jobs_before_the_oth
             assert time.monotonic() < deadline, "replica a never started provisioning"
             await asyncio.sleep(0.05)
         held_by_a = {m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.job(m).state == "running"}
+        assert held_by_a, "replica a held no running job when it was stopped: the takeover below would prove nothing"
         with psycopg.connect(postgres.url("postgres"), autocommit=True) as admin:
             admin.execute(f"ALTER ROLE {roles['a']} NOLOGIN")
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (roles["a"],))
