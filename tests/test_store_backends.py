@@ -258,8 +258,13 @@ def test_a_script_served_while_its_machine_phones_home_is_no_deadlock(database):
             b.record(mac, "script-served", token=Token(f"u{i}", "hash", mac, now, now + 60))
 
         with ThreadPoolExecutor(2) as pool:
-            for future in [pool.submit(home), pool.submit(script)]:
-                future.result()  # StoreUnavailable("deadlock detected") before both took the machine first
+            spent, _ = (future.result() for future in [pool.submit(home), pool.submit(script)])
+        # No deadlock (StoreUnavailable "deadlock detected" before both took the machine first), and one outcome
+        # in either order: the phone-home spent its token, then the script's new token revoked nothing spent; or
+        # the new script's token came first and the phone-home, on a revoked token, lost.
+        assert a.token(f"t{i}").used is not None  # spent by the phone-home, or revoked by the newer token
+        assert a.token(f"u{i}").used is None  # the newer boot's token is live either way
+        assert ("phoned-home" in [e.kind for e in a.events(mac)]) == spent
     a.close()
     b.close()
 
