@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,41 @@ def api_token(config: configuration.Config) -> str:
 def bearer(config: configuration.Config) -> dict[str, str]:
     """Headers for an API write (or a read with [server] pages = "token")."""
     return {"Authorization": f"Bearer {api_token(config)}"}
+
+
+_TIMINGS: list[tuple[str, str, float]] = []  # (test, what, seconds) of this session's real-firmware boots
+
+
+@pytest.fixture
+def timing(request):
+    """Record a measured time of a VM test: printed as it happens, and written with the run's commit and command
+    to benchmarks/results/vm-timings-latest.md when the session ends (the README quotes a committed copy)."""
+    def record(what: str, seconds: float) -> None:
+        print(f"{what}: {seconds:.1f} s")
+        _TIMINGS.append((request.node.nodeid, what, seconds))
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _TIMINGS:
+        return
+    import platform
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    lines = [f"# VM test timings, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
+             f"- command: `{' '.join(['python -m pytest', *sys.argv[1:]])}`",
+             f"- machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; QEMU TCG",
+             f"- pytest exit status: {exitstatus}", "", "| test | what | seconds |", "| --- | --- | --- |"]
+    lines += [f"| `{test}` | {what} | {seconds:.1f} |" for test, what, seconds in _TIMINGS]
+    (root / "benchmarks" / "results" / "vm-timings-latest.md").write_text("\n".join(lines) + "\n")
 
 
 async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):

@@ -404,7 +404,7 @@ def boot_args(**settings: str) -> str:
 
 
 @pytest.mark.vm
-async def test_agent_phones_home_and_lets_the_server_in(agent_image: AgentImage, tmp_path: Path) -> None:
+async def test_agent_phones_home_and_lets_the_server_in(agent_image: AgentImage, tmp_path: Path, timing) -> None:
     """The provisioning path end to end: overlay with keys, phone-home, SSH with the pinned host
     key, partitioning, mkfs, mounts, SFTP, and `reboot -f` ending the VM."""
     server = PhoneHomeServer()
@@ -490,8 +490,9 @@ async def test_agent_phones_home_and_lets_the_server_in(agent_image: AgentImage,
                 await asyncio.wait_for(conn.run("reboot -f"), 10)
         await vm.wait_for_exit(30)  # -no-reboot: the guest's reboot ends QEMU
         assert disk.read_bytes()[512:520] == b"EFI PART"
-        print(f"phone-home {phoned:.1f} s, SSH session {connected:.1f} s, provisioned {provisioned:.1f} s "
-              "after QEMU started")  # fmt: skip
+        timing("direct -kernel agent: QEMU start to phone-home", phoned)
+        timing("direct -kernel agent: QEMU start to SSH session", connected)
+        timing("direct -kernel agent: QEMU start to disk provisioned", provisioned)
     finally:
         await vm.stop()
         await server.stop()

@@ -73,12 +73,12 @@ def events(app: App, mac: str = DEFAULT_MAC) -> str:
 
 @pytest.mark.parametrize(("firmware", "transport"), [("bios", "http"), ("uefi", "http"),
                                                       ("bios", "tftp"), ("uefi", "tftp")])
-async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transport: str):
+async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transport: str, timing):
     port = app.http_address[1] if transport == "http" else app.tftp_address[1]
     bootfile = f"{transport}://10.0.2.2:{port}/boot.ipxe"
     async with Vm(workdir=tmp_path, firmware=firmware, bootfile=bootfile, memory=512, uuid=VM_UUID) as vm:
         took = await wait_for_state(app, vm, "phoned-home", timeout=240)
-    print(f"{firmware} over {transport}: QEMU start to phone-home {took:.1f} s")
+    timing(f"{firmware} over {transport}: QEMU start to phone-home", took)
 
     log = app.store.events(DEFAULT_MAC)
     kinds = [e.kind for e in log]

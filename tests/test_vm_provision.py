@@ -110,7 +110,7 @@ async def site(agent_image: AgentImage, tmp_path: Path):
     await app.stop()
 
 
-async def test_power_on_to_deployed(site, tmp_path: Path):
+async def test_power_on_to_deployed(site, tmp_path: Path, timing):
     app, ssh_port = site
     disk = tmp_path / "disk.img"
     with disk.open("wb") as f:
@@ -118,7 +118,7 @@ async def test_power_on_to_deployed(site, tmp_path: Path):
     bootfile = f"http://10.0.2.2:{app.http_address[1]}/boot.ipxe"
     async with Vm(workdir=tmp_path, bootfile=bootfile, memory=512, disk=disk, hostfwd={ssh_port: 22}) as vm:
         took = await wait_for_state(app, vm, "deployed", timeout=420)
-        print(f"power-on to deployed: {took:.1f} s")
+        timing("power-on to deployed", took)
         # The last step reboots the node; with -no-reboot QEMU then exits, leaving the disk consistent.
         await asyncio.wait_for(vm.process.wait(), 60)
     kinds = [e.kind for e in app.store.events(DEFAULT_MAC)]

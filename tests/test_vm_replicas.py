@@ -52,7 +52,7 @@ async def wait_until(store: Store, vm: Vm, what: str, predicate, timeout: float)
         await asyncio.sleep(0.1)
 
 
-async def test_a_vm_is_provisioned_by_the_peer_of_the_replica_that_booted_it(postgres, agent_image: AgentImage,
+async def test_a_vm_is_provisioned_by_the_peer_of_the_replica_that_booted_it(postgres, agent_image: AgentImage, timing,
                                                                             tmp_path: Path):
     database = postgres.new_database()
     ssh_port = free_port()
@@ -85,7 +85,7 @@ async def test_a_vm_is_provisioned_by_the_peer_of_the_replica_that_booted_it(pos
         by = {e.kind: e.replica for e in events}
         assert by["script-served"] == "a" and by["phoned-home"] == "b" and by["deployed"] == "b", events
         assert "failed" not in by and "refused" not in by, events
-        print(f"QEMU start to deployed by the peer: {took:.1f} s")
+        timing("QEMU start to deployed by the peer", took)
     finally:
         await a.kill()
         await b.kill()

@@ -104,7 +104,7 @@ def phone_home_ip(lab: Lab, mac: str) -> IPv4Address:
         store.close()
 
 
-async def test_full_mode_two_vms_at_once(lab: Lab, agent_image: AgentImage):
+async def test_full_mode_two_vms_at_once(lab: Lab, agent_image: AgentImage, timing):
     lab.write_config(agent_image.kernel.parent)
     lab.start_server()
     started = time.monotonic()
@@ -112,7 +112,8 @@ async def test_full_mode_two_vms_at_once(lab: Lab, agent_image: AgentImage):
     lab.start_vm(2)
     # As `bootserver lab up --vms 2` does: both end deployed (disk partitioned, demo service deployed).
     took = await asyncio.gather(*(wait_phoned_home(lab, i, started, state="deployed") for i in (1, 2)))
-    print(f"full mode, 2 BIOS VMs at once: deployed after {took[0]:.1f} s and {took[1]:.1f} s")
+    for n, seconds in enumerate(took, 1):
+        timing(f"full mode over VDE, 2 BIOS VMs at once: VM {n} QEMU start to deployed", seconds)
 
     store = Store(lab.data_dir / "bootserver.sqlite3")
     try:
@@ -132,14 +133,14 @@ async def test_full_mode_two_vms_at_once(lab: Lab, agent_image: AgentImage):
     assert leases[VM_MAC.format(1)].ip != leases[VM_MAC.format(2)].ip
 
 
-async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage):
+async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage, timing):
     lab.write_config(agent_image.kernel.parent, mode="proxy", provision=False)
     lab.start_server()
     # Another DHCP server on the same segment, in its own namespace: addresses only, no boot options.
     other = f"{lab.namespace}-d"
     subprocess.run(["ip", "netns", "add", other], check=True)
     try:
-        await _boot_beside_dnsmasq(lab, other, agent_image)
+        await _boot_beside_dnsmasq(lab, other, agent_image, timing)
     finally:
         for name in ("dnsmasq", "plug"):  # stopped before their namespace goes
             if name in lab.processes:
@@ -148,7 +149,7 @@ async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage):
         subprocess.run(["ip", "netns", "del", other], check=True)
 
 
-async def _boot_beside_dnsmasq(lab: Lab, other: str, agent_image: AgentImage) -> None:
+async def _boot_beside_dnsmasq(lab: Lab, other: str, agent_image: AgentImage, timing) -> None:
     lab.spawn("plug", ["vde_plug2tap", "--sock", str(lab.switch_socket), "dhcp0"], marker="dhcp0", namespace=other)
     deadline = time.monotonic() + 5
     while subprocess.run(["ip", "netns", "exec", other, "ip", "link", "show", "dhcp0"],
@@ -165,7 +166,7 @@ async def _boot_beside_dnsmasq(lab: Lab, other: str, agent_image: AgentImage) ->
     started = time.monotonic()
     lab.start_vm(1)
     took = await wait_phoned_home(lab, 1, started)
-    print(f"proxy mode beside dnsmasq, BIOS: phone-home after {took:.1f} s")
+    timing("proxy mode beside dnsmasq over VDE, BIOS: QEMU start to phone-home", took)
 
     mac = VM_MAC.format(1)
     ip = phone_home_ip(lab, mac)
@@ -182,13 +183,13 @@ async def _boot_beside_dnsmasq(lab: Lab, other: str, agent_image: AgentImage) ->
         store.close()
 
 
-async def test_uefi_native_pxe_gets_ipxe_over_tftp(lab: Lab, agent_image: AgentImage):
+async def test_uefi_native_pxe_gets_ipxe_over_tftp(lab: Lab, agent_image: AgentImage, timing):
     lab.write_config(agent_image.kernel.parent, provision=False)
     lab.start_server()
     started = time.monotonic()
     lab.start_vm(1, firmware="uefi", native_pxe=True)
     took = await wait_phoned_home(lab, 1, started, timeout=180)
-    print(f"UEFI native PXE -> ipxe.efi over TFTP -> HTTP: phone-home after {took:.1f} s")
+    timing("OVMF native PXE -> ipxe.efi over TFTP -> HTTP (VDE): QEMU start to phone-home", took)
 
     events = dhcp_events(lab, VM_MAC.format(1))
     firmware = events[0]
