@@ -357,17 +357,26 @@ async def _read_all(port: int, request: bytes) -> bytes:
         writer.close()
 
 
+def request_mutator(base: int, index: int) -> Mutator:
+    """The generator of the run's request `index`: the same for a seed whichever worker sends it, and when."""
+    return Mutator(random.Random(f"{base}:{index}"))
+
+
 async def run_http_async(server: Server, count: int, m: Mutator, workers: int = 64) -> Figures:
+    """`count` requests from `workers` connections at once. Request i comes from a generator seeded by (the run's
+    seed, i), not from one generator the workers share in whatever order they run: so --seed replays the inputs."""
     figures = Figures("http")
     token = ["x.y"]
     started = time.monotonic()
+    base = m.rng.getrandbits(64)
 
     async def worker() -> None:
         while figures.sent < count:
+            mi = request_mutator(base, figures.sent)
             figures.sent += 1
-            if m.rng.random() < 0.02:
-                token[0] = await real_token(server.http, m.choice(["52-54-00-00-00-01", "52-54-00-00-40-01"])) or "x.y"
-            status = await one_http(server.http, http_request(m, token[0]))
+            if mi.rng.random() < 0.02:
+                token[0] = await real_token(server.http, mi.choice(["52-54-00-00-00-01", "52-54-00-00-40-01"])) or "x.y"
+            status = await one_http(server.http, http_request(mi, token[0]))
             figures.answers[status] += 1
             if status == "500" or status.startswith(("no answer", "connect failed", "not HTTP")):
                 figures.findings.append(f"http: {status}")
