@@ -28,6 +28,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bootserver.dhcp import DISCOVER, DhcpPacket
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,12 +52,14 @@ class Server:
         images.mkdir()
         (images / "vmlinuz").write_bytes(b"K" * 10_000)
         self.http, self.tftp = free_port(), free_port(socket.SOCK_DGRAM)
+        self.dhcp, self.pxe = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
         self.config = tmp_path / "site.toml"
         self.config.write_text(
             f'[server]\nhttp = "127.0.0.1:{self.http}"\ntftp = "127.0.0.1:{self.tftp}"\ndata_dir = "{self.data}"\n'
             'new_machines_per_minute = 100000\n'
             f'[assets]\nkernel = "{images / "vmlinuz"}"\n'
-            '[profiles.p]\nkernel = "kernel"\n[groups.all]\nprofile = "p"\n')
+            '[profiles.p]\nkernel = "kernel"\n[groups.all]\nprofile = "p"\n'
+            f'[dhcp]\nmode = "proxy"\nserver_address = "127.0.0.1"\nport = {self.dhcp}\nproxy_port = {self.pxe}\n')
         self.log = tmp_path / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -166,8 +170,28 @@ def recorded(server: Server, *macs: str) -> tuple[int, int, int]:
     return tuple(row[0] for row in server.query(counts, *canonical * 3))
 
 
+def dhcp_answered(server: Server, mac: str, seconds: float = 1.5) -> bool:
+    """Whether a PXE firmware's DISCOVER for `mac` gets an answer (proxy mode: a boot offer) within `seconds`."""
+    xid = int.from_bytes(os.urandom(4), "big")
+    discover = DhcpPacket(op=1, xid=xid, chaddr=bytes.fromhex(mac.replace("-", "")), flags=0x8000,
+                          options={53: bytes([DISCOVER]), 60: b"PXEClient:Arch:00000:UNDI:002001", 93: b"\0\0"})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.sendto(discover.encode(), ("127.0.0.1", server.dhcp))
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                if DhcpPacket.parse(sock.recv(4096)).xid == xid:
+                    return True
+            except TimeoutError:
+                return False
+    return False
+
+
 async def refused_while(server: Server, session: aiohttp.ClientSession, macs: list[str], cause: str) -> None:
-    """Every request that must be recorded is refused, saying why; nothing of it is in the store."""
+    """Every request that must be recorded is refused, saying why; nothing of it is in the store. DHCP, which has
+    no way to say why, is not answered at all."""
     for mac in macs:
         status, text = await script(session, server, mac)
         assert status == 503, text
@@ -179,6 +203,7 @@ async def refused_while(server: Server, session: aiohttp.ClientSession, macs: li
     assert len(problems) == 1 and re.search(cause, problems[0]), problems
     async with session.get(f"http://127.0.0.1:{server.http}/boot.ipxe") as response:
         assert response.status == 200  # what needs no record is served as ever
+    assert not await asyncio.to_thread(dhcp_answered, server, macs[-1])
     assert server.alive()
     assert recorded(server, *macs) == (0, 0, 0)
 
@@ -187,6 +212,7 @@ async def works_again(server: Server, session: aiohttp.ClientSession, mac: str) 
     status, text = await script(session, server, mac)
     assert status == 200, text
     assert recorded(server, mac) == (1, 1, 1)
+    assert await asyncio.to_thread(dhcp_answered, server, mac)
     assert (await health(session, server))["problems"] == []
     assert server.query("PRAGMA integrity_check") == [("ok",)]
 

@@ -1,0 +1,58 @@
+"""What `bootserver serve` does about the open-file limit at start, seen from outside the real process: it raises
+the soft limit to the hard one, and with a hard limit too low for a full TFTP session table it lowers the table
+and says so (README, Hardening)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(tmp_path: Path, nofile: str) -> tuple[str, str]:
+    """Start `bootserver serve` under `prlimit --nofile=SOFT:HARD`; (its /proc limits line, its log) once it serves."""
+    config = tmp_path / "site.toml"
+    config.write_text(f'[server]\nhttp = "127.0.0.1:{free_port(socket.SOCK_STREAM)}"\n'
+                      f'tftp = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"\ndata_dir = "{tmp_path / "data"}"\n')
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(["prlimit", f"--nofile={nofile}", sys.executable, "-m", "bootserver", "--config",
+                                    str(config), "serve"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 15
+        while "serving HTTP on" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        return next(line for line in limits.splitlines() if line.startswith("Max open files")), log.read_text()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path):
+    if subprocess.run(["which", "prlimit"], capture_output=True).returncode != 0:
+        pytest.fail("prlimit is missing (util-linux)")
+    line, log = serve(tmp_path, "1024:8192")
+    assert re.fullmatch(r"Max open files\s+8192\s+8192\s+files\s*", line), line
+    assert "at most" not in log
+
+
+def test_a_hard_limit_too_low_for_the_tftp_table_lowers_it_with_a_warning(tmp_path):
+    line, log = serve(tmp_path, "300:300")
+    assert re.fullmatch(r"Max open files\s+300\s+300\s+files\s*", line), line
+    warning = re.search(r"tftp: at most (\d+) transfers at once: the open-file limit is too low for 1000", log)
+    assert warning and 0 < int(warning[1]) < 1000, log
