@@ -10,15 +10,14 @@ home with this boot's token.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import ipaddress
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 from qemu import DEFAULT_MAC, OVMF, Vm
+from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
 from bootserver.admission import same_uuid
@@ -50,25 +49,6 @@ async def app(agent_image: AgentImage, tmp_path: Path):
     await app.start()
     yield app
     await app.stop()
-
-
-async def wait_for_state(app: App, vm: Vm, state: str, timeout: float, mac: str = DEFAULT_MAC,
-                         exit_ok: bool = False) -> float:
-    """Seconds from QEMU's start until `mac` reaches `state` in our store; fails with both logs."""
-    deadline = time.monotonic() + timeout
-    while (node := app.store.node(mac)) is None or node.state != state:
-        if node is not None and node.state in ("failed", "interrupted"):
-            raise AssertionError(f"{mac} is {node.state}, waiting for {state!r}{vm.report()}{events(app, mac)}")
-        if not vm.running and not exit_ok:
-            raise AssertionError(f"QEMU exited before {state!r}{vm.report()}{events(app, mac)}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {state!r} within {timeout} s{vm.report()}{events(app, mac)}")
-        await asyncio.sleep(0.2)
-    return vm.elapsed
-
-
-def events(app: App, mac: str = DEFAULT_MAC) -> str:
-    return "\n--- events:\n" + "\n".join(f"{e.kind} {e.detail}" for e in app.store.events(mac))
 
 
 @pytest.mark.parametrize(("firmware", "transport"), [("bios", "http"), ("uefi", "http"),

@@ -19,7 +19,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from qemu import DEFAULT_MAC, Vm, free_port
-from test_vm_boot import events, wait_for_state
+from support.disk import blkid, debugfs, loop_device
+from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
 from bootserver.app import App
@@ -170,32 +171,3 @@ def check_disk(disk: Path, app: App) -> None:
         link = debugfs(device, "stat /etc/systemd/system/multi-user.target.wants/raftd.service").decode()
         assert 'Fast link dest: "/etc/systemd/system/raftd.service"' in link
         assert debugfs(device, "cat /etc/systemd/system/raftd.service").decode() == UNIT
-
-
-class loop_device:
-    """A read-only loop device over part of a file (root; the test's own file only)."""
-
-    def __init__(self, path: Path, offset: int, size: int) -> None:
-        self.args = ["losetup", "--find", "--show", "--read-only", "--offset", str(offset),
-                     "--sizelimit", str(size), str(path)]
-
-    def __enter__(self) -> str:
-        if not Path("/dev/loop-control").exists():
-            pytest.fail("loop devices are needed to read the disk image (run the tests as root)")
-        self.device = subprocess.run(self.args, capture_output=True, text=True, check=True).stdout.strip()
-        return self.device
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run(["losetup", "-d", self.device], check=False)
-
-
-def blkid(device: str) -> dict[str, str]:
-    out = subprocess.run(["blkid", "-p", "-o", "export", device], capture_output=True, text=True, check=True).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def debugfs(device: str, request: str) -> bytes:
-    result = subprocess.run(["debugfs", "-R", request, device], capture_output=True, check=True)
-    if b"File not found" in result.stderr:
-        raise AssertionError(f"debugfs {request}: {result.stderr.decode()}")
-    return result.stdout

@@ -26,9 +26,11 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from support.disk import blkid, debugfs, partition, partition_table
 
 from bootserver.image import AgentImage
-from bootserver.lab import VM_MAC, Lab, namespaces
+from bootserver.lab import DEMO_FILES, VM_MAC, Lab, namespaces
 from bootserver.store import Store
 
 pytestmark = pytest.mark.vm
@@ -131,6 +133,29 @@ async def test_full_mode_two_vms_at_once(lab: Lab, agent_image: AgentImage, timi
         assert firmware["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
         assert any(e["answer"] == "not a PXE client: an address only" for e in events), "the agent's udhcpc"
     assert leases[VM_MAC.format(1)].ip != leases[VM_MAC.format(2)].ip
+    # Deployed means written: each VM's own disk holds the layout, the service, its peers and its certificate.
+    peers = {f"node-{VM_MAC.format(i).replace(':', '')}": leases[VM_MAC.format(i)].ip for i in (1, 2)}
+    for index in (1, 2):
+        check_lab_disk(lab, index, peers)
+
+
+def check_lab_disk(lab: Lab, index: int, peers: dict[str, str]) -> None:
+    """The disk `bootserver lab up` provisions (lab.DEMO_PROFILE), read from the host."""
+    disk = lab.dir / f"vm{index}.img"
+    table = partition_table(disk)
+    assert table["label"] == "gpt" and [p["name"] for p in table["partitions"]] == ["boot", "nixos"], table
+    with partition(disk, table, 2) as device:
+        assert blkid(device)["TYPE"] == "ext4"
+        assert debugfs(device, "cat /usr/local/bin/lab-node").decode() == DEMO_FILES["lab/lab-node"]
+        listed = debugfs(device, "cat /etc/lab-node/peers.toml").decode()
+        me = f"node-{VM_MAC.format(index).replace(':', '')}"
+        assert listed.startswith(f'me = "{me}"'), listed
+        for name, ip in peers.items():
+            assert f'name = "{name}"\nip = "{ip}"' in listed, listed
+        cert = x509.load_pem_x509_certificate(debugfs(device, "cat /etc/lab-node/tls/node.crt"))
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert me in names.get_values_for_type(x509.DNSName)
+        debugfs(device, "stat /etc/systemd/system/multi-user.target.wants/lab-node.service")  # enabled
 
 
 async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage, timing):
