@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from . import config as configuration
-from . import dhcp, http, tftp
+from . import dhcp, tftp
 from .booter import Booter
 from .config import Config
 from .errors import ConfigError
@@ -24,6 +24,7 @@ from .jobs import Provisioner
 from .pki import open_keys
 from .store import Store
 from .templates import Templates
+from .web import create_app
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class App:
     async def start(self) -> None:
         server = self.config.server
         self.provisioner.start()
-        self._runner = web.AppRunner(http.create_app(self.booter, server.public_address),
+        self._runner = web.AppRunner(create_app(self.booter, server.public_address),
                                      keepalive_timeout=KEEPALIVE_TIMEOUT, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, server.http.host, server.http.port, backlog=HTTP_BACKLOG).start()

@@ -19,9 +19,9 @@ from .lab import ADDRESS as LAB_ADDRESS
 from .lab import Lab
 from .mac import canonical_mac
 from .pki import open_keys
-from .status import clock, machine_view, summarize
 from .store import Store
 from .templates import Templates
+from .web.views import clock, machine_view, summarize
 
 
 def main(argv: list[str] | None = None) -> int:

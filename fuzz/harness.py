@@ -29,7 +29,7 @@ from bootserver.dhcp import DhcpPacket
 from bootserver.errors import BadRequest
 from bootserver.mac import canonical_mac
 from bootserver.store import Store
-from bootserver.web import PAGE_EVENTS
+from bootserver.web.query import PAGE_EVENTS
 
 from .mutate import MACS, PXE_BIOS, Mutator, dhcp_packet, http_request, tftp_datagram, tftp_other
 

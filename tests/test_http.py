@@ -13,7 +13,7 @@ import pytest
 from conftest import eventually
 
 from bootserver.errors import Forbidden
-from bootserver.http import create_app
+from bootserver.web import create_app
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ async def test_writes_need_the_token_the_server_made(config):
 
 def test_token_file_is_0600_under_a_permissive_umask(tmp_path):
     """finding 7: the made token is 0600 whatever the umask; an existing one readable by others is tightened."""
-    from bootserver.web import load_or_make_token
+    from bootserver.web.auth import load_or_make_token
 
     old = os.umask(0)
     try:

@@ -16,9 +16,10 @@ from test_http import boot_token, report
 
 from bootserver.booter import Booter
 from bootserver.config import Machine
-from bootserver.http import BOOTER, create_app
 from bootserver.templates import Templates
-from bootserver.web import STREAMS
+from bootserver.web import create_app
+from bootserver.web.routes import BOOTER
+from bootserver.web.stream import STREAMS
 
 MAC = "52:54:00:00:00:01"
 TOKEN = "s3cret-api-token-0123456789"
@@ -62,7 +63,7 @@ async def test_machine_list_comes_a_page_at_a_time(client, booter, monkeypatch):
     assert [m["mac"] for m in body["machines"]] == [macs[1]] and body["next_after"] == macs[1]
     assert body["counts"] == {"deployed": 3, "failed": 2}  # counts are over all machines, not the page
     assert (await client.get("/api/v1/machines", params={"after": "not-a-mac"})).status == 400
-    monkeypatch.setattr("bootserver.web.PAGE_ROWS", 2)
+    monkeypatch.setattr("bootserver.web.pages.PAGE_ROWS", 2)
     html = await (await client.get("/", params={"state": "deployed"})).text()
     assert macs[0] in html and macs[2] in html and macs[4] not in html
     assert 'href="/?state=deployed&amp;after=52%3A54%3A00%3A00%3A01%3A02">next page' in html

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 _MAC = {"name": "mac", "in": "path", "required": True, "description": "MAC address in any common spelling "
         "(52:54:00:12:34:56, 52-54-00-12-34-56, 5254.0012.3456, 525400123456)", "schema": {"type": "string"}}

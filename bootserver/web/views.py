@@ -1,7 +1,7 @@
 """What we say about a machine: its progress, why it boots what it boots, and one line per event.
 
-Shared by the status pages and JSON API (web.py) and by `bootserver show` (cli.py), so that the
-browser, the API and the terminal tell the same story. Nothing here knows about HTTP.
+Shared by the status pages and JSON API (pages.py, api.py, stream.py) and by `bootserver show` (cli.py), so that
+the browser, the API and the terminal tell the same story. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import asyncssh
 
-from .booter import Booter
-from .config import FACT_KEYS
-from .store import Event, Node
+from ..booter import Booter
+from ..config import FACT_KEYS
+from ..store import Event, Node
 
 # The happy path, in order; the progress indicator is the state's position in it.
 PROGRESS = ("script-served", "kernel-served", "phoned-home", "disk", "deploy", "finishing", "deployed")
@@ -77,7 +77,7 @@ def machine_view(booter: Booter, node: Node) -> MachineView:
                        spec.group, spec.reason, fingerprint(node.host_key), progress(node.state))
 
 
-@functools.lru_cache(maxsize=16384)  # ~18 us a key: 9 ms of every 500-machine page
+@functools.lru_cache(maxsize=16384)  # parsing a key is slow, and every list page shows hundreds of them
 def fingerprint(host_key: str | None) -> str | None:
     if not host_key:
         return None

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from .status import OFF_PATH, PROGRESS
-from .store import Store
+from ..store import Store
+from .views import OFF_PATH, PROGRESS
 
 # Reported even at zero, so that dashboards and alerts see every state from the first scrape.
 KNOWN_STATES = (*PROGRESS, *OFF_PATH)

@@ -1,4 +1,4 @@
-"""HTTP: translates requests into calls on the Booter and its answers into responses.
+"""The boot routes machines use: translate requests into calls on the Booter and its answers into responses.
 
     GET  /boot.ipxe                 the bootstrap script every machine chains to first
     GET  /boot/{mac}.ipxe           one machine's script (firmware facts in the query string)
@@ -9,7 +9,7 @@
     GET  /ipxe/{binary}             iPXE binaries, for UEFI HTTP boot
     GET  /healthz                   what works and what is missing (`problems`: what needs a person)
 
-Status pages, the JSON API (/api/v1) and /metrics are in web.py.
+Status pages are in pages.py and stream.py, the JSON API (/api/v1) and /metrics in api.py.
 """
 
 from __future__ import annotations
@@ -17,50 +17,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError
 
-from .booter import OVERLAY_NAME, Booter, Urls
-from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, TooManyRequests, Unauthorized
-from .payload import Payload
+from ..booter import OVERLAY_NAME, Booter, Urls
+from ..errors import BadRequest
+from ..payload import Payload
+from .routes import BOOTER, PUBLIC_ADDRESS, get, post
 
-log = logging.getLogger(__name__)
-
-BOOTER = web.AppKey("booter", Booter)
-PUBLIC_ADDRESS = web.AppKey("public_address", str)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_BODY = 64 * 1024  # phone-home reports are small; anything larger is refused with 413
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
-_STATUS = {BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, TooManyRequests: 429,
-           StoreUnavailable: 503}
 
 
-class _ClientGarbage(logging.Filter):
-    """aiohttp logs a request it cannot parse (the client's fault, answered 400) as an ERROR with a
-    traceback, except a bad method, which it logs at debug for being common on the internet. Any client
-    could so fill our log and bury real errors (found by fuzz/run): those records are dropped too."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500)
-
-
-_CLIENT_GARBAGE = _ClientGarbage()
-
-
-def create_app(booter: Booter, public_address: str | None = None) -> web.Application:
-    logging.getLogger("aiohttp.server").addFilter(_CLIENT_GARBAGE)  # once: filters are a set
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
-    app[BOOTER] = booter
-    app[PUBLIC_ADDRESS] = public_address or ""
+def add_routes(app: web.Application) -> None:
     get(app, "/boot.ipxe", bootstrap)
     get(app, "/boot/{mac}.ipxe", machine_script)
     get(app, "/boot/{mac}/{name}", boot_file)
@@ -69,60 +40,6 @@ def create_app(booter: Booter, public_address: str | None = None) -> web.Applica
     post(app, "/boot/{mac}/phone-home", phone_home)
     get(app, "/ipxe/{name}", ipxe_binary)
     get(app, "/healthz", healthz)
-    from . import web as status_pages  # imported here: web.py builds on this module (BOOTER)
-
-    status_pages.add_routes(app)
-    app.router.add_route("*", "/{path:.*}", _unrouted, expect_handler=expect_continue)
-    return app
-
-
-def get(app: web.Application, path: str, handler: Handler) -> None:
-    app.router.add_get(path, handler, expect_handler=expect_continue)
-
-
-def post(app: web.Application, path: str, handler: Handler) -> None:
-    app.router.add_post(path, handler, expect_handler=expect_continue)
-
-
-async def expect_continue(request: web.Request) -> None:
-    """The `Expect` header, answered before the body is read (and before any middleware runs).
-
-    Ours rather than aiohttp's because aiohttp's echoes the header into its 417 answer and fails with a
-    500 when the header holds bytes that are not UTF-8 (found by fuzz/run).
-    """
-    if request.version != HttpVersion11:
-        return
-    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text="the only Expect this server understands is 100-continue\n")
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the interim answer is not part of the response's size
-
-
-async def _unrouted(request: web.Request) -> web.StreamResponse:
-    """404 or 405 for a path no route takes: routed here, not left to aiohttp, so that `expect_continue`
-    answers its Expect header too."""
-    allowed: set[str] = set()
-    for resource in request.app.router.resources():
-        if resource is not request.match_info.route.resource:
-            allowed |= (await resource.resolve(request))[1]
-    if allowed:
-        raise web.HTTPMethodNotAllowed(request.method, allowed)
-    raise web.HTTPNotFound()
-
-
-@web.middleware
-async def _errors(request: web.Request,
-                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Our exceptions become plain-text answers a person (or iPXE's console) can read."""
-    try:
-        return await handler(request)
-    except BootserverError as exc:
-        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
-        if status == 500:
-            log.exception("request %s failed", request.path)
-        # The message goes in the reason phrase too: busybox wget (the agent) shows only the status line.
-        reason = " ".join(str(exc).split())[:200].encode("latin-1", "replace").decode("latin-1")
-        return web.Response(status=status, text=f"{exc}\n", reason=reason)
 
 
 def urls(request: web.Request) -> Urls:
@@ -259,7 +176,7 @@ async def phone_home(request: web.Request) -> web.Response:
 
 async def body(request: web.Request) -> bytes:
     """The request body. A client that goes away before sending all of it gets 400 (it sees nothing),
-    not a traceback in our log (found by fuzz/run)."""
+    not a traceback in our log: its going away is no error of ours."""
     try:
         return await request.read()
     except ConnectionResetError:

@@ -1,0 +1,126 @@
+"""The JSON API for programs (the pages' twins), its OpenAPI description, and the metrics.
+
+    GET  /api/v1/machines[?state=]           every machine, a page at a time
+    GET  /api/v1/machines/{mac}
+    GET  /api/v1/machines/{mac}/events?after=
+    POST /api/v1/machines/{mac}/reprovision, /api/v1/machines/{mac}/boot-from-disk, /api/v1/machines/{mac}/approve
+    GET  /api/v1/openapi.json                OpenAPI 3 description of /api/v1
+    GET  /metrics                            Prometheus: machines by state, bytes served, step durations
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from ..booter import Booter
+from ..errors import BootserverError
+from ..mac import canonical_mac
+from . import metrics, openapi
+from .auth import bearer, check_read, check_same_origin, check_token
+from .query import PAGE_EVENTS, machine, number, page_of_nodes, states
+from .routes import BOOTER, Handler, get, post, status_of
+from .views import event_json, machine_view
+
+PAGE_MACHINES = 500  # machines per page of the API's list (which may ask for up to 1,000): a big site stays fast
+
+METRICS = web.AppKey("metrics", CollectorRegistry)
+
+
+def add_routes(app: web.Application) -> None:
+    app[METRICS] = metrics.registry(app[BOOTER].store)
+    get(app, "/api/v1/machines", _api(api_machines))
+    get(app, "/api/v1/machines/{mac}", _api(api_machine))
+    get(app, "/api/v1/machines/{mac}/events", _api(api_events))
+    post(app, "/api/v1/machines/{mac}/reprovision", _api(_api_action(Booter.reprovision)))
+    post(app, "/api/v1/machines/{mac}/boot-from-disk", _api(_api_action(Booter.boot_from_disk)))
+    post(app, "/api/v1/machines/{mac}/approve", _api(_api_approve))
+    # Open even with an API token: a client needs it to learn that (and how) it must authenticate.
+    get(app, "/api/v1/openapi.json", openapi_json)
+    get(app, "/metrics", _api(metrics_page))
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    # No indent: indenting makes json use its pure-Python encoder, far slower on a long list.
+    return web.json_response(body, status=status, dumps=json.dumps)
+
+
+def _api(handler: Handler) -> Handler:
+    """Every /api/v1 call and /metrics: the API token for writes (and for reads when [server] pages = "token");
+    errors as JSON."""
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            if request.method in ("GET", "HEAD"):
+                check_read(request)
+            else:
+                check_token(request, bearer(request))
+                check_same_origin(request)
+            return await handler(request)
+        except BootserverError as exc:
+            status, _ = status_of(exc, request.path)
+            response = _json({"error": str(exc), "status": status}, status)
+            if status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="bootserver"'
+            return response
+    return wrapped
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return _json(openapi.spec())
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    body = metrics.exposition(request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def api_machines(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    limit = min(_whole(request, "limit", PAGE_MACHINES), 1000) or 1
+    nodes, next_after = page_of_nodes(request, states(request), limit)
+    views = [machine_view(booter, n).to_json() for n in nodes]
+    return _json({"machines": views, "next_after": next_after, "counts": booter.store.state_counts()})
+
+
+async def api_machine(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    node = machine(booter, request.match_info["mac"])
+    events = [event_json(e) for e in booter.store.recent_events(node.mac, PAGE_EVENTS)]
+    return _json({**machine_view(booter, node).to_json(), "events": events})
+
+
+async def api_events(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    node = machine(booter, request.match_info["mac"])
+    after = _whole(request, "after", 0)
+    limit = min(_whole(request, "limit", 1000), 1000) or 1
+    events = booter.store.events(node.mac, after, limit)
+    return _json({"mac": node.mac, "events": [event_json(e) for e in events],
+                  "last_id": events[-1].id if events else after})
+
+
+def _whole(request: web.Request, name: str, default: int) -> int:
+    value = request.query.get(name, "")
+    if not value:
+        return default
+    return number(value, f"{name} must be a whole number")
+
+
+async def _api_approve(request: web.Request) -> web.Response:
+    """Unlike the other actions, for a MAC not seen yet too: an operator may approve a machine before it boots."""
+    booter = request.app[BOOTER]
+    mac = canonical_mac(request.match_info["mac"])
+    booter.approve(mac)
+    return _json(machine_view(booter, machine(booter, mac)).to_json())
+
+
+def _api_action(action: Callable[[Booter, str], None]) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        booter = request.app[BOOTER]
+        node = machine(booter, request.match_info["mac"])
+        action(booter, node.mac)
+        return _json(machine_view(booter, machine(booter, node.mac)).to_json())
+    return handler
