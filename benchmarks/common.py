@@ -443,7 +443,7 @@ def summarize_profile(raw: str, seconds: float, rate: int = SPY_RATE, top: int =
 
 
 def _function(frame: str) -> str:
-    """'_send_block (bootserver/tftp.py:318)' -> '_send_block (bootserver/tftp.py)'."""
+    """'_send_block (bootserver/tftp/session.py:318)' -> '_send_block (bootserver/tftp/session.py)'."""
     return re.sub(r":\d+\)$", ")", _short(frame))
 
 

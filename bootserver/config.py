@@ -161,7 +161,7 @@ DHCP_ANSWERS = ("all", "known")
 
 @dataclass(frozen=True)
 class DhcpConfig:
-    """Whether and how bootserver answers DHCP itself (see bootserver/dhcp.py).
+    """Whether and how bootserver answers DHCP itself (see bootserver/dhcp/).
 
     proxy: beside another DHCP server that hands out addresses, answer PXE clients with the boot file only.
     full: hand out addresses from `pool` (and [machines] reservations) as well.
