@@ -1,10 +1,10 @@
-"""A machine's lifecycle: its states, and which of them let a boot of it receive secrets.
+"""A machine's lifecycle: its states, the kinds of event it records, and which states let a boot receive secrets.
 
     new / discovered -> script-served -> kernel-served -> phoned-home -> disk -> deploy -> finishing -> deployed
     any step -> failed (a command failed) | interrupted (the node or the server went away)
     deployed -> reprovision (an operator asked) -> script-served -> ...
 
-States are str-valued, so the text in the store is the state's value. Only the core and the provisioner
+States and event kinds are str-valued, so the text in the store is their value. Only the core and the provisioner
 move a machine between states; a file or script request never moves a deployed machine back.
 """
 
@@ -41,3 +41,42 @@ EXPECTS_BOOT = frozenset({State.DISCOVERED, State.NEW, State.SCRIPT_SERVED, Stat
                           State.INTERRUPTED, State.REPROVISION})
 # The only state a served kernel moves a machine out of: a kernel fetched in any other state is an event only.
 KERNEL_FROM = (State.SCRIPT_SERVED,)
+# Off the happy path: how the pages show a machine there.
+OFF_PATH = {State.FAILED: "bad", State.INTERRUPTED: "bad", State.REPROVISION: "busy", State.DISCOVERED: "idle",
+            State.NEW: "idle"}
+
+
+class EventKind(StrEnum):
+    """What can happen to a machine: each is an event in its timeline."""
+
+    DHCP = "dhcp"  # a DHCP request and what we answered
+    SCRIPT_SERVED = "script-served"  # its iPXE script (with a token when its window is open)
+    NO_BOOT = "no-boot"  # a script that boots nothing from us, and why
+    WAITING = "waiting"  # no provisioning window: told to wait (enroll = "approve", "known")
+    APPROVED = "approved"  # an operator opened its window
+    CLAIM_CONFLICT = "claim-conflict"  # a second address claimed it while a token of it was live
+    FILE_SERVED = "file-served"
+    FILE_FAILED = "file-failed"
+    REFUSED = "refused"  # a token or phone-home refused, and why
+    PHONED_HOME = "phoned-home"
+    RESUMED = "resumed"  # another replica took its job over
+    STEP_STARTED = "step-started"
+    STEP_DONE = "step-done"
+    STEP_FAILED = "step-failed"
+    COMMAND = "command"  # one command of a step, with exit status and output tails
+    CONNECT_FAILED = "connect-failed"
+    HOST_KEY_MISMATCH = "host-key-mismatch"
+    CERTIFICATE_ISSUED = "certificate-issued"
+    NOTHING_TO_PROVISION = "nothing-to-provision"
+    DEPLOYED = "deployed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    REPROVISION_REQUESTED = "reprovision-requested"
+    BOOT_FROM_DISK_REQUESTED = "boot-from-disk-requested"
+
+
+# Kinds that mean something went wrong, or went right (a command's own exit status decides for `command`).
+BAD_KINDS = frozenset({EventKind.FAILED, EventKind.INTERRUPTED, EventKind.STEP_FAILED, EventKind.FILE_FAILED,
+                       EventKind.REFUSED, EventKind.CONNECT_FAILED, EventKind.HOST_KEY_MISMATCH, EventKind.NO_BOOT,
+                       EventKind.CLAIM_CONFLICT})
+GOOD_KINDS = frozenset({EventKind.DEPLOYED, EventKind.STEP_DONE, EventKind.PHONED_HOME, EventKind.CERTIFICATE_ISSUED})

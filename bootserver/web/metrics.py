@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from ..lifecycle import State
 from ..store import Store
-from .views import OFF_PATH, PROGRESS
 
 # Reported even at zero, so that dashboards and alerts see every state from the first scrape.
-KNOWN_STATES = (*PROGRESS, *OFF_PATH)
+KNOWN_STATES = tuple(State)
 
 
 class StoreCollector(Collector):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,16 +17,9 @@ import asyncssh
 
 from ..booter import Booter
 from ..config import FACT_KEYS
+from ..lifecycle import BAD_KINDS, GOOD_KINDS, OFF_PATH, PROGRESS, EventKind
 from ..store import Event, Node
 
-# The happy path, in order; the progress indicator is the state's position in it.
-PROGRESS = ("script-served", "kernel-served", "phoned-home", "disk", "deploy", "finishing", "deployed")
-# States that are not on the path: a machine there is shown as such rather than as a position.
-OFF_PATH = {"failed": "bad", "interrupted": "bad", "reprovision": "busy", "discovered": "idle", "new": "idle"}
-# Event kinds that mean something went wrong, or went right, for colouring the timeline.
-BAD_KINDS = {"failed", "interrupted", "step-failed", "file-failed", "refused", "connect-failed",
-             "host-key-mismatch", "no-boot", "claim-conflict"}
-GOOD_KINDS = {"deployed", "step-done", "phoned-home", "certificate-issued"}
 SUMMARY_LENGTH = 200
 
 
@@ -181,28 +175,31 @@ def _generic(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None)
 
 
-_SUMMARIES = {
-    "script-served": _script,
-    "file-served": _file,
-    "file-failed": _file,
-    "phoned-home": _phoned_home,
-    "command": _command,
-    "step-started": lambda d: f"step {d.get('step')} started",
-    "step-done": lambda d: f"step {d.get('step')} done in {d.get('seconds')} s",
-    "step-failed": _step_failed,
-    "refused": lambda d: f"{d.get('what')} refused: {d.get('reason')}",
-    "no-boot": lambda d: f"nothing to boot over {d.get('transport', '?')}: {d.get('reason')}",
-    "failed": lambda d: str(d.get("reason", "")),
-    "interrupted": lambda d: str(d.get("reason", "")),
-    "deployed": lambda d: f"deployed with profile {d.get('profile')}",
-    "reprovision-requested": lambda d: "re-provisioning requested: the next boot runs the whole flow",
-    "boot-from-disk-requested": lambda d: "boot from disk requested: the next boot boots the local disk",
-    "nothing-to-provision": lambda d: f"profile {d.get('profile')} has no disk or deploy section",
-    "certificate-issued": _certificate,
-    "connect-failed": lambda d: f"SSH to {d.get('host')}:{d.get('port')} failed: {d.get('error')}",
-    "host-key-mismatch": lambda d: f"SSH host key of {d.get('host')}:{d.get('port')} is not the pinned one: "
+_SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
+    EventKind.SCRIPT_SERVED: _script,
+    EventKind.FILE_SERVED: _file,
+    EventKind.FILE_FAILED: _file,
+    EventKind.PHONED_HOME: _phoned_home,
+    EventKind.COMMAND: _command,
+    EventKind.STEP_STARTED: lambda d: f"step {d.get('step')} started",
+    EventKind.STEP_DONE: lambda d: f"step {d.get('step')} done in {d.get('seconds')} s",
+    EventKind.STEP_FAILED: _step_failed,
+    EventKind.REFUSED: lambda d: f"{d.get('what')} refused: {d.get('reason')}",
+    EventKind.NO_BOOT: lambda d: f"nothing to boot over {d.get('transport', '?')}: {d.get('reason')}",
+    EventKind.FAILED: lambda d: str(d.get("reason", "")),
+    EventKind.INTERRUPTED: lambda d: str(d.get("reason", "")),
+    EventKind.DEPLOYED: lambda d: f"deployed with profile {d.get('profile')}",
+    EventKind.REPROVISION_REQUESTED: lambda d: "re-provisioning requested: the next boot runs the whole flow",
+    EventKind.BOOT_FROM_DISK_REQUESTED: lambda d: "boot from disk requested: the next boot boots the local disk",
+    EventKind.NOTHING_TO_PROVISION: lambda d: f"profile {d.get('profile')} has no disk or deploy section",
+    EventKind.CERTIFICATE_ISSUED: _certificate,
+    EventKind.CONNECT_FAILED: lambda d: f"SSH to {d.get('host')}:{d.get('port')} failed: {d.get('error')}",
+    EventKind.HOST_KEY_MISMATCH: lambda d: f"SSH host key of {d.get('host')}:{d.get('port')} is not the pinned one: "
                                    f"{d.get('error')}",
-    "waiting": lambda d: f"no provisioning window over {d.get('transport', '?')}: {d.get('reason')}",
-    "approved": lambda d: f"approved: may be provisioned for {d.get('window_minutes')} minutes",
-    "claim-conflict": lambda d: f"conflict: {d.get('reason')}",
+    EventKind.WAITING: lambda d: f"no provisioning window over {d.get('transport', '?')}: {d.get('reason')}",
+    EventKind.APPROVED: lambda d: f"approved: may be provisioned for {d.get('window_minutes')} minutes",
+    EventKind.CLAIM_CONFLICT: lambda d: f"conflict: {d.get('reason')}",
+    EventKind.RESUMED: lambda d: f"taken over from replica {d.get('from')} during {d.get('state')} "
+                                 f"(attempt {d.get('attempt')})",
+    EventKind.DHCP: _generic,  # the client's options and our answer, as they are
 }
