@@ -59,10 +59,9 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .deploy import Deployment, deployment_from_toml
-from .disk import DiskLayout, layout_from_toml
 from .errors import BadRequest, ConfigError
 from .mac import canonical_mac
+from .profiles import Deployment, DiskLayout, deployment_from_toml, layout_from_toml
 from .tomlcheck import only_keys, table
 
 # Selector keys that come from the machine's request rather than from its configured labels.

@@ -11,7 +11,7 @@ from postgres import PostgresServer
 from bootserver import config as configuration
 from bootserver.app import App
 from bootserver.booter import Booter
-from bootserver.pki import ServerKeys
+from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store
 from bootserver.templates import Templates
 
@@ -170,14 +170,14 @@ def agent_image():
     """The agent image, built once into a directory that survives runs.
 
     $BOOTSERVER_TEST_IMAGE_DIR, or ~/.cache/bootserver/test-image. Rebuilt only when a file is
-    missing or the sources changed since it was built (bootserver/image.py and every file under
-    bootserver/agent/: one SHA256 of them all is kept beside the image), so that editing /init is
+    missing or the sources changed since it was built (bootserver/tools/image.py and every file under
+    bootserver/tools/agent/: one SHA256 of them all is kept beside the image), so that editing /init is
     never tested against a stale initrd.
     """
     import hashlib
     import os
 
-    from bootserver import image
+    from bootserver.tools import image
 
     out = Path(os.environ.get("BOOTSERVER_TEST_IMAGE_DIR") or Path.home() / ".cache/bootserver/test-image")
     sources = [Path(image.__file__), *sorted(p for p in image.AGENT_DIR.rglob("*") if p.is_file())]

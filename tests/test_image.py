@@ -30,10 +30,10 @@ import pytest
 from aiohttp import web
 from qemu import DEFAULT_MAC, Vm, free_port
 
-from bootserver import image
 from bootserver.errors import BootserverError
-from bootserver.image import AGENT_MODULES, AgentImage
 from bootserver.overlay import overlay_cpio
+from bootserver.tools import image
+from bootserver.tools.image import AGENT_MODULES, AgentImage
 
 
 def read_initramfs(path: Path) -> dict[str, dict]:
@@ -232,7 +232,7 @@ def test_openssl_makes_the_tls_key_and_request_inside_the_agent(agent_image: Age
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from bootserver.deploy import _csr_pem, _key_and_csr_command
+    from bootserver.provision.deploy import _csr_pem, _key_and_csr_command
 
     root = tmp_path / "agent"
     extract_initramfs(read_initramfs(agent_image.initrd), root)

@@ -17,7 +17,7 @@ a Debian (or derivative) host with up-to-date apt lists is required:
 2. the initramfs holds busybox (with one symlink per applet), those programs with every shared
    library they need (found by reading their ELF headers with pyelftools: PT_INTERP and
    DT_NEEDED, transitively) at the paths the packages give them, `/init` and udhcpc's event
-   script (bootserver/agent/init.sh and udhcpc.sh), and the NIC/disk/filesystem modules of
+   script (bootserver/tools/agent/init.sh and udhcpc.sh), and the NIC/disk/filesystem modules of
    AGENT_MODULES with their dependency closure (computed with `depmod` on the extracted kernel
    tree), loaded by `/init` with `insmod` in dependency order;
 3. the archive is a gzip-compressed cpio "newc" written by libarchive, every entry root-owned
@@ -93,7 +93,7 @@ from libarchive import ffi
 from libarchive.entry import ArchiveEntry, FileType
 from libarchive.write import ArchiveWrite
 
-from .errors import BootserverError
+from ..errors import BootserverError
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -147,7 +147,7 @@ FIXED_MTIME = 1704067200
 MODULE_LIST = "etc/bootserver/modules"
 
 # The agent's shell scripts, kept as files beside this module (shellchecked by the tests):
-# path in the archive -> file in bootserver/agent/.
+# path in the archive -> file in bootserver/tools/agent/.
 AGENT_DIR = Path(__file__).with_name("agent")
 AGENT_SCRIPTS: dict[str, str] = {"init": "init.sh", "etc/udhcpc/default.script": "udhcpc.sh"}
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from .errors import BootserverError
+from ..errors import BootserverError
 
 NAMESPACE = "bootserver-lab"
 TAP = "lab0"
@@ -168,8 +168,8 @@ class Lab:
         self._in_namespace("sysctl", "-q", "-w", f"net.ipv6.conf.{self.tap}.accept_dad=0")
         self._in_namespace("ip", "addr", "add", str(self.address), "dev", self.tap)
         self._in_namespace("ip", "link", "set", self.tap, "up")
-        self.spawn("advertiser", [sys.executable, "-m", "bootserver.lab", "advertise", self.tap],
-                   marker=f"bootserver.lab advertise {self.tap}", namespace=self.namespace)
+        self.spawn("advertiser", [sys.executable, "-m", "bootserver.tools.lab", "advertise", self.tap],
+                   marker=f"bootserver.tools.lab advertise {self.tap}", namespace=self.namespace)
 
     def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True) -> Path:
         """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap.
@@ -341,7 +341,7 @@ def namespaces() -> set[str]:
 
 
 def _package_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # the directory holding the bootserver package
 
 
 def _wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
@@ -425,5 +425,5 @@ def _pass_only(icmp_type: int) -> bytes:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["advertise"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m bootserver.lab advertise INTERFACE  (run by `bootserver lab up`)")
+        sys.exit("usage: python -m bootserver.tools.lab advertise INTERFACE  (run by `bootserver lab up`)")
     advertise(sys.argv[2])
