@@ -88,7 +88,7 @@ class Provisioner:
 
     def recover(self) -> None:
         """Jobs this replica had accepted or was running when it stopped are interrupted, not rerun
-        blindly; so are machines left mid-provisioning with no job (a store from before jobs).
+        blindly; so are machines left mid-provisioning with no unfinished job (no job row, or one already done).
 
         They may be wiped when they phone home again: the half-done disk is ours.
         """

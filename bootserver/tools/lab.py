@@ -9,9 +9,9 @@ Layout: a network namespace (nothing in it can reach the host's real interfaces)
 small router-advertisement sender. The VMs run outside it and plug into the switch by its socket.
 
 Why router advertisements: iPXE configures IPv6 beside DHCPv4 and, on a segment without a router, waits
-about 16 s for one before it fetches anything (measured: a BIOS boot to phone-home took 28 s without
-RAs, 12.7 s with them; disabling IPv6 on the tap changes nothing, the wait is iPXE's). An RA with
-router lifetime 0 and no prefix ends that wait and configures nothing.
+about 16 s for one before it fetches anything, more than the rest of a BIOS boot to phone-home takes
+(disabling IPv6 on the tap does not help: the wait is iPXE's). An RA with router lifetime 0 and no
+prefix ends that wait and configures nothing.
 
 Everything the lab started is recorded in `DIR/lab.json` (pids, with the command-line text that
 identifies each, so `down` never signals a recycled pid); logs, disks and serial consoles stay in DIR.
