@@ -31,7 +31,7 @@ from common import (
 )
 from fleet import Pools, address, get_script, mac, script_urls, session, site_toml, wait_terminal
 
-from bootserver.pki import ServerKeys
+from bootserver.provision.pki import ServerKeys
 
 CONCURRENCY = 8
 CURL_PROCESSES = 4  # curl's --parallel-max is at most 300 transfers per process

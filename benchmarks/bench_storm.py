@@ -44,7 +44,7 @@ from fleet import (
     wait_terminal,
 )
 
-from bootserver.pki import ServerKeys
+from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store
 
 KERNEL, INITRD = 8 * MIB, 40 * MIB

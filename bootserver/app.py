@@ -20,8 +20,8 @@ from . import dhcp, tftp
 from .booter import Booter
 from .config import Config
 from .errors import ConfigError
-from .jobs import Provisioner
-from .pki import open_keys
+from .provision.jobs import Provisioner
+from .provision.pki import open_keys
 from .store import Store
 from .templates import Templates
 from .web import create_app

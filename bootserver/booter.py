@@ -24,7 +24,7 @@ from .lifecycle import IN_PROGRESS, KERNEL_FROM, State
 from .mac import canonical_mac, hyphenated
 from .overlay import overlay_cpio
 from .payload import Payload
-from .pki import ServerKeys
+from .provision.pki import ServerKeys
 from .store import Node, Store
 from .templates import Templates
 

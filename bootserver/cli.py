@@ -13,14 +13,14 @@ from pathlib import Path
 
 from . import config as configuration
 from .booter import Booter, Urls
-from .disk import TARGET_ROOT, dry_run
 from .errors import BootserverError, NotFound
-from .lab import ADDRESS as LAB_ADDRESS
-from .lab import Lab
 from .mac import canonical_mac
-from .pki import open_keys
+from .provision.disk import TARGET_ROOT, dry_run
+from .provision.pki import open_keys
 from .store import Store
 from .templates import Templates
+from .tools.lab import ADDRESS as LAB_ADDRESS
+from .tools.lab import Lab
 from .web.views import clock, machine_view, summarize
 
 
@@ -262,7 +262,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    from .image import build_agent_image
+    from .tools.image import build_agent_image
 
     config = configuration.load(args.config)
     out = args.out or config.server.data_dir / "images" / "agent"

@@ -56,10 +56,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
-from .deploy import Deployment, deployment_from_toml
-from .disk import DiskLayout, layout_from_toml
 from .errors import BadRequest, ConfigError
 from .mac import canonical_mac
+from .profiles import Deployment, DiskLayout, deployment_from_toml, layout_from_toml
 from .store.postgres import check_url
 from .tomlcheck import only_keys, table
 

@@ -8,7 +8,7 @@
 # command line and a per-boot overlay initrd: the kernel unpacks it over this image's initramfs, so
 # /etc/bootserver/{config.json,authorized_keys} are there in stage 1. Stage 1 then switches to a
 # tmpfs root, so postMountCommands copies them into it for stage 2, where the unit below installs
-# the keys, waits for sshd and phones home with the same JSON as the agent (bootserver/image.py).
+# the keys, waits for sshd and phones home with the same JSON as the agent (bootserver/tools/image.py).
 { lib, pkgs, modulesPath, ... }:
 
 {
@@ -28,8 +28,8 @@
   };
   systemd.services.sshd.wantedBy = lib.mkForce [ "multi-user.target" ];
 
-  # What provisioning runs on the node (see bootserver/disk.py), besides coreutils and util-linux;
-  # openssl makes the node's TLS key and certificate request on the node (bootserver/deploy.py).
+  # What provisioning runs on the node (see bootserver/provision/disk.py), besides coreutils and util-linux;
+  # openssl makes the node's TLS key and certificate request on the node (bootserver/provision/deploy.py).
   environment.systemPackages = with pkgs; [ parted dosfstools e2fsprogs openssl ];
 
   systemd.services.bootserver-phone-home = {

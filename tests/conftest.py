@@ -12,7 +12,7 @@ from postgres import PostgresServer
 from bootserver import config as configuration
 from bootserver.app import App
 from bootserver.booter import Booter
-from bootserver.pki import ServerKeys
+from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store
 from bootserver.templates import Templates
 
@@ -206,20 +206,22 @@ def agent_image():
     """The agent image, built once into a directory that survives runs.
 
     $BOOTSERVER_TEST_IMAGE_DIR, or ~/.cache/bootserver/test-image. Rebuilt only when a file is
-    missing or the sources changed since it was built (bootserver/image.py and every file under
-    bootserver/agent/: one SHA256 of them all is kept beside the image), so that editing /init is
-    never tested against a stale initrd.
+    missing or the sources changed since it was built (the image build's modules in bootserver/tools/ and
+    every file under bootserver/tools/agent/: one SHA256 of them all is kept beside the image), so that
+    editing /init is never tested against a stale initrd.
     """
     import hashlib
     import os
 
-    from bootserver import image
+    from bootserver.tools import apt, contents, image, initramfs
 
     out = Path(os.environ.get("BOOTSERVER_TEST_IMAGE_DIR") or Path.home() / ".cache/bootserver/test-image")
-    sources = [Path(image.__file__), *sorted(p for p in image.AGENT_DIR.rglob("*") if p.is_file())]
+    agent_dir = initramfs.AGENT_DIR
+    modules = [Path(m.__file__) for m in (image, apt, contents, initramfs)]
+    sources = [*modules, *sorted(p for p in agent_dir.rglob("*") if p.is_file())]
     digest = hashlib.sha256()
     for path in sources:  # names too: a renamed script is a change
-        digest.update(f"{path.relative_to(image.AGENT_DIR.parent)}\0{path.stat().st_size}\0".encode())
+        digest.update(f"{path.relative_to(agent_dir.parent)}\0{path.stat().st_size}\0".encode())
         digest.update(path.read_bytes())
     source = digest.hexdigest()
     stamp = out / "image.py.sha256"

@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 from sshd import ssh_server
 
-from bootserver.pki import ServerKeys
+from bootserver.provision.pki import ServerKeys
 
 TRIALS = int(os.environ.get("BOOTSERVER_CRASH_TRIALS", "10"))
 MACS = [f"52:54:00:00:20:{i:02x}" for i in range(1, 7)]

@@ -203,7 +203,7 @@ def test_answer_known_ignores_machines_not_in_the_config(responder_factory):
 def responder_factory(tmp_path: Path):
     """A Responder on a fresh store: the decisions without sockets."""
     from bootserver.booter import Booter
-    from bootserver.pki import ServerKeys
+    from bootserver.provision.pki import ServerKeys
     from bootserver.templates import Templates
 
     stores: list[Store] = []

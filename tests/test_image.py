@@ -30,10 +30,11 @@ import pytest
 from aiohttp import web
 from qemu import DEFAULT_MAC, Vm, free_port
 
-from bootserver import image
 from bootserver.errors import BootserverError
-from bootserver.image import AGENT_MODULES, AgentImage
 from bootserver.overlay import overlay_cpio
+from bootserver.tools import apt, contents, image, initramfs
+from bootserver.tools.contents import AGENT_MODULES
+from bootserver.tools.image import AgentImage
 
 
 def read_initramfs(path: Path) -> dict[str, dict]:
@@ -88,7 +89,7 @@ def test_initramfs_contents(agent_image: AgentImage) -> None:
 
     init = entries["init"]
     assert init["type"] == reg and init["perm"] == 0o755
-    assert init["data"] == (image.AGENT_DIR / "init.sh").read_bytes()
+    assert init["data"] == (initramfs.AGENT_DIR / "init.sh").read_bytes()
     assert init["data"].startswith(b"#!/bin/sh\n")
     assert b"bootserver.url" in init["data"] and b"/phone-home" in init["data"]
     assert b"/booted" not in init["data"]
@@ -105,7 +106,7 @@ def test_initramfs_contents(agent_image: AgentImage) -> None:
 
     script = entries["etc/udhcpc/default.script"]
     assert script["type"] == reg and script["perm"] == 0o755
-    assert script["data"] == (image.AGENT_DIR / "udhcpc.sh").read_bytes()
+    assert script["data"] == (initramfs.AGENT_DIR / "udhcpc.sh").read_bytes()
     assert entries["dev/console"]["type"] == stat.S_IFCHR and entries["dev/console"]["rdev"] == (5, 1)
     assert entries["tmp"]["perm"] == 0o1777
     assert all(e["uid"] == 0 and e["gid"] == 0 for e in entries.values())
@@ -187,13 +188,14 @@ def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Pa
         copy = tmp_path / path.replace("/", "_")
         copy.write_bytes(entries[path]["data"])
         interp, needed = readelf(copy)
-        assert image.elf_dependencies(copy) == (interp, needed), path  # pyelftools agrees
+        assert contents.elf_dependencies(copy) == (interp, needed), path  # pyelftools agrees
         if interp is not None:
             found = resolve(entries, interp)
             assert found is not None, (path, interp)
             todo.append(found)
         for soname in needed:
-            found = next((f for d in image.LIBRARY_DIRS if (f := resolve(entries, f"{d}/{soname}")) is not None), None)
+            dirs = contents.LIBRARY_DIRS
+            found = next((f for d in dirs if (f := resolve(entries, f"{d}/{soname}")) is not None), None)
             assert found is not None, f"{path} needs {soname}, which is not in the archive"
             todo.append(found)
     libraries = {posixpath.basename(p) for p in checked}
@@ -232,7 +234,7 @@ def test_openssl_makes_the_tls_key_and_request_inside_the_agent(agent_image: Age
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from bootserver.deploy import _csr_pem, _key_and_csr_command
+    from bootserver.provision.deploy import _csr_pem, _key_and_csr_command
 
     root = tmp_path / "agent"
     extract_initramfs(read_initramfs(agent_image.initrd), root)
@@ -255,8 +257,8 @@ def test_agent_scripts_pass_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.fail("shellcheck is not installed: apt-get install shellcheck")
-    scripts = sorted(image.AGENT_DIR.glob("*.sh"))
-    assert {p.name for p in scripts} >= set(image.AGENT_SCRIPTS.values()), scripts
+    scripts = sorted(initramfs.AGENT_DIR.glob("*.sh"))
+    assert {p.name for p in scripts} >= set(initramfs.AGENT_SCRIPTS.values()), scripts
     # each script says `# shellcheck shell=sh`: busybox's ash runs them, so POSIX sh rules
     result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -264,7 +266,7 @@ def test_agent_scripts_pass_shellcheck() -> None:
 
 def shell_functions(*names: str) -> str:
     """The definitions of these functions in /init, to run them on their own."""
-    init = (image.AGENT_DIR / "init.sh").read_text()
+    init = (initramfs.AGENT_DIR / "init.sh").read_text()
     found = []
     for name in names:
         match = re.search(rf"^{re.escape(name)}\(\) {{.*?^}}\n", init, re.M | re.S)
@@ -345,7 +347,7 @@ def test_console_progress() -> None:
     messages: list[str] = []  # a plain callable gets a message every 25 %
     last = [-1]
     for done in (0, 10, 30, 60, 99, 100):
-        image._show_bytes(messages.append, "dl", done, 100, last)
+        apt._show_bytes(messages.append, "dl", done, 100, last)
     assert messages == ["dl: 0%", "dl: 30%", "dl: 60%", "dl: 99%", "dl: 100%"]
 
 
@@ -549,9 +551,9 @@ def test_compressed_modules_are_unpacked(tmp_path: Path) -> None:
     (tmp_path / "b.ko.gz").write_bytes(gzip.compress(elf))
     (tmp_path / "c.ko").write_bytes(elf)
     for name in ("a.ko.xz", "b.ko.gz", "c.ko"):
-        assert image._read_module(tmp_path / name) == elf, name
-    assert image._plain("kernel/drivers/net/virtio_net.ko.xz") == "kernel/drivers/net/virtio_net.ko"
-    assert image._module_name("kernel/net/core/fail-over.ko.zst") == "fail_over"
+        assert contents.read_module(tmp_path / name) == elf, name
+    assert contents.plain("kernel/drivers/net/virtio_net.ko.xz") == "kernel/drivers/net/virtio_net.ko"
+    assert contents.module_name("kernel/net/core/fail-over.ko.zst") == "fail_over"
 
 
 @pytest.mark.vm

@@ -16,9 +16,9 @@ from sshd import ssh_server
 
 from bootserver.app import App
 from bootserver.config import Config, Listen
-from bootserver.disk import DiskLayout, Partition
-from bootserver.jobs import TOKEN_KEEP_SECONDS, Provisioner
-from bootserver.provision import provision
+from bootserver.profiles import DiskLayout, Partition
+from bootserver.provision.jobs import TOKEN_KEEP_SECONDS, Provisioner
+from bootserver.provision.steps import provision
 from bootserver.store import Member, Token
 
 MAC = "52:54:00:00:00:01"
@@ -93,7 +93,7 @@ def test_node_that_never_phones_home_fails_with_a_reason(booter):
 
 
 def test_the_sweep_prunes_tokens_a_week_after_they_expire(booter, caplog):
-    caplog.set_level(logging.INFO, logger="bootserver.jobs")
+    caplog.set_level(logging.INFO, logger="bootserver.provision.jobs")
     store = booter.store
     store.record("52:54:00:00:00:01", "script-served", state="script-served")
     expired = time.time() - 60
@@ -107,7 +107,7 @@ def test_the_sweep_prunes_tokens_a_week_after_they_expire(booter, caplog):
 
 
 def test_the_sweep_prunes_events_older_than_event_days_when_set(booter, caplog):
-    caplog.set_level(logging.INFO, logger="bootserver.jobs")
+    caplog.set_level(logging.INFO, logger="bootserver.provision.jobs")
     store = booter.store
     store.record("52:54:00:00:00:01", "dhcp", {"message": "DISCOVER"})
     later = time.time() + 2 * 86400

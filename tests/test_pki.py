@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bootserver import pki
 from bootserver.errors import BootserverError
+from bootserver.provision import pki
 
 
 @pytest.fixture(scope="module")

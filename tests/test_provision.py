@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from sshd import TestSSHServer, ssh_server
 from test_pki import forged_request
 
-from bootserver import deploy as deploy_module
-from bootserver.deploy import DeployError, DeployFile, Deployment, Unit, deploy, deployment_from_toml
-from bootserver.disk import DiskLayout, Partition
 from bootserver.errors import BootserverError, ConfigError
-from bootserver.pki import ServerKeys
-from bootserver.provision import HostKeyMismatch, Job, NodeAccess, NodeLost, StepFailed, provision, session
+from bootserver.profiles import DeployFile, Deployment, DiskLayout, Partition, Unit, deployment_from_toml
+from bootserver.provision import deploy as deploy_module
+from bootserver.provision.deploy import DeployError, deploy
+from bootserver.provision.pki import ServerKeys
+from bootserver.provision.ssh import HostKeyMismatch, NodeAccess, NodeLost, StepFailed, session
+from bootserver.provision.steps import Job, provision
 
 
 class Events(list):

@@ -23,7 +23,7 @@ import psycopg
 from sshd import ssh_server
 from test_web import read_event
 
-from bootserver.pki import ServerKeys
+from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store
 
 

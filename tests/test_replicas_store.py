@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bootserver.errors import BootserverError
-from bootserver.pki import ServerKeys
+from bootserver.provision.pki import ServerKeys
 from bootserver.store import MIGRATIONS, Store, Token
 
 

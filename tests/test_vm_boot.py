@@ -22,7 +22,7 @@ from support.vm import events, wait_for_state
 from bootserver import config as configuration
 from bootserver.admission import same_uuid
 from bootserver.app import App
-from bootserver.image import AgentImage
+from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
 VM_UUID = "5a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"

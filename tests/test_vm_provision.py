@@ -24,7 +24,7 @@ from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
 from bootserver.app import App
-from bootserver.image import AgentImage
+from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
 

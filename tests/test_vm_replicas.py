@@ -13,8 +13,8 @@ import pytest
 from qemu import DEFAULT_MAC, Vm, free_port
 from test_replicas import Replica
 
-from bootserver.image import AgentImage
 from bootserver.store import Store
+from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
 

@@ -1,6 +1,6 @@
 """Real firmware on a real (virtual) Ethernet segment: QEMU VMs on a VDE switch, bootserver as their DHCP.
 
-Each test builds a lab of its own (bootserver/lab.py): a network namespace holding the switch's tap,
+Each test builds a lab of its own (bootserver/tools/lab.py): a network namespace holding the switch's tap,
 bootserver (`serve`, as its own process, on DHCP 67/4011, TFTP 69, HTTP 80) and the RA sender; VMs
 plug into the switch. Everything is torn down after the test. State is read the way an operator would:
 over HTTP from inside the namespace (curl), and from the store file.
@@ -29,9 +29,9 @@ import pytest
 from cryptography import x509
 from support.disk import blkid, debugfs, partition, partition_table
 
-from bootserver.image import AgentImage
-from bootserver.lab import DEMO_FILES, VM_MAC, Lab, namespaces
 from bootserver.store import Store
+from bootserver.tools.image import AgentImage
+from bootserver.tools.lab import DEMO_FILES, VM_MAC, Lab, namespaces
 
 pytestmark = pytest.mark.vm
 

@@ -1,48 +1,32 @@
 """Binary deployment: files, rendered config files, TLS certificates and systemd units, over SFTP.
 
-    [profiles.raft.deploy]
-    check = "test -x /usr/local/bin/raftd"            # optional, run after everything (inside the target)
-    [[profiles.raft.deploy.files]]
-    source = "files/raftd"                            # relative to data_dir
-    dest = "/usr/local/bin/raftd"
-    mode = "0755"
-    [[profiles.raft.deploy.templates]]
-    source = "templates/raft.toml.j2"                 # jinja2, relative to data_dir
-    dest = "/etc/raft/raft.toml"
-    mode = "0644"
-    [profiles.raft.deploy.tls]
-    dir = "/etc/raft/tls"                             # node.key (0600, made on the node), node.crt, ca.crt
-    [[profiles.raft.deploy.units]]
-    source = "units/raftd.service"                    # relative to data_dir
-    enable = true
+What to deploy is a profile's `[profiles.X.deploy]` table, parsed into a `Deployment` by
+`bootserver.profiles`; this module puts it on the node through a `Runner` (`provision.ssh`).
 """
 
 from __future__ import annotations
 
 import posixpath
-import re
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 import jinja2
 
-from .errors import BootserverError, ConfigError
-from .tomlcheck import only_keys, table
+from ..errors import BootserverError
+from ..profiles import Deployment, Unit
 
 if TYPE_CHECKING:
     from .pki import IssuedCertificate
-    from .provision import Runner
+    from .ssh import Runner
 
 # Signs a node's certificate request (PEM) with the server's CA, choosing the names itself.
 Sign = Callable[[bytes], "IssuedCertificate"]
 
 # Where unit files go inside the target root, and what the enable symlinks point at.
 UNIT_DIR = "/etc/systemd/system"
-UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target", ".path", ".mount")
 # [Install] keys that `systemctl enable` turns into symlinks: key -> directory suffix (None: an alias).
 INSTALL_LINKS: dict[str, str | None] = {"WantedBy": ".wants", "RequiredBy": ".requires",
                                         "UpheldBy": ".upholds", "Alias": None}
@@ -52,118 +36,9 @@ STEP = "deploy"
 OPENSSL_REQ_CONFIG = r"[req]\ndistinguished_name = dn\n[dn]\n"
 CSR_BEGIN, CSR_END = "-----BEGIN CERTIFICATE REQUEST-----", "-----END CERTIFICATE REQUEST-----"
 
-@dataclass(frozen=True)
-class DeployFile:
-    source: Path  # absolute, on the server
-    dest: str  # absolute path inside the target root
-    mode: int = 0o644
-
-
-@dataclass(frozen=True)
-class Unit:
-    source: Path  # absolute, on the server; installed as /etc/systemd/system/<name>
-    enable: bool = True
-
-
-@dataclass(frozen=True)
-class Deployment:
-    files: tuple[DeployFile, ...] = ()
-    templates: tuple[DeployFile, ...] = ()
-    tls_dir: str | None = None
-    units: tuple[Unit, ...] = ()
-    check: str | None = None
-
 
 class DeployError(BootserverError):
     """One part of a deployment could not be put on the node; the message names the file or unit."""
-
-
-# --- configuration -----------------------------------------------------------------------------
-
-def deployment_from_toml(raw: dict[str, Any], where: str, data_dir: Path) -> Deployment:
-    """Validate a `[profiles.X.deploy]` table. Sources are resolved under data_dir and must exist now,
-    so a typo is reported at start-up rather than halfway through provisioning a machine."""
-    only_keys(raw, {"check", "files", "templates", "tls", "units"}, where)
-    check = raw.get("check")
-    if check is not None and (not isinstance(check, str) or not check.strip()):
-        raise ConfigError(f"{where} check: expected a shell command as a non-empty string, got {check!r}")
-    return Deployment(
-        files=tuple(_file(item, f"{where} files[{i}]", data_dir) for i, item in enumerate(_list(raw, "files", where))),
-        templates=tuple(_file(item, f"{where} templates[{i}]", data_dir)
-                        for i, item in enumerate(_list(raw, "templates", where))),
-        tls_dir=_tls_dir(raw.get("tls"), f"{where} tls"),
-        units=tuple(_unit(item, f"{where} units[{i}]", data_dir) for i, item in enumerate(_list(raw, "units", where))),
-        check=check,
-    )
-
-
-def _file(raw: Any, where: str, data_dir: Path) -> DeployFile:
-    raw = table(raw, where)
-    only_keys(raw, {"source", "dest", "mode"}, where)
-    return DeployFile(
-        source=_source(raw, where, data_dir),
-        dest=_absolute(_required_str(raw, "dest", where), f"{where} dest"),
-        mode=_mode(raw.get("mode", "0644"), f"{where} mode"),
-    )
-
-
-def _unit(raw: Any, where: str, data_dir: Path) -> Unit:
-    raw = table(raw, where)
-    only_keys(raw, {"source", "enable"}, where)
-    source = _source(raw, where, data_dir)
-    if not source.name.endswith(UNIT_SUFFIXES):
-        raise ConfigError(f"{where} source: {source.name!r} is not a systemd unit name; it must end in "
-                          f"{', '.join(UNIT_SUFFIXES)} (the file is installed under that name)")
-    enable = raw.get("enable", True)
-    if not isinstance(enable, bool):
-        raise ConfigError(f"{where} enable: expected true or false, got {enable!r}")
-    return Unit(source, enable)
-
-
-def _tls_dir(raw: Any, where: str) -> str | None:
-    if raw is None:
-        return None
-    raw = table(raw, where)
-    only_keys(raw, {"dir"}, where)
-    return _absolute(_required_str(raw, "dir", where), f"{where} dir")
-
-
-def _source(raw: dict[str, Any], where: str, data_dir: Path) -> Path:
-    path = Path(_required_str(raw, "source", where)).expanduser()
-    path = path if path.is_absolute() else data_dir / path
-    if not path.is_file():
-        raise ConfigError(f"{where} source: {path} does not exist or is not a file")
-    return path
-
-
-def _absolute(path: str, where: str) -> str:
-    # ".." would climb out of the target root (/mnt) onto the node's own root filesystem.
-    if not path.startswith("/") or ".." in path.split("/"):
-        raise ConfigError(f"{where}: {path!r} must be an absolute path without '..' components")
-    return posixpath.normpath(path)
-
-
-def _mode(value: Any, where: str) -> int:
-    # An integer is refused: TOML reads `mode = 755` as decimal 755, which is not 0o755.
-    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
-        raise ConfigError(f"{where}: expected an octal mode as a string, like \"0755\", got {value!r}")
-    return int(value, 8)
-
-
-def _required_str(raw: dict[str, Any], key: str, where: str) -> str:
-    if key not in raw:
-        raise ConfigError(f"{where}: missing key {key!r}")
-    value = raw[key]
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} {key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _list(raw: dict[str, Any], key: str, where: str) -> list[Any]:
-    value = raw.get(key, [])
-    if not isinstance(value, list):
-        raise ConfigError(f"{where} {key}: expected an array of tables ([[...{key}]])")
-    return value
 
 
 # --- deploying ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Provisioning jobs: which phoned-home nodes get provisioned, by which replica, how many at once, and
 what a restart or a dead replica leaves.
 
-The SSH work for one node is `provision.provision`; this module decides when it runs, turns its
+The SSH work for one node is `steps.provision`; this module decides when it runs, turns its
 step events into machine states, and keeps the state machine honest across failures and restarts:
 
     script-served -> kernel-served -> phoned-home -> disk -> deploy -> finishing -> deployed
@@ -24,13 +24,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .booter import Booter
-from .errors import BootserverError, StoreUnavailable
-from .mac import hyphenated
-from .provision import Job, NodeAccess, NodeLost, provision
-from .store import JobClaim, Node
+from ..errors import BootserverError, StoreUnavailable
+from ..mac import hyphenated
+from ..store import JobClaim, Node
+from .ssh import NodeAccess, NodeLost
+from .steps import Job, provision
+
+if TYPE_CHECKING:
+    from ..booter import Booter
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class Provisioner:
 
     def recover(self) -> None:
         """Jobs this replica had accepted or was running when it stopped are interrupted, not rerun
-        blindly; so are machines left mid-provisioning with no job (a store from before jobs).
+        blindly; so are machines left mid-provisioning with no unfinished job (no job row, or one already done).
 
         They may be wiped when they phone home again: the half-done disk is ours.
         """

@@ -1,4 +1,7 @@
-"""Disk setup: a declarative layout (GPT, partitions, filesystems, mounts) turned into commands.
+"""What a profile asks provisioning to do, and its TOML: a disk layout and a deployment.
+
+These are configuration: parsed and checked when the config loads (sources must exist, paths stay inside
+the target), so a mistake is reported at start-up. Carrying them out is `bootserver.provision`'s work.
 
     [profiles.raft.disk]
     device = "/dev/vda"
@@ -15,22 +18,40 @@
     type = "linux"
     filesystem = "ext4"
     mount = "/"
+
+    [profiles.raft.deploy]
+    check = "test -x /usr/local/bin/raftd"            # optional, run after everything (inside the target)
+    [[profiles.raft.deploy.files]]
+    source = "files/raftd"                            # relative to data_dir
+    dest = "/usr/local/bin/raftd"
+    mode = "0755"
+    [[profiles.raft.deploy.templates]]
+    source = "templates/raft.toml.j2"                 # jinja2, relative to data_dir
+    dest = "/etc/raft/raft.toml"
+    mode = "0644"
+    [profiles.raft.deploy.tls]
+    dir = "/etc/raft/tls"                             # node.key (0600, made on the node), node.crt, ca.crt
+    [[profiles.raft.deploy.units]]
+    source = "units/raftd.service"                    # relative to data_dir
+    enable = true
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
-import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .tomlcheck import only_keys
+from .tomlcheck import only_keys, table
 
-# Where the disk's root filesystem is mounted on the node while we deploy onto it.
-TARGET_ROOT = "/mnt"
+# Unit file names a deployment may install (the file is installed under its own name).
+UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target", ".path", ".mount")
 
+
+# --- disk layout ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Partition:
@@ -66,16 +87,12 @@ GPT_MAX_PARTITIONS = 128
 FAT_FORBIDDEN = set('*?.,;:/\\|+=<>[]"')
 
 _SIZE = re.compile(r"[1-9][0-9]*(MiB|GiB|TiB)")  # fullmatch: "$" would let a newline through
-# A kernel block device name: partition names are derived from it (see partition_path). Names under
+# A kernel block device name: partition names are derived from it (see provision.disk.partition_path). Names under
 # /dev/disk/by-* are udev symlinks, which the agent has not got.
 _DEVICE = re.compile(r"/dev/[A-Za-z][A-Za-z0-9_-]*")
 
 _DISK_KEYS = {"device", "wipe", "table", "partitions"}
 _PARTITION_KEYS = {"label", "size", "type", "filesystem", "mount"}
-
-REFUSAL = ("refusing to repartition {device}: it holds {what} "
-           "(set wipe = true in the profile or mark the machine for re-provisioning)")
-
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -200,107 +217,111 @@ def _check_mounts(partitions: tuple[Partition, ...], where: str) -> None:
                           f"(the others are mounted inside it)")
 
 
-# --- commands ----------------------------------------------------------------------------------
+# --- deployment ----------------------------------------------------------------------------------
 
-def partition_path(device: str, number: int) -> str:
-    """The kernel's name for partition `number` of `device`: a 'p' separates it from a name ending in a digit."""
-    if number < 1:
-        raise ValueError(f"partition numbers start at 1, not {number}")
-    return f"{device}{'p' if device[-1:].isdigit() else ''}{number}"
-
-
-def disk_commands(layout: DiskLayout, *, wipe: bool, target: str = TARGET_ROOT) -> list[str]:
-    """Shell commands (busybox sh) that partition, format and mount `layout` under `target`, in order.
-
-    Each is one line for `sh -c`; run them in order and stop at the first that fails. Without `wipe`
-    the first refuses a disk that holds anything; with it, whatever the disk held is gone.
-    """
-    if not posixpath.isabs(target):
-        raise ValueError(f"target {target!r} must be an absolute path")
-    target = posixpath.normpath(target)
-    numbered = list(enumerate(layout.partitions, start=1))
-    commands = [_guard(layout.device, wipe)]
-    if wipe:
-        commands.append(_release(layout.device))
-    commands += [
-        _sfdisk(layout),
-        # sfdisk has the kernel re-read the table, which finds nothing on a kernel built without the
-        # GPT parser (Firecracker's); parted's partprobe reads the table itself and adds each partition
-        # (BLKPG). Busybox sh runs its own partprobe applet instead, a plain re-read: enough on Debian's
-        # kernel, where GPT is built in.
-        f"partprobe {shlex.quote(layout.device)}",
-        _wait_for(layout.device, [partition_path(layout.device, n) for n, _ in numbered]),
-    ]
-    commands += [_mkfs(p, partition_path(layout.device, n)) for n, p in numbered if p.filesystem != "none"]
-    # Parents before children: "/" first, then /boot before /boot/efi.
-    mounted = sorted((p for p in numbered if p[1].mount), key=lambda p: (_depth(p[1].mount), p[1].mount))
-    commands += [_mount_command(p, partition_path(layout.device, n), target) for n, p in mounted]
-    return commands
+@dataclass(frozen=True)
+class DeployFile:
+    source: Path  # absolute, on the server
+    dest: str  # absolute path inside the target root
+    mode: int = 0o644
 
 
-def dry_run(layout: DiskLayout, *, wipe: bool, target: str = TARGET_ROOT) -> str:
-    """The commands exactly as they would run, one a line (for --dry-run)."""
-    return "".join(f"{command}\n" for command in disk_commands(layout, wipe=wipe, target=target))
+@dataclass(frozen=True)
+class Unit:
+    source: Path  # absolute, on the server; installed as /etc/systemd/system/<name>
+    enable: bool = True
 
 
-def _guard(device: str, wipe: bool) -> str:
-    dev = shlex.quote(device)
-    missing = shlex.quote(f"refusing to partition {device}: it is not a block device on this machine")
-    command = f"if ! [ -b {dev} ]; then echo {missing} >&2; exit 1; fi"
-    if wipe:
-        return command
-    partitions = shlex.quote(REFUSAL.format(device=device, what="partitions"))
-    data = shlex.quote(REFUSAL.format(device=device, what="a filesystem or other data"))
-    # sfdisk -d fails unless there is a partition table. blkid (util-linux or busybox) prints nothing
-    # for a blank disk; it also catches a filesystem made on the whole disk, without a table.
-    return (f"{command}; if sfdisk -d {dev} >/dev/null 2>&1; then echo {partitions} >&2; exit 1; fi; "
-            f"if [ -n \"$(blkid {dev} 2>/dev/null)\" ]; then echo {data} >&2; exit 1; fi")
+@dataclass(frozen=True)
+class Deployment:
+    files: tuple[DeployFile, ...] = ()
+    templates: tuple[DeployFile, ...] = ()
+    tls_dir: str | None = None
+    units: tuple[Unit, ...] = ()
+    check: str | None = None
 
 
-def _release(device: str) -> str:
-    """Unmount the disk's partitions (deepest first) and stop swapping on them: a second run after a
-    failed one finds them in use, and the kernel will not drop partitions that are in use."""
-    parts = shlex.quote(f"^{partition_path(device, 1)[:-1]}[0-9]+ ")
-    return (f"grep -E {parts} /proc/mounts | cut -d' ' -f2 | sort -r | "
-            f"while read -r m; do umount \"$m\" || exit 1; done && "
-            f"grep -E {parts} /proc/swaps | cut -d' ' -f1 | "
-            f"while read -r s; do swapoff \"$s\" || exit 1; done")
+def deployment_from_toml(raw: dict[str, Any], where: str, data_dir: Path) -> Deployment:
+    """Validate a `[profiles.X.deploy]` table. Sources are resolved under data_dir and must exist now,
+    so a typo is reported at start-up rather than halfway through provisioning a machine."""
+    only_keys(raw, {"check", "files", "templates", "tls", "units"}, where)
+    check = raw.get("check")
+    if check is not None and (not isinstance(check, str) or not check.strip()):
+        raise ConfigError(f"{where} check: expected a shell command as a non-empty string, got {check!r}")
+    return Deployment(
+        files=tuple(_file(item, f"{where} files[{i}]", data_dir) for i, item in enumerate(_list(raw, "files", where))),
+        templates=tuple(_file(item, f"{where} templates[{i}]", data_dir)
+                        for i, item in enumerate(_list(raw, "templates", where))),
+        tls_dir=_tls_dir(raw.get("tls"), f"{where} tls"),
+        units=tuple(_unit(item, f"{where} units[{i}]", data_dir) for i, item in enumerate(_list(raw, "units", where))),
+        check=check,
+    )
 
 
-def _sfdisk(layout: DiskLayout) -> str:
-    lines = [f"label: {layout.table}"]
-    for p in layout.partitions:
-        size = "" if p.size == "rest" else f"size={p.size}, "  # no size: as much as is left
-        lines.append(f'{size}type={TYPE_GUIDS[p.type]}, name="{p.label}"')
-    script = " ".join(shlex.quote(line) for line in lines)
-    # --wipe: old table and filesystem signatures go, so blkid and mkfs never see stale ones. The
-    # guard has already refused a disk holding anything unless the layout may wipe it.
-    return (f"printf '%s\\n' {script} | "
-            f"sfdisk --wipe always --wipe-partitions always {shlex.quote(layout.device)}")
+def _file(raw: Any, where: str, data_dir: Path) -> DeployFile:
+    raw = table(raw, where)
+    only_keys(raw, {"source", "dest", "mode"}, where)
+    return DeployFile(
+        source=_source(raw, where, data_dir),
+        dest=_absolute(_required_str(raw, "dest", where), f"{where} dest"),
+        mode=_mode(raw.get("mode", "0644"), f"{where} mode"),
+    )
 
 
-def _wait_for(device: str, paths: list[str]) -> str:
-    # devtmpfs makes the nodes as the kernel adds partitions, but give a udev system a moment.
-    present = " && ".join(f"[ -b {shlex.quote(p)} ]" for p in paths)
-    late = shlex.quote(f"the partitions of {device} did not appear under /dev within 10 seconds "
-                       f"(can this kernel read GPT partition tables?)")
-    return f"n=0; until {present}; do n=$((n+1)); if [ $n -gt 10 ]; then echo {late} >&2; exit 1; fi; sleep 1; done"
+def _unit(raw: Any, where: str, data_dir: Path) -> Unit:
+    raw = table(raw, where)
+    only_keys(raw, {"source", "enable"}, where)
+    source = _source(raw, where, data_dir)
+    if not source.name.endswith(UNIT_SUFFIXES):
+        raise ConfigError(f"{where} source: {source.name!r} is not a systemd unit name; it must end in "
+                          f"{', '.join(UNIT_SUFFIXES)} (the file is installed under that name)")
+    enable = raw.get("enable", True)
+    if not isinstance(enable, bool):
+        raise ConfigError(f"{where} enable: expected true or false, got {enable!r}")
+    return Unit(source, enable)
 
 
-def _mkfs(partition: Partition, path: str) -> str:
-    label, dev = shlex.quote(partition.label), shlex.quote(path)
-    if partition.filesystem == "vfat":
-        return f"mkfs.vfat -F 32 -n {label} {dev}"
-    if partition.filesystem == "ext4":
-        return f"mkfs.ext4 -F -L {label} {dev}"  # -F: never ask, stdin is no terminal
-    return f"mkswap -L {label} {dev}"
+def _tls_dir(raw: Any, where: str) -> str | None:
+    if raw is None:
+        return None
+    raw = table(raw, where)
+    only_keys(raw, {"dir"}, where)
+    return _absolute(_required_str(raw, "dir", where), f"{where} dir")
 
 
-def _mount_command(partition: Partition, path: str, target: str) -> str:
-    assert partition.mount is not None
-    where = shlex.quote(posixpath.normpath(posixpath.join(target, partition.mount.lstrip("/"))))
-    return f"mkdir -p {where} && mount -t {partition.filesystem} {shlex.quote(path)} {where}"
+def _source(raw: dict[str, Any], where: str, data_dir: Path) -> Path:
+    path = Path(_required_str(raw, "source", where)).expanduser()
+    path = path if path.is_absolute() else data_dir / path
+    if not path.is_file():
+        raise ConfigError(f"{where} source: {path} does not exist or is not a file")
+    return path
 
 
-def _depth(mount: str) -> int:
-    return 0 if mount == "/" else mount.count("/")
+def _absolute(path: str, where: str) -> str:
+    # ".." would climb out of the target root (/mnt) onto the node's own root filesystem.
+    if not path.startswith("/") or ".." in path.split("/"):
+        raise ConfigError(f"{where}: {path!r} must be an absolute path without '..' components")
+    return posixpath.normpath(path)
+
+
+def _mode(value: Any, where: str) -> int:
+    # An integer is refused: TOML reads `mode = 755` as decimal 755, which is not 0o755.
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
+        raise ConfigError(f"{where}: expected an octal mode as a string, like \"0755\", got {value!r}")
+    return int(value, 8)
+
+
+def _required_str(raw: dict[str, Any], key: str, where: str) -> str:
+    if key not in raw:
+        raise ConfigError(f"{where}: missing key {key!r}")
+    value = raw[key]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} {key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _list(raw: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} {key}: expected an array of tables ([[...{key}]])")
+    return value

@@ -9,9 +9,9 @@ Layout: a network namespace (nothing in it can reach the host's real interfaces)
 small router-advertisement sender. The VMs run outside it and plug into the switch by its socket.
 
 Why router advertisements: iPXE configures IPv6 beside DHCPv4 and, on a segment without a router, waits
-about 16 s for one before it fetches anything (measured: a BIOS boot to phone-home took 28 s without
-RAs, 12.7 s with them; disabling IPv6 on the tap changes nothing, the wait is iPXE's). An RA with
-router lifetime 0 and no prefix ends that wait and configures nothing.
+about 16 s for one before it fetches anything, more than the rest of a BIOS boot to phone-home takes
+(disabling IPv6 on the tap does not help: the wait is iPXE's). An RA with router lifetime 0 and no
+prefix ends that wait and configures nothing.
 
 Everything the lab started is recorded in `DIR/lab.json` (pids, with the command-line text that
 identifies each, so `down` never signals a recycled pid); logs, disks and serial consoles stay in DIR.
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from .errors import BootserverError
+from ..errors import BootserverError
 
 NAMESPACE = "bootserver-lab"
 TAP = "lab0"
@@ -168,8 +168,8 @@ class Lab:
         self._in_namespace("sysctl", "-q", "-w", f"net.ipv6.conf.{self.tap}.accept_dad=0")
         self._in_namespace("ip", "addr", "add", str(self.address), "dev", self.tap)
         self._in_namespace("ip", "link", "set", self.tap, "up")
-        self.spawn("advertiser", [sys.executable, "-m", "bootserver.lab", "advertise", self.tap],
-                   marker=f"bootserver.lab advertise {self.tap}", namespace=self.namespace)
+        self.spawn("advertiser", [sys.executable, "-m", "bootserver.tools.lab", "advertise", self.tap],
+                   marker=f"bootserver.tools.lab advertise {self.tap}", namespace=self.namespace)
 
     def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True) -> Path:
         """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap.
@@ -341,7 +341,7 @@ def namespaces() -> set[str]:
 
 
 def _package_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # the directory holding the bootserver package
 
 
 def _wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
@@ -425,5 +425,5 @@ def _pass_only(icmp_type: int) -> bytes:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["advertise"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m bootserver.lab advertise INTERFACE  (run by `bootserver lab up`)")
+        sys.exit("usage: python -m bootserver.tools.lab advertise INTERFACE  (run by `bootserver lab up`)")
     advertise(sys.argv[2])
