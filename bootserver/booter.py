@@ -133,6 +133,16 @@ class Booter:
             self._groups[key] = max(matching, key=lambda g: len(g.selector)).name if matching else None
         return self._groups[key]
 
+    def hostname(self, mac: str) -> str:
+        """The machine's name everywhere (its script, its node config, its deployment, the pages): the one under
+        [machines], else one made from its MAC."""
+        machine = self.config.machines.get(mac)
+        return (machine.hostname if machine else None) or f"node-{hyphenated(mac).replace('-', '')}"
+
+    def selector_facts(self, facts: dict[str, str]) -> dict[str, str]:
+        """What of a machine's reported facts groups select on."""
+        return {k: v for k, v in facts.items() if k in FACT_KEYS}
+
     @staticmethod
     def firmware_binary(client_arch: int) -> str:
         """The iPXE binary to chainload for a PXE firmware of this option-93 architecture."""
@@ -205,7 +215,7 @@ class Booter:
             self._admit_new(mac, client_ip)
         if node is not None and node.state == State.DEPLOYED and not node.reprovision:
             return self._local_disk(mac, facts, transport)
-        spec = self.boot_spec(mac, {k: v for k, v in facts.items() if k in FACT_KEYS})
+        spec = self.boot_spec(mac, self.selector_facts(facts))
         missing = self._missing_assets(spec.profile)
         if spec.profile is None or missing:
             reason = spec.reason if spec.profile is None else (
@@ -287,7 +297,7 @@ class Booter:
         context = {
             "mac": spec.mac,
             "mac_hyphenated": hyphenated(spec.mac),
-            "hostname": (spec.machine.hostname if spec.machine else None) or "",
+            "hostname": self.hostname(spec.mac),
             "labels": spec.machine.labels if spec.machine else {},
             "facts": spec.facts,
             "platform": spec.facts.get("platform", ""),
@@ -315,10 +325,9 @@ class Booter:
         mac = canonical_mac(mac_text)
         token_id, secret = tokens.split(token)
         tokens.check(self.store.token(token_id), secret, mac)
-        machine = self.config.machines.get(mac)
         return {
             "mac": mac,
-            "hostname": (machine.hostname if machine else None) or "",
+            "hostname": self.hostname(mac),
             "url": urls.api,
             "peers": " ".join(self.config.server.peers),  # other replicas, space-separated (a flat field for sh)
             "token": token,

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BootserverError, StoreUnavailable
-from ..mac import hyphenated
+from ..lifecycle import IN_PROGRESS, STEP_STATES, EventKind, State
 from ..store import JobClaim, Node
 from .ssh import NodeAccess, NodeLost
 from .steps import Job, provision
@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The machine state while a step runs.
-STEP_STATES = {"disk": "disk", "deploy": "deploy", "finish": "finishing"}
-# States in which a node is being provisioned: a server that stops there leaves it interrupted.
-IN_PROGRESS = ("phoned-home", *STEP_STATES.values())
 SWEEP_SECONDS = 30.0
 TOKEN_KEEP_SECONDS = 7 * 86400  # an expired token's row is kept this long (for "used already" messages), then pruned
 CLAIM_POLL_SECONDS = 1.0  # how soon a job queued through another replica is noticed here
@@ -104,7 +100,7 @@ class Provisioner:
 
     def _interrupt(self, node: Node, reason: str) -> None:
         self.store.set_reprovision(node.mac, True)
-        self.store.record(node.mac, "interrupted", {"reason": reason}, state="interrupted")
+        self.store.record(node.mac, "interrupted", {"reason": reason}, state=State.INTERRUPTED)
 
     def sweep(self, now: float | None = None) -> None:
         """A node served a kernel that has not phoned home in time has failed, with the reason. Tokens
@@ -116,7 +112,7 @@ class Provisioner:
         for node in self.store.nodes_in_state("kernel-served"):
             if node.last_seen < deadline:
                 self.store.record(node.mac, "failed", {"reason": f"did not phone home within {minutes} minutes "
-                                                                 f"of being served its kernel"}, state="failed")
+                                                                 f"of being served its kernel"}, state=State.FAILED)
         pruned = self.store.prune_tokens(now - TOKEN_KEEP_SECONDS)
         if pruned:
             log.info("pruned %d phone-home tokens that expired over %d days ago", pruned, TOKEN_KEEP_SECONDS // 86400)
@@ -234,23 +230,23 @@ class Provisioner:
         except TimeoutError:
             # A node that stalls (or an sshd that never answers) must not hold a provisioning slot for good.
             self.store.record(mac, "failed", {"reason": f"provisioning did not finish within {limit / 60:g} minutes "
-                                                        f"([server] job_minutes)"}, state="failed")
+                                                        f"([server] job_minutes)"}, state=State.FAILED)
         except NodeLost as exc:
             # Not retried: the node may be dead or rebooting. Its next phone-home starts over (wipe allowed).
             self.store.set_reprovision(mac, True)
             self.store.record(mac, "interrupted", {"reason": f"the node stopped answering during {exc.step}: "
-                                                             f"{exc}", "step": exc.step}, state="interrupted")
+                                                             f"{exc}", "step": exc.step}, state=State.INTERRUPTED)
         except BootserverError as exc:
-            self.store.record(mac, "failed", {"reason": str(exc)}, state="failed")
+            self.store.record(mac, "failed", {"reason": str(exc)}, state=State.FAILED)
         except Exception as exc:  # a bug of ours: the machine must still end in a state that says so
             log.exception("provisioning %s failed", mac)
-            self.store.record(mac, "failed", {"reason": f"internal error: {exc!r}"}, state="failed")
+            self.store.record(mac, "failed", {"reason": f"internal error: {exc!r}"}, state=State.FAILED)
         else:
             self.store.set_reprovision(mac, False)
-            self.store.record(mac, "deployed", {"profile": job.context["profile"]}, state="deployed")
+            self.store.record(mac, "deployed", {"profile": job.context["profile"]}, state=State.DEPLOYED)
 
     def _record(self, mac: str, kind: str, detail: dict[str, Any]) -> None:
-        state = STEP_STATES.get(detail.get("step", "")) if kind == "step-started" else None
+        state = STEP_STATES.get(detail.get("step", "")) if kind == EventKind.STEP_STARTED else None
         self.store.record(mac, kind, detail, state=state)
 
     def job(self, node: Node) -> Job | None:
@@ -278,8 +274,7 @@ class Provisioner:
         )
 
     def hostname(self, mac: str) -> str:
-        machine = self.booter.config.machines.get(mac)
-        return (machine.hostname if machine else None) or f"node-{hyphenated(mac).replace('-', '')}"
+        return self.booter.hostname(mac)
 
     def context(self, node: Node, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
         """Template context for config files: this node and every member of its group (a Raft peer list)."""

@@ -420,6 +420,7 @@ class Store:
         commit per boot script, not two.
         """
         now = time.time()
+        state = None if state is None else str(state)  # a lifecycle State is stored as its text
         with self._transaction() as db:
             # Two replicas may see a new machine at once: one inserts, the other updates.
             created = db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) "

@@ -16,7 +16,6 @@ from typing import Any
 import asyncssh
 
 from ..booter import Booter
-from ..config import FACT_KEYS
 from ..lifecycle import BAD_KINDS, GOOD_KINDS, OFF_PATH, PROGRESS, EventKind
 from ..store import Event, Node
 
@@ -64,10 +63,8 @@ class MachineView:
 
 
 def machine_view(booter: Booter, node: Node) -> MachineView:
-    machine = booter.config.machines.get(node.mac)
-    facts = {k: v for k, v in node.facts.items() if k in FACT_KEYS}
-    spec = booter.boot_spec(node.mac, facts)
-    return MachineView(node, machine.hostname if machine else None, spec.profile.name if spec.profile else None,
+    spec = booter.boot_spec(node.mac, booter.selector_facts(node.facts))
+    return MachineView(node, booter.hostname(node.mac), spec.profile.name if spec.profile else None,
                        spec.group, spec.reason, fingerprint(node.host_key), progress(node.state))
 
 
