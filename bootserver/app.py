@@ -21,9 +21,7 @@ from .booter import Booter
 from .config import Config
 from .errors import ConfigError
 from .provision.jobs import Provisioner
-from .provision.pki import open_keys
 from .store import Store
-from .templates import Templates
 from .web import create_app
 
 log = logging.getLogger(__name__)
@@ -52,9 +50,8 @@ class App:
         keep-alives (`provision.provision`'s keywords), shortened by tests."""
         config.server.data_dir.mkdir(parents=True, exist_ok=True)
         config.server.tftp_root.mkdir(exist_ok=True)
-        store = Store(config.server.database, replica=config.server.replica)
-        keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
-        booter = Booter(config, store, Templates(config.server.templates_dir), keys)
+        booter = Booter.open(config)
+        store = booter.store
         provisioner = Provisioner(booter, **(ssh_options or {}))
         booter.on_phoned_home = provisioner.schedule
         return cls(config, store, booter, provisioner)
@@ -127,9 +124,8 @@ class App:
         for what in needs_restart(self.config, new):
             log.warning("reload: %s changed, not applied: restart bootserver for it", what)
         applied = keep_runtime(self.config, new)
-        if applied.server.templates_dir != self.config.server.templates_dir:
-            self.booter.templates = Templates(applied.server.templates_dir)
-        self.config = self.booter.config = applied  # the provisioner and DHCP read it through the booter
+        self.booter.reload(applied)  # the provisioner and DHCP read it through the booter
+        self.config = applied
         log.info("reloaded %s", source)
         return True
 

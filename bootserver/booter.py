@@ -24,7 +24,7 @@ from .lifecycle import IN_PROGRESS, KERNEL_FROM, State
 from .mac import canonical_mac, hyphenated
 from .overlay import overlay_cpio
 from .payload import Payload
-from .provision.pki import ServerKeys
+from .provision.pki import ServerKeys, open_keys
 from .store import Node, Store
 from .templates import Templates
 
@@ -95,6 +95,19 @@ class Booter:
         self._groups: dict[tuple[str, str | None, str | None], str | None] = {}
         # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
+
+    @classmethod
+    def open(cls, config: Config) -> Booter:
+        """The core on its store, keys and templates, as `serve` and every command open it."""
+        store = Store(config.server.database, replica=config.server.replica)
+        keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
+        return cls(config, store, Templates(config.server.templates_dir), keys)
+
+    def reload(self, config: Config) -> None:
+        """Decide from `config` from the next request on (what needs a restart was kept by the caller)."""
+        if config.server.templates_dir != self.config.server.templates_dir:
+            self.templates = Templates(config.server.templates_dir)
+        self.config = config
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -237,6 +250,15 @@ class Booter:
         text = self.render_profile(spec, urls, token)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
 
+    async def machine_script_kept(self, mac_text: str, reported: dict[str, str], urls: Urls, transport: str,
+                                  client_ip: str | None = None) -> Payload:
+        """machine_script, returned once the store has kept what it recorded (the token it carries): it shares one
+        COMMIT with the other requests of this event-loop turn (Store.group_commit), for the servers that can wait."""
+        with self.store.group_commit() as committed:
+            payload = self.machine_script(mac_text, reported, urls, transport, client_ip)
+        await committed
+        return payload
+
     def _admit_new(self, mac: str, client_ip: str | None) -> None:
         """An unseen MAC becomes a row in the store: only so many a minute from one source."""
         if not self._new_machines.allow(tokens.client_address(client_ip) or "unknown"):
@@ -375,6 +397,13 @@ class Booter:
         assert node is not None
         return node
 
+    async def phone_home_kept(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
+        """phone_home, returned once the store has kept it (the spent token, the queued job): group commit."""
+        with self.store.group_commit() as committed:
+            node = self.phone_home(mac_text, report, client_ip)
+        await committed
+        return node
+
     def _check_lease(self, mac: str, peer: str) -> None:
         """As the segment's DHCP server we know each MAC's address: a call from any other is not that machine."""
         if self.config.dhcp.mode != "full":
@@ -431,6 +460,30 @@ class Booter:
         if not path.is_file():
             raise NotFound(f"{path} is missing: install Debian's ipxe package or set server.ipxe_dir")
         return Payload(name, path=path)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and what needs a person. `ok` is true whenever this answers at all (the process serves, so a
+        supervisor must not restart it); `problems` names what does not work, in words to act on."""
+        server = self.config.server
+        return {
+            "ok": True,
+            "problems": self.problems(),
+            "missing_assets": sorted(n for n, p in self.config.assets.items() if not p.is_file()),
+            "ipxe_binaries": sorted(p.name for p in server.ipxe_dir.glob("*") if p.suffix in (".efi", ".kpxe")),
+            "tftp_root": str(server.tftp_root) if server.tftp_root.is_dir() else None,
+        }
+
+    def problems(self) -> list[str]:
+        found = []
+        root = self.config.server.tftp_root
+        if self.config.server.tftp is not None and not root.is_dir():
+            found.append(f"tftp root {root} is missing: files under it are not served over TFTP (boot scripts, "
+                         f"kernels and iPXE binaries still are); recreate it with mkdir")
+        if self.store.problem is not None:
+            found.append(self.store.problem)
+        return found
 
     # -- recording ------------------------------------------------------------------------------
 

@@ -16,9 +16,7 @@ from .booter import Booter, Urls
 from .errors import BootserverError, NotFound
 from .mac import canonical_mac
 from .provision.disk import TARGET_ROOT, dry_run
-from .provision.pki import open_keys
 from .store import Store
-from .templates import Templates
 from .tools.lab import ADDRESS as LAB_ADDRESS
 from .tools.lab import Lab
 from .web.views import clock, machine_view, summarize
@@ -235,9 +233,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def _booter(config: configuration.Config) -> Booter:
     """The core without the servers: for commands that read or mark machines in the store."""
-    store = Store(config.server.database, replica=config.server.replica)
-    keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
-    return Booter(config, store, Templates(config.server.templates_dir), keys)
+    return Booter.open(config)
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:

@@ -71,7 +71,8 @@ async def served(config: configuration.Config, ssh_port: int = 22, **ssh_options
 
 def session_from(source: str) -> aiohttp.ClientSession:
     """An HTTP client whose connections come from `source`, as a machine at that address would."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0), force_close=True))
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0), force_close=True),
+                                 timeout=aiohttp.ClientTimeout(total=30))  # a hang fails, saying where
 
 
 async def script(base: str, source: str, path: str = PATH, **query: str) -> tuple[int, str]:

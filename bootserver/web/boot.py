@@ -97,11 +97,8 @@ async def bootstrap(request: web.Request) -> web.Response:
 
 
 async def machine_script(request: web.Request) -> web.Response:
-    booter = request.app[BOOTER]
-    with booter.store.group_commit() as committed:
-        payload = booter.machine_script(request.match_info["mac"], dict(request.query), urls(request), "http",
-                                        client_ip=client_address(request))
-    await committed  # the script carries a token: answer only once the store has kept it
+    payload = await request.app[BOOTER].machine_script_kept(request.match_info["mac"], dict(request.query),
+                                                           urls(request), "http", client_ip=client_address(request))
     return _text(payload)
 
 
@@ -166,10 +163,8 @@ async def phone_home(request: web.Request) -> web.Response:
         raise BadRequest("body is not a phone-home report: JSON nested too deep") from None
     if not isinstance(report, dict):
         raise BadRequest("body must be a JSON object")
-    booter = request.app[BOOTER]
-    with booter.store.group_commit() as committed:
-        node = booter.phone_home(request.match_info["mac"], report, client_ip=client_address(request))
-    await committed
+    node = await request.app[BOOTER].phone_home_kept(request.match_info["mac"], report,
+                                                     client_ip=client_address(request))
     # 202: accepted; provisioning runs in the background and shows in the machine's events.
     return web.json_response({"mac": node.mac, "state": node.state}, status=202)
 
@@ -184,29 +179,5 @@ async def body(request: web.Request) -> bytes:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness and what needs a person. `ok` is true whenever this answers at all (the process serves,
-    so a supervisor must not restart it); `problems` names what does not work, in words to act on."""
-    booter = request.app[BOOTER]
-    config = booter.config
-    missing_assets = sorted(n for n, p in config.assets.items() if not p.is_file())
-    binaries = sorted(p.name for p in config.server.ipxe_dir.glob("*") if p.suffix in (".efi", ".kpxe"))
-    tftp_root = config.server.tftp_root
-    body = {
-        "ok": True,
-        "problems": problems(booter),
-        "missing_assets": missing_assets,
-        "ipxe_binaries": binaries,
-        "tftp_root": str(tftp_root) if tftp_root.is_dir() else None,
-    }
-    return web.json_response(body)
-
-
-def problems(booter: Booter) -> list[str]:
-    found = []
-    root = booter.config.server.tftp_root
-    if booter.config.server.tftp is not None and not root.is_dir():
-        found.append(f"tftp root {root} is missing: files under it are not served over TFTP (boot scripts, "
-                     f"kernels and iPXE binaries still are); recreate it with mkdir")
-    if booter.store.problem is not None:
-        found.append(booter.store.problem)
-    return found
+    """Liveness and what needs a person (Booter.health): `ok` whenever this answers at all."""
+    return web.json_response(request.app[BOOTER].health())
