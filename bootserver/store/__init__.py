@@ -8,8 +8,8 @@ Every write is its own transaction, committed before the call returns, so a kill
 recorded event. The one exception is group_commit(), for the busiest requests (boot scripts, phone-homes):
 their writes share one COMMIT, and the request is answered only once that COMMIT is done.
 
-The schema is versioned; MIGRATIONS[n] takes version n to n+1 ({float}, {id} and
-{blob} are the backend's column types).
+The schema (its versioned migrations) is schema.py; the records the store returns are records.py. The Store
+class stays one long module on purpose: it is every query of the package, each written once.
 """
 
 from __future__ import annotations
@@ -21,201 +21,17 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BootserverError, StoreUnavailable
+from . import records
 from .postgres import PostgresBackend
+from .records import Committed, Event, JobClaim, Lease, Member, Node, Token
+from .schema import MIGRATIONS, TABLES, TOTALS, TOTALS_VERSION
 from .sqlite import SqliteBackend
 
 log = logging.getLogger(__name__)
-
-MIGRATIONS = [
-    """
-    CREATE TABLE machines (
-        mac        TEXT PRIMARY KEY,
-        state      TEXT NOT NULL,
-        first_seen {float} NOT NULL,
-        last_seen  {float} NOT NULL,
-        facts      TEXT NOT NULL DEFAULT '{{}}'
-    );
-    CREATE TABLE events (
-        id     {id},
-        mac    TEXT NOT NULL REFERENCES machines(mac),
-        time   {float} NOT NULL,
-        kind   TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT '{{}}'
-    );
-    CREATE INDEX events_by_mac ON events(mac, id);
-    """,
-    # Phone-home: one-time tokens (only their hashes), and what a node told us when it called.
-    """
-    CREATE TABLE tokens (
-        id      TEXT PRIMARY KEY,
-        hash    TEXT NOT NULL,
-        mac     TEXT NOT NULL REFERENCES machines(mac),
-        issued  {float} NOT NULL,
-        expires {float} NOT NULL,
-        used    {float}
-    );
-    CREATE INDEX tokens_by_mac ON tokens(mac);
-    ALTER TABLE machines ADD COLUMN host_key TEXT;
-    ALTER TABLE machines ADD COLUMN ip TEXT;
-    ALTER TABLE machines ADD COLUMN reprovision INTEGER NOT NULL DEFAULT 0;
-    """,
-    # DHCP leases of full mode: one row per address; mac NULL for an address a client declined.
-    """
-    CREATE TABLE leases (
-        ip      TEXT PRIMARY KEY,
-        mac     TEXT UNIQUE,
-        state   TEXT NOT NULL,
-        expires {float} NOT NULL
-    );
-    """,
-    # The address that fetched the boot script a token rides on: a phone-home from elsewhere is refused.
-    # NULL for tokens issued before this column existed (they expire within token_minutes anyway).
-    """
-    ALTER TABLE tokens ADD COLUMN ip TEXT;
-    """,
-    # Replicas: which server recorded each event; provisioning jobs that any replica may claim, held by
-    # a lease its owner renews; secrets every replica shares (encrypted before they get here). The live
-    # tokens index keeps issuing a token cheap for a machine that has booted a thousand times.
-    """
-    ALTER TABLE events ADD COLUMN replica TEXT;
-    CREATE TABLE jobs (
-        mac         TEXT PRIMARY KEY REFERENCES machines(mac),
-        state       TEXT NOT NULL,
-        owner       TEXT,
-        lease_until {float},
-        attempt     INTEGER NOT NULL DEFAULT 0,
-        created     {float} NOT NULL,
-        updated     {float} NOT NULL
-    );
-    CREATE INDEX jobs_by_state ON jobs(state, created);
-    CREATE TABLE secrets (
-        name  TEXT PRIMARY KEY,
-        value {blob} NOT NULL
-    );
-    CREATE INDEX tokens_live ON tokens(mac) WHERE used IS NULL;
-    """,
-    # Tokens are deleted some days after they expire (prune_tokens): every boot script issues one.
-    """
-    CREATE INDEX tokens_by_expiry ON tokens(expires);
-    """,
-    # Running totals behind /metrics (bytes served by protocol, provisioning steps), kept as events are
-    # recorded: a scrape reads a few rows instead of summing every event ever recorded (0.4 s at 10^6).
-    # Older stores get theirs summed from their events once (TOTALS_VERSION).
-    """
-    CREATE TABLE totals (
-        name  TEXT PRIMARY KEY,
-        count INTEGER NOT NULL,
-        value {float} NOT NULL
-    );
-    """,
-    # Trust on the boot network: a machine's provisioning window (enroll = "approve"), claims held while two
-    # addresses claim one MAC, and the SMBIOS UUID its firmware reported with the script a token rides on.
-    """
-    ALTER TABLE machines ADD COLUMN window_until {float};
-    ALTER TABLE machines ADD COLUMN held TEXT;
-    ALTER TABLE tokens ADD COLUMN uuid TEXT
-    """,
-]
-TOTALS_VERSION = 7  # the schema version that added totals
-# The running totals, by the event kind that adds to them: (name prefix, detail key that names the total,
-# detail key of the amount). One row per name, e.g. "bytes:http", "step:disk".
-TOTALS = {"file-served": ("bytes:", "protocol", "bytes"), "step-done": ("step:", "step", "seconds"),
-          "claim-conflict": ("conflicts:", "transport", "")}  # counted only
-
-
-@dataclass(frozen=True)
-class Node:
-    """A machine as the store knows it: what it reported and how far it got."""
-
-    mac: str
-    state: str
-    first_seen: float
-    last_seen: float
-    facts: dict[str, str] = field(default_factory=dict)
-    host_key: str | None = None  # pinned when it phoned home; SSH trusts only this key
-    ip: str | None = None  # the address it reported when it phoned home
-    reprovision: bool = False  # an operator asked for the whole flow again, disk wipe allowed
-    window_until: float | None = None  # until when an operator's approval lets it be provisioned
-    held: str | None = None  # why its claims are held (two addresses claimed it): an operator must approve
-
-
-@dataclass
-class Committed:
-    """What group_commit() yields: await it before answering."""
-
-    batches: list[asyncio.Future[None]] = field(default_factory=list)  # empty: nothing to wait for
-
-    def __await__(self) -> Any:
-        for batch in self.batches:
-            # Shielded: a cancelled request must not cancel the COMMIT every other request waits on.
-            yield from asyncio.shield(batch).__await__()
-
-
-@dataclass(frozen=True)
-class Member:
-    """A machine as a group's member list needs it: where it is, and the facts that pick its group."""
-
-    mac: str
-    ip: str | None
-    arch: str | None
-    platform: str | None
-
-
-@dataclass(frozen=True)
-class Token:
-    """A one-time phone-home token: the secret itself is never stored, only its hash."""
-
-    id: str
-    hash: str
-    mac: str
-    issued: float
-    expires: float
-    used: float | None = None
-    ip: str | None = None  # who fetched the script it was issued with; None: not known (any address)
-    uuid: str | None = None  # the SMBIOS UUID the firmware reported with that script, if it did
-
-
-@dataclass(frozen=True)
-class Lease:
-    """An address held by a DHCP client: `offered` until it asks for it, `bound` once acknowledged.
-
-    `declined` addresses (a client found them in use) have no MAC and are held back until `expires`.
-    """
-
-    ip: str
-    mac: str | None
-    state: str
-    expires: float
-
-
-@dataclass(frozen=True)
-class Event:
-    """One thing that happened to a machine: a script served, a file sent, a report received."""
-
-    id: int
-    mac: str
-    time: float
-    kind: str
-    detail: dict[str, Any] = field(default_factory=dict)
-    replica: str | None = None  # the server that recorded it (None: recorded before replicas existed)
-
-
-@dataclass(frozen=True)
-class JobClaim:
-    """A provisioning job as one replica holds it: until `lease_until`, renewed while it works."""
-
-    mac: str
-    owner: str | None
-    attempt: int
-    lease_until: float | None
-    taken_over_from: str | None = None  # claimed because this replica's lease lapsed (it died)
-    state: str = "running"  # queued, running or done
-
 
 Backend = SqliteBackend | PostgresBackend
 
@@ -450,13 +266,13 @@ class Store:
         row = self._row("SELECT * FROM tokens WHERE id = ?", (token_id,))
         if row is None:
             return None
-        return _token(row)
+        return records.token(row)
 
     def live_token(self, mac: str, now: float | None = None) -> Token | None:
         """The machine's newest token that is neither spent nor expired: the claim of the boot under way."""
         row = self._row("SELECT * FROM tokens WHERE mac = ? AND used IS NULL AND expires > ? ORDER BY issued DESC "
                         "LIMIT 1", (mac, now or time.time()))
-        return _token(row) if row else None
+        return records.token(row) if row else None
 
     def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any]) -> bool:
         """Spend the token, pin the node's host key and queue its provisioning job, in one transaction.
@@ -588,12 +404,12 @@ class Store:
 
     def unfinished_jobs(self, owner: str) -> list[JobClaim]:
         """The jobs `owner` accepted (queued) or holds (running): after its own restart, what it left."""
-        return [_job(row) for row in self._rows("SELECT * FROM jobs WHERE owner = ? AND state <> 'done' "
+        return [records.job(row) for row in self._rows("SELECT * FROM jobs WHERE owner = ? AND state <> 'done' "
                                                 "ORDER BY created", (owner,))]
 
     def job(self, mac: str) -> JobClaim | None:
         row = self._row("SELECT * FROM jobs WHERE mac = ?", (mac,))
-        return _job(row) if row else None
+        return records.job(row) if row else None
 
     # -- secrets every replica shares (encrypted by the caller) ---------------------------------------
 
@@ -619,7 +435,7 @@ class Store:
 
     def node(self, mac: str) -> Node | None:
         row = self._row("SELECT * FROM machines WHERE mac = ?", (mac,))
-        return _node(row) if row else None
+        return records.node(row) if row else None
 
     def nodes(self, after: str | None = None, limit: int | None = None,
               states: Iterable[str] = ()) -> list[Node]:
@@ -633,7 +449,7 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
-        return [_node(row) for row in self._rows(sql, parameters)]
+        return [records.node(row) for row in self._rows(sql, parameters)]
 
     def members(self) -> list[Member]:
         """Every admitted machine's address and the facts that choose its group: what a group's member list needs,
@@ -649,13 +465,14 @@ class Store:
     def events(self, mac: str, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events of `mac` with id greater than `after`, oldest first."""
         rows = self._rows("SELECT * FROM events WHERE mac = ? AND id > ? ORDER BY id LIMIT ?", (mac, after, limit))
-        return [_event(r) for r in rows]
+        return [records.event(r) for r in rows]
 
     # -- status pages and metrics (read-only queries) ---------------------------------------------
 
     def events_after(self, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events of every machine with id greater than `after`, oldest first (the live overview)."""
-        return [_event(r) for r in self._rows("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))]
+        rows = self._rows("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+        return [records.event(r) for r in rows]
 
     def last_event_id(self, mac: str | None = None) -> int:
         """The newest event's id (of `mac`, or of any machine); 0 when there is none."""
@@ -693,7 +510,7 @@ class Store:
         """The newest `limit` events of `mac`, oldest first: what a status page shows of a long history."""
         rows = self._rows("SELECT * FROM (SELECT * FROM events WHERE mac = ? ORDER BY id DESC LIMIT ?) AS recent "
                           "ORDER BY id", (mac, limit))
-        return [_event(r) for r in rows]
+        return [records.event(r) for r in rows]
 
     # -- DHCP leases (full mode) -------------------------------------------------------------------
     # Each call is one transaction holding the leases table, so two servers (two replicas, or two
@@ -701,10 +518,10 @@ class Store:
 
     def lease_of(self, mac: str) -> Lease | None:
         row = self._row("SELECT * FROM leases WHERE mac = ?", (mac,))
-        return _lease(row) if row else None
+        return records.lease(row) if row else None
 
     def leases(self) -> list[Lease]:
-        return [_lease(row) for row in self._rows("SELECT * FROM leases ORDER BY ip")]
+        return [records.lease(row) for row in self._rows("SELECT * FROM leases ORDER BY ip")]
 
     def offer_lease(self, mac: str, candidates: Iterable[str], expires: float) -> Lease | None:
         """Hold an address for `mac`: the one it holds already if that is a candidate, else the first
@@ -718,7 +535,7 @@ class Store:
                 # An offer never shortens a lease the client holds already.
                 db.execute("UPDATE leases SET expires = CASE WHEN expires > ? THEN expires ELSE ? END "
                            "WHERE mac = ?", (expires, expires, mac))
-                return _lease(db.execute("SELECT * FROM leases WHERE mac = ?", (mac,)).fetchone())
+                return records.lease(db.execute("SELECT * FROM leases WHERE mac = ?", (mac,)).fetchone())
             held = {r["ip"] for r in db.execute("SELECT ip FROM leases WHERE expires > ? AND "
                                                 "(mac IS NULL OR mac <> ?)", (now, mac)).fetchall()}
             free = next((ip for ip in wanted if ip not in held), None)
@@ -753,19 +570,6 @@ class Store:
         with self._transaction() as db:
             return db.execute("UPDATE leases SET mac = NULL, state = 'declined', expires = ? "
                               "WHERE mac = ? AND ip = ?", (until, mac, ip)).rowcount > 0
-
-
-# What `copy_into` moves, parents before children (foreign keys).
-TABLES = {
-    "machines": ("mac", "state", "first_seen", "last_seen", "facts", "host_key", "ip", "reprovision", "window_until",
-                 "held"),
-    "events": ("id", "mac", "time", "kind", "detail", "replica"),
-    "tokens": ("id", "hash", "mac", "issued", "expires", "used", "ip", "uuid"),
-    "leases": ("ip", "mac", "state", "expires"),
-    "jobs": ("mac", "state", "owner", "lease_until", "attempt", "created", "updated"),
-    "secrets": ("name", "value"),
-    "totals": ("name", "count", "value"),
-}
 
 
 def _copy_rows(source: Store, db: Backend, table: str, columns: tuple[str, ...]) -> int:
@@ -812,22 +616,5 @@ def _insert_token(db: Backend, token: Token) -> None:
                (token.id, token.hash, token.mac, token.issued, token.expires, token.ip, token.uuid))
 
 
-def _lease(row: Any) -> Lease:
-    return Lease(row["ip"], row["mac"], row["state"], row["expires"])
-
-
-def _node(row: Any) -> Node:
-    return Node(row["mac"], row["state"], row["first_seen"], row["last_seen"], json.loads(row["facts"]),
-                row["host_key"], row["ip"], bool(row["reprovision"]), row["window_until"], row["held"])
-
-
-def _token(row: Any) -> Token:
-    return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"], row["ip"], row["uuid"])
-
-
-def _event(row: Any) -> Event:
-    return Event(row["id"], row["mac"], row["time"], row["kind"], json.loads(row["detail"]), row["replica"])
-
-
-def _job(row: Any) -> JobClaim:
-    return JobClaim(row["mac"], row["owner"], row["attempt"], row["lease_until"], state=row["state"])
+__all__ = ["MIGRATIONS", "TOTALS", "Committed", "Event", "JobClaim", "Lease", "Member", "Node", "Store", "Token",
+           "open_backend"]
