@@ -156,6 +156,22 @@ class Booter:
         """What of a machine's reported facts groups select on."""
         return {k: v for k, v in facts.items() if k in FACT_KEYS}
 
+    def job_context(self, mac: str, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
+        """Template context for a machine's config files: the machine and every member of its group (a Raft peer
+        list). Members are the machines configured under [machines] and those admitted by an accepted phone-home:
+        a MAC that only asked for files, as anyone on the boot network may, is no member of anything."""
+        members = []
+        known = {m.mac: m for m in self.store.members()}
+        for other in sorted(set(known) | set(self.config.machines)):
+            member = known.get(other)
+            if self.group_of(other, member and member.arch, member and member.platform) != group:
+                continue
+            machine = self.config.machines.get(other)
+            members.append({"mac": other, "hostname": self.hostname(other), "ip": member.ip if member else None,
+                            "labels": machine.labels if machine else {}})
+        me = next(m for m in members if m["mac"] == mac)
+        return {"node": me, "group": members, "group_name": group, "profile": profile, "hostname": hostname}
+
     @staticmethod
     def firmware_binary(client_arch: int) -> str:
         """The iPXE binary to chainload for a PXE firmware of this option-93 architecture."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import api_token
-from test_http import report
+from support.http import report
 
 from bootserver.app import App
 

@@ -3,14 +3,13 @@
 import asyncio
 import dataclasses
 import json
-import re
 import time
 
 import aiohttp
-import asyncssh
 import libarchive
 import pytest
 from conftest import eventually
+from support.http import boot_token, report
 
 from bootserver.errors import Forbidden
 from bootserver.web import create_app
@@ -93,22 +92,6 @@ async def test_unknown_or_traversing_files_are_404(client, path):
     response = await client.get(path)
     assert response.status in (400, 404)
     assert "root:" not in await response.text()
-
-
-async def boot_token(client, mac: str = "52-54-00-00-00-01") -> str:
-    """Fetch the machine's script as iPXE would, and take the token off its kernel command line."""
-    text = await (await client.get(f"/boot/{mac}.ipxe")).text()
-    return re.search(r"bootserver\.token=(\S+)", text)[1]
-
-
-def host_key() -> str:
-    return asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode().strip()
-
-
-def report(token: str | None, **extra) -> dict:
-    body = {"ip": "10.0.2.15", "host_key": host_key(), "kernel": "6.1",
-            "disks": [{"name": "vda", "size_bytes": 64 << 20, "partitions": 0}], **extra}
-    return body if token is None else {**body, "token": token}
 
 
 async def test_phone_home_pins_the_host_key_once(client, booter):

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import psycopg
 from sshd import ssh_server
-from test_web import read_event
+from support.http import read_event
 
 from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store

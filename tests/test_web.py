@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
-from test_http import boot_token, report
+from support.http import boot_token, read_event, report
 
 from bootserver.booter import Booter
 from bootserver.config import Machine
@@ -271,24 +271,6 @@ async def test_metrics_parse_and_count_from_the_store(client, booter):
 
 
 # -- live updates ------------------------------------------------------------------------------------------
-
-
-async def read_event(response, timeout: float = 5.0) -> dict[str, object]:
-    """The next server-sent event with data: its fields (id, data), parsed as the browser would."""
-    import json
-
-    fields: dict[str, str] = {}
-    while True:
-        line = (await asyncio.wait_for(response.content.readline(), timeout)).decode().rstrip("\n")
-        if line.startswith(":"):
-            continue
-        if line:
-            key, _, value = line.partition(": ")
-            fields[key] = value
-        elif "data" in fields:
-            return {"id": int(fields["id"]), "data": json.loads(fields["data"])}
-        else:
-            fields = {}
 
 
 async def test_stream_delivers_new_events_resumes_and_ends_with_the_client(client, booter):

@@ -251,7 +251,7 @@ class Provisioner:
 
     def job(self, node: Node) -> Job | None:
         """What provisioning `node` means under its profile; None when the profile asks for nothing."""
-        spec = self.booter.boot_spec(node.mac, {k: v for k, v in node.facts.items() if k in ("arch", "platform")})
+        spec = self.booter.boot_spec(node.mac, self.booter.selector_facts(node.facts))
         profile = spec.profile
         if profile is None or (profile.disk is None and profile.deploy is None):
             self.store.record(node.mac, "nothing-to-provision",
@@ -277,16 +277,5 @@ class Provisioner:
         return self.booter.hostname(mac)
 
     def context(self, node: Node, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
-        """Template context for config files: this node and every member of its group (a Raft peer list)."""
-        members = []
-        known = {m.mac: m for m in self.store.members()}
-        for mac in sorted(set(known) | set(self.booter.config.machines)):
-            member = known.get(mac)
-            if self.booter.group_of(mac, member and member.arch, member and member.platform) != group:
-                continue
-            machine = self.booter.config.machines.get(mac)
-            members.append({"mac": mac, "hostname": self.hostname(mac), "ip": member.ip if member else None,
-                            "labels": machine.labels if machine else {}})
-        me = next(m for m in members if m["mac"] == node.mac)
-        return {"node": me, "group": members, "group_name": group, "profile": profile, "hostname": hostname}
+        return self.booter.job_context(node.mac, group, profile, hostname)
 
