@@ -95,7 +95,8 @@ def main() -> None:
         shutil.copy(built, data / "bootserver.sqlite3")
         size_mb = built.stat().st_size / 1e6
         port = free_port()
-        with Ours(scratch, f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{data}"\n', port) as ours:
+        with Ours(scratch, f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{data}"\n'
+                  'new_machines_per_minute = 1000000\n', port) as ours:
             middle = mac(machines // 2)
             # (path, connections, whether the issue sets it a target); /metrics sums what the store holds
             pages = [("/api/v1/machines", 1, True), ("/", 1, True), (f"/machines/{middle}", 1, True),

@@ -114,6 +114,7 @@ def site_toml(*, data: Path, http_port: int, tftp_port: int | None, ipxe_dir: Pa
         "[server]", f'http = "127.0.0.1:{http_port}"',
         f'tftp = "127.0.0.1:{tftp_port}"' if tftp_port else 'tftp = "off"',
         f'data_dir = "{data}"', f'ipxe_dir = "{ipxe_dir}"', f"provision_concurrency = {concurrency}",
+        "new_machines_per_minute = 1000000",  # the whole emulated fleet boots from this one address
         "[assets]", 'agent-kernel = "images/vmlinuz"', 'agent-initrd = "images/initrd.img"',
         "[profiles.agent]", 'kernel = "agent-kernel"', 'initrd = ["agent-initrd"]', 'cmdline = "console=ttyS0"',
         "[profiles.agent.deploy]", f"check = {json.dumps(check)}",
