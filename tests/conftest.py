@@ -163,19 +163,28 @@ def timing(request):
     return record
 
 
+_RUN: dict[str, str] = {}  # the commit the session tests, taken at its start (a commit may land meanwhile)
+
+
+def pytest_sessionstart(session):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    _RUN["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip() or "unknown"
+    _RUN["dirty"] = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True).stdout.strip()
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _TIMINGS:
         return
     import platform
-    import subprocess
     import sys
     import time
 
     root = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    commit, dirty = _RUN.get("commit", "unknown"), _RUN.get("dirty")
     lines = [f"# VM test timings, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
              f"- command: `{' '.join(['python -m pytest', *sys.argv[1:]])}`",
