@@ -65,11 +65,12 @@ class App:
         await web.TCPSite(self._runner, server.http.host, server.http.port, backlog=HTTP_BACKLOG).start()
         if server.tftp is not None:
             routes = tftp.Routes(self.booter, server.public_address, self.http_port)
-            cap = tftp.session_cap(raise_fd_limit())
-            if cap < tftp.MAX_SESSIONS:
+            cap = tftp.session_cap(raise_fd_limit(), wanted=server.tftp_sessions)
+            if cap < server.tftp_sessions:
                 log.warning("tftp: at most %d transfers at once: the open-file limit is too low for %d "
-                            "(raise it, e.g. LimitNOFILE= in the systemd unit)", cap, tftp.MAX_SESSIONS)
-            self._tftp = tftp.TftpServer(routes.resolve, routes.record, max_sessions=cap)
+                            "(raise it, e.g. LimitNOFILE= in the systemd unit)", cap, server.tftp_sessions)
+            self._tftp = tftp.TftpServer(routes.resolve, routes.record, max_sessions=cap,
+                                         max_sessions_per_client=min(server.tftp_sessions_per_source, cap))
             await self._tftp.start(server.tftp.host, server.tftp.port)
             routes.tftp_port = self._tftp.address[1]
         if self.config.dhcp.mode != "off":
@@ -146,7 +147,8 @@ class App:
 
 # Settings the running servers were built from: sockets, the store, the DHCP responder, the job cap.
 RESTART_SERVER_KEYS = ("http", "tftp", "data_dir", "public_address", "provision_concurrency", "database_url",
-                       "database_file", "replica", "secret_key_file", "job_lease_seconds")
+                       "database_file", "replica", "secret_key_file", "job_lease_seconds", "tftp_sessions",
+                       "tftp_sessions_per_source")
 FIELD_KEYS = {"database_url": "database", "database_file": "database"}  # ServerConfig field -> TOML key
 
 

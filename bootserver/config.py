@@ -26,6 +26,8 @@ never becomes a machine that silently boots the wrong thing.
     # origins = ["http://boot.example:8080"]  # this server's own origins, for writes (default: its names)
     # streams_per_client = 8              # live streams (SSE) open at once per client address; 429 beyond
     # streams_total = 100                 # live streams open at once in all
+    # tftp_sessions = 1000                # TFTP transfers at once; a quarter kept for sources holding none
+    # tftp_sessions_per_source = 16       # TFTP transfers at once from one source address
 
     [assets]                           # files by name; relative paths are under data_dir
     agent-kernel = "images/agent/vmlinuz"
@@ -105,6 +107,8 @@ class ServerConfig:
     origins: tuple[str, ...] = ()  # scheme://host[:port] this server is reached by; (): its own names (web.py)
     streams_per_client: int = 8  # live streams (SSE) open at once from one client address
     streams_total: int = 100  # live streams open at once in all
+    tftp_sessions: int = 1000  # TFTP transfers at once in all (a quarter kept for sources holding none)
+    tftp_sessions_per_source: int = 16  # TFTP transfers at once from one source address
 
     @property
     def tftp_root(self) -> Path:
@@ -261,7 +265,7 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
                      "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days", "enroll",
                      "window_minutes", "trusted_proxies", "new_machines_per_minute", "provision_per_source",
                      "job_minutes", "pages", "origins", "streams_per_client",
-                     "streams_total"}, where)
+                     "streams_total", "tftp_sessions", "tftp_sessions_per_source"}, where)
     ssh_keys = raw.get("ssh_keys", [])
     if not isinstance(ssh_keys, list) or not all(isinstance(k, str) and k.startswith("ssh-") for k in ssh_keys):
         raise ConfigError(f"{where} ssh_keys: expected a list of OpenSSH public key lines (ssh-ed25519 AAAA...)")
@@ -298,6 +302,8 @@ def _server(raw: dict[str, Any], where: str) -> ServerConfig:
         origins=_origins(raw, where),
         streams_per_client=_positive(raw, "streams_per_client", where, 8),
         streams_total=_positive(raw, "streams_total", where, 100),
+        tftp_sessions=_positive(raw, "tftp_sessions", where, 1000),
+        tftp_sessions_per_source=_positive(raw, "tftp_sessions_per_source", where, 16),
     )
 
 

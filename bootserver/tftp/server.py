@@ -282,8 +282,8 @@ class TftpServer:
             log.exception("tftp: on_done raised for %r", transfer.filename)
 
 
-def session_cap(fd_limit: int, reserved: int = 256) -> int:
-    """MAX_SESSIONS, or fewer when the process may not open enough files for that many transfers plus
+def session_cap(fd_limit: int, reserved: int = 256, wanted: int = MAX_SESSIONS) -> int:
+    """`wanted` transfers, or fewer when the process may not open enough files for that many transfers plus
     `reserved` descriptors for everything else (HTTP sockets, the store): running out of descriptors
     would refuse HTTP connections too, while a full session table only refuses new TFTP transfers."""
-    return max(1, min(MAX_SESSIONS, (fd_limit - reserved) // FDS_PER_SESSION))
+    return max(1, min(wanted, (fd_limit - reserved) // FDS_PER_SESSION))
