@@ -24,10 +24,11 @@ import contextlib
 import ctypes
 import re
 import signal
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from support.net import free_port
 
 QEMU = "qemu-system-x86_64"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
@@ -238,12 +239,6 @@ class Vm:
                 await asyncio.wait_for(event.wait(), 0.2)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for hostfwd). Another process
-    could take it before QEMU does; QEMU then fails to start and says so on its stderr."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def qemu_available() -> bool:

@@ -15,7 +15,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import aiohttp
 from sshd import ssh_server
+from support.net import free_port
 
 from bootserver.provision.pki import ServerKeys
 
@@ -33,10 +33,6 @@ MACS = [f"52:54:00:00:20:{i:02x}" for i in range(1, 7)]
 IN_PROGRESS = ("phoned-home", "disk", "deploy", "finishing")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_site(tmp_path: Path, ssh_port: int) -> tuple[Path, Path]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support.net import free_port
 
 MAC = "52:54:00:00:00:01"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def site(data: Path, port: int, hostname: str, extra: str = "") -> str:

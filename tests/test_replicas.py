@@ -12,7 +12,6 @@ import itertools
 import json
 import re
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -22,15 +21,10 @@ import aiohttp
 import psycopg
 from sshd import ssh_server
 from support.http import read_event
+from support.net import free_port
 
 from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def mac(i: int) -> str:

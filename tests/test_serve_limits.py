@@ -12,14 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from support.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def serve(tmp_path: Path, nofile: str) -> tuple[str, str]:

@@ -27,16 +27,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support.net import free_port
 
 from bootserver.dhcp import DISCOVER, DhcpPacket
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import re
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +17,7 @@ import asyncssh
 import pytest
 from conftest import eventually
 from sshd import ssh_server
+from support.net import free_port
 
 from bootserver import config as configuration
 from bootserver.admission import RateLimit, canonical_uuid, same_uuid, strict_ip
@@ -31,10 +31,6 @@ PATH = MAC.replace(":", "-")
 SECRET = "DATABASE_PASSWORD=hunter2-of-the-real-machine\n"
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | None = None) -> configuration.Config:
@@ -239,7 +235,7 @@ async def test_provisioning_connects_to_the_caller_not_to_the_address_it_reports
     """Finding 3: a phone-home naming another node's address (`ip`) still makes the server SSH to the address
     the call came from; the other node's sshd is never contacted."""
     config = site(tmp_path)
-    port = free_port(REAL)
+    port = free_port(host=REAL)
     async with served(config, ssh_port=port) as (app, base), \
             ssh_server(app.booter.keys.ssh_public, host=REAL, port=port) as caller, \
             ssh_server(app.booter.keys.ssh_public, host="127.0.0.9", port=port) as victim:
@@ -321,7 +317,7 @@ async def test_forgeries_with_a_silent_sshd_hold_at_most_their_sources_slots(tmp
     the job deadline."""
     # The fake nodes share this host's files: a check command, not files, is the deploy each runs.
     config = site(tmp_path, "provision_per_source = 2\nprovision_concurrency = 8", deploy='check = "sync"\n')
-    port = free_port(REAL)
+    port = free_port(host=REAL)
     slow = {"job_seconds": 6, "command_timeout": 600, "keepalive_interval": 600}
     async with served(config, ssh_port=port, **slow) as (app, base), \
             ssh_server(app.booter.keys.ssh_public, host=FORGER, port=port, hang_on="sync") as silent, \

@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import api_token, bearer
+from support.net import free_port
 
 from bootserver.app import App
 
@@ -208,10 +209,6 @@ async def test_hostile_numbers_and_nesting_are_400_with_a_message(config, method
 # -- finding 11: file modes --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_serve_makes_its_files_private_under_a_permissive_umask(tmp_path):
