@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 
-from .errors import Forbidden, Unauthorized
+from .admission import strict_ip
+from .errors import BadRequest, Forbidden, Unauthorized
 from .store import Token
 
 
@@ -32,12 +32,9 @@ def client_address(text: str | None) -> str | None:
     if not text:
         return None
     try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
+        return strict_ip(text.split("%", 1)[0])  # a socket's peer may carry a scope id: not part of the address
+    except BadRequest:
         return text
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
 
 
 def split(text: object) -> tuple[str, str]:
