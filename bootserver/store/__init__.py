@@ -244,12 +244,7 @@ class Store:
                                  (mac, (only_from is None and state) or "discovered", now, now,
                                   json.dumps(facts or {}))).rowcount
             if not created:
-                row = db.execute("SELECT facts, state FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
-                merged = {**json.loads(row["facts"]), **(facts or {})}
-                if only_from is not None and row["state"] not in only_from:
-                    state = None  # the lifecycle does not move it from where it is
-                db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? "
-                           "WHERE mac = ?", (now, state, json.dumps(merged), mac))
+                _seen(db, mac, now, facts, state, only_from)
             if token is not None:
                 _insert_token(db, token)
             event_id = self._insert_event(db, mac, now, kind, detail or {})
@@ -349,12 +344,8 @@ class Store:
 
     def touch(self, mac: str, facts: dict[str, str] | None = None) -> None:
         """`mac` asked again for what it was told before (a waiting machine polls): last seen, no new event."""
-        now = time.time()
         with self._transaction() as db:
-            row = db.execute("SELECT facts FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
-            if row is not None:
-                db.execute("UPDATE machines SET last_seen = ?, facts = ? WHERE mac = ?",
-                           (now, json.dumps({**json.loads(row["facts"]), **(facts or {})}), mac))
+            _seen(db, mac, time.time(), facts)
 
     def set_reprovision(self, mac: str, wanted: bool) -> None:
         with self._transaction() as db:
@@ -607,6 +598,19 @@ def _total_of(kind: str, detail: dict[str, Any]) -> tuple[str, float] | None:
         return None
     prefix, key, number = TOTALS[kind]
     return f"{prefix}{detail.get(key)}", float(detail.get(number) or 0)
+
+
+def _seen(db: Backend, mac: str, now: float, facts: dict[str, str] | None, state: str | None = None,
+          only_from: Iterable[str] | None = None) -> None:
+    """A known machine was seen: last seen now, `facts` merged into what it reported, moved to `state` (if it is in
+    one of `only_from`, when given). Nothing when there is no such machine."""
+    row = db.execute("SELECT facts, state FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
+    if row is None:
+        return
+    if only_from is not None and row["state"] not in only_from:
+        state = None  # the lifecycle does not move it from where it is
+    db.execute("UPDATE machines SET last_seen = ?, state = COALESCE(?, state), facts = ? WHERE mac = ?",
+               (now, state, json.dumps({**json.loads(row["facts"]), **(facts or {})}), mac))
 
 
 def _insert_token(db: Backend, token: Token) -> None:
