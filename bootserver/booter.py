@@ -387,11 +387,11 @@ class Booter:
         Forbidden for the protocol to answer.
         """
         mac = canonical_mac(mac_text)
+        node = self.store.node(mac)
         try:
             peer = strict_ip(client_ip, "the caller's address")
             token_id, secret = tokens.split(report.get("token"))
             token = tokens.check(self.store.token(token_id), secret, mac, ip=peer)
-            node = self.store.node(mac)
             if node is not None and node.held:
                 raise Forbidden(f"{mac}'s claims are held ({node.held}): an operator must approve it")
             (host_key, fingerprint) = _host_key(report.get("host_key"))
@@ -399,7 +399,7 @@ class Booter:
             self._check_lease(mac, peer)
             smbios = self._check_uuid(mac, token.uuid, report.get("uuid"))
         except (Unauthorized, Forbidden, BadRequest) as exc:
-            if self.store.node(mac) is not None:  # a refusal for a MAC never seen makes no machine row
+            if node is not None:  # a refusal for a MAC never seen makes no machine row
                 self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc), "from": client_ip})
             raise
         detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
