@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -27,6 +28,8 @@ TAIL = 2048  # bytes of stdout/stderr kept in events
 MESSAGE_TAIL = 500  # of stderr quoted in an exception message: enough to act on, short enough to read
 
 Record = Callable[[str, dict[str, Any]], None]  # (event kind, detail): the caller stores events and moves states
+Progress = Callable[[int, int, float], None]  # (bytes sent, bytes in all, seconds so far)
+STREAM_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,51 @@ class Runner:
                 process.send_signal("KILL")
         finally:
             process.close()
+        return self._finish(step, command, result, started, timeout if timed_out else None)
+
+    async def stream(self, step: str, command: str, source: Path, progress: Progress, *,
+                     timeout: float | None = None) -> str:
+        """Run `command` with the file `source` on its stdin, read and sent a chunk at a time (never whole,
+        so a multi-GB image costs no memory); `progress(sent, total, seconds)` at most once a second."""
+        timeout = self._timeout if timeout is None else timeout
+        started = last = time.monotonic()
+        total, sent = source.stat().st_size, 0
+        try:
+            process = await self.conn.create_process(command, stdin=asyncssh.PIPE, encoding=None)
+        except (OSError, asyncssh.Error) as exc:
+            self._record_command(step, command, None, started, "", str(exc))
+            raise
+        try:
+            with source.open("rb") as file:
+                while chunk := file.read(STREAM_CHUNK):
+                    process.stdin.write(chunk)
+                    await process.stdin.drain()
+                    sent += len(chunk)
+                    if (now := time.monotonic()) - last >= 1:
+                        progress(sent, total, now - started)
+                        last = now
+                process.stdin.write_eof()
+        except (OSError, asyncssh.Error):
+            pass  # the command stopped reading (it failed, or the node went): its exit status says which
+        progress(sent, total, time.monotonic() - started)
+        try:
+            result = await process.wait(timeout=timeout)
+            timed_out = False
+        except asyncssh.TimeoutError as exc:
+            result, timed_out = exc, True
+            with contextlib.suppress(OSError, asyncssh.Error):
+                process.send_signal("KILL")
+        finally:
+            process.close()
+        return self._finish(step, command, result, started, timeout if timed_out else None)
+
+    def _finish(self, step: str, command: str, result: Any, started: float, timed_out: float | None) -> str:
+        """Record the command's outcome; its stdout, or the exception that its outcome deserves."""
         stdout, stderr = _text(result.stdout), _text(result.stderr)
         status = result.exit_status
         self._record_command(step, command, status, started, stdout, stderr)
-        if timed_out:
-            raise StepFailed(step, f"{step}: `{command}` did not finish within {timeout:g} s"
+        if timed_out is not None:
+            raise StepFailed(step, f"{step}: `{command}` did not finish within {timed_out:g} s"
                                    f"{_quoted(stderr)}", command=command, stderr_tail=stderr[-TAIL:])
         if status is None and result.exit_signal is None:
             if self.lost:
