@@ -1,8 +1,11 @@
 """A machine's lifecycle: its states, the kinds of event it records, and which states let a boot receive secrets.
 
-    new / discovered -> script-served -> kernel-served -> phoned-home -> disk -> deploy -> finishing -> deployed
-    any step -> failed (a command failed) | interrupted (the node or the server went away)
-    deployed -> reprovision (an operator asked) -> script-served -> ...
+    new / discovered -> script-served -> kernel-served -> phoned-home -> disk -> install -> deploy -> finishing
+        -> rebooting (into the installed OS) -> booted (it reported) -> running (its health checks pass)
+        -> deployed, instead of rebooting, when the profile installs no OS (files onto a disk or a live system)
+    any step -> failed (a command failed, no report in time, checks never passed)
+             | interrupted (the node or the server went away)
+    running / deployed -> reprovision (an operator asked) -> script-served -> ...
 
 States and event kinds are str-valued, so the text in the store is their value. Only the core and the provisioner
 move a machine between states; a file or script request never moves a deployed machine back.
@@ -20,30 +23,36 @@ class State(StrEnum):
     KERNEL_SERVED = "kernel-served"
     PHONED_HOME = "phoned-home"
     DISK = "disk"
+    INSTALL = "install"
     DEPLOY = "deploy"
     FINISHING = "finishing"
-    DEPLOYED = "deployed"
+    REBOOTING = "rebooting"  # into the installed OS, which has a one-time token to report its first boot with
+    BOOTED = "booted"  # the installed OS reported; its health checks run
+    RUNNING = "running"
+    DEPLOYED = "deployed"  # files deployed, nothing to boot into: the end of a profile without an OS
     FAILED = "failed"
     INTERRUPTED = "interrupted"
     REPROVISION = "reprovision"
 
 
 # The happy path, in order.
-PROGRESS = (State.SCRIPT_SERVED, State.KERNEL_SERVED, State.PHONED_HOME, State.DISK, State.DEPLOY,
-            State.FINISHING, State.DEPLOYED)
+PROGRESS = (State.SCRIPT_SERVED, State.KERNEL_SERVED, State.PHONED_HOME, State.DISK, State.INSTALL, State.DEPLOY,
+            State.FINISHING, State.REBOOTING, State.BOOTED, State.RUNNING)
 # A provisioning step -> the machine's state while it runs.
-STEP_STATES = {"disk": State.DISK, "deploy": State.DEPLOY, "finish": State.FINISHING}
+STEP_STATES = {"disk": State.DISK, "install": State.INSTALL, "deploy": State.DEPLOY, "finish": State.FINISHING}
+# The machine boots its own disk: a script request gets the local-disk script, never the agent.
+FROM_DISK = frozenset({State.REBOOTING, State.BOOTED, State.RUNNING, State.DEPLOYED})
 # Being provisioned: a server that stops here leaves the machine interrupted; nobody may claim a new boot of it.
 IN_PROGRESS = (State.PHONED_HOME, *STEP_STATES.values())
 # States in which a boot of the machine is expected, so its script may carry a phone-home token (when its
-# window is open). Not deployed (its disk boots), not in progress (a script request then is someone else).
+# window is open). Not from its disk (FROM_DISK), not in progress (a script request then is someone else).
 EXPECTS_BOOT = frozenset({State.DISCOVERED, State.NEW, State.SCRIPT_SERVED, State.KERNEL_SERVED, State.FAILED,
                           State.INTERRUPTED, State.REPROVISION})
 # The only state a served kernel moves a machine out of: a kernel fetched in any other state is an event only.
 KERNEL_FROM = (State.SCRIPT_SERVED,)
 # Off the happy path: how the pages show a machine there.
 OFF_PATH = {State.FAILED: "bad", State.INTERRUPTED: "bad", State.REPROVISION: "busy", State.DISCOVERED: "idle",
-            State.NEW: "idle"}
+            State.NEW: "idle", State.DEPLOYED: "ok"}
 
 
 class EventKind(StrEnum):
@@ -68,7 +77,14 @@ class EventKind(StrEnum):
     HOST_KEY_MISMATCH = "host-key-mismatch"
     CERTIFICATE_ISSUED = "certificate-issued"
     NOTHING_TO_PROVISION = "nothing-to-provision"
+    INSTALL_PROGRESS = "install-progress"  # bytes of the OS written so far, at most once a second
+    INSTALLED = "installed"  # the OS is on the disk: its kernel, boot loaders and pinned host key
     DEPLOYED = "deployed"
+    REBOOTING = "rebooting"  # into the installed OS
+    BOOTED = "booted"  # the installed OS's first-boot report: kernel, boot id, failed units
+    HEALTH_WAITING = "health-waiting"  # checks not yet passing (recorded when what fails changes)
+    HEALTH_PASSED = "health-passed"
+    RUNNING = "running"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
     REPROVISION_REQUESTED = "reprovision-requested"
@@ -79,4 +95,5 @@ class EventKind(StrEnum):
 BAD_KINDS = frozenset({EventKind.FAILED, EventKind.INTERRUPTED, EventKind.STEP_FAILED, EventKind.FILE_FAILED,
                        EventKind.REFUSED, EventKind.CONNECT_FAILED, EventKind.HOST_KEY_MISMATCH, EventKind.NO_BOOT,
                        EventKind.CLAIM_CONFLICT})
-GOOD_KINDS = frozenset({EventKind.DEPLOYED, EventKind.STEP_DONE, EventKind.PHONED_HOME, EventKind.CERTIFICATE_ISSUED})
+GOOD_KINDS = frozenset({EventKind.DEPLOYED, EventKind.STEP_DONE, EventKind.PHONED_HOME, EventKind.CERTIFICATE_ISSUED,
+                        EventKind.INSTALLED, EventKind.BOOTED, EventKind.HEALTH_PASSED, EventKind.RUNNING})

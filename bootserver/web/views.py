@@ -40,7 +40,8 @@ def progress(state: str) -> Progress:
     if state in PROGRESS:
         done = PROGRESS.index(state) + 1
         return Progress(state, done, total, "ok" if done == total else "busy")
-    return Progress(state, 0, total, OFF_PATH.get(state, "idle"))
+    tone = OFF_PATH.get(state, "idle")
+    return Progress(state, total if tone == "ok" else 0, total, tone)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,31 @@ def expiry(value: object) -> str:
     return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _install_progress(d: dict[str, Any]) -> str:
+    seconds = d.get("seconds") or 0
+    rate = f", {size(d.get('bytes', 0) / seconds)}/s" if seconds and isinstance(d.get("bytes"), int) else ""
+    return f"installing {d.get('source')}: {size(d.get('bytes'))} of {size(d.get('total'))}{rate}"
+
+
+def _installed(d: dict[str, Any]) -> str:
+    loaders = " and ".join(str(x) for x in d.get("boot_loaders") or []) or "no"
+    return (f"installed {d.get('source')} in {d.get('seconds')} s: kernel {d.get('kernel')}, {loaders} boot loader, "
+            f"SSH host key {d.get('fingerprint')} pinned")
+
+
+def _booted(d: dict[str, Any]) -> str:
+    failed = d.get("failed_units") or []
+    units = f", failed units: {', '.join(str(u) for u in failed)}" if failed else ", no failed units"
+    return f"the installed OS reported from {d.get('ip')}: kernel {d.get('kernel')}, {d.get('system_state')}{units}"
+
+
+def _health(d: dict[str, Any]) -> str:
+    failing = d.get("failing")
+    if isinstance(failing, dict):
+        return "health checks failing: " + "; ".join(f"{k}: {v}" for k, v in failing.items())
+    return f"health checks passed: {', '.join(str(c) for c in d.get('checks') or [])}"
+
+
 def _generic(d: dict[str, Any]) -> str:
     """Scalar details as key=value: enough for kinds we do not know yet (dhcp, from another module)."""
     return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None)
@@ -186,6 +212,13 @@ _SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
     EventKind.FAILED: lambda d: str(d.get("reason", "")),
     EventKind.INTERRUPTED: lambda d: str(d.get("reason", "")),
     EventKind.DEPLOYED: lambda d: f"deployed with profile {d.get('profile')}",
+    EventKind.INSTALL_PROGRESS: _install_progress,
+    EventKind.INSTALLED: _installed,
+    EventKind.REBOOTING: lambda d: f"rebooting into the installed OS; it must report within {d.get('minutes')} minutes",
+    EventKind.BOOTED: _booted,
+    EventKind.HEALTH_WAITING: _health,
+    EventKind.HEALTH_PASSED: _health,
+    EventKind.RUNNING: lambda d: f"running with profile {d.get('profile')}",
     EventKind.REPROVISION_REQUESTED: lambda d: "re-provisioning requested: the next boot runs the whole flow",
     EventKind.BOOT_FROM_DISK_REQUESTED: lambda d: "boot from disk requested: the next boot boots the local disk",
     EventKind.NOTHING_TO_PROVISION: lambda d: f"profile {d.get('profile')} has no disk or deploy section",
