@@ -85,7 +85,7 @@ async def test_overview_lists_and_filters_by_state(client, booter):
     await eventually(lambda: booter.store.node(MAC).state == "kernel-served")
     html = await (await client.get("/")).text()
     assert "52:54:00:00:00:01" in html and "52:54:00:00:00:02" in html
-    assert "node1" in html and 'title="2 of 7: kernel-served"' in html
+    assert "node1" in html and 'title="2 of 10: kernel-served"' in html
     html = await (await client.get("/", params={"state": "kernel-served"})).text()
     assert "52:54:00:00:00:01" in html and "52:54:00:00:00:02" not in html
     body = await (await client.get("/api/v1/machines", params={"state": "script-served,failed"})).json()
@@ -93,7 +93,7 @@ async def test_overview_lists_and_filters_by_state(client, booter):
     assert body["counts"] == {"kernel-served": 1, "script-served": 1}
     machine = body["machines"][0]
     assert (machine["hostname"], machine["profile"], machine["group"]) == ("node2", "raft", "raft")
-    assert machine["progress"] == {"state": "script-served", "done": 1, "total": 7, "tone": "busy"}
+    assert machine["progress"] == {"state": "script-served", "done": 1, "total": 10, "tone": "busy"}
 
 
 async def test_machine_page_explains_and_shows_the_timeline(client, booter):
@@ -285,7 +285,7 @@ async def test_stream_delivers_new_events_resumes_and_ends_with_the_client(clien
         data = message["data"]
         assert data["kind"] == "step-started" and data["summary"] == "step disk started"
         assert f'id="event-{event.id}"' in data["html"] and "step disk started" in data["html"]
-        assert 'title="4 of 7: disk"' in data["summary_html"]
+        assert 'title="4 of 10: disk"' in data["summary_html"]
     # The browser reconnects with the last id it saw: it gets what it missed, and only that.
     missed = booter.store.record(MAC, "step-done", {"step": "disk", "seconds": 1.0})
     async with client.get(f"/machines/{MAC}/stream", headers={"Last-Event-ID": str(event.id)}) as stream:
