@@ -5,6 +5,7 @@ import sqlite3
 import pytest
 
 from bootserver.store import MIGRATIONS, Store
+from bootserver.tokens import new_token
 
 
 def test_events_and_state_survive_reopen(tmp_path):
@@ -58,8 +59,30 @@ def test_tokens_of_an_older_store_have_no_address(tmp_path):
     db.commit()
     db.close()
     store = Store(path)
-    assert store.schema_version == len(MIGRATIONS) == 8
+    assert store.schema_version == len(MIGRATIONS) == 9
     assert store.token("t").ip is None
+    assert store.token("t").purpose == "boot"  # tokens before installed OSes were all phone-home tokens
+    store.close()
+
+
+def test_a_report_token_reports_a_boot_once_and_never_phones_home(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    mac = "52:54:00:00:00:01"
+    store.record(mac, "script-served", state="finishing")
+    _, boot = new_token(mac, 5)
+    store.add_token(boot)
+    _, report = new_token(mac, 5, purpose="report")
+    store.installed(mac, "ssh-ed25519 AAAA", report, {"kernel": "6.1"})
+    assert store.node(mac).os_host_key == "ssh-ed25519 AAAA"
+    assert store.token(boot.id).used is not None  # the report token replaced every older one
+    assert store.live_token(mac) is None  # a report token is no claim on a boot
+    assert not store.phoned_home(report.id, mac, "10.0.0.5", "ssh-ed25519 BBBB", {})
+    assert store.os_reported(report.id, mac, "10.0.0.5", {"kernel": "6.1"})
+    node = store.node(mac)
+    assert (node.state, node.ip, node.host_key) == ("booted", "10.0.0.5", None)
+    assert store.job(mac).state == "queued"
+    assert not store.os_reported(report.id, mac, "10.0.0.5", {})  # spent
+    assert [e.kind for e in store.events(mac)] == ["script-served", "installed", "booted"]
     store.close()
 
 

@@ -265,8 +265,8 @@ class Store:
 
     def live_token(self, mac: str, now: float | None = None) -> Token | None:
         """The machine's newest token that is neither spent nor expired: the claim of the boot under way."""
-        row = self._row("SELECT * FROM tokens WHERE mac = ? AND used IS NULL AND expires > ? ORDER BY issued DESC "
-                        "LIMIT 1", (mac, now or time.time()))
+        row = self._row("SELECT * FROM tokens WHERE mac = ? AND used IS NULL AND expires > ? AND purpose = 'boot' "
+                        "ORDER BY issued DESC LIMIT 1", (mac, now or time.time()))
         return records.token(row) if row else None
 
     def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any]) -> bool:
@@ -283,20 +283,48 @@ class Store:
             # Atomic on both backends: PostgreSQL re-checks `used IS NULL` after waiting for a competing row lock.
             # Not while the machine's claims are held: a conflict found after the check in the core wins.
             spent = db.execute("UPDATE tokens SET used = ? WHERE id = ? AND mac = ? AND used IS NULL "
-                               "AND expires > ? AND NOT EXISTS (SELECT 1 FROM machines WHERE mac = ? AND "
-                               "held IS NOT NULL)", (now, token_id, mac, now, mac)).rowcount
+                               "AND expires > ? AND purpose = 'boot' AND NOT EXISTS (SELECT 1 FROM machines "
+                               "WHERE mac = ? AND held IS NOT NULL)", (now, token_id, mac, now, mac)).rowcount
             if spent != 1:
                 return False
             # The provisioning window closes at the first accepted phone-home.
             db.execute("UPDATE machines SET host_key = ?, ip = ?, state = 'phoned-home', last_seen = ?, "
                        "window_until = NULL WHERE mac = ?", (host_key, ip, now, mac))
-            # Queued under the replica that accepted it: if that replica restarts before a claim, the job is its
-            # to settle (interrupted); any replica may claim it meanwhile.
-            db.execute("INSERT INTO jobs (mac, state, owner, created, updated) VALUES (?, 'queued', ?, ?, ?) "
-                       "ON CONFLICT (mac) DO UPDATE SET state = 'queued', owner = excluded.owner, "
-                       "lease_until = NULL, updated = excluded.updated", (mac, self.replica, now, now))
+            self._queue_job(db, mac, now)
             self._insert_event(db, mac, now, "phoned-home", detail)
         return True
+
+    def installed(self, mac: str, os_host_key: str, report_token: Token, detail: dict[str, Any]) -> Event:
+        """An OS is on the machine's disk: pin the host key the server made for it and keep the token its first
+        boot reports with, in one transaction with the event."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE machines SET os_host_key = ?, last_seen = ? WHERE mac = ?", (os_host_key, now, mac))
+            _insert_token(db, report_token)
+            event_id = self._insert_event(db, mac, now, "installed", detail)
+        return Event(event_id, mac, now, "installed", detail, self.replica)
+
+    def os_reported(self, token_id: str, mac: str, ip: str, detail: dict[str, Any]) -> bool:
+        """The installed OS reported its first boot: spend its report token, note its address, move it to
+        booted and queue the job that runs its health checks. False if the token was spent meanwhile."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("SELECT mac FROM machines WHERE mac = ?" + db.row_lock, (mac,))
+            spent = db.execute("UPDATE tokens SET used = ? WHERE id = ? AND mac = ? AND used IS NULL "
+                               "AND expires > ? AND purpose = 'report'", (now, token_id, mac, now)).rowcount
+            if spent != 1:
+                return False
+            db.execute("UPDATE machines SET ip = ?, state = 'booted', last_seen = ? WHERE mac = ?", (ip, now, mac))
+            self._queue_job(db, mac, now)
+            self._insert_event(db, mac, now, "booted", detail)
+        return True
+
+    def _queue_job(self, db: Backend, mac: str, now: float) -> None:
+        # Queued under the replica that accepted it: if that replica restarts before a claim, the job is its
+        # to settle (interrupted); any replica may claim it meanwhile.
+        db.execute("INSERT INTO jobs (mac, state, owner, created, updated) VALUES (?, 'queued', ?, ?, ?) "
+                   "ON CONFLICT (mac) DO UPDATE SET state = 'queued', owner = excluded.owner, "
+                   "lease_until = NULL, updated = excluded.updated", (mac, self.replica, now, now))
 
     def prune_tokens(self, expired_before: float, limit: int = 10_000) -> int:
         """Delete up to `limit` tokens that expired before `expired_before`; how many went.
@@ -616,8 +644,8 @@ def _seen(db: Backend, mac: str, now: float, facts: dict[str, str] | None, state
 def _insert_token(db: Backend, token: Token) -> None:
     """A new token for its machine; the machine's older unused ones stop working (the live-token index)."""
     db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
-    db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip, uuid) VALUES (?, ?, ?, ?, ?, ?, ?)",
-               (token.id, token.hash, token.mac, token.issued, token.expires, token.ip, token.uuid))
+    db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip, uuid, purpose) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               (token.id, token.hash, token.mac, token.issued, token.expires, token.ip, token.uuid, token.purpose))
 
 
 __all__ = ["MIGRATIONS", "TOTALS", "Committed", "Event", "JobClaim", "Lease", "Member", "Node", "Store", "Token",

@@ -22,6 +22,7 @@ class Node:
     reprovision: bool = False  # an operator asked for the whole flow again, disk wipe allowed
     window_until: float | None = None  # until when an operator's approval lets it be provisioned
     held: str | None = None  # why its claims are held (two addresses claimed it): an operator must approve
+    os_host_key: str | None = None  # the installed OS's SSH host key, made by the server and pinned at install
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Token:
     used: float | None = None
     ip: str | None = None  # who fetched the script it was issued with; None: not known (any address)
     uuid: str | None = None  # the SMBIOS UUID the firmware reported with that script, if it did
+    purpose: str = "boot"  # "boot": rides on an agent's boot script; "report": on an installed OS's disk
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,13 @@ def lease(row: Any) -> Lease:
 
 def node(row: Any) -> Node:
     return Node(row["mac"], row["state"], row["first_seen"], row["last_seen"], json.loads(row["facts"]),
-                row["host_key"], row["ip"], bool(row["reprovision"]), row["window_until"], row["held"])
+                row["host_key"], row["ip"], bool(row["reprovision"]), row["window_until"], row["held"],
+                row["os_host_key"])
 
 
 def token(row: Any) -> Token:
-    return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"], row["ip"], row["uuid"])
+    return Token(row["id"], row["hash"], row["mac"], row["issued"], row["expires"], row["used"], row["ip"], row["uuid"],
+                 row["purpose"])
 
 
 def event(row: Any) -> Event:

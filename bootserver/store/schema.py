@@ -94,6 +94,12 @@ MIGRATIONS = [
     ALTER TABLE machines ADD COLUMN held TEXT;
     ALTER TABLE tokens ADD COLUMN uuid TEXT
     """,
+    # An installed OS: the SSH host key the server made for it (pinned before it first boots), and tokens
+    # by purpose: "boot" rides on an agent's boot script, "report" on the installed OS's disk.
+    """
+    ALTER TABLE machines ADD COLUMN os_host_key TEXT;
+    ALTER TABLE tokens ADD COLUMN purpose TEXT NOT NULL DEFAULT 'boot'
+    """,
 ]
 TOTALS_VERSION = 7  # the schema version that added totals
 # The running totals, by the event kind that adds to them: (name prefix, detail key that names the total,
@@ -105,9 +111,9 @@ TOTALS = {"file-served": ("bytes:", "protocol", "bytes"), "step-done": ("step:",
 # What `copy_into` moves, parents before children (foreign keys).
 TABLES = {
     "machines": ("mac", "state", "first_seen", "last_seen", "facts", "host_key", "ip", "reprovision", "window_until",
-                 "held"),
+                 "held", "os_host_key"),
     "events": ("id", "mac", "time", "kind", "detail", "replica"),
-    "tokens": ("id", "hash", "mac", "issued", "expires", "used", "ip", "uuid"),
+    "tokens": ("id", "hash", "mac", "issued", "expires", "used", "ip", "uuid", "purpose"),
     "leases": ("ip", "mac", "state", "expires"),
     "jobs": ("mac", "state", "owner", "lease_until", "attempt", "created", "updated"),
     "secrets": ("name", "value"),
