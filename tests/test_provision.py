@@ -26,6 +26,7 @@ from test_pki import forged_request
 from bootserver.errors import BootserverError, ConfigError
 from bootserver.profiles import DeployFile, Deployment, DiskLayout, Partition, Unit, deployment_from_toml
 from bootserver.provision import deploy as deploy_module
+from bootserver.provision import steps
 from bootserver.provision.deploy import DeployError, deploy
 from bootserver.provision.pki import ServerKeys
 from bootserver.provision.ssh import HostKeyMismatch, NodeAccess, NodeLost, StepFailed, session
@@ -349,7 +350,7 @@ async def test_events_of_a_successful_run(keys, data_dir, tmp_path):
     # The test server never runs a reboot; it drops the connection instead, as a rebooting node does.
     async with ssh_server(keys.ssh_public, drop_on="reboot -f") as server:
         await provision(job(server, deployment=deployment), keys, events, render=render, reboot=True)
-        assert server.commands[-1].startswith("sync; ") and "reboot -f" in server.commands[-1]
+        assert server.commands[-1].startswith("sync && ") and "reboot -f" in server.commands[-1]
     assert events.kinds() == ["step-started", "command", "step-done", "step-started", "command", "step-done"]
     assert [d["step"] for d in events.of("step-started")] == ["deploy", "finish"]
     check, finish = events.of("command")
@@ -644,3 +645,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_a_disk_that_will_not_unmount_fails_the_finish_step(sshd, keys, tmp_path):
+    """busybox umount has no -R, and a `;` chain rebooted anyway: each mount is unmounted deepest first, and
+    the first that stays fails the step before any reboot."""
+    target, inner = tmp_path / "mnt", tmp_path / "mnt/boot/efi"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+    inner.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+    busy = subprocess.Popen(["sleep", "30"], cwd=target)  # holds the outer mount
+    try:
+        events = Events()
+        async with session(access(sshd), keys, events) as runner:
+            with pytest.raises(StepFailed, match="busy"):
+                await steps._finish(runner, str(target), reboot=False)
+        assert not os.path.ismount(inner) and os.path.ismount(target)  # deepest first, then stopped
+    finally:
+        busy.kill()
+        busy.wait()
+        subprocess.run(["umount", "-R", str(target)], capture_output=True)

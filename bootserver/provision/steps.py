@@ -1,4 +1,4 @@
-"""Provision one node, step by step: partition its disk, deploy onto it, reboot it.
+"""Provision one node, step by step: partition its disk, install an OS onto it, deploy onto it, reboot it.
 
 Each step runs over one `ssh.session` and is bracketed by events (`step-started`, `step-done` or
 `step-failed`) through `record`; the caller gets an exception when anything goes wrong:
@@ -9,6 +9,7 @@ Each step runs over one `ssh.session` and is bracketed by events (`step-started`
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -20,12 +21,13 @@ import asyncssh
 
 from ..errors import BootserverError
 from ..profiles import Deployment, DiskLayout
-from . import disk
+from . import disk, install
 from .deploy import deploy
 from .pki import IssuedCertificate, ServerKeys
 from .ssh import NodeAccess, NodeLost, Record, Runner, StepFailed, session
 
 Render = Callable[[Path, dict[str, Any]], str]
+Installed = Callable[[install.Report], None]  # the OS is on the disk: pin its host key before it boots
 
 
 @dataclass(frozen=True)
@@ -38,20 +40,25 @@ class Job:
     wipe: bool  # may repartition a disk that holds partitions
     deployment: Deployment | None
     context: dict[str, Any]  # template context (the node, its group's members, ...)
+    os: install.OsInstall | None = None
+    identity: install.Identity | None = None  # who the installed OS is (with os)
 
 
 async def provision(job: Job, keys: ServerKeys, record: Record, *, render: Render,
                     command_timeout: float = 600, connect_timeout: float = 30,
                     keepalive_interval: float = 10, keepalive_count_max: int = 3, reboot: bool = True,
-                    target_root: str = disk.TARGET_ROOT) -> None:
-    """Run the steps for `job` on its node: "disk" (if it has a layout), "deploy" (if it has a
-    deployment), "finish" (sync, unmount, reboot). `target_root` is where the disk gets mounted."""
+                    target_root: str = disk.TARGET_ROOT, installed: Installed = lambda report: None) -> None:
+    """Run the steps for `job` on its node: "disk" (if it has a layout), "install" (if it has an OS),
+    "deploy" (if it has a deployment), "finish" (sync, unmount, reboot). `target_root` is where the disk
+    gets mounted; `installed` is told once the OS is on the disk."""
     async with session(job.access, keys, record, command_timeout=command_timeout, connect_timeout=connect_timeout,
                        keepalive_interval=keepalive_interval, keepalive_count_max=keepalive_count_max) as runner:
         target = "/"
         if job.disk:
             await _step(runner, record, "disk", lambda: _partition(runner, job, target_root))
             target = target_root
+        if job.os:
+            await _step(runner, record, "install", lambda: _install(runner, job, record, target, installed))
         if job.deployment:
             await _step(runner, record, "deploy", lambda: _deploy(runner, job, keys, record, target, render))
         await _step(runner, record, "finish", lambda: _finish(runner, target, reboot))
@@ -93,6 +100,22 @@ async def _partition(runner: Runner, job: Job, target_root: str) -> None:
         await runner.run("disk", command)
 
 
+async def _install(runner: Runner, job: Job, record: Record, target: str, installed: Installed) -> None:
+    assert job.os is not None and job.identity is not None
+    if job.disk is None:
+        raise StepFailed("install", "install: an OS needs a disk layout to install onto ([profiles.X.disk])")
+    source = job.os.rootfs.name
+
+    def progress(sent: int, total: int, seconds: float) -> None:
+        record("install-progress", {"source": source, "bytes": sent, "total": total, "seconds": round(seconds, 1)})
+
+    try:
+        report = await install.install(runner, job.os, job.disk, job.identity, target, progress)
+    except install.InstallError as exc:
+        raise StepFailed("install", f"install: {exc}") from None
+    installed(report)
+
+
 async def _deploy(runner: Runner, job: Job, keys: ServerKeys, record: Record, target: str, render: Render) -> None:
     assert job.deployment is not None
     await deploy(runner, job.deployment, target=target, context=job.context,
@@ -108,18 +131,26 @@ def _sign(keys: ServerKeys, record: Record, job: Job, csr_pem: bytes) -> IssuedC
 
 async def _finish(runner: Runner, target: str, reboot: bool) -> None:
     """Flush and unmount the disk so it boots clean; then reboot in the background, so the command
-    returns before the machine goes (a connection that drops anyway is fine: see _step)."""
+    returns before the machine goes (a connection that drops anyway is fine: see _step). A disk that
+    will not unmount fails the step: the machine is not rebooted into a disk we cannot vouch for."""
     commands = ["sync"]
     if target != "/":
-        commands.append(f"umount -R {shlex.quote(target)}")
+        commands.append(unmount_all(target))
     if not reboot:
         await runner.run("finish", " && ".join(commands))
         return
-    # Reboot even if unmounting failed: ext4's journal copes, and a node left waiting helps nobody.
-    commands.append("(sleep 1; reboot -f) </dev/null >/dev/null 2>&1 &")
+    commands.append("{ (sleep 1; reboot -f) </dev/null >/dev/null 2>&1 & }")
     try:
-        await runner.run("finish", "; ".join(commands))
+        await runner.run("finish", " && ".join(commands))
     except (NodeLost, asyncssh.Error, OSError):
         if not runner.lost:
             raise
         # The node went down before the command reported back: what this step asked for.
+
+
+def unmount_all(target: str) -> str:
+    """Unmount `target` and everything mounted below it, deepest first; fail at the first that will not go.
+    (Busybox's umount has no -R.)"""
+    below = shlex.quote(f"^{re.escape(target.rstrip('/'))}(/|$)")
+    return (f"cut -d' ' -f2 /proc/mounts | grep -E {below} | sort -r | "
+            f"while read -r m; do umount \"$m\" || exit 1; done")
