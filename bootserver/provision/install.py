@@ -201,7 +201,7 @@ async def in_chroot(runner: Runner, target: str, commands: list[str]) -> None:
     """Run `commands` chrooted into `target` with /dev, /proc and /sys bound; always unbind."""
     q = shlex.quote(target)
     binds = ("dev", "proc", "sys")
-    await runner.run(STEP, " && ".join(f"mount --bind /{d} {q}/{d}" for d in binds))
+    await runner.run(STEP, " && ".join(f"mount -o bind /{d} {q}/{d}" for d in binds))
     try:
         for command in commands:
             await runner.run(STEP, f"chroot {q} /bin/sh -c {shlex.quote(command)}")
