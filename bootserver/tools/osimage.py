@@ -164,7 +164,10 @@ def host_codename(os_release: Path = Path("/etc/os-release")) -> str:
     text = os_release.read_text() if os_release.is_file() else ""
     match = re.search(r"^VERSION_CODENAME=\"?([\w.-]+)\"?$", text, re.MULTILINE)
     if match is None:
-        raise BootserverError(f"{os_release} names no VERSION_CODENAME: pass --mirror URL (a Debian mirror)")
+        raise BootserverError(
+            f"{os_release} names no VERSION_CODENAME, so the host's mirrors are unknown: "
+            "pass --mirror URL and --security-mirror URL|none"
+        )
     return match.group(1)
 
 
@@ -183,18 +186,17 @@ def debian_recipe(
     host = list(host_apt_sources() if sources is None else sources)
     codename = codename or (host_codename() if mirror is None or security_mirror is None else "")
     main = next((s for s in host if codename in s.suites and "main" in s.components), None)
-    if mirror is None and main is None:
+    if mirror is not None:
+        updates = True  # left out later if that mirror does not publish it
+    elif main is not None:
+        mirror = main.uri
+        updates = any(s.uri == mirror and f"{codename}-updates" in s.suites for s in host)
+    else:
         listed = ", ".join(sorted({s.uri for s in host})) or "none"
         raise BootserverError(
             f"the host's apt sources have no Debian mirror for its own suite {codename!r} (sources: {listed}); "
             "pass --mirror URL"
         )
-    if mirror is None:
-        assert main is not None
-        mirror = main.uri
-        updates = any(s.uri == mirror and f"{codename}-updates" in s.suites for s in host)
-    else:
-        updates = True
     if security_mirror is None:
         security = next((s for s in host if f"{codename}-security" in s.suites), None)
         security_mirror = security.uri if security else None
