@@ -3,6 +3,11 @@
 `raw` is a decoded TOML table, `key` the key read from it, and `where` names that table in errors
 ("config: [server]"), so each refusal says "config: [server] http: ..." and a typo is an error that says
 where, never a silent default. A key left out gets `default`; without one the key is required.
+
+What is not a value under a key has the shape `check(text, where)`, `where` naming the thing itself:
+a table's own name (`name`), a MAC that is a key (`mac`), an item of an array of tables (`is_table`).
+`only_keys(raw, allowed, where)` refuses a key a table has not got; tests/test_settings.py reads its
+`allowed` literals to check that every key is documented.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ REQUIRED: Any = _Required()
 
 
 def only_keys(raw: Table, allowed: set[str], where: str) -> None:
+    """Refuse a key `raw` has not got: a typo is an error, not a default. Pass `allowed` as a set literal."""
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
