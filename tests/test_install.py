@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sshd import TestSSHServer, ssh_server
 
-from bootserver.profiles import DiskLayout, Partition
+from bootserver.config import DiskLayout, Partition
 from bootserver.provision import install
 from bootserver.provision.pki import ServerKeys
 from bootserver.provision.ssh import NodeAccess, StepFailed, session

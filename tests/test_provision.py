@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from sshd import TestSSHServer, ssh_server
 from test_pki import forged_request
 
+from bootserver.config import DeployFile, Deployment, DiskLayout, Partition, Unit
+from bootserver.config.deploy import deployment_from_toml
 from bootserver.errors import BootserverError, ConfigError
-from bootserver.profiles import DeployFile, Deployment, DiskLayout, Partition, Unit, deployment_from_toml
 from bootserver.provision import deploy as deploy_module
 from bootserver.provision import steps
 from bootserver.provision.deploy import DeployError, deploy

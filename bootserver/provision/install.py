@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import DiskLayout
 from ..errors import BootserverError
-from ..profiles import DiskLayout
 from .disk import partition_path
 from .ssh import Progress, Runner
 
