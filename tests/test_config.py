@@ -90,3 +90,60 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path: Path, toml: str, nam
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         configuration.load(tmp_path / "nope.toml")
+
+
+OS_PROFILE = """
+[assets]
+k = "k"
+debian = "images/os/debian-bookworm.tar.zst"
+[profiles.cluster]
+kernel = "k"
+[profiles.cluster.disk]
+device = "/dev/vda"
+[[profiles.cluster.disk.partitions]]
+label = "bios"
+size = "1MiB"
+type = "bios"
+[[profiles.cluster.disk.partitions]]
+label = "root"
+size = "rest"
+mount = "/"
+"""
+
+
+def test_an_installed_os_and_its_health_checks(tmp_path: Path):
+    path = tmp_path / "site.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\nboot_minutes = 7\n' + OS_PROFILE +
+                    '[profiles.cluster.os]\nrootfs = "debian"\n'
+                    '[profiles.cluster.health]\ncommands = ["systemctl is-active raftd"]\n'
+                    'urls = ["http://{ip}:7000/peers"]\n')
+    config = configuration.load(path)
+    profile = config.profiles["cluster"]
+    assert profile.os == configuration.OperatingSystem("debian", "console=tty0 console=ttyS0,115200")
+    assert profile.health == configuration.Health(("systemctl is-active raftd",), ("http://{ip}:7000/peers",))
+    assert profile.disk.partitions[0].filesystem == "none"
+    assert (config.server.boot_minutes, config.server.running_minutes) == (7, 10)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('[profiles.cluster.os]\nrootfs = "nope"\n', "names asset 'nope', which is not in \\[assets\\]"),
+    ('[profiles.cluster.os]\nimage = "debian"\n', "unknown key 'image'"),
+    ('[profiles.cluster.health]\ncommands = ["true"]\n', "health checks an installed OS: add \\[profiles"),
+    ('[profiles.cluster.os]\nrootfs = "debian"\n[profiles.cluster.health]\nurls = ["ftp://x"]\n',
+     "urls: expected a list of http:// URLs"),
+    ('[profiles.cluster.os]\nrootfs = "debian"\n[profiles.cluster.health]\ncommands = [" "]\n',
+     "commands: expected a list of shell commands"),
+])
+def test_os_and_health_refusals_name_the_cause(tmp_path: Path, extra: str, message: str):
+    path = tmp_path / "site.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n' + OS_PROFILE + extra)
+    with pytest.raises(ConfigError, match=message):
+        configuration.load(path)
+
+
+def test_an_os_needs_a_root_partition_to_install_onto(tmp_path: Path):
+    path = tmp_path / "site.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[assets]\nk = "k"\nd = "d.tar"\n[profiles.p]\nkernel = "k"\n'
+                    '[profiles.p.os]\nrootfs = "d"\n')
+    with pytest.raises(ConfigError, match='os needs a disk to install onto.*mounted at "/"'):
+        configuration.load(path)

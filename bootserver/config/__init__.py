@@ -19,6 +19,8 @@ from .document import Config, load, parse
 from .machines import FACT_KEYS, Group, Machine
 from .profiles import Profile
 from .server import Listen, ServerConfig, default_data_dir
+from .system import Health, OperatingSystem
 
 __all__ = ["FACT_KEYS", "TYPE_GUIDS", "Config", "DeployFile", "Deployment", "DhcpConfig", "DiskLayout", "Group",
+           "Health", "OperatingSystem",
            "Listen", "Machine", "Partition", "Profile", "ServerConfig", "Unit", "default_data_dir", "load", "parse"]

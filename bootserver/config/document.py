@@ -70,10 +70,14 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
     return assets, {"agent": profile}, (Group("default", "agent"),)
 
 
+def _os_assets(profile: Profile) -> list[str]:
+    return [profile.os.rootfs] if profile.os else []
+
+
 def _check_references(config: Config, where: str) -> None:
     """Every asset a profile names and every profile a group names exists, and no two groups tie."""
     for profile in config.profiles.values():
-        for asset in ([profile.kernel] if profile.kernel else []) + list(profile.initrd):
+        for asset in ([profile.kernel] if profile.kernel else []) + list(profile.initrd) + _os_assets(profile):
             if asset not in config.assets:
                 raise ConfigError(f"{where}: [profiles.{profile.name}] names asset {asset!r}, "
                                   f"which is not in [assets]")

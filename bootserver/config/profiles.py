@@ -9,6 +9,8 @@
     cmdline = "console=ttyS0"
     [profiles.agent.disk]              # optional: bootserver.config.disk
     [profiles.agent.deploy]            # optional: bootserver.config.deploy
+    [profiles.agent.os]                # optional: bootserver.config.system (an OS installed onto the disk)
+    [profiles.agent.health]            # optional: bootserver.config.system (when the installed OS is running)
 
 A profile's sub-tables are each read by their own module; a new one is a key in `_profile`'s only_keys,
 a field of Profile, and one `_subtable` line.
@@ -22,9 +24,11 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import ConfigError
 from .check import Table, name, only_keys, sections, string, strings, subtable_where, table
 from .deploy import Deployment, deployment_from_toml
 from .disk import DiskLayout, layout_from_toml
+from .system import Health, OperatingSystem, health_from_toml, os_from_toml
 
 T = TypeVar("T")
 
@@ -40,6 +44,8 @@ class Profile:
     template: str = "linux.ipxe.j2"
     disk: DiskLayout | None = None  # partition and format this before deploying
     deploy: Deployment | None = None  # files, configs, certificates and units put on the node
+    os: OperatingSystem | None = None  # installed onto the disk, which the machine then boots
+    health: Health | None = None  # when the installed OS counts as running
 
 
 def read_assets(raw: Table, where: str, *, data_dir: Path) -> dict[str, Path]:
@@ -59,8 +65,8 @@ def read_profiles(raw: Table, where: str, *, data_dir: Path) -> dict[str, Profil
 
 
 def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
-    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy"}, where)
-    return Profile(
+    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy", "os", "health"}, where)
+    profile = Profile(
         name=key,
         kernel=string(raw, "kernel", where, default=None),
         initrd=_initrd(raw, "initrd", where),
@@ -68,7 +74,20 @@ def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
         template=string(raw, "template", where, default="linux.ipxe.j2"),
         disk=_subtable(raw, "disk", where, layout_from_toml),
         deploy=_subtable(raw, "deploy", where, partial(deployment_from_toml, data_dir=data_dir)),
+        os=_subtable(raw, "os", where, os_from_toml),
+        health=_subtable(raw, "health", where, health_from_toml),
     )
+    _check_system(profile, where)
+    return profile
+
+
+def _check_system(profile: Profile, where: str) -> None:
+    """An OS goes onto a disk the profile lays out, with a root filesystem; health is the installed OS's."""
+    if profile.os and not (profile.disk and any(p.mount == "/" for p in profile.disk.partitions)):
+        raise ConfigError(f"{where}: os needs a disk to install onto: add [profiles.{profile.name}.disk] with a "
+                          f"partition mounted at \"/\"")
+    if profile.health and not profile.os:
+        raise ConfigError(f"{where}: health checks an installed OS: add [profiles.{profile.name}.os]")
 
 
 def _subtable(raw: Table, key: str, where: str, read: Callable[[Table, str], T]) -> T | None:

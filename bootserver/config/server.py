@@ -18,6 +18,8 @@
     # new_machines_per_minute = 30        # machines one source address may introduce per minute
     # provision_per_source = 2            # provisioning jobs at once for one node address
     # job_minutes = 60                    # a provisioning job still running after this has failed
+    # boot_minutes = 15                   # an installed OS that has not reported its first boot by then has failed
+    # running_minutes = 10                # health checks not all passing by then: failed
     # api_token = "..."                   # Bearer token for writes (default: made once in data_dir/api_token)
     # pages = "public"                    # "token": pages, API reads, streams and /metrics need the token too
     # origins = ["http://boot.example:8080"]  # this server's own origins, for writes (default: its names)
@@ -83,6 +85,8 @@ class ServerConfig:
     new_machines_per_minute: int = 30  # new machine rows one source address may cause per minute
     provision_per_source: int = 2  # provisioning jobs at once (on this replica) for one node address
     job_minutes: int = 60  # a provisioning job running longer has failed (a node that stalls frees its slot)
+    boot_minutes: int = 15  # from the reboot into an installed OS to its first-boot report, or failed
+    running_minutes: int = 10  # from that report until the profile's health checks all pass, or failed
     pages: str = "public"  # "token": the pages, API reads, streams and /metrics need the API token too
     origins: tuple[str, ...] = ()  # scheme://host[:port] this server is reached by; (): its own names (web.py)
     streams_per_client: int = 8  # live streams (SSE) open at once from one client address
@@ -148,6 +152,8 @@ def read_server(raw: Table, where: str) -> ServerConfig:
         new_machines_per_minute=positive(raw, "new_machines_per_minute", where, default=30),
         provision_per_source=positive(raw, "provision_per_source", where, default=2),
         job_minutes=positive(raw, "job_minutes", where, default=60),
+        boot_minutes=positive(raw, "boot_minutes", where, default=15),
+        running_minutes=positive(raw, "running_minutes", where, default=10),
         pages=choice(raw, "pages", where, choices=PAGES_MODES),
         origins=_origins(raw, "origins", where),
         streams_per_client=positive(raw, "streams_per_client", where, default=8),
@@ -163,7 +169,7 @@ def _server(raw: Table, where: str) -> None:
                      "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token", "database",
                      "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days", "enroll",
                      "window_minutes", "trusted_proxies", "new_machines_per_minute", "provision_per_source",
-                     "job_minutes", "pages", "origins", "streams_per_client",
+                     "job_minutes", "boot_minutes", "running_minutes", "pages", "origins", "streams_per_client",
                      "streams_total", "tftp_sessions", "tftp_sessions_per_source"}, where)
 
 
