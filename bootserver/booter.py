@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from . import tokens
-from .admission import RateLimit, strict_ip
+from .admission import RateLimit
 from .config import Config, Profile
 from .enrollment import Enrollment
-from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, TooManyRequests, Unauthorized
-from .facts import clean_facts, disks, firmware_uuid, host_key, kernel, selector_facts
+from .errors import BootserverError, NotFound, StoreUnavailable, TooManyRequests
+from .facts import clean_facts, firmware_uuid, selector_facts
 from .firmware import DhcpBoot, dhcp_answer, ipxe_binary
 from .groups import BootSpec, Groups
 from .history import History
@@ -191,13 +191,16 @@ class Booter:
                 f"(for the default agent image: run `bootserver image build`)")
             self._store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
             # The machine itself is told the same whether or not we know it: the event log says why.
-            return self._noboot(mac, f"no profile for {mac}" if spec.profile is None else reason)
+            told = f"no profile for {mac}" if spec.profile is None else reason
+            return self._script(mac, "noboot.ipxe.j2", reason=told)
         detail = {"profile": spec.profile.name, "group": spec.group, "reason": spec.reason, "transport": transport}
         token = record = None
         if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
             refusal = self._enrollment.token_refusal(mac, node, facts, transport, client_ip)
+            if refusal is not None and refusal.wait:
+                return self._script(mac, "wait.ipxe.j2", reason=refusal.reason, files_url=urls.files)
             if refusal is not None:
-                return self._wait(mac, refusal.reason, urls) if refusal.wait else self._noboot(mac, refusal.reason)
+                return self._script(mac, "noboot.ipxe.j2", reason=refusal.reason)
             token, record = tokens.new_token(mac, self._config.server.token_minutes, client_ip,
                                              uuid=firmware_uuid(facts))
             detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
@@ -220,20 +223,16 @@ class Booter:
             raise TooManyRequests(f"{client_ip} introduced more than {self._config.server.new_machines_per_minute} "
                                   f"new machines in a minute ([server] new_machines_per_minute): try again later")
 
-    def _noboot(self, mac: str, reason: str) -> Payload:
-        text = self._templates.render("noboot.ipxe.j2", mac=mac, reason=reason)
-        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
-
-    def _wait(self, mac: str, reason: str, urls: Urls) -> Payload:
-        text = self._templates.render("wait.ipxe.j2", mac=mac, reason=reason, files_url=urls.files)
+    def _script(self, mac: str, template: str, **context: Any) -> Payload:
+        """A machine's own script from one of our templates: no-boot (why not), wait, local disk."""
+        text = self._templates.render(template, mac=mac, **context)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
 
     def _local_disk(self, mac: str, facts: dict[str, str], transport: str) -> Payload:
         reason = "deployed: boots its local disk (bootserver reprovision MAC to run the flow again)"
         self._store.record(mac, "script-served", {"profile": "local-disk", "reason": reason, "transport": transport},
                            facts=facts)
-        text = self._templates.render("localdisk.ipxe.j2", mac=mac, platform=facts.get("platform", ""))
-        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+        return self._script(mac, "localdisk.ipxe.j2", platform=facts.get("platform", ""))
 
     def render_profile(self, spec: BootSpec, urls: Urls, token: str | None = None) -> str:
         assert spec.profile is not None
@@ -291,38 +290,10 @@ class Booter:
         return Payload(OVERLAY_NAME, data=overlay_cpio(config), mac=config["mac"])
 
     def phone_home(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
-        """A booted node calls back: check its one-time token, pin its host key, hand it to provisioning.
-
-        `client_ip`: the address the call came from, which is where provisioning will connect (the reported
-        `ip` is only recorded). Refusals (missing, unknown, expired, replayed or another machine's token, a call
-        from another address than the one that fetched the boot script or than the one leased to the MAC, held
-        claims, a UUID other than the firmware's) change nothing but the event log, and raise Unauthorized or
-        Forbidden for the protocol to answer.
-        """
-        mac = canonical_mac(mac_text)
-        node = self._store.node(mac)
-        try:
-            peer = strict_ip(client_ip, "the caller's address")
-            token_id, secret = tokens.split(report.get("token"))
-            token = tokens.check(self._store.token(token_id), secret, mac, ip=peer)
-            if node is not None and node.held:
-                raise Forbidden(f"{mac}'s claims are held ({node.held}): an operator must approve it")
-            (key, fingerprint) = host_key(report.get("host_key"))
-            reported_ip = strict_ip(report["ip"]) if report.get("ip") is not None else None
-            smbios = self._enrollment.check_caller(mac, peer, token.uuid, report.get("uuid"))
-        except (Unauthorized, Forbidden, BadRequest) as exc:
-            if node is not None:  # a refusal for a MAC never seen makes no machine row
-                self._store.record(mac, "refused", {"what": "phone-home", "reason": str(exc), "from": client_ip})
-            raise
-        detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
-                  "kernel": kernel(report.get("kernel", "")), "disks": disks(report.get("disks"))}
-        if not self._store.phoned_home(token_id, mac, peer, key, detail):
-            reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
-            self._store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})
-            raise Forbidden(reason)
-        self._on_phoned_home(mac)
-        node = self._store.node(mac)
-        assert node is not None
+        """A booted node calls back from `client_ip`: accepted (Enrollment.phone_home: its token checked, its
+        host key pinned, its job queued), it wakes the provisioner; refused, it raises for the protocol to answer."""
+        node = self._enrollment.phone_home(canonical_mac(mac_text), report, client_ip)
+        self._on_phoned_home(node.mac)
         return node
 
     async def phone_home_kept(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
@@ -378,15 +349,7 @@ class Booter:
         """Template context for a machine's config files: the machine and every member of its group (a Raft peer
         list). Members are the machines configured under [machines] and those admitted by an accepted phone-home:
         a MAC that only asked for files, as anyone on the boot network may, is no member of anything."""
-        members = []
-        known = {m.mac: m for m in self._store.members()}
-        for other in sorted(set(known) | set(self._config.machines)):
-            member = known.get(other)
-            if self._groups.group_of(other, member and member.arch, member and member.platform) != group:
-                continue
-            machine = self._config.machines.get(other)
-            members.append({"mac": other, "hostname": self.hostname(other), "ip": member.ip if member else None,
-                            "labels": machine.labels if machine else {}})
+        members = self._groups.members(group, self._store.members(), self.hostname)
         me = next(m for m in members if m["mac"] == mac)
         return {"node": me, "group": members, "group_name": group, "profile": profile, "hostname": hostname}
 

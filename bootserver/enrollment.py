@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import tokens
-from .admission import canonical_uuid, same_uuid, window
+from .admission import canonical_uuid, same_uuid, strict_ip, window
 from .config import Config
-from .errors import Forbidden, NotFound
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized
+from .facts import disks, host_key, kernel
 from .lifecycle import IN_PROGRESS, State
 from .store import Node, Store
 
@@ -76,11 +77,39 @@ class Enrollment:
 
     # -- phone-home -------------------------------------------------------------------------------------
 
-    def check_caller(self, mac: str, peer: str, at_script: str | None, reported_uuid: object) -> str | None:
-        """Forbidden unless the caller is the machine: the address our DHCP leased it, the SMBIOS UUID its firmware
-        reported (and any pinned in [machines]). Returns that UUID, canonical."""
-        self._check_lease(mac, peer)
-        return self._check_uuid(mac, at_script, reported_uuid)
+    def phone_home(self, mac: str, report: dict[str, Any], client_ip: str | None) -> Node:
+        """Check a booted node's one-time token, pin its host key, queue its job; the node as it is now.
+
+        `client_ip`: the address the call came from, which is where provisioning will connect (the reported
+        `ip` is only recorded). Refusals (missing, unknown, expired, replayed or another machine's token, a call
+        from another address than the one that fetched the boot script or than the one leased to the MAC, held
+        claims, a UUID other than the firmware's) change nothing but the event log, and raise Unauthorized,
+        Forbidden or BadRequest.
+        """
+        node = self.store.node(mac)
+        try:
+            peer = strict_ip(client_ip, "the caller's address")
+            token_id, secret = tokens.split(report.get("token"))
+            token = tokens.check(self.store.token(token_id), secret, mac, ip=peer)
+            if node is not None and node.held:
+                raise Forbidden(f"{mac}'s claims are held ({node.held}): an operator must approve it")
+            (key, fingerprint) = host_key(report.get("host_key"))
+            reported_ip = strict_ip(report["ip"]) if report.get("ip") is not None else None
+            self._check_lease(mac, peer)
+            smbios = self._check_uuid(mac, token.uuid, report.get("uuid"))
+        except (Unauthorized, Forbidden, BadRequest) as exc:
+            if node is not None:  # a refusal for a MAC never seen makes no machine row
+                self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc), "from": client_ip})
+            raise
+        detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
+                  "kernel": kernel(report.get("kernel", "")), "disks": disks(report.get("disks"))}
+        if not self.store.phoned_home(token_id, mac, peer, key, detail):
+            reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
+            self.store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})
+            raise Forbidden(reason)
+        node = self.store.node(mac)
+        assert node is not None
+        return node
 
     def _check_lease(self, mac: str, peer: str) -> None:
         """As the segment's DHCP server we know each MAC's address: a call from any other is not that machine."""

@@ -6,9 +6,12 @@ group listed first. One Groups answers for one config: the core makes a new one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Config, Group, Machine, Profile
+from .store import Member
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,20 @@ class Groups:
             matching = self._matching(mac, facts)
             self._group_of[key] = _most_specific(matching).name if matching else None
         return self._group_of[key]
+
+    def members(self, group: str | None, admitted: list[Member],
+                hostname: Callable[[str], str]) -> list[dict[str, Any]]:
+        """The machines in `group`, by MAC: those configured under [machines] and those `admitted`, each with its
+        name, address (None until it phoned home) and labels."""
+        known = {m.mac: m for m in admitted}
+        members = []
+        for mac in sorted(set(known) | set(self._config.machines)):
+            member = known.get(mac)
+            if self.group_of(mac, member and member.arch, member and member.platform) == group:
+                machine = self._config.machines.get(mac)
+                members.append({"mac": mac, "hostname": hostname(mac), "ip": member.ip if member else None,
+                                "labels": machine.labels if machine else {}})
+        return members
 
     def _matching(self, mac: str, facts: dict[str, str]) -> list[Group]:
         machine = self._config.machines.get(mac)
