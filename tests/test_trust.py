@@ -237,8 +237,8 @@ async def test_provisioning_connects_to_the_caller_not_to_the_address_it_reports
     config = site(tmp_path)
     port = free_port(host=REAL)
     async with served(config, ssh_port=port) as (app, base), \
-            ssh_server(app.booter.keys.ssh_public, host=REAL, port=port) as caller, \
-            ssh_server(app.booter.keys.ssh_public, host="127.0.0.9", port=port) as victim:
+            ssh_server(app.provisioner.keys.ssh_public, host=REAL, port=port) as caller, \
+            ssh_server(app.provisioner.keys.ssh_public, host="127.0.0.9", port=port) as victim:
         _, text = await script(base, REAL)
         status, _ = await phone_home(base, REAL, token_in(text), caller.host_key_line, ip="127.0.0.9")
         assert status == 202
@@ -320,8 +320,8 @@ async def test_forgeries_with_a_silent_sshd_hold_at_most_their_sources_slots(tmp
     port = free_port(host=REAL)
     slow = {"job_seconds": 6, "command_timeout": 600, "keepalive_interval": 600}
     async with served(config, ssh_port=port, **slow) as (app, base), \
-            ssh_server(app.booter.keys.ssh_public, host=FORGER, port=port, hang_on="sync") as silent, \
-            ssh_server(app.booter.keys.ssh_public, host=REAL, port=port) as real:
+            ssh_server(app.provisioner.keys.ssh_public, host=FORGER, port=port, hang_on="sync") as silent, \
+            ssh_server(app.provisioner.keys.ssh_public, host=REAL, port=port) as real:
         forged = [f"52:54:00:00:41:{i:02x}" for i in range(8)]
         for mac in forged:
             path = mac.replace(":", "-")
@@ -421,10 +421,10 @@ def test_uuids_compare_in_either_smbios_byte_order():
 # -- where the call really came from --------------------------------------------------------------------------
 
 
-def test_full_dhcp_mode_binds_the_phone_home_to_the_leased_address(booter):
+def test_full_dhcp_mode_binds_the_phone_home_to_the_leased_address(booter, store, config):
     """In full DHCP mode we leased the MAC its address: a phone-home from any other is not that machine."""
     dhcp = configuration.DhcpConfig(mode="full")
-    booter.config = dataclasses.replace(booter.config, dhcp=dhcp)
+    booter.reload(dataclasses.replace(config, dhcp=dhcp))
     mac = "52:54:00:00:00:05"
     urls = Urls("http://h", "http://h")
     text = booter.machine_script(mac, {}, urls, "http", "10.0.0.7").data.decode()
@@ -432,10 +432,10 @@ def test_full_dhcp_mode_binds_the_phone_home_to_the_leased_address(booter):
     report = {"token": token, "host_key": a_host_key()}
     with pytest.raises(Forbidden, match="holds no lease"):
         booter.phone_home(mac, report, "10.0.0.7")
-    booter.store.bind_lease(mac, "10.0.0.8", time.time() + 60)
+    store.bind_lease(mac, "10.0.0.8", time.time() + 60)
     with pytest.raises(Forbidden, match="holds 10.0.0.8"):
         booter.phone_home(mac, report, "10.0.0.7")
-    booter.store.bind_lease(mac, "10.0.0.7", time.time() + 60)
+    store.bind_lease(mac, "10.0.0.7", time.time() + 60)
     assert booter.phone_home(mac, report, "10.0.0.7").ip == "10.0.0.7"
 
 
