@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from postgres import PostgresServer
+from support.postgres import PostgresServer
 
 from bootserver import config as configuration
 from bootserver.app import App
@@ -89,7 +89,7 @@ def config(config_file: Path) -> configuration.Config:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A private PostgreSQL server (tests/postgres.py), started on first use, for the whole session."""
+    """A private PostgreSQL server (tests/support/postgres.py), started on first use, for the whole session."""
     server = PostgresServer()
     server.start()
     yield server

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from sshd import ssh_server
 from support.net import free_port
+from support.sshd import ssh_server
 
 from bootserver.provision.pki import ServerKeys
 

@@ -4,7 +4,7 @@ Three network namespaces, made and removed by each test, joined by veth pairs:
 
     srv  `bootserver serve` on 10.201.0.1/24, DHCP on 67 (route to the client segment via the relay)
     rly  dnsmasq as a relay only: 10.201.0.2 toward srv, 10.202.0.1 on the client segment
-    cli  a PXE client (tests/dhcp_client.py) broadcasting a DISCOVER from port 68 on 10.202.0.0/24
+    cli  a PXE client (tests/support/dhcp_client.py) broadcasting a DISCOVER from port 68 on 10.202.0.0/24
 
 What crosses the relay is what crosses a routed campus network: the relay stamps giaddr, bootserver answers
 the relay, the relay hands the answer to the client. Needs root, iproute2 and dnsmasq-base; a missing one
@@ -84,7 +84,7 @@ class Segments:
         return data / "bootserver.sqlite3"
 
     def discover(self, kind: str, seconds: float = 5.0) -> dict | None:
-        client = ROOT / "tests" / "dhcp_client.py"
+        client = ROOT / "tests" / "support" / "dhcp_client.py"
         result = subprocess.run(["ip", "netns", "exec", self.cli, sys.executable, str(client), "c0", MAC, kind,
                                  str(seconds)], capture_output=True, text=True, timeout=seconds + 10)
         assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 from conftest import admit, eventually
-from sshd import ssh_server
+from support.sshd import ssh_server
 
 from bootserver.app import App
 from bootserver.config import Config, Listen

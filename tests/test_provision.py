@@ -1,4 +1,4 @@
-"""Provisioning over real SSH (tests/sshd.py on 127.0.0.1): commands and SFTP do real work in temp dirs."""
+"""Provisioning over real SSH (tests/support/sshd.py on 127.0.0.1): commands and SFTP do real work in temp dirs."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from sshd import TestSSHServer, ssh_server
+from support.sshd import TestSSHServer, ssh_server
 from test_pki import forged_request
 
 from bootserver.errors import BootserverError, ConfigError

@@ -1,7 +1,7 @@
 """Two real `bootserver serve` replicas on loopback sharing one PostgreSQL database.
 
 Each replica is its own process (so `kill -9` is real) with its own data_dir, HTTP port and name, the same
-`database` and `secret_key_file`. Nodes are real SSH servers (tests/sshd.py) in this process.
+`database` and `secret_key_file`. Nodes are real SSH servers (tests/support/sshd.py) in this process.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import psycopg
-from sshd import ssh_server
 from support.http import read_event
 from support.net import free_port
+from support.sshd import ssh_server
 
 from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store

@@ -16,8 +16,8 @@ import aiohttp
 import asyncssh
 import pytest
 from conftest import eventually
-from sshd import ssh_server
 from support.net import free_port
+from support.sshd import ssh_server
 
 from bootserver import config as configuration
 from bootserver.admission import RateLimit, canonical_uuid, same_uuid, strict_ip

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu import DEFAULT_MAC, Vm, free_port
+from support.net import free_port
+from support.qemu import DEFAULT_MAC, Vm
 from test_replicas import Replica
 
 from bootserver.store import Store

@@ -28,8 +28,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from support.net import free_port
-
 QEMU = "qemu-system-x86_64"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -247,4 +245,4 @@ def qemu_available() -> bool:
     return which(QEMU) is not None
 
 
-__all__ = ["DEFAULT_MAC", "OVMF", "Vm", "free_port", "qemu_available"]
+__all__ = ["DEFAULT_MAC", "OVMF", "Vm", "qemu_available"]
