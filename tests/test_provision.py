@@ -20,8 +20,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from support.csr import forged_request
 from support.sshd import TestSSHServer, ssh_server
-from test_pki import forged_request
 
 from bootserver.errors import BootserverError, ConfigError
 from bootserver.profiles import DeployFile, Deployment, DiskLayout, Partition, Unit, deployment_from_toml

@@ -6,13 +6,13 @@ import datetime
 import re
 
 import pytest
-from conftest import api_token, bearer, eventually
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
-from support.http import boot_token, read_event, report
+from support.http import api_token, bearer, boot_token, read_event, report
+from support.wait import until_async
 
 from bootserver.booter import Booter
 from bootserver.config import Machine
@@ -45,7 +45,7 @@ async def boot(client, mac: str = "52-54-00-00-00-01") -> None:
     assert (await client.get(f"/boot/{mac}.ipxe", params={"platform": "efi"})).status == 200
     assert (await (await client.get(f"/boot/{mac}/vmlinuz")).read())
     store = client.server.app[BOOTER].store
-    await eventually(lambda: store.node(mac.replace("-", ":")).state == "kernel-served")
+    await until_async(lambda: store.node(mac.replace("-", ":")).state == "kernel-served")
 
 
 # -- pages ------------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ async def test_every_event_names_the_replica_that_recorded_it(client, booter):
 async def test_overview_lists_and_filters_by_state(client, booter):
     await boot(client)
     await client.get("/boot/52-54-00-00-00-02.ipxe")
-    await eventually(lambda: booter.store.node(MAC).state == "kernel-served")
+    await until_async(lambda: booter.store.node(MAC).state == "kernel-served")
     html = await (await client.get("/")).text()
     assert "52:54:00:00:00:01" in html and "52:54:00:00:00:02" in html
     assert "node1" in html and 'title="2 of 7: kernel-served"' in html
@@ -290,7 +290,7 @@ async def test_stream_delivers_new_events_resumes_and_ends_with_the_client(clien
     missed = booter.store.record(MAC, "step-done", {"step": "disk", "seconds": 1.0})
     async with client.get(f"/machines/{MAC}/stream", headers={"Last-Event-ID": str(event.id)}) as stream:
         assert (await read_event(stream))["id"] == missed.id
-    await eventually(lambda: not client.server.app[STREAMS])  # both handlers ended with their clients
+    await until_async(lambda: not client.server.app[STREAMS])  # both handlers ended with their clients
     async with client.get("/stream", params={"after": str(event.id)}) as stream:
         assert (await read_event(stream))["data"] == {"id": missed.id, "mac": MAC, "kind": "step-done"}
     response = await client.get(f"/machines/{MAC}/stream", headers={"Last-Event-ID": "x1"})
@@ -301,7 +301,7 @@ async def test_server_shutdown_ends_open_streams(aiohttp_client, booter):
     booter.store.record(MAC, "no-boot", {})
     client = await aiohttp_client(create_app(booter))
     stream = await client.get(f"/machines/{MAC}/stream")
-    await eventually(lambda: client.server.app[STREAMS])
+    await until_async(lambda: client.server.app[STREAMS])
     started = asyncio.get_running_loop().time()
     await client.server.close()
     assert asyncio.get_running_loop().time() - started < 5  # not aiohttp's 60 s grace period
