@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from support.net import free_port
 from support.qemu import DEFAULT_MAC, Vm
-from test_replicas import Replica
+from support.replicas import Replica
 
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage
