@@ -20,11 +20,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.config import section, server_section
+from support.wait import until
 
 from bootserver.store import Store
 
@@ -76,8 +77,8 @@ class Segments:
     def start_server(self, dhcp: str) -> Path:
         data = self.work / "data"
         config = self.work / "site.toml"
-        config.write_text(f'[server]\nhttp = "{SERVER}:8080"\ntftp = "{SERVER}:6969"\ndata_dir = "{data}"\n'
-                          f'[dhcp]\nserver_address = "{SERVER}"\n{dhcp}\n')
+        config.write_text(server_section(data, http=f"{SERVER}:8080", tftp=f"{SERVER}:6969") +
+                          section("dhcp", server_address=SERVER) + f"{dhcp}\n")
         log = self.work / "server.log"
         self.spawn(self.srv, [sys.executable, "-m", "bootserver", "--config", str(config), "serve"], log)
         wait_for(lambda: "serving HTTP on" in log.read_text(), "bootserver to listen", log)
@@ -103,10 +104,7 @@ class Segments:
 
 
 def wait_for(ready, what: str, log: Path, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not ready():
-        assert time.monotonic() < deadline, f"waited {seconds:.0f} s for {what}; its log:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
+    until(ready, seconds, interval=0.1, what=lambda: f"{what}; its log:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture

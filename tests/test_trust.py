@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import asyncssh
 import pytest
+from support.config import server_section
 from support.net import free_port
 from support.sshd import ssh_server
 from support.wait import until_async
@@ -42,7 +43,7 @@ def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | Non
     (data / "files").mkdir()
     (data / "files" / "app.env").write_text(SECRET)
     node_root = tmp_path / "node"  # where the fake nodes' files land (they run on this host)
-    text = (f'[server]\nhttp = "127.0.0.1:0"\ntftp = "off"\ndata_dir = "{data}"\n{server}\n'
+    text = (server_section(data) + f'{server}\n'
             '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
             '[profiles.app]\nkernel = "kernel"\ninitrd = ["initrd"]\n'
             '[profiles.app.deploy]\n'
