@@ -35,8 +35,6 @@ MACS = [f"52:54:00:00:20:{i:02x}" for i in range(1, 7)]
 IN_PROGRESS = ("phoned-home", "disk", "deploy", "finishing")
 
 
-
-
 def write_site(tmp_path: Path, ssh_port: int) -> tuple[Path, Path]:
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)

@@ -32,8 +32,6 @@ PATH = MAC.replace(":", "-")
 SECRET = "DATABASE_PASSWORD=hunter2-of-the-real-machine\n"
 
 
-
-
 def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | None = None) -> configuration.Config:
     """A site whose profile deploys a secret file: what a forger would be after (or `deploy`, the section's body)."""
     data = tmp_path / "data"

@@ -205,8 +205,6 @@ async def test_hostile_numbers_and_nesting_are_400_with_a_message(config, method
 # -- finding 11: file modes --------------------------------------------------------------------------------------
 
 
-
-
 async def test_serve_makes_its_files_private_under_a_permissive_umask(tmp_path):
     """finding 11: `bootserver serve` sets umask 077: its store, the store's WAL, its keys and the token file
     are not readable by group or others, though it was started with umask 022."""

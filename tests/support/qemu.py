@@ -237,8 +237,6 @@ class Vm:
                 await asyncio.wait_for(event.wait(), 0.2)
 
 
-
-
 def qemu_available() -> bool:
     from shutil import which
 
