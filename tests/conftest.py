@@ -205,3 +205,12 @@ def agent_image():
     built = image.build_agent_image(out)
     stamp.write_text(source + "\n")
     return built
+
+
+@pytest.fixture(scope="session")
+def os_image():
+    """The Debian OS image (`bootserver image os debian`), built once into $BOOTSERVER_TEST_OS_IMAGE_DIR or
+    ~/.cache/bootserver/test-os-image and rebuilt only when its inputs change (tests/support/os_image.py)."""
+    from support.os_image import build_test_os_image
+
+    return build_test_os_image()

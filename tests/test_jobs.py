@@ -16,8 +16,7 @@ from support.sshd import ssh_server
 from support.wait import until_async
 
 from bootserver.app import App
-from bootserver.config import Config, Listen
-from bootserver.profiles import DiskLayout, Partition
+from bootserver.config import Config, DiskLayout, Listen, Partition
 from bootserver.provision.jobs import TOKEN_KEEP_SECONDS, Provisioner
 from bootserver.provision.steps import provision
 from bootserver.store import Member, Token

@@ -24,8 +24,9 @@ from support.csr import forged_request
 from support.sshd import TestSSHServer, ssh_server
 from support.wait import until_async
 
+from bootserver.config import DeployFile, Deployment, DiskLayout, Partition, Unit
+from bootserver.config.deploy import deployment_from_toml
 from bootserver.errors import BootserverError, ConfigError
-from bootserver.profiles import DeployFile, Deployment, DiskLayout, Partition, Unit, deployment_from_toml
 from bootserver.provision import deploy as deploy_module
 from bootserver.provision.deploy import DeployError, deploy
 from bootserver.provision.pki import ServerKeys
