@@ -78,16 +78,11 @@ def test_the_probes_reach_every_table_the_loader_checks():
     assert checked_in_source() - probed == set()
 
 
-# Keys the README does not show yet. The test fails when one of them is documented too, so that this list only
-# ever shrinks: take it off here then.
-NOT_IN_README_YET = ["[[profiles.*.disk.partitions]]: filesystem", "[profiles.*.disk]: table"]
-
-
 def test_every_key_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     missing = sorted(f"{table}: {key}" for table, keys in accepted_keys().items() for key in keys
                      if not documented(readme, key))
-    assert missing == NOT_IN_README_YET
+    assert missing == []
 
 
 def test_every_server_and_dhcp_key_is_in_the_packaged_config():
