@@ -16,8 +16,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from conftest import eventually
 from scapy.layers.dhcp import BOOTP, DHCP
+from support.wait import until_async
 
 from bootserver import config as configuration
 from bootserver.app import App
@@ -366,7 +366,7 @@ async def test_full_mode_conversation(tmp_path: Path, peer: Peer):
         assert app.store.lease_of(MAC2) is None
         # RELEASE gives the address back; the next client may have it.
         peer.transport.sendto(request(RELEASE, MAC1, ciaddr=offer.yiaddr, xid=18).encode(), ("127.0.0.1", port))
-        await eventually(lambda: app.store.lease_of(MAC1) is None, timeout=5)
+        await until_async(lambda: app.store.lease_of(MAC1) is None, timeout=5)
 
 
 async def test_full_mode_names_the_machine_and_the_domain(tmp_path: Path, peer: Peer):

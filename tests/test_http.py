@@ -8,8 +8,8 @@ import time
 import aiohttp
 import libarchive
 import pytest
-from conftest import eventually
 from support.http import boot_token, report
+from support.wait import until_async
 
 from bootserver.errors import Forbidden
 from bootserver.web import create_app
@@ -80,7 +80,7 @@ async def test_kernel_whole_and_ranged_with_events(client, booter, store, data_d
     def served():
         return [e for e in store.events("52:54:00:00:00:01") if e.kind == "file-served"]
 
-    events = await eventually(lambda: len(served()) == 2 and served())
+    events = await until_async(lambda: len(served()) == 2 and served())
     assert [(e.detail["file"], e.detail["bytes"]) for e in events] == [("vmlinuz", len(kernel)),
                                                                         ("vmlinuz", 10)]
     assert store.node("52:54:00:00:00:01").state == "kernel-served"

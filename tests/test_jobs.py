@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import aiohttp
-from conftest import admit, eventually
-from sshd import ssh_server
+from support.machines import admit
+from support.sshd import ssh_server
+from support.wait import until_async
 
 from bootserver.app import App
 from bootserver.config import Config, DiskLayout, Listen, Partition
@@ -66,7 +67,7 @@ async def test_jobs_of_a_replica_whose_lease_lapsed_are_resumed_unless_they_were
     provisioner = booter.provisioner()
     provisioner.start()
     try:
-        await eventually(lambda: all(store.job(m).state == "done" for m in (MAC, "52:54:00:00:00:02")))
+        await until_async(lambda: all(store.job(m).state == "done" for m in (MAC, "52:54:00:00:00:02")))
     finally:
         await provisioner.stop()
     resumed = next(e for e in store.events(MAC) if e.kind == "resumed")
@@ -206,7 +207,7 @@ async def _dies_then_waits_for_its_phone_home(app: App, http: aiohttp.ClientSess
     store = app.store
     await boot_and_phone_home(http, base, node.host_key_line)
     # Detected by keep-alive (~1.5 s here; the 600 s command timeout would be far later).
-    await eventually(lambda: store.node(MAC).state == "interrupted", timeout=15)
+    await until_async(lambda: store.node(MAC).state == "interrupted", timeout=15)
     events = store.events(MAC)
     failed = next(e for e in events if e.kind == "step-failed")
     assert failed.detail["step"] == "disk" and "keepalive" in failed.detail["error"]
@@ -227,6 +228,6 @@ async def _dies_then_waits_for_its_phone_home(app: App, http: aiohttp.ClientSess
 
     # It phones home again: provisioned again, now allowed to wipe (the guard no longer asks sfdisk).
     await boot_and_phone_home(http, base, node.host_key_line)
-    await eventually(lambda: len(node.commands) >= 2, timeout=10)
+    await until_async(lambda: len(node.commands) >= 2, timeout=10)
     assert "sfdisk -d" not in node.commands[1]
-    await eventually(lambda: store.node(MAC).state == "interrupted", timeout=15)
+    await until_async(lambda: store.node(MAC).state == "interrupted", timeout=15)

@@ -15,9 +15,10 @@ from pathlib import Path
 import aiohttp
 import asyncssh
 import pytest
-from conftest import eventually
-from sshd import ssh_server
+from support.config import server_section
 from support.net import free_port
+from support.sshd import ssh_server
+from support.wait import until_async
 
 from bootserver import config as configuration
 from bootserver.admission import RateLimit, canonical_uuid, same_uuid, strict_ip
@@ -31,8 +32,6 @@ PATH = MAC.replace(":", "-")
 SECRET = "DATABASE_PASSWORD=hunter2-of-the-real-machine\n"
 
 
-
-
 def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | None = None) -> configuration.Config:
     """A site whose profile deploys a secret file: what a forger would be after (or `deploy`, the section's body)."""
     data = tmp_path / "data"
@@ -42,7 +41,7 @@ def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | Non
     (data / "files").mkdir()
     (data / "files" / "app.env").write_text(SECRET)
     node_root = tmp_path / "node"  # where the fake nodes' files land (they run on this host)
-    text = (f'[server]\nhttp = "127.0.0.1:0"\ntftp = "off"\ndata_dir = "{data}"\n{server}\n'
+    text = (server_section(data) + f'{server}\n'
             '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
             '[profiles.app]\nkernel = "kernel"\ninitrd = ["initrd"]\n'
             '[profiles.app.deploy]\n'
@@ -212,7 +211,7 @@ async def test_a_kernel_request_never_moves_a_deployed_machine(tmp_path):
         async with session_from(FORGER) as s, s.get(f"{base}/boot/{PATH}/kernel") as r:
             assert r.status == 200
             await r.read()
-        await eventually(lambda: "file-served" in kinds(app))
+        await until_async(lambda: "file-served" in kinds(app))
         assert app.store.node(MAC).state == "deployed"
         _, text = await script(base, FORGER)
         assert token_in(text) is None and "sanboot" in text or "exit" in text
@@ -242,7 +241,7 @@ async def test_provisioning_connects_to_the_caller_not_to_the_address_it_reports
         _, text = await script(base, REAL)
         status, _ = await phone_home(base, REAL, token_in(text), caller.host_key_line, ip="127.0.0.9")
         assert status == 202
-        await eventually(lambda: app.store.node(MAC).state in ("deployed", "failed"), timeout=20)
+        await until_async(lambda: app.store.node(MAC).state in ("deployed", "failed"), timeout=20)
         assert app.store.node(MAC).state == "deployed", kinds(app)
         assert caller.connections and not victim.connections
         node = app.store.node(MAC)
@@ -327,14 +326,14 @@ async def test_forgeries_with_a_silent_sshd_hold_at_most_their_sources_slots(tmp
             path = mac.replace(":", "-")
             _, text = await script(base, FORGER, path)
             assert (await phone_home(base, FORGER, token_in(text), silent.host_key_line, path))[0] == 202
-        await eventually(lambda: len(silent.connections) >= 2, timeout=10)
+        await until_async(lambda: len(silent.connections) >= 2, timeout=10)
         _, text = await script(base, REAL)
         assert (await phone_home(base, REAL, token_in(text), real.host_key_line))[0] == 202
-        await eventually(lambda: app.store.node(MAC).state == "deployed", timeout=10)
+        await until_async(lambda: app.store.node(MAC).state == "deployed", timeout=10)
         assert len(silent.connections) == 2  # the other six wait their turn behind their own source
         states = {m: app.store.node(m).state for m in forged}
         assert sum(s == "deploy" for s in states.values()) == 2, states
-        await eventually(lambda: sum(app.store.node(m).state == "failed" for m in forged) >= 2, timeout=15)
+        await until_async(lambda: sum(app.store.node(m).state == "failed" for m in forged) >= 2, timeout=15)
         failed = next(e for m in forged for e in app.store.events(m) if e.kind == "failed")
         assert "did not finish within 0.1 minutes ([server] job_minutes)" in failed.detail["reason"]
 

@@ -18,8 +18,9 @@ import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from qemu import DEFAULT_MAC, Vm, free_port
 from support.disk import blkid, debugfs, loop_device
+from support.net import free_port
+from support.qemu import DEFAULT_MAC, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
