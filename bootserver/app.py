@@ -51,10 +51,8 @@ class App:
         config.server.data_dir.mkdir(parents=True, exist_ok=True)
         config.server.tftp_root.mkdir(exist_ok=True)
         booter = Booter.open(config)
-        store = booter.store
-        provisioner = Provisioner(booter, **(ssh_options or {}))
-        booter.on_phoned_home = provisioner.schedule
-        return cls(config, store, booter, provisioner)
+        provisioner = booter.provisioner(**(ssh_options or {}))
+        return cls(config, provisioner.store, booter, provisioner)
 
     async def start(self) -> None:
         server = self.config.server
@@ -107,7 +105,7 @@ class App:
             await self._tftp.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        self.store.close()
+        self.booter.close()
 
     def reload(self) -> bool:
         """Re-read the config file (SIGHUP). A valid one replaces what decides what machines get, from the
@@ -125,7 +123,7 @@ class App:
         for what in needs_restart(self.config, new):
             log.warning("reload: %s changed, not applied: restart bootserver for it", what)
         applied = keep_runtime(self.config, new)
-        self.booter.reload(applied)  # the provisioner and DHCP read it through the booter
+        self.booter.reload(applied)  # the web app, the provisioner and DHCP read it through the booter
         self.config = applied
         log.info("reloaded %s", source)
         return True

@@ -159,7 +159,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"no machines yet (store: {where})")
         return 0
     booter = _booter(config)  # after the check: it makes the server's keys, which `nodes` alone should not
-    views = [machine_view(booter, n) for n in booter.store.nodes()]
+    views = [machine_view(booter, n) for n in booter.history().nodes()]
     rows = [(v.node.mac, v.hostname or "-", v.node.state, v.profile or "-", v.node.facts.get("platform", "-"),
              _ago(v.node.last_seen)) for v in views]
     header = ("MAC", "HOSTNAME", "STATE", "PROFILE", "PLATFORM", "LAST SEEN")
@@ -172,10 +172,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     booter = _booter(configuration.load(args.config))
     mac = canonical_mac(args.mac)
-    node = booter.store.node(mac)
+    history = booter.history()
+    node = history.node(mac)
     if node is None:
-        raise NotFound(f"no machine {mac} has asked this server for anything yet (store: {booter.store.location})")
-    events = booter.store.recent_events(mac, max(args.limit, 1))
+        raise NotFound(f"no machine {mac} has asked this server for anything yet (store: {history.location})")
+    events = history.recent_events(mac, max(args.limit, 1))
     width = max((len(e.kind) for e in events), default=0)
     for event in events:
         print(f"{clock(event.time)}  {event.kind.ljust(width)}  {summarize(event)}")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import api_token
-from support.http import report
+from support.http import api_token, report
 
 from bootserver.app import App
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from qemu import DEFAULT_MAC, OVMF, Vm
+from support.qemu import DEFAULT_MAC, OVMF, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from qemu import DEFAULT_MAC, Vm
-
 from bootserver.app import App
+from support.qemu import DEFAULT_MAC, Vm
 
 
 async def wait_for_state(app: App, vm: Vm, state: str, timeout: float, mac: str = DEFAULT_MAC,
