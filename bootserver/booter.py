@@ -21,18 +21,18 @@ from . import tokens
 from .admission import RateLimit
 from .config import Config, Profile
 from .enrollment import Enrollment
-from .errors import BootserverError, NotFound, StoreUnavailable, TooManyRequests
+from .errors import NotFound, StoreUnavailable, TooManyRequests
 from .facts import clean_facts, firmware_uuid, selector_facts
 from .firmware import DhcpBoot, dhcp_answer, ipxe_binary
 from .groups import BootSpec, Groups
 from .history import History
-from .lifecycle import KERNEL_FROM, State
+from .lifecycle import FROM_DISK, KERNEL_FROM, State
 from .mac import canonical_mac, hyphenated
 from .overlay import OVERLAY_NAME, overlay_cpio
 from .payload import Payload, resolve_under
+from .plans import HealthJob, Plans
 from .provision.jobs import Provisioner
 from .provision.pki import ServerKeys, open_keys
-from .provision.ssh import NodeAccess
 from .provision.steps import Job
 from .settings import ProvisionSettings, WebSettings
 from .store import Node, Store
@@ -73,6 +73,7 @@ class Booter:
         self._enrollment = Enrollment(config, self._store)
         self._web_settings = WebSettings.of(config)
         self._groups = Groups(config)
+        self._plans = Plans(config, self._store, self._groups, self.hostname)
 
     def reload(self, config: Config) -> None:
         """Decide from `config` from the next request on (what needs a restart was kept by the caller)."""
@@ -181,7 +182,7 @@ class Booter:
         node = self._store.node(mac)
         if node is None:
             self._admit_new(mac, client_ip)
-        if node is not None and node.state == State.DEPLOYED and not node.reprovision:
+        if node is not None and node.state in FROM_DISK and not node.reprovision:
             return self._local_disk(mac, facts, transport)
         spec = self.boot_spec(mac, selector_facts(facts))
         missing = self._missing_assets(spec.profile)
@@ -303,6 +304,19 @@ class Booter:
         await committed
         return node
 
+    def os_booted(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
+        """An installed OS reports its first boot (Enrollment.os_booted); accepted, it wakes the provisioner, which
+        runs the profile's health checks."""
+        node = self._enrollment.os_booted(canonical_mac(mac_text), report, client_ip)
+        self._on_phoned_home(node.mac)
+        return node
+
+    async def os_booted_kept(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
+        with self._store.group_commit() as committed:
+            node = self.os_booted(mac_text, report, client_ip)
+        await committed
+        return node
+
     # -- operators ------------------------------------------------------------------------------------
 
     def reprovision(self, mac_text: str) -> None:
@@ -320,38 +334,16 @@ class Booter:
     # -- provisioning (asked by the Provisioner) -----------------------------------------------------------
 
     def provision_job(self, node: Node, ssh_port: int) -> Job | None:
-        """What provisioning `node` means under its profile; None (recorded) when the profile asks for nothing.
-        `ssh_port`: where its sshd listens unless [machines] says otherwise."""
-        spec = self.spec_of(node)
-        profile = spec.profile
-        if profile is None or (profile.disk is None and profile.deploy is None):
-            self._store.record(node.mac, "nothing-to-provision", {"profile": profile.name if profile else None})
-            return None
-        if node.host_key is None or node.ip is None:
-            raise BootserverError(f"{node.mac} has not phoned home: no pinned host key")
-        ssh = spec.machine.ssh if spec.machine else None
-        host, port = (ssh.host, ssh.port) if ssh else (node.ip, ssh_port)
-        hostname = self.hostname(node.mac)
-        return Job(mac=node.mac, access=NodeAccess(host, port, node.host_key), hostname=hostname, ips=(node.ip,),
-                   disk=profile.disk, wipe=bool(profile.disk and profile.disk.wipe) or node.reprovision,
-                   deployment=profile.deploy, context=self.job_context(node.mac, spec.group, profile.name, hostname))
+        return self._plans.provision_job(node, ssh_port)
+
+    def health_job(self, node: Node, ssh_port: int) -> HealthJob:
+        return self._plans.health_job(node, ssh_port)
 
     def job_source(self, mac: str) -> str | None:
-        """The address a job counts against: the one it phoned home from. A machine whose SSH endpoint the
-        operator configured ([machines] ssh) counts against none: that address is not the caller's choice."""
-        machine = self._config.machines.get(mac)
-        if machine is not None and machine.ssh is not None:
-            return None
-        node = self._store.node(mac)
-        return node.ip if node else None
+        return self._plans.job_source(mac)
 
     def job_context(self, mac: str, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
-        """Template context for a machine's config files: the machine and every member of its group (a Raft peer
-        list). Members are the machines configured under [machines] and those admitted by an accepted phone-home:
-        a MAC that only asked for files, as anyone on the boot network may, is no member of anything."""
-        members = self._groups.members(group, self._store.members(), self.hostname)
-        me = next(m for m in members if m["mac"] == mac)
-        return {"node": me, "group": members, "group_name": group, "profile": profile, "hostname": hostname}
+        return self._plans.job_context(mac, group, profile, hostname)
 
     def render_file(self, path: Path, context: dict[str, Any]) -> str:
         """An operator's config-file template, deployed to a node."""

@@ -16,8 +16,8 @@ from . import tokens
 from .admission import canonical_uuid, same_uuid, strict_ip, window
 from .config import Config
 from .errors import BadRequest, Forbidden, NotFound, Unauthorized
-from .facts import disks, host_key, kernel
-from .lifecycle import IN_PROGRESS, State
+from .facts import boot_report, disks, host_key, kernel
+from .lifecycle import FROM_DISK, IN_PROGRESS, State
 from .store import Node, Store
 
 
@@ -61,7 +61,7 @@ class Enrollment:
         if node is not None and node.state == State.NEW:
             self.store.touch(mac, facts)
         else:
-            state = State.NEW if node is None or node.state != State.DEPLOYED else None
+            state = State.NEW if node is None or node.state not in FROM_DISK else None
             self.store.record(mac, "waiting", {"reason": reason, "transport": transport}, facts=facts, state=state)
 
     def _conflict(self, mac: str, first: str, second: str, token_id: str, transport: str) -> str:
@@ -106,6 +106,28 @@ class Enrollment:
         if not self.store.phoned_home(token_id, mac, peer, key, detail):
             reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
             self.store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})
+            raise Forbidden(reason)
+        node = self.store.node(mac)
+        assert node is not None
+        return node
+
+    def os_booted(self, mac: str, report: dict[str, Any], client_ip: str | None) -> Node:
+        """The installed OS reports its first boot with the one-time token the install put on its disk (its own
+        kind: an agent's token cannot report a boot): the machine is `booted` and its health-check job queued.
+        Refused like a phone-home: the event log says why, nothing else changes."""
+        node = self.store.node(mac)
+        try:
+            peer = strict_ip(client_ip, "the caller's address")
+            token_id, secret = tokens.split(report.get("token"), "report")
+            tokens.check(self.store.token(token_id), secret, mac, purpose="report")
+            self._check_lease(mac, peer)
+        except (Unauthorized, Forbidden, BadRequest) as exc:
+            if node is not None:
+                self.store.record(mac, "refused", {"what": "boot report", "reason": str(exc), "from": client_ip})
+            raise
+        if not self.store.os_reported(token_id, mac, peer, {"ip": peer, **boot_report(report)}):
+            reason = "this report token was used already (a concurrent report won)"
+            self.store.record(mac, "refused", {"what": "boot report", "reason": reason, "from": client_ip})
             raise Forbidden(reason)
         node = self.store.node(mac)
         assert node is not None

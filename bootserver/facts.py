@@ -19,6 +19,7 @@ from .errors import BadRequest
 REPORTED_FACTS = ("platform", "arch", "uuid", "serial", "asset", "manufacturer", "product")
 MAX_FACT_LENGTH = 128
 MAX_DISKS = 32
+MAX_UNITS = 64  # failed units kept from a boot report
 
 
 def clean_facts(reported: dict[str, str]) -> dict[str, str]:
@@ -76,6 +77,14 @@ def disks(value: object) -> list[dict[str, Any]]:
             kept.append({"name": disk["name"][:32], "size_bytes": _count(disk.get("size_bytes")),
                          "partitions": _count(disk.get("partitions"))})
     return kept
+
+
+def boot_report(report: dict[str, Any]) -> dict[str, Any]:
+    """What an installed OS reported of its first boot, kept small and typed for the event log."""
+    failed = report.get("failed_units")
+    units = [str(u)[:MAX_FACT_LENGTH] for u in failed[:MAX_UNITS]] if isinstance(failed, list) else []
+    return {"kernel": kernel(report.get("kernel", "")), "boot_id": str(report.get("boot_id", ""))[:MAX_FACT_LENGTH],
+            "system_state": str(report.get("system_state", ""))[:MAX_FACT_LENGTH], "failed_units": units}
 
 
 def _count(value: object) -> int:

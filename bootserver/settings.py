@@ -48,9 +48,10 @@ class ProvisionSettings:
     lease_seconds: float  # [server] job_lease_seconds
     phone_home_minutes: int
     event_days: int | None
+    boot_minutes: int = 15  # [server] boot_minutes: reboot into the installed OS until its report
 
     @classmethod
     def of(cls, config: Config) -> ProvisionSettings:
         server = config.server
         return cls(server.provision_concurrency, server.provision_per_source, server.job_minutes * 60,
-                   server.job_lease_seconds, server.phone_home_minutes, server.event_days)
+                   server.job_lease_seconds, server.phone_home_minutes, server.event_days, server.boot_minutes)

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 from aiohttp import web
-from sshd import TestSSHServer, ssh_server
+from support.sshd import TestSSHServer, ssh_server
 
 from bootserver.provision.health import HealthChecks, HealthFailed, wait_until_healthy
 from bootserver.provision.pki import ServerKeys

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sshd import TestSSHServer, ssh_server
+from support.sshd import TestSSHServer, ssh_server
 
 from bootserver.config import DiskLayout, Partition
 from bootserver.provision import install

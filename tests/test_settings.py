@@ -35,6 +35,8 @@ PROBES: dict[str, dict] = {
     "[[profiles.*.deploy.templates]]": {"profiles": {"p": {"deploy": {"templates": [UNKNOWN]}}}},
     "[[profiles.*.deploy.units]]": {"profiles": {"p": {"deploy": {"units": [UNKNOWN]}}}},
     "[profiles.*.deploy.tls]": {"profiles": {"p": {"deploy": {"tls": UNKNOWN}}}},
+    "[profiles.*.os]": {"profiles": {"p": {"os": UNKNOWN}}},
+    "[profiles.*.health]": {"profiles": {"p": {"health": UNKNOWN}}},
     "[groups.*]": {"groups": {"g": UNKNOWN}},
     "[machines.*]": {"machines": {"52:54:00:00:00:01": UNKNOWN}},
 }

@@ -52,7 +52,7 @@ class Identity:
     hostname: str
     host_key: str  # OpenSSH private key, made by the server; its public half is pinned in the store
     authorized_key: str  # the server's provisioning key, for root
-    report_url: str  # where the first boot reports
+    report_path: str  # where the first boot reports, under the URL the agent booted with (bootserver.url=)
     report_token: str  # a one-time token for that report, not the agent's
 
 
@@ -95,7 +95,7 @@ async def install(runner: Runner, spec: OsInstall, layout: DiskLayout, identity:
     kernel = await _kernel(runner, target)
     uuids = await _uuids(runner, layout)
     await runner.run(STEP, f"cat > {q}/etc/fstab", input=fstab(layout, uuids))
-    await _identity(runner, identity, target)
+    await _identity(runner, identity, await _server_url(runner) + identity.report_path, target)
     await runner.run(STEP, f"mkdir -p {q}/boot/grub && cat > {q}/boot/grub/grub.cfg",
                      input=grub_config(kernel, uuids[_root(layout)], spec.cmdline))
     await in_chroot(runner, target, [*(_grub_install(loader, layout) for loader in loaders),
@@ -210,7 +210,17 @@ async def in_chroot(runner: Runner, target: str, commands: list[str]) -> None:
             await runner.run(STEP, "; ".join(f"umount {q}/{d}" for d in reversed(binds)))
 
 
-async def _identity(runner: Runner, identity: Identity, target: str) -> None:
+async def _server_url(runner: Runner) -> str:
+    """The server's URL as the agent was told it (its kernel command line): where the installed OS reports."""
+    cmdline = await runner.run(STEP, "cat /proc/cmdline")
+    for word in cmdline.split():
+        if word.startswith("bootserver.url="):
+            return word.removeprefix("bootserver.url=").rstrip("/")
+    raise InstallError("the agent's kernel command line has no bootserver.url=: the installed OS would not know "
+                       "where to report its first boot (boot the agent from a bootserver profile)")
+
+
+async def _identity(runner: Runner, identity: Identity, report_url: str, target: str) -> None:
     def path(p: str) -> str:
         return shlex.quote(posixpath.join(target, p.lstrip("/")))
 
@@ -227,7 +237,7 @@ async def _identity(runner: Runner, identity: Identity, target: str) -> None:
                      input="HostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin prohibit-password\n")
     await runner.run(STEP, f"mkdir -p {path('/root/.ssh')} && chmod 700 {path('/root/.ssh')} && umask 077 && "
                            f"cat > {path('/root/.ssh/authorized_keys')}", input=identity.authorized_key.strip() + "\n")
-    config = json.dumps({"url": identity.report_url, "token": identity.report_token})
+    config = json.dumps({"url": report_url, "token": identity.report_token})
     await runner.run(STEP, f"mkdir -p {path(REPORT_DIR)} && umask 077 && cat > {path(REPORT_DIR + '/report.json')}",
                      input=config + "\n")
     await runner.run(STEP, f"cat > {path('/usr/local/sbin/bootserver-report')} && "

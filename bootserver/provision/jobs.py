@@ -4,8 +4,9 @@ what a restart or a dead replica leaves.
 The SSH work for one node is `steps.provision`; this module decides when it runs, turns its
 step events into machine states, and keeps the state machine honest across failures and restarts:
 
-    script-served -> kernel-served -> phoned-home -> disk -> deploy -> finishing -> deployed
-    any step -> failed (a command failed) | interrupted (the node or the server went away)
+    script-served -> kernel-served -> phoned-home -> disk -> install -> deploy -> finishing -> rebooting
+    (the installed OS reports: booted, its job queued again) -> health checks pass: running
+    any step -> failed (a command failed, no report, checks never passed) | interrupted (a node or server went away)
 
 A phone-home queues the machine's job in the store (one per machine, whichever replica took the
 call). Every replica's claim loop takes queued jobs under its concurrency cap and holds each by a
@@ -21,19 +22,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import asyncssh
 
 from ..errors import BootserverError, StoreUnavailable
 from ..lifecycle import IN_PROGRESS, STEP_STATES, EventKind, State
+from ..mac import hyphenated
 from ..settings import ProvisionSettings
 from ..store import JobClaim, Node, Store
+from ..tokens import new_token
+from .health import wait_until_healthy
+from .install import Identity
+from .install import Report as InstallReport
 from .pki import ServerKeys
 from .ssh import NodeLost
 from .steps import Job, provision
+
+if TYPE_CHECKING:
+    from ..plans import HealthJob
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,8 @@ class JobPolicy(Protocol):
     def provision_settings(self) -> ProvisionSettings: ...
 
     def provision_job(self, node: Node, ssh_port: int) -> Job | None: ...
+
+    def health_job(self, node: Node, ssh_port: int) -> HealthJob: ...
 
     def job_source(self, mac: str) -> str | None: ...
 
@@ -105,6 +119,9 @@ class Provisioner:
         """
         for claim in self.store.unfinished_jobs(self.replica):
             node = self.store.node(claim.mac)
+            if node is not None and node.state == State.BOOTED:  # health checks change nothing: run them again
+                self.store.requeue_job(claim.mac)
+                continue
             if node is not None and node.state in IN_PROGRESS:
                 self._interrupt(node, f"the server stopped during {node.state}")
             self.store.finish_job(claim.mac, self.replica)
@@ -129,12 +146,28 @@ class Provisioner:
             if node.last_seen < deadline:
                 self.store.record(node.mac, "failed", {"reason": f"did not phone home within {minutes} minutes "
                                                                  f"of being served its kernel"}, state=State.FAILED)
+        for node in self.store.nodes_in_state(State.REBOOTING):
+            self._check_rebooted(node, settings.boot_minutes, now)
         pruned = self.store.prune_tokens(now - TOKEN_KEEP_SECONDS)
         if pruned:
             log.info("pruned %d phone-home tokens that expired over %d days ago", pruned, TOKEN_KEEP_SECONDS // 86400)
         days = settings.event_days
         if days is not None and (pruned := self.store.prune_events(now - days * 86400)):
             log.info("pruned %d events older than %d days ([server] event_days)", pruned, days)
+
+    def _check_rebooted(self, node: Node, minutes: int, now: float) -> None:
+        """An installed OS that has not reported within `minutes` of its reboot has failed, saying what we saw."""
+        events = self.store.recent_events(node.mac, 200)
+        rebooted = next((e for e in reversed(events) if e.kind == EventKind.REBOOTING), None)
+        if rebooted is None or rebooted.time > now - minutes * 60:
+            return
+        scripts = sum(1 for e in events if e.id > rebooted.id and e.kind == EventKind.SCRIPT_SERVED)
+        seen = (f"served the local-disk script {_times(scripts)} and never heard from the installed OS: is the "
+                f"disk bootable on this firmware, and can the installed OS reach this server?") if scripts else (
+                "never asked for a script again: did it reboot (does its firmware netboot first)?")
+        self.store.record(node.mac, "failed", {"reason": f"no first-boot report within {minutes} minutes "
+                                                         f"([server] boot_minutes): {seen}"},
+                          state=State.FAILED, only_from=(State.REBOOTING,))
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -210,7 +243,7 @@ class Provisioner:
             if claim.taken_over_from is not None:
                 node = self.store.node(claim.mac)
                 state = node.state if node else None
-                if state not in IN_PROGRESS:  # it recorded the outcome, then died before closing the job
+                if state not in (*IN_PROGRESS, State.BOOTED):  # it recorded the outcome, then died before closing
                     self.store.finish_job(claim.mac, self.replica)
                     return
                 self.store.record(claim.mac, "resumed", {"from": claim.taken_over_from, "state": state,
@@ -226,14 +259,27 @@ class Provisioner:
 
     async def _provision(self, mac: str) -> None:
         node = self.store.node(mac)
+        if node is not None and node.state == State.BOOTED:
+            await self._check_health(node)
+            return
         job = self._policy.provision_job(node, self._ssh_port) if node else None
         if job is None:
             return
+        installed: list[InstallReport] = []
+        pin = None
+        if job.os is not None:
+            job, pin = self._with_identity(job)
+
+        def keep(report: InstallReport) -> None:
+            installed.append(report)
+            if pin is not None:
+                pin(report)
         limit = self._job_seconds or self._policy.provision_settings().job_seconds
         try:
             async with asyncio.timeout(limit):
                 await provision(job, self.keys, lambda kind, detail: self._record(mac, kind, detail),
-                                render=self._policy.render_file, **self._ssh_options)
+                                render=self._policy.render_file, installed=keep,
+                                **self._ssh_options)
         except TimeoutError:
             # A node that stalls (or an sshd that never answers) must not hold a provisioning slot for good.
             self.store.record(mac, "failed", {"reason": f"provisioning did not finish within {limit / 60:g} minutes "
@@ -250,8 +296,48 @@ class Provisioner:
             self.store.record(mac, "failed", {"reason": f"internal error: {exc!r}"}, state=State.FAILED)
         else:
             self.store.set_reprovision(mac, False)
-            self.store.record(mac, "deployed", {"profile": job.context["profile"]}, state=State.DEPLOYED)
+            if not installed:
+                self.store.record(mac, "deployed", {"profile": job.context["profile"]}, state=State.DEPLOYED)
+            else:
+                minutes = self._policy.provision_settings().boot_minutes
+                self.store.record(mac, "rebooting", {"profile": job.context["profile"], "minutes": minutes},
+                                  state=State.REBOOTING)
+
+    def _with_identity(self, job: Job) -> tuple[Job, Callable[[InstallReport], None]]:
+        """The job with who its installed OS will be: an SSH host key made here (no trust on first use) and a
+        one-time token for its first-boot report; both are kept only once the install has put them on the disk."""
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        public = key.export_public_key().decode().strip()
+        minutes = self._policy.provision_settings()
+        secret, token = new_token(job.mac, minutes.job_seconds / 60 + minutes.boot_minutes, purpose="report")
+        identity = Identity(mac=job.mac, hostname=job.hostname, host_key=key.export_private_key().decode(),
+                            authorized_key=self.keys.ssh_public, report_path=f"/boot/{hyphenated(job.mac)}/booted",
+                            report_token=secret)
+
+        def installed(report: InstallReport) -> None:
+            self.store.installed(job.mac, public, token, {
+                "source": job.os.rootfs.name if job.os else None, "kernel": report.kernel,
+                "platform": report.platform, "boot_loaders": list(report.boot_loaders), "seconds": report.seconds,
+                "fingerprint": key.get_fingerprint("sha256")})
+
+        return dataclasses.replace(job, identity=identity), installed
+
+    async def _check_health(self, node: Node) -> None:
+        """A booted machine is `running` once its profile's health checks all pass, else `failed` saying which."""
+        mac = node.mac
+        try:
+            health = self._policy.health_job(node, self._ssh_port)
+            await wait_until_healthy(health.access, self.keys, health.checks,
+                                     lambda kind, detail: self.store.record(mac, kind, detail), **self._ssh_options)
+        except BootserverError as exc:
+            self.store.record(mac, "failed", {"reason": f"health: {exc}"}, state=State.FAILED)
+        else:
+            self.store.record(mac, "running", {"profile": health.profile}, state=State.RUNNING)
 
     def _record(self, mac: str, kind: str, detail: dict[str, Any]) -> None:
         state = STEP_STATES.get(detail.get("step", "")) if kind == EventKind.STEP_STARTED else None
         self.store.record(mac, kind, detail, state=state)
+
+
+def _times(count: int) -> str:
+    return {1: "once", 2: "twice"}.get(count, f"{count} times")

@@ -421,6 +421,12 @@ class Store:
                               "WHERE mac = ? AND owner = ? AND state <> 'done'",
                               (time.time(), mac, owner)).rowcount == 1
 
+    def requeue_job(self, mac: str) -> None:
+        """Queue the machine's job again, for whichever replica claims next (work that is safe to redo)."""
+        now = time.time()
+        with self._transaction() as db:
+            self._queue_job(db, mac, now)
+
     def unfinished_jobs(self, owner: str) -> list[JobClaim]:
         """The jobs `owner` accepted (queued) or holds (running): after its own restart, what it left."""
         return [records.job(row) for row in self._rows("SELECT * FROM jobs WHERE owner = ? AND state <> 'done' "

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import re
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -38,6 +39,7 @@ def add_routes(app: web.Application) -> None:
     get(app, "/boot/{mac}/{token}/config.json", node_config)
     get(app, "/boot/{mac}/{token}/" + OVERLAY_NAME, overlay)
     post(app, "/boot/{mac}/phone-home", phone_home)
+    post(app, "/boot/{mac}/booted", os_booted)
     get(app, "/ipxe/{name}", ipxe_binary)
     get(app, "/healthz", healthz)
 
@@ -155,18 +157,31 @@ async def overlay(request: web.Request) -> web.Response:
 
 
 async def phone_home(request: web.Request) -> web.Response:
+    report = await json_report(request, "a phone-home report")
+    node = await request.app[BOOTER].phone_home_kept(request.match_info["mac"], report,
+                                                     client_ip=client_address(request))
+    # 202: accepted; provisioning runs in the background and shows in the machine's events.
+    return web.json_response({"mac": node.mac, "state": node.state}, status=202)
+
+
+async def os_booted(request: web.Request) -> web.Response:
+    """The installed OS's first-boot report; 202: its health checks run in the background."""
+    report = await json_report(request, "a boot report")
+    node = await request.app[BOOTER].os_booted_kept(request.match_info["mac"], report,
+                                                    client_ip=client_address(request))
+    return web.json_response({"mac": node.mac, "state": node.state}, status=202)
+
+
+async def json_report(request: web.Request, what: str) -> dict[str, Any]:
     try:
         report = json.loads(await body(request))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body is not JSON") from None
     except RecursionError:  # 60,000 [ in 64 KiB: json.loads recurses once per level
-        raise BadRequest("body is not a phone-home report: JSON nested too deep") from None
+        raise BadRequest(f"body is not {what}: JSON nested too deep") from None
     if not isinstance(report, dict):
         raise BadRequest("body must be a JSON object")
-    node = await request.app[BOOTER].phone_home_kept(request.match_info["mac"], report,
-                                                     client_ip=client_address(request))
-    # 202: accepted; provisioning runs in the background and shows in the machine's events.
-    return web.json_response({"mac": node.mac, "state": node.state}, status=202)
+    return report
 
 
 async def body(request: web.Request) -> bytes:

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# Run as a script, its own directory would come first on sys.path, and support/http.py would shadow the stdlib's
+# http: the repository root takes its place.
+sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from bootserver.dhcp import DISCOVER, DhcpPacket, MalformedPacket  # noqa: E402
 
