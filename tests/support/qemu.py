@@ -48,6 +48,7 @@ class Vm:
     nic: the QEMU NIC model, e.g. "virtio-net-pci" or "e1000".
     disk: a raw disk image file, attached as a virtio disk (if=virtio: /dev/vda in the guest).
     hostfwd: {host port: guest port}, TCP, the host side bound to 127.0.0.1 only.
+    reboot: let a guest's reboot restart the VM (an install that then boots its own disk); by default QEMU exits.
     The serial console goes to `workdir/serial-N.log`; `serial_log` reads it.
     """
 
@@ -72,6 +73,7 @@ class Vm:
         extra_args: Sequence[str] = (),
         qemu: str = QEMU,
         uuid: str | None = None,
+        reboot: bool = False,
     ) -> None:
         if firmware not in ("bios", "uefi"):
             raise ValueError(f"firmware must be 'bios' or 'uefi', not {firmware!r}")
@@ -92,6 +94,7 @@ class Vm:
         self.extra_args = list(extra_args)
         self.qemu = qemu
         self.uuid = uuid  # the SMBIOS system UUID its firmware and OS report
+        self.reboot = reboot  # a guest's reboot restarts it (its firmware boots again); else QEMU exits
         Vm._count += 1
         self.serial_path = self.workdir / f"serial-{Vm._count}.log"
         self.process: asyncio.subprocess.Process | None = None
@@ -116,7 +119,7 @@ class Vm:
             # not -nographic: that puts the monitor on stdio and the terminal in raw mode
             "-display", "none",
             "-monitor", "none",
-            "-no-reboot",
+            *([] if self.reboot else ["-no-reboot"]),
             "-serial", f"file:{self.serial_path}",
             "-netdev", netdev,
             "-device", device,
