@@ -288,7 +288,17 @@ class Booter:
     def overlay(self, mac_text: str, token: str, urls: Urls) -> Payload:
         """The node config as an initrd overlay (cpio), for any Linux initramfs."""
         config = self.node_config(mac_text, token, urls)
-        return Payload(OVERLAY_NAME, data=overlay_cpio(config), mac=config["mac"])
+        return Payload(OVERLAY_NAME, data=overlay_cpio(config, after=self._initrd_bytes(config["mac"])),
+                       mac=config["mac"])
+
+    def _initrd_bytes(self, mac: str) -> int:
+        """Bytes of the initrds the machine's profile loads before the overlay."""
+        node = self._store.node(mac)
+        profile = self.spec_of(node).profile if node else None
+        sizes = (self._config.assets[name] for name in (profile.initrd if profile else ()))
+        with contextlib.suppress(OSError):
+            return sum(path.stat().st_size for path in sizes)
+        return 0
 
     def phone_home(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
         """A booted node calls back from `client_ip`: accepted (Enrollment.phone_home: its token checked, its

@@ -18,8 +18,13 @@ OVERLAY_NAME = "bootserver.cpio"
 _MTIME = 1704067200
 
 
-def overlay_cpio(config: dict[str, Any]) -> bytes:
+def overlay_cpio(config: dict[str, Any], after: int = 0) -> bytes:
     """/etc/bootserver/config.json and /etc/bootserver/authorized_keys as an uncompressed newc archive.
+
+    `after`: bytes of the initrds loaded before it. UEFI's kernel stub joins initrds end to end without
+    padding, and the kernel reads a newc header's padding by its offset in the whole: an overlay starting
+    off a 4-byte boundary is misread and silently dropped. Leading zeros (skipped by the kernel, and by
+    iPXE's own padding under BIOS) put it on the boundary.
 
     The agent reads the flat string fields of config.json with sed, so they may hold no quote,
     backslash or newline; keys are one a line.
@@ -41,4 +46,4 @@ def overlay_cpio(config: dict[str, Any]) -> bytes:
                                          permission=0o755, **attrs)
         for path, (mode, data) in files.items():
             archive.add_file_from_memory(path, len(data), data, permission=mode, **attrs)
-    return b"".join(chunks)
+    return bytes(-after % 4) + b"".join(chunks)

@@ -576,3 +576,16 @@ async def test_agent_falls_back_to_a_peer_replica(agent_image: AgentImage, tmp_p
     finally:
         await vm.stop()
         await server.stop()
+
+
+@pytest.mark.parametrize("after", [0, 1, 2, 3, 10861458])
+def test_the_overlay_starts_on_a_4_byte_boundary_after_the_initrds_before_it(after: int):
+    """UEFI's kernel stub joins initrds unpadded, and the kernel reads newc padding by absolute offset: leading
+    zeros (which it skips) put the overlay's first header on a 4-byte boundary, whatever came before."""
+    config = {"mac": "52:54:00:00:00:07", "url": "http://10.0.2.2:8080", "token": "t", "authorized_keys": ["k"]}
+    plain = overlay_cpio(config)
+    padded = overlay_cpio(config, after=after)
+    padding = len(padded) - len(plain)
+    assert padded[padding:] == plain and not any(padded[:padding])
+    assert (after + padding) % 4 == 0
+    assert read_overlay(padded[padding:])["etc/bootserver/authorized_keys"] == b"k\n"
