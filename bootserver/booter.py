@@ -24,7 +24,7 @@ from .lifecycle import IN_PROGRESS, KERNEL_FROM, State
 from .mac import canonical_mac, hyphenated
 from .overlay import overlay_cpio
 from .payload import Payload
-from .provision.pki import ServerKeys, open_keys
+from .provision.pki import ServerKeys
 from .store import Node, Store
 from .templates import Templates
 
@@ -95,13 +95,6 @@ class Booter:
         self._groups: dict[tuple[str, str | None, str | None], str | None] = {}
         # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
-
-    @classmethod
-    def open(cls, config: Config) -> Booter:
-        """The core on its store, keys and templates, as `serve` and every command open it."""
-        store = Store(config.server.database, replica=config.server.replica)
-        keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
-        return cls(config, store, Templates(config.server.templates_dir), keys)
 
     def reload(self, config: Config) -> None:
         """Decide from `config` from the next request on (what needs a restart was kept by the caller)."""
