@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -10,7 +11,8 @@ import pytest
 from aiohttp import web
 from conftest import eventually
 
-from bootserver.app import CONFIG, HTTP_BACKLOG, STORE, http_address, init_app, running, tftp_address
+from bootserver.app import CONFIG, HTTP, HTTP_BACKLOG, STORE, http_address, init_app, reload, running, tftp_address
+from bootserver.errors import BootserverError
 
 
 async def curl(*args: str) -> tuple[int, bytes]:
@@ -133,3 +135,51 @@ async def test_token_of_a_script_fetched_over_tftp_is_bound_to_that_address(app:
         connector = aiohttp.TCPConnector(local_addr=(local, 0))
         async with aiohttp.ClientSession(connector=connector) as session, session.post(url, json=body) as r:
             assert r.status == status, (local, await r.text())
+
+
+async def test_a_part_that_fails_to_start_closes_the_parts_opened_before_it(tmp_path: Path):
+    """DHCP starts last: its port in use, the TFTP and HTTP sockets, the provisioner's tasks and the store
+    opened before it are all closed again, and its own error is the one raised."""
+    from bootserver import config as configuration
+    from bootserver.dhcp import DhcpStartError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("0.0.0.0", 0))
+        server = {"http": "127.0.0.1:0", "tftp": "127.0.0.1:0", "data_dir": str(tmp_path)}
+        dhcp = {"mode": "proxy", "server_address": "127.0.0.1", "port": holder.getsockname()[1]}
+        config = configuration.parse({"server": server, "dhcp": dhcp})
+        app = init_app(config)
+        with pytest.raises(DhcpStartError, match="another DHCP server"):
+            async with running(app):
+                pytest.fail("started with the DHCP port held by another socket")
+    assert app[HTTP].addresses == []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind(tftp_address(app))  # free again
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []  # the provisioner's loops
+    with pytest.raises(Exception, match="closed"):
+        app[STORE].node("52:54:00:00:00:01")
+
+
+def test_addresses_before_the_start_say_how_to_start(config):
+    with pytest.raises(BootserverError, match=r"async with running\(app\)"):
+        http_address(init_app(config))
+
+
+async def test_reload_applies_a_good_file_and_keeps_what_needs_a_restart(config_file: Path, caplog):
+    from bootserver import config as configuration
+
+    app = init_app(configuration.load(config_file))
+    async with running(app):
+        url = f"http://127.0.0.1:{http_address(app)[1]}/boot/52-54-00-00-00-01.ipxe"
+        text = config_file.read_text()
+        config_file.write_text(text.replace('hostname = "node1"', 'hostname = "renamed"')
+                               .replace('http = "127.0.0.1:0"', 'http = "127.0.0.1:1"'))
+        assert reload(app)
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert "hostname=renamed" in await response.text()  # served on the same socket: http was kept
+        assert "reload: [server] http changed, not applied" in caplog.text
+        config_file.write_text(text.replace("[assets]", "[assets]\ncolour = 1"))
+        assert not reload(app)
+        assert "reload refused" in caplog.text
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert "hostname=renamed" in await response.text()  # the last good one serves on
