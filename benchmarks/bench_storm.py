@@ -3,7 +3,7 @@
 Each machine (an asyncio task of this driver, with its own source address): TFTP undionly.kpxe from our
 server, GET its iPXE script (pcbios, x86_64), GET the kernel (8 MiB), the initrd (40 MiB) and its per-boot
 overlay, phone home with the script's token and its SSH host key, and is then provisioned by the server over
-SSH: a real SSH server per machine (tests/sshd.py, hosted by benchmarks/sshd_pool.py processes) runs the
+SSH: a real SSH server per machine (tests/support/sshd.py, hosted by benchmarks/sshd_pool.py processes) runs the
 profile's deploy `check` (1 MiB of random data written and hashed in a scratch directory, then 0.2 s), then
 the finish step's reboot (recorded, never run). Phases are timed by the driver; provisioning (queue under
 `provision_concurrency`, then SSH) from the server's own event log afterwards.

@@ -2,7 +2,7 @@
 
 Machine i has MAC 52:54:00:bb:HH:LL, source address 127.0.X.Y (all of 127/8 is loopback: every machine is
 its own client address, as the servers' per-client caps expect) and a real SSH server on 127.0.0.1 (hosted
-by benchmarks/sshd_pool.py processes, tests/sshd.py's server), named in the config as `[machines.MAC] ssh`.
+by benchmarks/sshd_pool.py processes, tests/support/sshd.py's server), named in the config as `[machines.MAC] ssh`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Many real SSH servers in one process: tests/sshd.py's `ssh_server`, one per emulated machine, on loopback.
+"""Many real SSH servers in one process: tests/support/sshd.py's `ssh_server`, one per emulated machine, on loopback.
 
 Each runs the provisioning commands it gets for real (`sh -c`, in --workdir); a command that mentions `reboot`
 (the finish step's) is recorded and never run, the connection dropped, as a rebooting node would.
@@ -26,7 +26,7 @@ from pathlib import Path
 import asyncssh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import sshd  # noqa: E402  (tests/sshd.py: the real SSH server the test suite uses)
+from support import sshd  # noqa: E402  (tests/support/sshd.py: the real SSH server the test suite uses)
 
 
 def emit(obj: dict) -> None:
@@ -35,7 +35,7 @@ def emit(obj: dict) -> None:
 
 
 class CountingServer(sshd.Connections):
-    """tests/sshd.py's server behaviour, plus a line for every connection opened and closed."""
+    """tests/support/sshd.py's server behaviour, plus a line for every connection opened and closed."""
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         emit({"open": time.time()})
@@ -46,7 +46,7 @@ class CountingServer(sshd.Connections):
 
 
 def instrument(index_of_port: dict[int, int]) -> None:
-    """Count connections and report finish commands without changing what tests/sshd.py does."""
+    """Count connections and report finish commands without changing what tests/support/sshd.py does."""
     sshd.Connections = CountingServer  # what ssh_server() makes for each connection
     handle = sshd.TestSSHServer.handle
 

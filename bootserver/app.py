@@ -31,7 +31,7 @@ from . import dhcp, tftp
 from .booter import Booter
 from .config import Config
 from .errors import BootserverError, ConfigError
-from .opening import open_core
+from .opening import open_core, open_store
 from .provision.jobs import Provisioner
 from .store import Store
 from .web import create_app
@@ -45,9 +45,19 @@ KEEPALIVE_TIMEOUT = 15.0
 # waited for its SYN to be resent (1 s, then 3 s): p99 2.5 s. The kernel caps it at net.core.somaxconn.
 HTTP_BACKLOG = 4096
 
-# What init_app sets: the config the servers were started with (the core holds the one a reload applies)
-# and provisioning's SSH timeouts and keep-alives (`Provisioner`'s keywords), shortened by tests.
+
+@dataclasses.dataclass
+class LiveConfig:
+    """The config the core decides from: the one the servers were started with, then each reload's. A holder,
+    because a running app's keys are fixed."""
+
+    config: Config
+
+
+# What init_app sets: the config the servers were started with, the one in force (reloads replace it) and
+# provisioning's SSH timeouts and keep-alives (`Provisioner`'s keywords), shortened by tests.
 CONFIG = web.AppKey("config", Config)
+LIVE_CONFIG = web.AppKey("live_config", LiveConfig)
 SSH_OPTIONS = web.AppKey("ssh_options", dict[str, float])
 # What the cleanup contexts set once their part is open; TFTP and DHCP only when configured.
 STORE = web.AppKey("store", Store)
@@ -62,6 +72,7 @@ def init_app(config: Config, ssh_options: dict[str, float] | None = None) -> web
     """The server, not yet started: `running(app)` or `serve(app)` opens its parts."""
     app = web.Application()
     app[CONFIG] = config
+    app[LIVE_CONFIG] = LiveConfig(config)
     app[SSH_OPTIONS] = ssh_options or {}
     app.cleanup_ctx.extend([_store_and_core, _provisioner, _http_site, _tftp_server, _dhcp_server])
     return app
@@ -71,17 +82,17 @@ async def _store_and_core(app: web.Application) -> AsyncIterator[None]:
     server = app[CONFIG].server
     server.data_dir.mkdir(parents=True, exist_ok=True)
     server.tftp_root.mkdir(exist_ok=True)
-    core = open_core(app[CONFIG])
-    app[CORE], app[STORE] = core, core.store
+    store = open_store(app[CONFIG])
+    core = open_core(app[CONFIG], store)  # which closes the store if it fails
+    app[STORE], app[CORE] = store, core
     try:
         yield
     finally:
-        core.store.close()
+        core.close()
 
 
 async def _provisioner(app: web.Application) -> AsyncIterator[None]:
-    provisioner = Provisioner(app[CORE], **app[SSH_OPTIONS])
-    app[CORE].on_phoned_home = provisioner.schedule
+    provisioner = app[CORE].provisioner(**app[SSH_OPTIONS])
     provisioner.start()
     app[PROVISIONER] = provisioner
     try:
@@ -206,10 +217,11 @@ def reload(app: web.Application) -> bool:
     except ConfigError as exc:
         log.error("reload refused, still serving the previous configuration: %s", exc)
         return False
-    in_force = core.config  # the last config applied: the one the servers were started with, or a reload's
-    for what in needs_restart(in_force, new):
+    live = app[LIVE_CONFIG]
+    for what in needs_restart(live.config, new):
         log.warning("reload: %s changed, not applied: restart bootserver for it", what)
-    core.reload(keep_runtime(in_force, new))  # the provisioner and DHCP read it through the core
+    live.config = keep_runtime(live.config, new)
+    core.reload(live.config)  # the web app, the provisioner and DHCP read it through the core
     log.info("reloaded %s", source)
     return True
 

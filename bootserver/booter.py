@@ -1,7 +1,10 @@
 """The core: decides what each machine gets and records what happened to it.
 
-Every protocol (HTTP, TFTP and DHCP) only translates its wire format into calls on one
-Booter, the way Pixiecore's protocol servers all ask one Booter. Nothing here knows about sockets.
+Every protocol (HTTP, TFTP and DHCP) only translates its wire format into calls on one Booter, the way
+Pixiecore's protocol servers all ask one Booter; the pages, the API and the CLI read through Booter.history()
+and act through its methods. Nothing here knows about sockets, and nobody else touches the store, the keys or
+the config. The rules it applies live beside it: facts.py (what a machine reports), firmware.py (which iPXE
+binary), enrollment.py (who gets a token, who may phone home), admission.py (what we believe).
 """
 
 from __future__ import annotations
@@ -9,45 +12,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import asyncssh
-
 from . import tokens
-from .admission import RateLimit, canonical_uuid, same_uuid, strict_ip, window
-from .config import FACT_KEYS, Config, Group, Machine, Profile
-from .errors import BadRequest, Forbidden, NotFound, StoreUnavailable, TooManyRequests, Unauthorized
-from .lifecycle import IN_PROGRESS, KERNEL_FROM, State
+from .admission import RateLimit
+from .config import Config, Profile
+from .enrollment import Enrollment
+from .errors import BootserverError, NotFound, StoreUnavailable, TooManyRequests
+from .facts import clean_facts, firmware_uuid, selector_facts
+from .firmware import DhcpBoot, dhcp_answer, ipxe_binary
+from .groups import BootSpec, Groups
+from .history import History
+from .lifecycle import KERNEL_FROM, State
 from .mac import canonical_mac, hyphenated
-from .overlay import overlay_cpio
-from .payload import Payload
+from .overlay import OVERLAY_NAME, overlay_cpio
+from .payload import Payload, resolve_under
+from .provision.jobs import Provisioner
 from .provision.pki import ServerKeys
+from .provision.ssh import NodeAccess
+from .provision.steps import Job
+from .settings import ProvisionSettings, WebSettings
 from .store import Node, Store
 from .templates import Templates
 
 log = logging.getLogger(__name__)
-
-# What iPXE's bootstrap script reports, by query parameter. Anything else is ignored.
-REPORTED_FACTS = ("platform", "arch", "uuid", "serial", "asset", "manufacturer", "product")
-MAX_FACT_LENGTH = 128
-
-# The iPXE binary a firmware gets, by DHCP option 93 client architecture (RFC 4578, IANA registry).
-# 7 and 9 are both x86-64 UEFI in practice (RFC 4578 had them swapped).
-FIRMWARE_BINARIES = {
-    0: "undionly.kpxe",  # BIOS: uses the NIC's own UNDI driver
-    7: "ipxe.efi",
-    9: "ipxe.efi",
-    11: "snponly-arm64.efi",  # arm64: the all-drivers build does not work there
-    16: "ipxe.efi",  # x86-64 UEFI HTTP boot
-}
-# The per-machine overlay initrd's file name: the kernel command line names it for UEFI's stub.
-OVERLAY_NAME = "bootserver.cpio"
-
-# Every iPXE binary we hand out by name, over TFTP or HTTP, from server.ipxe_dir.
-IPXE_BINARIES = frozenset(FIRMWARE_BINARIES.values()) | {"snponly.efi", "undionly.kkpxe", "ipxe.pxe"}
 
 
 @dataclass(frozen=True)
@@ -58,204 +49,155 @@ class Urls:
     api: str
 
 
-@dataclass(frozen=True)
-class DhcpBoot:
-    """What DHCP tells one machine to boot: a TFTP file name, an http:// URL, or nothing (an address only)."""
-
-    bootfile: str | None
-    http: bool = False  # a UEFI HTTP-boot client: the reply must say option 60 "HTTPClient"
-    reason: str = ""
-
-
-# UEFI HTTP-boot architectures (option 93) -> the PXE architecture whose iPXE binary they get.
-HTTP_BOOT_ARCHES = {15: 6, 16: 7, 19: 11}
-
-
-@dataclass(frozen=True)
-class BootSpec:
-    """What one machine boots, and why; `profile` None means it boots nothing from us."""
-
-    mac: str
-    profile: Profile | None
-    group: str | None
-    reason: str
-    machine: Machine | None = None
-    facts: dict[str, str] = field(default_factory=dict)
-
-
 class Booter:
     def __init__(self, config: Config, store: Store, templates: Templates, keys: ServerKeys) -> None:
-        self.config = config
-        self.store = store
-        self.templates = templates
-        self.keys = keys
-        # Called with a MAC once its node has phoned home and may be provisioned (set by the App).
-        self.on_phoned_home: Callable[[str], None] = lambda mac: None
-        self._groups_for: Config | None = None  # the config _groups was computed from
-        self._groups: dict[tuple[str, str | None, str | None], str | None] = {}
+        self._store = store
+        self._keys = keys
+        self._history = History(store)
+        # Called with a MAC once its node has phoned home and may be provisioned (set by provisioner()).
+        self._on_phoned_home: Callable[[str], None] = lambda mac: None
         # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
+        self._use(config, templates)
+
+    def _use(self, config: Config, templates: Templates) -> None:
+        self._config = config
+        self._templates = templates
+        self._enrollment = Enrollment(config, self._store)
+        self._web_settings = WebSettings.of(config)
+        self._groups = Groups(config)
 
     def reload(self, config: Config) -> None:
         """Decide from `config` from the next request on (what needs a restart was kept by the caller)."""
-        if config.server.templates_dir != self.config.server.templates_dir:
-            self.templates = Templates(config.server.templates_dir)
-        self.config = config
+        same = config.server.templates_dir == self._config.server.templates_dir
+        self._use(config, self._templates if same else Templates(config.server.templates_dir))
 
-    # -- deciding -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._store.close()
+
+    def provisioner(self, **options: Any) -> Provisioner:
+        """The provisioner of this core's machines, on its store and keys, asking it what each job means; an
+        accepted phone-home wakes it. `options`: Provisioner's, for tests."""
+        provisioner = Provisioner(self._store, self._keys, self, **options)
+        self._on_phoned_home = provisioner.schedule
+        return provisioner
+
+    # -- what the servers around the core read ----------------------------------------------------------
+
+    def history(self) -> History:
+        """Every machine and event, read-only: for the pages, the API, the streams, /metrics and the CLI."""
+        return self._history
+
+    def web_settings(self) -> WebSettings:
+        return self._web_settings
+
+    def provision_settings(self) -> ProvisionSettings:
+        return ProvisionSettings.of(self._config)
+
+    # -- deciding -------------------------------------------------------------------------------------
 
     def boot_spec(self, mac: str, facts: dict[str, str] | None = None) -> BootSpec:
-        """The most specific group whose selector the machine matches; ties go to the first listed.
+        """What the machine boots given these reported facts, and why (groups.py)."""
+        return self._groups.spec(mac, facts)
 
-        Selector keys are the machine's configured labels plus what it reports (mac, arch, platform).
-        """
-        facts = facts or {}
-        machine = self.config.machines.get(mac)
-        matching = self._matching_groups(mac, facts)
-        if not matching:
-            known = "a configured machine" if machine else "an unknown machine"
-            return BootSpec(mac, None, None, f"{mac} is {known} and no group matches it", machine, facts)
-        best = max(matching, key=lambda g: len(g.selector))  # max() keeps the first of equals
-        why = (", ".join(f"{k}={v}" for k, v in sorted(best.selector.items())) or "no selector: matches all")
-        others = [g.name for g in matching if g is not best]
-        reason = f"group {best.name} ({why})" + (f"; also matched, less specific: {', '.join(others)}"
-                                                 if others else "")
-        return BootSpec(mac, self.config.profiles[best.profile], best.name, reason, machine, facts)
-
-    def _matching_groups(self, mac: str, facts: dict[str, str]) -> list[Group]:
-        machine = self.config.machines.get(mac)
-        attributes = {**(machine.labels if machine else {}), **facts, "mac": mac}
-        return [g for g in self.config.groups if all(attributes.get(k) == v for k, v in g.selector.items())]
-
-    def group_of(self, mac: str, arch: str | None, platform: str | None) -> str | None:
-        """boot_spec(...).group for these facts, remembered until the config changes: a job lists its
-        group's members, which asks this of every machine (28 ms per job with 1,000 machines before)."""
-        if self._groups_for is not self.config:
-            self._groups_for, self._groups = self.config, {}
-        key = (mac, arch, platform)
-        if key not in self._groups:
-            facts = {k: v for k, v in (("arch", arch), ("platform", platform)) if v is not None}
-            matching = self._matching_groups(mac, facts)
-            self._groups[key] = max(matching, key=lambda g: len(g.selector)).name if matching else None
-        return self._groups[key]
+    def spec_of(self, node: Node) -> BootSpec:
+        """What a machine we have seen boots now, by what it last reported."""
+        return self._groups.spec(node.mac, selector_facts(node.facts))
 
     def hostname(self, mac: str) -> str:
         """The machine's name everywhere (its script, its node config, its deployment, the pages): the one under
         [machines], else one made from its MAC."""
-        machine = self.config.machines.get(mac)
-        return (machine.hostname if machine else None) or f"node-{hyphenated(mac).replace('-', '')}"
+        return self.configured_hostname(mac) or f"node-{hyphenated(mac).replace('-', '')}"
 
-    def selector_facts(self, facts: dict[str, str]) -> dict[str, str]:
-        """What of a machine's reported facts groups select on."""
-        return {k: v for k, v in facts.items() if k in FACT_KEYS}
-
-    def job_context(self, mac: str, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
-        """Template context for a machine's config files: the machine and every member of its group (a Raft peer
-        list). Members are the machines configured under [machines] and those admitted by an accepted phone-home:
-        a MAC that only asked for files, as anyone on the boot network may, is no member of anything."""
-        members = []
-        known = {m.mac: m for m in self.store.members()}
-        for other in sorted(set(known) | set(self.config.machines)):
-            member = known.get(other)
-            if self.group_of(other, member and member.arch, member and member.platform) != group:
-                continue
-            machine = self.config.machines.get(other)
-            members.append({"mac": other, "hostname": self.hostname(other), "ip": member.ip if member else None,
-                            "labels": machine.labels if machine else {}})
-        me = next(m for m in members if m["mac"] == mac)
-        return {"node": me, "group": members, "group_name": group, "profile": profile, "hostname": hostname}
-
-    @staticmethod
-    def firmware_binary(client_arch: int) -> str:
-        """The iPXE binary to chainload for a PXE firmware of this option-93 architecture."""
-        try:
-            return FIRMWARE_BINARIES[client_arch]
-        except KeyError:
-            raise NotFound(f"no iPXE binary for client architecture {client_arch}") from None
+    def configured_hostname(self, mac: str) -> str | None:
+        """The [machines] name only: what DHCP tells an OS (a made-up name would override the OS's own)."""
+        machine = self._config.machines.get(mac)
+        return machine.hostname if machine else None
 
     def dhcp_boot(self, mac: str, client_arch: int | None, is_ipxe: bool, http_client: bool, urls: Urls, *,
                   detail: dict[str, Any] | None = None) -> DhcpBoot | None:
-        """What a DHCP answer tells this machine to boot; None: it may not be answered at all.
-
-        Firmware gets an iPXE binary by name over TFTP, a UEFI HTTP-boot client gets it as a URL, iPXE
-        itself gets the bootstrap script (or it would chainload itself forever). `client_arch` None:
-        not a PXE client (an OS's own DHCP client), which gets an address only. `detail` (what the client
-        said: its decoded DHCP options) is recorded in the `dhcp` event beside our answer.
-        """
+        """What a DHCP answer tells this machine to boot (firmware.dhcp_answer); None: it may not be answered at
+        all. `detail` (what the client said: its decoded DHCP options) is recorded beside our answer."""
         mac = canonical_mac(mac)
         # DHCP's sender is no address (0.0.0.0, or the relay): every unseen MAC draws on one budget. Over it
         # the client is still answered, only not recorded: a flood of invented MACs must not stop real boots.
-        record = self.store.node(mac) is not None or self._new_machines.allow("dhcp")
-        if self.config.dhcp.answer == "known" and mac not in self.config.machines:
-            answer = None
+        record = self._store.node(mac) is not None or self._new_machines.allow("dhcp")
+        answer = None
+        if self._config.dhcp.answer == "known" and mac not in self._config.machines:
             reason = "not answered: not in [machines] and [dhcp] answer is \"known\""
-        elif is_ipxe:
-            answer = DhcpBoot(f"{urls.api}/boot.ipxe", reason="iPXE: the bootstrap script")
-        elif client_arch is None:
-            answer = DhcpBoot(None, reason="not a PXE client: an address only")
         else:
-            answer = self._firmware_answer(client_arch, http_client, urls)
-        if answer is not None:
+            answer = dhcp_answer(client_arch, is_ipxe, http_client, urls.api)
             reason = answer.reason
         if record:
-            self.store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,
-                                            "answer": reason})
+            self._store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,
+                                             "answer": reason})
         else:
             log.warning("dhcp: %s not recorded: over [server] new_machines_per_minute of unseen MACs", mac)
         return answer
 
-    def _firmware_answer(self, client_arch: int, http_client: bool, urls: Urls) -> DhcpBoot:
-        http = http_client or client_arch in HTTP_BOOT_ARCHES
-        try:
-            name = self.firmware_binary(HTTP_BOOT_ARCHES.get(client_arch, client_arch))
-        except NotFound as exc:
-            return DhcpBoot(None, reason=f"no boot file: {exc}")
-        if http:
-            return DhcpBoot(f"{urls.api}/ipxe/{name}", http=True, reason=f"UEFI HTTP boot: {name} over HTTP")
-        return DhcpBoot(name, reason=f"PXE firmware, architecture {client_arch}: {name} over TFTP")
+    # -- DHCP leases (full mode): the store allocates each in one transaction, never one address twice ----
 
-    # -- serving ----------------------------------------------------------------------------------
+    def reserved_addresses(self) -> dict[str, str]:
+        """[machines] ip by MAC: addresses DHCP hands to that machine and to no other."""
+        return {m.mac: str(m.ip) for m in self._config.machines.values() if m.ip is not None}
+
+    def offer_lease(self, mac: str, candidates: list[str], expires: float) -> str | None:
+        """Hold an address for `mac`: the one it holds if a candidate, else the first free one; None: all taken."""
+        lease = self._store.offer_lease(mac, candidates, expires)
+        return lease.ip if lease else None
+
+    def bind_lease(self, mac: str, ip: str, expires: float) -> bool:
+        return self._store.bind_lease(mac, ip, expires)
+
+    def release_lease(self, mac: str, ip: str | None = None) -> bool:
+        return self._store.release_lease(mac, ip)
+
+    def decline_lease(self, mac: str, ip: str, until: float) -> bool:
+        return self._store.decline_lease(mac, ip, until)
+
+    # -- serving --------------------------------------------------------------------------------------
 
     def bootstrap(self, urls: Urls) -> Payload:
         """The script every machine fetches first; it chains to the machine's own script by MAC."""
-        text = self.templates.render("bootstrap.ipxe.j2", files_url=urls.files, api_url=urls.api)
+        text = self._templates.render("bootstrap.ipxe.j2", files_url=urls.files, api_url=urls.api)
         return Payload("boot.ipxe", data=text.encode())
 
     def machine_script(self, mac_text: str, reported: dict[str, str], urls: Urls,
                        transport: str, client_ip: str | None = None) -> Payload:
-        """The iPXE script for one machine, recorded as an event whatever it says.
+        """The iPXE script for one machine, recorded as an event whatever it says; its writes commit one by one.
 
         `client_ip`: the address asking, which the boot's phone-home token is bound to. A token is issued only
-        while the machine's provisioning window is open, and only to one address at a time: a second address
-        claiming the MAC while the first one's token is live is a conflict, refused and shown, never a silent
-        winner (with enroll = "open" the first claimant keeps its token; otherwise both claims are held).
+        when enrollment allows it (Enrollment.token_refusal); otherwise the machine is told to wait or why not.
         """
         mac = canonical_mac(mac_text)
         facts = clean_facts(reported)
-        node = self.store.node(mac)
+        node = self._store.node(mac)
         if node is None:
             self._admit_new(mac, client_ip)
         if node is not None and node.state == State.DEPLOYED and not node.reprovision:
             return self._local_disk(mac, facts, transport)
-        spec = self.boot_spec(mac, self.selector_facts(facts))
+        spec = self.boot_spec(mac, selector_facts(facts))
         missing = self._missing_assets(spec.profile)
         if spec.profile is None or missing:
             reason = spec.reason if spec.profile is None else (
                 f"profile {spec.profile.name} needs {', '.join(missing)}, which is missing on the server "
                 f"(for the default agent image: run `bootserver image build`)")
-            self.store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
+            self._store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
             # The machine itself is told the same whether or not we know it: the event log says why.
-            return self._noboot(mac, f"no profile for {mac}" if spec.profile is None else reason)
+            told = f"no profile for {mac}" if spec.profile is None else reason
+            return self._script(mac, "noboot.ipxe.j2", reason=told)
         detail = {"profile": spec.profile.name, "group": spec.group, "reason": spec.reason, "transport": transport}
         token = record = None
         if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
-            refusal = self._no_token(mac, node, facts, transport, client_ip, urls)
+            refusal = self._enrollment.token_refusal(mac, node, facts, transport, client_ip)
+            if refusal is not None and refusal.wait:
+                return self._script(mac, "wait.ipxe.j2", reason=refusal.reason, files_url=urls.files)
             if refusal is not None:
-                return refusal
-            token, record = tokens.new_token(mac, self.config.server.token_minutes, client_ip,
-                                             uuid=_firmware_uuid(facts))
+                return self._script(mac, "noboot.ipxe.j2", reason=refusal.reason)
+            token, record = tokens.new_token(mac, self._config.server.token_minutes, client_ip,
+                                             uuid=firmware_uuid(facts))
             detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
-        self.store.record(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts, token=record)
+        self._store.record(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts, token=record)
         text = self.render_profile(spec, urls, token)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
 
@@ -263,7 +205,7 @@ class Booter:
                                   client_ip: str | None = None) -> Payload:
         """machine_script, returned once the store has kept what it recorded (the token it carries): it shares one
         COMMIT with the other requests of this event-loop turn (Store.group_commit), for the servers that can wait."""
-        with self.store.group_commit() as committed:
+        with self._store.group_commit() as committed:
             payload = self.machine_script(mac_text, reported, urls, transport, client_ip)
         await committed
         return payload
@@ -271,57 +213,19 @@ class Booter:
     def _admit_new(self, mac: str, client_ip: str | None) -> None:
         """An unseen MAC becomes a row in the store: only so many a minute from one source."""
         if not self._new_machines.allow(tokens.client_address(client_ip) or "unknown"):
-            raise TooManyRequests(f"{client_ip} introduced more than {self.config.server.new_machines_per_minute} "
+            raise TooManyRequests(f"{client_ip} introduced more than {self._config.server.new_machines_per_minute} "
                                   f"new machines in a minute ([server] new_machines_per_minute): try again later")
 
-    def _no_token(self, mac: str, node: Node | None, facts: dict[str, str], transport: str,
-                  client_ip: str | None, urls: Urls) -> Payload | None:
-        """Why this boot gets no token (a script that says so, recorded), or None when it may have one."""
-        if node is not None and node.state in IN_PROGRESS:
-            reason = f"{mac} is being provisioned ({node.state}): a script asked for now is not its own boot"
-            self.store.record(mac, "no-boot", {"reason": reason, "transport": transport, "from": client_ip})
-            return self._noboot(mac, reason)
-        opened = window(self.config, mac, node)
-        if not opened.open:
-            return self._wait(mac, node, facts, transport, opened.reason, urls)
-        live = self.store.live_token(mac)
-        here = tokens.client_address(client_ip)
-        if live is not None and live.ip is not None and here is not None and live.ip != here:
-            return self._conflict(mac, live.ip, here, live.id, transport)
-        return None
-
-    def _wait(self, mac: str, node: Node | None, facts: dict[str, str], transport: str, reason: str,
-              urls: Urls) -> Payload:
-        """No window: the machine waits and asks again. Recorded once per wait, not once per poll."""
-        if node is not None and node.state == State.NEW:
-            self.store.touch(mac, facts)
-        else:
-            state = State.NEW if node is None or node.state != State.DEPLOYED else None
-            self.store.record(mac, "waiting", {"reason": reason, "transport": transport}, facts=facts, state=state)
-        text = self.templates.render("wait.ipxe.j2", mac=mac, reason=reason, files_url=urls.files)
-        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
-
-    def _conflict(self, mac: str, first: str, second: str, token_id: str, transport: str) -> Payload:
-        detail = {"first": first, "second": second, "live_token": token_id, "transport": transport}
-        if self.config.server.enroll == "open":
-            reason = (f"{second} claimed {mac} while {first} holds this boot's token: refused; with [server] enroll "
-                      f"\"open\" the first claimant keeps it")
-            self.store.record(mac, "claim-conflict", {**detail, "held": False, "reason": reason})
-        else:
-            reason = f"{first} and {second} both claimed {mac}"
-            self.store.hold(mac, reason, {**detail, "held": True, "reason": f"{reason}: both claims held"})
-        return self._noboot(mac, reason)
-
-    def _noboot(self, mac: str, reason: str) -> Payload:
-        text = self.templates.render("noboot.ipxe.j2", mac=mac, reason=reason)
+    def _script(self, mac: str, template: str, **context: Any) -> Payload:
+        """A machine's own script from one of our templates: no-boot (why not), wait, local disk."""
+        text = self._templates.render(template, mac=mac, **context)
         return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
 
     def _local_disk(self, mac: str, facts: dict[str, str], transport: str) -> Payload:
         reason = "deployed: boots its local disk (bootserver reprovision MAC to run the flow again)"
-        self.store.record(mac, "script-served", {"profile": "local-disk", "reason": reason, "transport": transport},
-                          facts=facts)
-        text = self.templates.render("localdisk.ipxe.j2", mac=mac, platform=facts.get("platform", ""))
-        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+        self._store.record(mac, "script-served", {"profile": "local-disk", "reason": reason, "transport": transport},
+                           facts=facts)
+        return self._script(mac, "localdisk.ipxe.j2", platform=facts.get("platform", ""))
 
     def render_profile(self, spec: BootSpec, urls: Urls, token: str | None = None) -> str:
         assert spec.profile is not None
@@ -337,32 +241,40 @@ class Booter:
             "token": token or "TOKEN",
             "overlay_name": OVERLAY_NAME,
         }
-        cmdline = self.templates.render_string(spec.profile.cmdline, **context)
-        return self.templates.render(spec.profile.template, profile=spec.profile, group=spec.group,
-                                     cmdline=cmdline, **context)
+        cmdline = self._templates.render_string(spec.profile.cmdline, **context)
+        return self._templates.render(spec.profile.template, profile=spec.profile, group=spec.group,
+                                      cmdline=cmdline, **context)
 
     def boot_file(self, mac_text: str, name: str) -> Payload:
         """A kernel or initrd by asset name, for one machine."""
         mac = canonical_mac(mac_text)
-        path = self.config.assets.get(name)
+        path = self._config.assets.get(name)
         if path is None:
             raise NotFound(f"no asset named {name!r}")
         if not path.is_file():
             raise NotFound(f"asset {name!r} is configured as {path}, which does not exist")
         return Payload(name, path=path, mac=mac)
 
+    def ipxe_binary(self, name: str) -> Payload:
+        """An iPXE binary for chainloading, from the configured iPXE directory."""
+        return ipxe_binary(name, self._config.server.ipxe_dir)
+
+    def tftp_file(self, path: str) -> Payload:
+        """A file under the TFTP root (data_dir/tftp), by its path there; never one outside it."""
+        return Payload(path, path=resolve_under(self._config.server.tftp_root, path))
+
     def node_config(self, mac_text: str, token: str, urls: Urls) -> dict[str, Any]:
         """What a booting node needs to be reached and to call home; only for a live token of this boot."""
         mac = canonical_mac(mac_text)
         token_id, secret = tokens.split(token)
-        tokens.check(self.store.token(token_id), secret, mac)
+        tokens.check(self._store.token(token_id), secret, mac)
         return {
             "mac": mac,
             "hostname": self.hostname(mac),
             "url": urls.api,
-            "peers": " ".join(self.config.server.peers),  # other replicas, space-separated (a flat field for sh)
+            "peers": " ".join(self._config.server.peers),  # other replicas, space-separated (a flat field for sh)
             "token": token,
-            "authorized_keys": [self.keys.ssh_public, *self.config.server.ssh_keys],
+            "authorized_keys": [self._keys.ssh_public, *self._config.server.ssh_keys],
         }
 
     def overlay(self, mac_text: str, token: str, urls: Urls) -> Payload:
@@ -371,130 +283,98 @@ class Booter:
         return Payload(OVERLAY_NAME, data=overlay_cpio(config), mac=config["mac"])
 
     def phone_home(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
-        """A booted node calls back: check its one-time token, pin its host key, hand it to provisioning.
-
-        `client_ip`: the address the call came from, which is where provisioning will connect (the reported
-        `ip` is only recorded). Refusals (missing, unknown, expired, replayed or another machine's token, a call
-        from another address than the one that fetched the boot script or than the one leased to the MAC, held
-        claims, a UUID other than the firmware's) change nothing but the event log, and raise Unauthorized or
-        Forbidden for the protocol to answer.
-        """
-        mac = canonical_mac(mac_text)
-        node = self.store.node(mac)
-        try:
-            peer = strict_ip(client_ip, "the caller's address")
-            token_id, secret = tokens.split(report.get("token"))
-            token = tokens.check(self.store.token(token_id), secret, mac, ip=peer)
-            if node is not None and node.held:
-                raise Forbidden(f"{mac}'s claims are held ({node.held}): an operator must approve it")
-            (host_key, fingerprint) = _host_key(report.get("host_key"))
-            reported_ip = strict_ip(report["ip"]) if report.get("ip") is not None else None
-            self._check_lease(mac, peer)
-            smbios = self._check_uuid(mac, token.uuid, report.get("uuid"))
-        except (Unauthorized, Forbidden, BadRequest) as exc:
-            if node is not None:  # a refusal for a MAC never seen makes no machine row
-                self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc), "from": client_ip})
-            raise
-        detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
-                  "kernel": str(report.get("kernel", ""))[:MAX_FACT_LENGTH], "disks": _disks(report.get("disks"))}
-        if not self.store.phoned_home(token_id, mac, peer, host_key, detail):
-            reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
-            self.store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})
-            raise Forbidden(reason)
-        self.on_phoned_home(mac)
-        node = self.store.node(mac)
-        assert node is not None
+        """A booted node calls back from `client_ip`: accepted (Enrollment.phone_home: its token checked, its
+        host key pinned, its job queued), it wakes the provisioner; refused, it raises for the protocol to answer."""
+        node = self._enrollment.phone_home(canonical_mac(mac_text), report, client_ip)
+        self._on_phoned_home(node.mac)
         return node
 
     async def phone_home_kept(self, mac_text: str, report: dict[str, Any], client_ip: str | None = None) -> Node:
         """phone_home, returned once the store has kept it (the spent token, the queued job): group commit."""
-        with self.store.group_commit() as committed:
+        with self._store.group_commit() as committed:
             node = self.phone_home(mac_text, report, client_ip)
         await committed
         return node
 
-    def _check_lease(self, mac: str, peer: str) -> None:
-        """As the segment's DHCP server we know each MAC's address: a call from any other is not that machine."""
-        if self.config.dhcp.mode != "full":
-            return
-        lease = self.store.lease_of(mac)
-        if lease is None or lease.ip != peer:
-            held = f"holds {lease.ip}" if lease is not None else "holds no lease"
-            raise Forbidden(f"phone-home from {peer}, but {mac} {held} from our DHCP server")
-
-    def _check_uuid(self, mac: str, at_script: str | None, reported: object) -> str | None:
-        """The SMBIOS UUID the agent read must be the one the firmware reported with its script, and the one
-        pinned in [machines] if any: a MAC is easy to claim, the machine's UUID less so."""
-        smbios = canonical_uuid(reported)
-        machine = self.config.machines.get(mac)
-        expected = [(what, value) for what, value in (("pinned in [machines]", machine and machine.uuid),
-                                                      ("reported by the firmware", at_script)) if value]
-        for what, value in expected:
-            if smbios is None or not same_uuid(smbios, value):
-                raise Forbidden(f"SMBIOS UUID {smbios or '(none)'} is not the one {what} ({value})")
-        return smbios
+    # -- operators ------------------------------------------------------------------------------------
 
     def reprovision(self, mac_text: str) -> None:
         """Send a machine through the whole flow on its next boot; its disk may be wiped. Opens its window."""
-        mac = canonical_mac(mac_text)
-        if self.store.node(mac) is None:
-            raise NotFound(f"no machine {mac} has booted from this server")
-        self.store.open_window(mac, self._window_end(), "reprovision-requested", self._window_detail(),
-                               state=State.REPROVISION, reprovision=True)
+        self._enrollment.reprovision(canonical_mac(mac_text))
 
     def approve(self, mac_text: str) -> None:
-        """Open the machine's provisioning window for `[server] window_minutes` (seen or not yet), and let go
-        of held claims: its next boot gets a token, its first accepted phone-home closes the window."""
-        self.store.open_window(canonical_mac(mac_text), self._window_end(), "approved", self._window_detail())
-
-    def _window_end(self) -> float:
-        return time.time() + self.config.server.window_minutes * 60
-
-    def _window_detail(self) -> dict[str, Any]:
-        return {"window_minutes": self.config.server.window_minutes}
+        """Open the machine's provisioning window (seen or not yet) and let go of held claims."""
+        self._enrollment.approve(canonical_mac(mac_text))
 
     def boot_from_disk(self, mac_text: str) -> None:
         """Boot the machine's local disk from its next boot on, as if deployed; nothing is provisioned."""
-        mac = canonical_mac(mac_text)
-        if self.store.node(mac) is None:
-            raise NotFound(f"no machine {mac} has booted from this server")
-        self.store.set_reprovision(mac, False)
-        self.store.record(mac, "boot-from-disk-requested", {}, state=State.DEPLOYED)
+        self._enrollment.boot_from_disk(canonical_mac(mac_text))
 
-    def ipxe_binary(self, name: str) -> Payload:
-        """An iPXE binary for chainloading, from the configured iPXE directory."""
-        if name not in IPXE_BINARIES:
-            raise NotFound(f"{name!r} is not an iPXE binary bootserver serves")
-        path = self.config.server.ipxe_dir / name
-        if not path.is_file():
-            raise NotFound(f"{path} is missing: install Debian's ipxe package or set server.ipxe_dir")
-        return Payload(name, path=path)
+    # -- provisioning (asked by the Provisioner) -----------------------------------------------------------
 
-    # -- health ---------------------------------------------------------------------------------
+    def provision_job(self, node: Node, ssh_port: int) -> Job | None:
+        """What provisioning `node` means under its profile; None (recorded) when the profile asks for nothing.
+        `ssh_port`: where its sshd listens unless [machines] says otherwise."""
+        spec = self.spec_of(node)
+        profile = spec.profile
+        if profile is None or (profile.disk is None and profile.deploy is None):
+            self._store.record(node.mac, "nothing-to-provision", {"profile": profile.name if profile else None})
+            return None
+        if node.host_key is None or node.ip is None:
+            raise BootserverError(f"{node.mac} has not phoned home: no pinned host key")
+        ssh = spec.machine.ssh if spec.machine else None
+        host, port = (ssh.host, ssh.port) if ssh else (node.ip, ssh_port)
+        hostname = self.hostname(node.mac)
+        return Job(mac=node.mac, access=NodeAccess(host, port, node.host_key), hostname=hostname, ips=(node.ip,),
+                   disk=profile.disk, wipe=bool(profile.disk and profile.disk.wipe) or node.reprovision,
+                   deployment=profile.deploy, context=self.job_context(node.mac, spec.group, profile.name, hostname))
+
+    def job_source(self, mac: str) -> str | None:
+        """The address a job counts against: the one it phoned home from. A machine whose SSH endpoint the
+        operator configured ([machines] ssh) counts against none: that address is not the caller's choice."""
+        machine = self._config.machines.get(mac)
+        if machine is not None and machine.ssh is not None:
+            return None
+        node = self._store.node(mac)
+        return node.ip if node else None
+
+    def job_context(self, mac: str, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
+        """Template context for a machine's config files: the machine and every member of its group (a Raft peer
+        list). Members are the machines configured under [machines] and those admitted by an accepted phone-home:
+        a MAC that only asked for files, as anyone on the boot network may, is no member of anything."""
+        members = self._groups.members(group, self._store.members(), self.hostname)
+        me = next(m for m in members if m["mac"] == mac)
+        return {"node": me, "group": members, "group_name": group, "profile": profile, "hostname": hostname}
+
+    def render_file(self, path: Path, context: dict[str, Any]) -> str:
+        """An operator's config-file template, deployed to a node."""
+        return self._templates.render_file(path, context)
+
+    # -- health ---------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
         """Liveness and what needs a person. `ok` is true whenever this answers at all (the process serves, so a
         supervisor must not restart it); `problems` names what does not work, in words to act on."""
-        server = self.config.server
+        server = self._config.server
         return {
             "ok": True,
             "problems": self.problems(),
-            "missing_assets": sorted(n for n, p in self.config.assets.items() if not p.is_file()),
+            "missing_assets": sorted(n for n, p in self._config.assets.items() if not p.is_file()),
             "ipxe_binaries": sorted(p.name for p in server.ipxe_dir.glob("*") if p.suffix in (".efi", ".kpxe")),
             "tftp_root": str(server.tftp_root) if server.tftp_root.is_dir() else None,
         }
 
     def problems(self) -> list[str]:
         found = []
-        root = self.config.server.tftp_root
-        if self.config.server.tftp is not None and not root.is_dir():
+        root = self._config.server.tftp_root
+        if self._config.server.tftp is not None and not root.is_dir():
             found.append(f"tftp root {root} is missing: files under it are not served over TFTP (boot scripts, "
                          f"kernels and iPXE binaries still are); recreate it with mkdir")
-        if self.store.problem is not None:
-            found.append(self.store.problem)
+        if self._store.problem is not None:
+            found.append(self._store.problem)
         return found
 
-    # -- recording ------------------------------------------------------------------------------
+    # -- recording ------------------------------------------------------------------------------------
 
     def file_sent(self, payload: Payload, protocol: str, sent: int, seconds: float,
                   error: str | None = None) -> None:
@@ -505,7 +385,7 @@ class Booter:
         if payload.mac is None:
             return
         with contextlib.suppress(StoreUnavailable):
-            if self.store.node(payload.mac) is None:  # anyone may fetch a kernel: no machine row for that
+            if self._store.node(payload.mac) is None:  # anyone may fetch a kernel: no machine row for that
                 log.debug("%s sent for %s, a MAC that never asked for its script: not recorded", payload.name,
                           payload.mac)
                 return
@@ -516,66 +396,15 @@ class Booter:
         detail = {"file": payload.name, "protocol": protocol, "bytes": sent, "size": payload.size,
                   "seconds": round(seconds, 3)}
         if error:
-            self.store.record(payload.mac, "file-failed", {**detail, "error": error})
+            self._store.record(payload.mac, "file-failed", {**detail, "error": error})
             return
-        profile_kernel = {p.kernel for p in self.config.profiles.values()}
+        profile_kernel = {p.kernel for p in self._config.profiles.values()}
         state = State.KERNEL_SERVED if payload.name in profile_kernel and sent == payload.size else None
-        self.store.record(payload.mac, "file-served", detail, state=state, only_from=KERNEL_FROM)
+        self._store.record(payload.mac, "file-served", detail, state=state, only_from=KERNEL_FROM)
 
     def _missing_assets(self, profile: Profile | None) -> list[str]:
         if profile is None:
             return []
         names = ([profile.kernel] if profile.kernel else []) + list(profile.initrd)
-        # os.path, not Path(...): constructing a Path per asset was a fifth of a boot script's cost.
-        return [f"{n} ({self.config.assets[n]})" for n in names if not os.path.isfile(self.config.assets[n])]
-
-
-def _host_key(value: object) -> tuple[str, str]:
-    """The node's SSH host key as one OpenSSH line, checked to be a key, and its SHA256 fingerprint."""
-    try:
-        key = asyncssh.import_public_key(str(value))
-    except (asyncssh.KeyImportError, ValueError, TypeError):
-        raise BadRequest("host_key is not an OpenSSH public key line (ssh-ed25519 AAAA...)") from None
-    return key.export_public_key("openssh").decode().strip(), key.get_fingerprint("sha256")
-
-
-def _disks(value: object) -> list[dict[str, Any]]:
-    """What the node reported about its disks, kept small and typed for the event log."""
-    if not isinstance(value, list):
-        return []
-    disks = []
-    for disk in value[:32]:
-        if isinstance(disk, dict) and isinstance(disk.get("name"), str):
-            disks.append({"name": disk["name"][:32], "size_bytes": _count(disk.get("size_bytes")),
-                          "partitions": _count(disk.get("partitions"))})
-    return disks
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _firmware_uuid(facts: dict[str, str]) -> str | None:
-    """The UUID iPXE reported, if it is one: an older bootstrap (or iPXE's :uristring) may send garbage, which
-    then counts as no UUID reported, so that only a pinned [machines] uuid is checked for this boot."""
-    try:
-        return canonical_uuid(facts.get("uuid"))
-    except BadRequest:
-        return None
-
-
-def clean_facts(reported: dict[str, str]) -> dict[str, str]:
-    """What a machine reported about itself, reduced to known keys and sane printable values.
-
-    Unset iPXE variables arrive as empty strings; they are dropped, not stored.
-    """
-    facts = {}
-    for key in REPORTED_FACTS:
-        value = reported.get(key, "")
-        if not value:
-            continue
-        if len(value) > MAX_FACT_LENGTH or not value.isprintable():
-            raise BadRequest(f"reported {key} is not a printable string of at most "
-                             f"{MAX_FACT_LENGTH} characters")
-        facts[key] = value
-    return facts
+        # os.path, not Path(...): a Path per asset is a fifth of a boot script's cost.
+        return [f"{n} ({self._config.assets[n]})" for n in names if not os.path.isfile(self._config.assets[n])]

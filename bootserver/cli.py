@@ -71,11 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     approve.add_argument("mac")
     approve.set_defaults(command=cmd_approve)
 
-    image = commands.add_parser("image", help="build the default agent netboot image")
+    image = commands.add_parser("image", help="build the agent netboot image, or an OS image to install")
     image_commands = image.add_subparsers(required=True, metavar="ACTION")
     build = image_commands.add_parser("build", help="kernel + initramfs from Debian packages")
     build.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/images/agent)")
     build.set_defaults(command=cmd_image_build)
+    os_image = image_commands.add_parser("os", help="an installable OS root filesystem tarball (mmdebstrap)")
+    os_image.add_argument("distribution", choices=["debian"])
+    os_image.add_argument("--suite", default="bookworm", help="Debian suite (default bookworm)")
+    os_image.add_argument("--mirror", help="Debian mirror URL (default: the host's apt sources' mirror)")
+    os_image.add_argument("--security-mirror", metavar="URL|none",
+                          help="security mirror (default: the host's, if its apt sources have one)")
+    os_image.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/images/os)")
+    os_image.set_defaults(command=cmd_image_os)
 
     db = commands.add_parser("db", help="the store's schema, and moving from SQLite to PostgreSQL")
     db_commands = db.add_subparsers(required=True, metavar="ACTION")
@@ -152,7 +160,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"no machines yet (store: {where})")
         return 0
     booter = open_core(config)  # after the check: it makes the server's keys, which `nodes` alone should not
-    views = [machine_view(booter, n) for n in booter.store.nodes()]
+    views = [machine_view(booter, n) for n in booter.history().nodes()]
     rows = [(v.node.mac, v.hostname or "-", v.node.state, v.profile or "-", v.node.facts.get("platform", "-"),
              _ago(v.node.last_seen)) for v in views]
     header = ("MAC", "HOSTNAME", "STATE", "PROFILE", "PLATFORM", "LAST SEEN")
@@ -165,10 +173,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     booter = open_core(configuration.load(args.config))
     mac = canonical_mac(args.mac)
-    node = booter.store.node(mac)
+    history = booter.history()
+    node = history.node(mac)
     if node is None:
-        raise NotFound(f"no machine {mac} has asked this server for anything yet (store: {booter.store.location})")
-    events = booter.store.recent_events(mac, max(args.limit, 1))
+        raise NotFound(f"no machine {mac} has asked this server for anything yet (store: {history.location})")
+    events = history.recent_events(mac, max(args.limit, 1))
     width = max((len(e.kind) for e in events), default=0)
     for event in events:
         print(f"{clock(event.time)}  {event.kind.ljust(width)}  {summarize(event)}")
@@ -260,6 +269,20 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     out = args.out or config.server.data_dir / "images" / "agent"
     image = build_agent_image(out)
     print(f"agent image {image.version}: {image.kernel}, {image.initrd}")
+    return 0
+
+
+def cmd_image_os(args: argparse.Namespace) -> int:
+    from .tools.osimage import build_os_image, debian_recipe
+
+    config = configuration.load(args.config)
+    out = args.out or config.server.data_dir / "images" / "os"
+    built = build_os_image(debian_recipe(args.suite, args.mirror, args.security_mirror), out,
+                           lambda line: print(line, flush=True))
+    data_dir = config.server.data_dir
+    asset = built.tarball.relative_to(data_dir) if built.tarball.is_relative_to(data_dir) else built.tarball
+    print(f"{built.tarball}: sha256 {built.sha256}")
+    print(f'as an asset: [assets] debian-{args.suite} = "{asset}"')
     return 0
 
 

@@ -18,9 +18,10 @@ def open_store(config: Config, database: str | None = None, *, migrate: bool = T
     return Store(database or config.server.database, replica=config.server.replica, migrate=migrate)
 
 
-def open_core(config: Config) -> Booter:
-    """The core on its store, keys and templates. The caller closes the store (`core.store.close()`)."""
-    store = open_store(config)
+def open_core(config: Config, store: Store | None = None) -> Booter:
+    """The core on `store` (default: the config's, opened here), its keys and templates. Closing the core
+    (`core.close()`) closes the store."""
+    store = store or open_store(config)
     try:
         keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
         return Booter(config, store, Templates(config.server.templates_dir), keys)

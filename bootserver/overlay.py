@@ -12,6 +12,8 @@ from typing import Any
 
 import libarchive
 
+# The overlay's file name: the kernel command line names it for UEFI's stub.
+OVERLAY_NAME = "bootserver.cpio"
 # Fixed times make the same config give the same bytes.
 _MTIME = 1704067200
 

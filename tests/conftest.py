@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from postgres import PostgresServer
+from support.postgres import PostgresServer
 
 from bootserver import config as configuration
 from bootserver.app import init_app, running
@@ -89,7 +89,7 @@ def config(config_file: Path) -> configuration.Config:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A private PostgreSQL server (tests/postgres.py), started on first use, for the whole session."""
+    """A private PostgreSQL server (tests/support/postgres.py), started on first use, for the whole session."""
     server = PostgresServer()
     server.start()
     yield server
@@ -125,28 +125,6 @@ def keys(config: configuration.Config) -> ServerKeys:
 @pytest.fixture
 def booter(config: configuration.Config, store: Store, keys: ServerKeys) -> Booter:
     return Booter(config, store, Templates(), keys)
-
-
-def admit(store: Store, mac: str, ip: str = "10.0.0.9", facts: dict | None = None) -> None:
-    """Make `mac` a machine that phoned home with a token we issued (what group member lists count)."""
-    import asyncssh
-
-    from bootserver import tokens
-
-    _, token = tokens.new_token(mac, 30, ip)
-    store.record(mac, "script-served", {}, state="script-served", facts=facts, token=token)
-    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode().strip()
-    assert store.phoned_home(token.id, mac, ip, key, {})
-
-
-def api_token(config: configuration.Config) -> str:
-    """The API token a server made in its data_dir at start (no [server] api_token configured)."""
-    return config.server.api_token or (config.server.data_dir / "api_token").read_text().strip()
-
-
-def bearer(config: configuration.Config) -> dict[str, str]:
-    """Headers for an API write (or a read with [server] pages = "token")."""
-    return {"Authorization": f"Bearer {api_token(config)}"}
 
 
 _TIMINGS: list[tuple[str, str, float]] = []  # (test, what, seconds) of this session's real-firmware boots
@@ -193,19 +171,6 @@ def pytest_sessionfinish(session, exitstatus):
     (root / "benchmarks" / "results" / "vm-timings-latest.md").write_text("\n".join(lines) + "\n")
 
 
-async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02):
-    """Wait until predicate() is truthy (a server records a transfer just after the client has it all)."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
-    return result
-
-
 # --- the agent image (tests/test_image.py, and VM tests that netboot it) ---------------------
 
 
@@ -239,3 +204,12 @@ def agent_image():
     built = image.build_agent_image(out)
     stamp.write_text(source + "\n")
     return built
+
+
+@pytest.fixture(scope="session")
+def os_image():
+    """The Debian OS image (`bootserver image os debian`), built once into $BOOTSERVER_TEST_OS_IMAGE_DIR or
+    ~/.cache/bootserver/test-os-image and rebuilt only when its inputs change (tests/support/os_image.py)."""
+    from support.os_image import build_test_os_image
+
+    return build_test_os_image()

@@ -9,7 +9,7 @@ import aiohttp
 import asyncssh
 import pytest
 from aiohttp import web
-from conftest import eventually
+from support.wait import until_async
 
 from bootserver.app import CONFIG, HTTP, HTTP_BACKLOG, STORE, http_address, init_app, reload, running, tftp_address
 from bootserver.errors import BootserverError
@@ -43,7 +43,7 @@ async def test_boot_paths_over_tftp_match_http(app: web.Application, data_dir: P
         return [e for e in store.events("52:54:00:00:00:01")
                 if e.kind == "file-served" and e.detail["file"] == "vmlinuz"]
 
-    (event,) = await eventually(kernel_events)
+    (event,) = await until_async(kernel_events)
     assert event.detail["protocol"] == "tftp" and event.detail["bytes"] == len(kernel)
     assert store.node("52:54:00:00:00:01").state == "kernel-served"
     assert store.node("52:54:00:00:00:01").facts == {"platform": "efi", "arch": "x86_64"}
@@ -87,7 +87,7 @@ async def test_http_and_tftp_share_one_store(app: web.Application):
             assert response.status == 200
     code, _ = await curl(f"tftp://127.0.0.1:{tftp_address(app)[1]}/boot/52-54-00-00-00-02/initrd")
     assert code == 0
-    events = await eventually(lambda: len(app[STORE].events("52:54:00:00:00:02")) == 2
+    events = await until_async(lambda: len(app[STORE].events("52:54:00:00:00:02")) == 2
                               and app[STORE].events("52:54:00:00:00:02"))
     assert [(e.kind, e.detail.get("transport") or e.detail.get("protocol")) for e in events] == [
         ("script-served", "http"), ("file-served", "tftp")]

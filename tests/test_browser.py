@@ -10,8 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import api_token
-from support.http import report
+from support.http import api_token, report
 
 from bootserver.app import CONFIG, STORE, http_address
 

@@ -1,11 +1,14 @@
 """The `bootserver` command as a user runs it: a real subprocess each time."""
 
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from support.config import section, server_section
+from support.net import free_port
+from support.serve import answers, serve_command
+from support.wait import until
 
 from bootserver.store import Store
 
@@ -28,7 +31,7 @@ def test_render_explains_its_choice(config_file: Path):
 
 def test_render_without_a_match_says_so(tmp_path: Path):
     path = tmp_path / "c.toml"
-    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\n'
+    path.write_text(section("server", data_dir=tmp_path) + '[assets]\nk = "k"\n[profiles.p]\nkernel = "k"\n'
                     '[groups.only-raft]\nprofile = "p"\nselector = { role = "raft" }\n')
     result = bootserver("--config", str(path), "render", "52:54:00:00:00:05")
     assert result.returncode == 1
@@ -78,23 +81,12 @@ def test_show_prints_the_timeline_and_why(config_file: Path, config):
 
 
 def test_serve_starts_answers_and_stops_on_sigterm(tmp_path: Path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     path = tmp_path / "c.toml"
-    path.write_text(f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{tmp_path / "data"}"\n')
-    server = subprocess.Popen([sys.executable, "-m", "bootserver", "--config", str(path), "serve"],
-                              stderr=subprocess.PIPE, text=True)
+    path.write_text(server_section(tmp_path / "data", http=f"127.0.0.1:{port}"))
+    server = subprocess.Popen(serve_command(path), stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(100):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("bootserver serve did not answer /healthz")
+        until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 10, what="bootserver serve to answer /healthz")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/boot/52-54-00-00-00-03.ipxe", timeout=2) as response:
             script = response.read().decode()
         # Embedded defaults and no image built yet: a no-boot script that says what to do.
@@ -109,7 +101,7 @@ def test_plan_prints_the_disk_commands_and_files(tmp_path: Path):
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "raftd").write_text("#!/bin/sh\n")
     path = tmp_path / "c.toml"
-    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[assets]\nk = "k"\n'
+    path.write_text(section("server", data_dir=tmp_path) + '[assets]\nk = "k"\n'
                     '[profiles.p]\nkernel = "k"\n[profiles.p.disk]\ndevice = "/dev/vda"\n'
                     '[[profiles.p.disk.partitions]]\nlabel = "boot"\nsize = "512MiB"\ntype = "esp"\nmount = "/boot"\n'
                     '[[profiles.p.disk.partitions]]\nlabel = "nixos"\nsize = "rest"\nmount = "/"\n'

@@ -16,23 +16,23 @@ import random
 import re
 import signal
 import sqlite3
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from sshd import ssh_server
+from support.config import server_section
 from support.net import free_port
+from support.serve import answers_async, serve_command
+from support.sshd import ssh_server
+from support.wait import NotInTime, until_async
 
 from bootserver.provision.pki import ServerKeys
 
 TRIALS = int(os.environ.get("BOOTSERVER_CRASH_TRIALS", "10"))
 MACS = [f"52:54:00:00:20:{i:02x}" for i in range(1, 7)]
 IN_PROGRESS = ("phoned-home", "disk", "deploy", "finishing")
-
-
 
 
 def write_site(tmp_path: Path, ssh_port: int) -> tuple[Path, Path]:
@@ -43,7 +43,7 @@ def write_site(tmp_path: Path, ssh_port: int) -> tuple[Path, Path]:
     machines = "".join(f'[machines."{mac}"]\nssh = "127.0.0.1:{ssh_port}"\n' for mac in MACS)
     config = tmp_path / "site.toml"
     config.write_text(
-        f'[server]\nhttp = "127.0.0.1:{free_port()}"\ntftp = "off"\ndata_dir = "{data}"\n'
+        server_section(data, http=f"127.0.0.1:{free_port()}") +
         '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
         # A deploy step that takes a while, so that kills land in the middle of provisioning too.
         '[profiles.p]\nkernel = "kernel"\ninitrd = ["initrd"]\n[profiles.p.deploy]\ncheck = "sleep 0.3"\n'
@@ -61,18 +61,15 @@ class Server:
         """Start `bootserver serve`; seconds until /healthz answers."""
         started = time.monotonic()
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bootserver", "--config", str(self.config), "--log-level", "warning", "serve",
+            *serve_command(self.config, "--log-level", "warning"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() - started < 5:
-                try:
-                    async with session.get(f"{self.url}/healthz") as response:
-                        if response.status == 200:
-                            return time.monotonic() - started
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-        stderr = await self._stderr()
-        raise AssertionError(f"bootserver did not serve within 5 s of starting:\n{stderr}")
+            try:
+                await until_async(lambda: answers_async(session, f"{self.url}/healthz"), 5, interval=0.05)
+            except NotInTime:
+                raise AssertionError(f"bootserver did not serve within 5 s of starting:\n{await self._stderr()}") \
+                    from None
+        return time.monotonic() - started
 
     def kill(self) -> None:
         assert self.process is not None

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import eventually
 from scapy.layers.dhcp import BOOTP, DHCP
+from support.wait import until_async
 
 from bootserver import config as configuration
 from bootserver.app import STORE, dhcp_addresses, http_address, init_app, running
@@ -161,14 +161,14 @@ def test_an_architecture_without_an_ipxe_binary_gets_no_proxy_offer(responder_fa
     responder = responder_factory("proxy")
     ia32 = {60: b"PXEClient:Arch:00006:UNDI:003000", 93: b"\0\x06"}
     assert responder.handle(request(DISCOVER, MAC1, ia32).encode(), ("127.0.0.1", 1), False) is None
-    event = responder.booter.store.events(MAC1)[-1]
+    event = responder.booter.history().events(MAC1)[-1]
     assert event.kind == "dhcp" and "no iPXE binary for client architecture 6" in event.detail["answer"]
 
 
 def test_the_dhcp_event_records_what_the_client_said_and_our_answer(responder_factory):
     responder = responder_factory("proxy")
     responder.handle(request(DISCOVER, MAC1, {**UEFI_PXE, 77: b"iPXE"}).encode(), ("127.0.0.1", 1), False)
-    [event] = responder.booter.store.events(MAC1)
+    [event] = responder.booter.history().events(MAC1)
     assert event.kind == "dhcp"
     assert event.detail == {
         "message": "DISCOVER", "mode": "proxy", "vendor_class": "PXEClient:Arch:00007:UNDI:003000",
@@ -191,14 +191,14 @@ def test_full_mode_ignores_relays_of_another_subnet(responder_factory, caplog):
     far = request(DISCOVER, MAC1, BIOS_PXE, giaddr=IPv4Address("10.9.0.1")).encode()
     assert responder.handle(far, ("10.9.0.1", 67), False) is None
     assert "relayed from 10.9.0.1, outside 127.0.0.0/8, the only network we lease on" in caplog.text
-    assert responder.booter.store.leases() == []
+    assert responder.leases.offer(MAC2) == IPv4Address("127.0.0.100"), "nothing was leased to MAC1"
 
 
 def test_answer_known_ignores_machines_not_in_the_config(responder_factory):
     responder = responder_factory("proxy", answer="known", machines={MAC2: {"hostname": "n2"}})
     assert responder.handle(request(DISCOVER, MAC1, BIOS_PXE).encode(), ("127.0.0.1", 1), False) is None
     assert responder.handle(request(DISCOVER, MAC2, BIOS_PXE).encode(), ("127.0.0.1", 1), False) is not None
-    assert "not in [machines]" in responder.booter.store.events(MAC1)[-1].detail["answer"]
+    assert "not in [machines]" in responder.booter.history().events(MAC1)[-1].detail["answer"]
 
 
 @pytest.fixture
@@ -364,7 +364,7 @@ async def test_full_mode_conversation(tmp_path: Path, peer: Peer):
         assert app[STORE].lease_of(MAC2) is None
         # RELEASE gives the address back; the next client may have it.
         peer.transport.sendto(request(RELEASE, MAC1, ciaddr=offer.yiaddr, xid=18).encode(), ("127.0.0.1", port))
-        await eventually(lambda: app[STORE].lease_of(MAC1) is None, timeout=5)
+        await until_async(lambda: app[STORE].lease_of(MAC1) is None, timeout=5)
 
 
 async def test_full_mode_names_the_machine_and_the_domain(tmp_path: Path, peer: Peer):

@@ -4,7 +4,7 @@ Three network namespaces, made and removed by each test, joined by veth pairs:
 
     srv  `bootserver serve` on 10.201.0.1/24, DHCP on 67 (route to the client segment via the relay)
     rly  dnsmasq as a relay only: 10.201.0.2 toward srv, 10.202.0.1 on the client segment
-    cli  a PXE client (tests/dhcp_client.py) broadcasting a DISCOVER from port 68 on 10.202.0.0/24
+    cli  a PXE client (tests/support/dhcp_client.py) broadcasting a DISCOVER from port 68 on 10.202.0.0/24
 
 What crosses the relay is what crosses a routed campus network: the relay stamps giaddr, bootserver answers
 the relay, the relay hands the answer to the client. Needs root, iproute2 and dnsmasq-base; a missing one
@@ -20,11 +20,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.config import section, server_section
+from support.wait import until
 
 from bootserver.store import Store
 
@@ -76,15 +77,15 @@ class Segments:
     def start_server(self, dhcp: str) -> Path:
         data = self.work / "data"
         config = self.work / "site.toml"
-        config.write_text(f'[server]\nhttp = "{SERVER}:8080"\ntftp = "{SERVER}:6969"\ndata_dir = "{data}"\n'
-                          f'[dhcp]\nserver_address = "{SERVER}"\n{dhcp}\n')
+        config.write_text(server_section(data, http=f"{SERVER}:8080", tftp=f"{SERVER}:6969") +
+                          section("dhcp", server_address=SERVER) + f"{dhcp}\n")
         log = self.work / "server.log"
         self.spawn(self.srv, [sys.executable, "-m", "bootserver", "--config", str(config), "serve"], log)
         wait_for(lambda: "serving HTTP on" in log.read_text(), "bootserver to listen", log)
         return data / "bootserver.sqlite3"
 
     def discover(self, kind: str, seconds: float = 5.0) -> dict | None:
-        client = ROOT / "tests" / "dhcp_client.py"
+        client = ROOT / "tests" / "support" / "dhcp_client.py"
         result = subprocess.run(["ip", "netns", "exec", self.cli, sys.executable, str(client), "c0", MAC, kind,
                                  str(seconds)], capture_output=True, text=True, timeout=seconds + 10)
         assert result.returncode == 0, result.stderr
@@ -103,10 +104,7 @@ class Segments:
 
 
 def wait_for(ready, what: str, log: Path, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not ready():
-        assert time.monotonic() < deadline, f"waited {seconds:.0f} s for {what}; its log:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
+    until(ready, seconds, interval=0.1, what=lambda: f"{what}; its log:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bootserver import profiles
+from bootserver.config.disk import TYPE_GUIDS, Partition, layout_from_toml
 from bootserver.errors import ConfigError
 from bootserver.provision import disk
 
@@ -59,11 +59,11 @@ def _with(changes: dict[str, Any], partition: int | None = None) -> dict[str, An
 # --- validation --------------------------------------------------------------------------------
 
 def test_example_layout():
-    layout = profiles.layout_from_toml(EXAMPLE, WHERE)
+    layout = layout_from_toml(EXAMPLE, WHERE)
     assert layout.device == "/dev/vda" and layout.wipe is False and layout.table == "gpt"
     assert layout.partitions == (
-        profiles.Partition("boot", "512MiB", "esp", "vfat", "/boot"),
-        profiles.Partition("nixos", "rest", "linux", "ext4", "/"),
+        Partition("boot", "512MiB", "esp", "vfat", "/boot"),
+        Partition("nixos", "rest", "linux", "ext4", "/"),
     )
 
 
@@ -74,7 +74,7 @@ def test_filesystem_follows_the_type_when_not_given():
         {"label": "data", "size": "1TiB"},
         {"label": "raw", "size": "rest", "filesystem": "none"},
     ]}
-    layout = profiles.layout_from_toml(raw, WHERE)
+    layout = layout_from_toml(raw, WHERE)
     assert layout.wipe is True
     assert [(p.type, p.filesystem) for p in layout.partitions] == [
         ("esp", "vfat"), ("swap", "swap"), ("linux", "ext4"), ("linux", "none")]
@@ -132,14 +132,14 @@ def test_filesystem_follows_the_type_when_not_given():
 ], ids=lambda v: v if isinstance(v, str) and v.startswith("config") else None)
 def test_refusals_name_the_key(raw, message):
     with pytest.raises(ConfigError) as caught:
-        profiles.layout_from_toml(raw, WHERE)
+        layout_from_toml(raw, WHERE)
     assert str(caught.value).startswith(message), str(caught.value)
 
 
 def test_no_mounts_at_all_is_fine():
     raw = _with({"mount": None}, 0)
     del raw["partitions"][1]["mount"]
-    commands = disk.disk_commands(profiles.layout_from_toml(raw, WHERE), wipe=False)
+    commands = disk.disk_commands(layout_from_toml(raw, WHERE), wipe=False)
     assert not any("mount" in c for c in commands)
 
 
@@ -164,11 +164,11 @@ def test_partition_numbers_start_at_one():
 
 
 def test_golden_dry_run():
-    assert disk.dry_run(profiles.layout_from_toml(EXAMPLE, WHERE), wipe=False) == GOLDEN
+    assert disk.dry_run(layout_from_toml(EXAMPLE, WHERE), wipe=False) == GOLDEN
 
 
 def test_golden_dry_run_with_wipe():
-    text = disk.dry_run(profiles.layout_from_toml(EXAMPLE, WHERE), wipe=True)
+    text = disk.dry_run(layout_from_toml(EXAMPLE, WHERE), wipe=True)
     lines = text.splitlines()
     assert lines[0] == ("if ! [ -b /dev/vda ]; then echo 'refusing to partition /dev/vda: it is not a block "
                         "device on this machine' >&2; exit 1; fi")
@@ -183,7 +183,7 @@ def test_mounts_go_parents_first_under_the_target():
         {"label": "boot", "size": "1GiB", "mount": "/boot"},
         {"label": "my root", "size": "rest", "mount": "/"},
     ]}
-    commands = disk.disk_commands(profiles.layout_from_toml(raw, WHERE), wipe=False, target="/target/")
+    commands = disk.disk_commands(layout_from_toml(raw, WHERE), wipe=False, target="/target/")
     mounts = [c for c in commands if c.startswith("mkdir")]
     assert mounts == [
         "mkdir -p /target && mount -t ext4 /dev/nvme0n1p4 /target",
@@ -200,7 +200,7 @@ def test_swap_and_unformatted_partitions():
         {"label": "swap", "size": "2GiB", "type": "swap"},
         {"label": "raw", "size": "1GiB", "filesystem": "none"},
     ]}
-    commands = disk.disk_commands(profiles.layout_from_toml(raw, WHERE), wipe=False)
+    commands = disk.disk_commands(layout_from_toml(raw, WHERE), wipe=False)
     assert "mkswap -L swap /dev/vda1" in commands
     assert not any("/dev/vda2" in c and c.startswith("mk") for c in commands)
     sfdisk = next(c for c in commands if "sfdisk --wipe" in c)
@@ -208,7 +208,7 @@ def test_swap_and_unformatted_partitions():
 
 
 def test_a_missing_device_is_refused_with_its_name(tmp_path):
-    layout = profiles.layout_from_toml(_with({"device": "/dev/bootserver-test-no-such-disk"}), WHERE)
+    layout = layout_from_toml(_with({"device": "/dev/bootserver-test-no-such-disk"}), WHERE)
     for wipe in (False, True):
         guard = disk.disk_commands(layout, wipe=wipe)[0]
         result = subprocess.run(["sh", "-c", guard], capture_output=True, text=True)
@@ -297,7 +297,7 @@ def _check_applied(device: str, target: Path) -> list[str]:
     assert table["label"] == "gpt"
     parts = table["partitions"]
     assert [p["node"] for p in parts] == [disk.partition_path(device, n) for n in (1, 2, 3, 4)]
-    assert [p["type"] for p in parts] == [profiles.TYPE_GUIDS[t] for t in ("esp", "swap", "linux", "linux")]
+    assert [p["type"] for p in parts] == [TYPE_GUIDS[t] for t in ("esp", "swap", "linux", "linux")]
     assert [p["name"] for p in parts] == ["boot", "swap", "var", "nixos"]
     assert [p["size"] for p in parts[:3]] == [40 * 2048, 16 * 2048, 8 * 2048]  # 512-byte sectors
     assert parts[3]["start"] + parts[3]["size"] >= 128 * 2048 - 2048  # "rest": up to the backup GPT
@@ -314,7 +314,7 @@ def _check_applied(device: str, target: Path) -> list[str]:
 
 
 def test_commands_on_a_real_disk(loop_device, target):
-    layout = profiles.layout_from_toml({"device": loop_device, **REAL_LAYOUT}, WHERE)
+    layout = layout_from_toml({"device": loop_device, **REAL_LAYOUT}, WHERE)
 
     _run_all(disk.disk_commands(layout, wipe=False, target=str(target)))
     first = _check_applied(loop_device, target)
@@ -343,7 +343,7 @@ def test_commands_on_a_real_disk(loop_device, target):
 
 def test_a_filesystem_on_the_whole_disk_is_refused(loop_device, target):
     _sh(f"mkfs.ext4 -q -F -L precious {loop_device}")
-    layout = profiles.layout_from_toml({"device": loop_device, **REAL_LAYOUT}, WHERE)
+    layout = layout_from_toml({"device": loop_device, **REAL_LAYOUT}, WHERE)
     refused = _sh(disk.disk_commands(layout, wipe=False, target=str(target))[0], check=False)
     assert refused.returncode == 1
     assert refused.stderr.startswith(f"refusing to repartition {loop_device}: it holds a filesystem or other data")

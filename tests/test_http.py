@@ -8,8 +8,8 @@ import time
 import aiohttp
 import libarchive
 import pytest
-from conftest import eventually
 from support.http import boot_token, report
+from support.wait import until_async
 
 from bootserver.errors import Forbidden
 from bootserver.web import create_app
@@ -45,13 +45,13 @@ async def test_public_address_overrides_host(aiohttp_client, booter):
     assert f"http://192.0.2.7:{client.port}/boot/" in text
 
 
-async def test_machine_script_records_facts_and_event(client, booter):
+async def test_machine_script_records_facts_and_event(client, booter, store):
     response = await client.get("/boot/52-54-00-00-00-01.ipxe",
                                 params={"platform": "pcbios", "arch": "x86_64", "uuid": "", "junk": "x"})
     assert response.status == 200
     text = await response.text()
     assert "/boot/52-54-00-00-00-01/vmlinuz initrd=initrd initrd=raft-initrd" in text
-    node = booter.store.node("52:54:00:00:00:01")
+    node = store.node("52:54:00:00:00:01")
     assert node.state == "script-served" and node.facts == {"platform": "pcbios", "arch": "x86_64"}
 
 
@@ -62,13 +62,13 @@ async def test_malformed_mac_is_400(client, mac):
     assert "not a" in await response.text()
 
 
-async def test_unknown_mac_gets_the_default_group(client, booter):
+async def test_unknown_mac_gets_the_default_group(client, booter, store):
     text = await (await client.get("/boot/aa-bb-cc-dd-ee-ff.ipxe")).text()
     assert "profile discovery (group default)" in text
-    assert booter.store.node("aa:bb:cc:dd:ee:ff").state == "script-served"
+    assert store.node("aa:bb:cc:dd:ee:ff").state == "script-served"
 
 
-async def test_kernel_whole_and_ranged_with_events(client, booter, data_dir):
+async def test_kernel_whole_and_ranged_with_events(client, booter, store, data_dir):
     kernel = (data_dir / "images" / "vmlinuz").read_bytes()
     await client.get("/boot/52-54-00-00-00-01.ipxe")
     response = await client.get("/boot/52-54-00-00-00-01/vmlinuz")
@@ -78,12 +78,12 @@ async def test_kernel_whole_and_ranged_with_events(client, booter, data_dir):
     assert response.status == 206
     assert await response.read() == b"kernel-end"
     def served():
-        return [e for e in booter.store.events("52:54:00:00:00:01") if e.kind == "file-served"]
+        return [e for e in store.events("52:54:00:00:00:01") if e.kind == "file-served"]
 
-    events = await eventually(lambda: len(served()) == 2 and served())
+    events = await until_async(lambda: len(served()) == 2 and served())
     assert [(e.detail["file"], e.detail["bytes"]) for e in events] == [("vmlinuz", len(kernel)),
                                                                         ("vmlinuz", 10)]
-    assert booter.store.node("52:54:00:00:00:01").state == "kernel-served"
+    assert store.node("52:54:00:00:00:01").state == "kernel-served"
 
 
 @pytest.mark.parametrize("path", ["/boot/52-54-00-00-00-01/nope", "/boot/52-54-00-00-00-01/..%2f..%2fetc%2fpasswd",
@@ -94,27 +94,27 @@ async def test_unknown_or_traversing_files_are_404(client, path):
     assert "root:" not in await response.text()
 
 
-async def test_phone_home_pins_the_host_key_once(client, booter):
+async def test_phone_home_pins_the_host_key_once(client, booter, store):
     token = await boot_token(client)
     body = report(token)
     response = await client.post("/boot/52-54-00-00-00-01/phone-home", json=body)
     assert response.status == 202
     assert (await response.json())["state"] == "phoned-home"
-    node = booter.store.node("52:54:00:00:00:01")
+    node = store.node("52:54:00:00:00:01")
     # SSH goes to the address the call came from; what the node says its address is, is only recorded.
     assert (node.state, node.host_key, node.ip) == ("phoned-home", body["host_key"], "127.0.0.1")
-    event = booter.store.events("52:54:00:00:00:01")[-1]
+    event = store.events("52:54:00:00:00:01")[-1]
     assert event.kind == "phoned-home" and event.detail["fingerprint"].startswith("SHA256:")
     assert event.detail["disks"] == [{"name": "vda", "size_bytes": 64 << 20, "partitions": 0}]
     # The same token again is a replay: refused, and the pinned key stays.
     response = await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))
     assert response.status == 403 and "used already" in await response.text()
-    assert booter.store.node("52:54:00:00:00:01").host_key == body["host_key"]
+    assert store.node("52:54:00:00:00:01").host_key == body["host_key"]
 
 
-async def test_token_abuse_is_refused_and_changes_nothing(client, booter):
+async def test_token_abuse_is_refused_and_changes_nothing(client, booter, store):
     mine, other = await boot_token(client), await boot_token(client, "52-54-00-00-00-02")
-    before = booter.store.node("52:54:00:00:00:02")
+    before = store.node("52:54:00:00:00:02")
     cases = [
         (None, 401, "no phone-home token"),
         ("", 401, "no phone-home token"),
@@ -127,9 +127,9 @@ async def test_token_abuse_is_refused_and_changes_nothing(client, booter):
         response = await client.post("/boot/52-54-00-00-00-02/phone-home", json=report(token))
         assert response.status == status, token
         assert message in await response.text(), token
-    after = booter.store.node("52:54:00:00:00:02")
+    after = store.node("52:54:00:00:00:02")
     assert dataclasses.replace(after, last_seen=0) == dataclasses.replace(before, last_seen=0)  # all but the time
-    refused = [e for e in booter.store.events("52:54:00:00:00:02") if e.kind == "refused"]
+    refused = [e for e in store.events("52:54:00:00:00:02") if e.kind == "refused"]
     assert len(refused) == len(cases)
     # A newer boot's token replaces the older one.
     newer = await boot_token(client, "52-54-00-00-00-02")
@@ -138,9 +138,9 @@ async def test_token_abuse_is_refused_and_changes_nothing(client, booter):
     assert (await client.post("/boot/52-54-00-00-00-02/phone-home", json=report(newer))).status == 202
 
 
-async def test_expired_token_is_refused(client, booter, monkeypatch):
+async def test_expired_token_is_refused(client, booter, config, monkeypatch):
     token = await boot_token(client)
-    later = time.time() + booter.config.server.token_minutes * 60 + 1
+    later = time.time() + config.server.token_minutes * 60 + 1
     monkeypatch.setattr("bootserver.tokens.time.time", lambda: later)
     response = await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))
     assert response.status == 403 and "expired" in await response.text()
@@ -157,11 +157,11 @@ async def test_phone_home_bad_bodies_are_400_or_413(client):
     assert (await client.post(url, json=report(token))).status == 202  # none of that spent the token
 
 
-async def test_node_config_and_overlay_need_this_boots_token(client, booter):
+async def test_node_config_and_overlay_need_this_boots_token(client, booter, keys):
     token = await boot_token(client)
     config = await (await client.get(f"/boot/52-54-00-00-00-01/{token}/config.json")).json()
     assert config["hostname"] == "node1" and config["token"] == token
-    assert config["authorized_keys"][0] == booter.keys.ssh_public
+    assert config["authorized_keys"][0] == keys.ssh_public
     assert "PRIVATE" not in json.dumps(config)
     response = await client.get(f"/boot/52-54-00-00-00-01/{token}/bootserver.cpio")
     assert response.status == 200
@@ -173,12 +173,12 @@ async def test_node_config_and_overlay_need_this_boots_token(client, booter):
     assert (await client.get("/boot/52-54-00-00-00-01/x.y/config.json")).status == 403
 
 
-async def test_ipxe_binary_over_http(client, booter):
+async def test_ipxe_binary_over_http(client, booter, config):
     response = await client.get("/ipxe/undionly.kpxe")
-    if not (booter.config.server.ipxe_dir / "undionly.kpxe").exists():
+    if not (config.server.ipxe_dir / "undionly.kpxe").exists():
         pytest.fail("Debian's ipxe package is not installed (the test set-up installs it)")
     assert response.status == 200
-    assert await response.read() == (booter.config.server.ipxe_dir / "undionly.kpxe").read_bytes()
+    assert await response.read() == (config.server.ipxe_dir / "undionly.kpxe").read_bytes()
 
 
 async def test_api_and_health(client):
@@ -192,18 +192,18 @@ async def test_api_and_health(client):
     assert health["ok"] and health["missing_assets"] == [] and "undionly.kpxe" in health["ipxe_binaries"]
 
 
-async def test_phone_home_from_another_address_than_the_script_fetch_is_refused(client, booter):
+async def test_phone_home_from_another_address_than_the_script_fetch_is_refused(client, booter, store):
     token = await boot_token(client)  # fetched from 127.0.0.1
-    before = booter.store.node("52:54:00:00:00:01")
+    before = store.node("52:54:00:00:00:01")
     url = f"http://127.0.0.1:{client.port}/boot/52-54-00-00-00-01/phone-home"
     connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
     async with aiohttp.ClientSession(connector=connector) as elsewhere, elsewhere.post(url, json=report(token)) as r:
         assert r.status == 403
         assert "issued to 127.0.0.1, which fetched the boot script, and is used from 127.0.0.2" in await r.text()
-    after = booter.store.node("52:54:00:00:00:01")
+    after = store.node("52:54:00:00:00:01")
     assert dataclasses.replace(after, last_seen=0) == dataclasses.replace(before, last_seen=0)
     assert after.host_key is None and after.state == "script-served"
-    refused = booter.store.events("52:54:00:00:00:01")[-1]
+    refused = store.events("52:54:00:00:00:01")[-1]
     assert refused.kind == "refused" and "used from 127.0.0.2" in refused.detail["reason"]
     # The token was not spent: from the address that fetched the script, it works.
     assert (await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))).status == 202

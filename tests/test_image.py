@@ -28,7 +28,8 @@ import asyncssh
 import libarchive
 import pytest
 from aiohttp import web
-from qemu import DEFAULT_MAC, Vm, free_port
+from support.net import free_port
+from support.qemu import DEFAULT_MAC, Vm
 
 from bootserver.errors import BootserverError
 from bootserver.overlay import overlay_cpio

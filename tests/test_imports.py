@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import bootserver
@@ -122,3 +123,28 @@ def imports_any(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             names.add(node.module.split(".")[0])
     return names
+
+
+def test_nobody_reaches_into_the_core():
+    """Protocols, pages, the provisioner and the CLI call the core's methods: its store, config, keys and templates
+    are its own (Booter.history() and Booter.web_settings() are what the others read)."""
+    reach = re.compile(r"(?:\bbooter|\[BOOTER\])\._?(?:store|config|keys|templates)\b")
+    found = [f"{name}: {line.strip()}" for name, path in modules().items() if name != "bootserver.booter"
+             for line in path.read_text().splitlines() if reach.search(line)]
+    assert not found, "reached into the core:\n" + "\n".join(found)
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_no_test_module_imports_another_test_module_or_conftest():
+    """Shared helpers live in tests/support/: a test module imported by another runs its tests twice, and
+    conftest is pytest's to load."""
+    offenders = sorted(f"{path.relative_to(TESTS)} imports {name}" for path in TESTS.rglob("*.py")
+                       for name in imports_any(path) if name == "conftest" or name.startswith("test_"))
+    assert offenders == []
+
+
+def test_tests_hold_only_test_modules_and_conftest_at_the_top():
+    helpers = sorted(p.name for p in TESTS.glob("*.py") if p.name != "conftest.py" and not p.name.startswith("test_"))
+    assert helpers == [], "shared helpers belong in tests/support/"

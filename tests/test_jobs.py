@@ -12,24 +12,23 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from conftest import admit, eventually
-from sshd import ssh_server
+from support.machines import admit
+from support.sshd import ssh_server
+from support.wait import until_async
 
 from bootserver.app import PROVISIONER, STORE, http_address, init_app, running
-from bootserver.config import Config, Listen
-from bootserver.profiles import DiskLayout, Partition
-from bootserver.provision.jobs import TOKEN_KEEP_SECONDS, Provisioner
+from bootserver.config import Config, DiskLayout, Listen, Partition
+from bootserver.provision.jobs import TOKEN_KEEP_SECONDS
 from bootserver.provision.steps import provision
 from bootserver.store import Member, Token
 
 MAC = "52:54:00:00:00:01"
 
 
-def test_restart_marks_in_progress_nodes_interrupted(booter):
-    store = booter.store
+def test_restart_marks_in_progress_nodes_interrupted(booter, store):
     store.record("52:54:00:00:00:01", "step-started", {"step": "disk"}, state="disk")
     store.record("52:54:00:00:00:02", "deployed", {}, state="deployed")
-    Provisioner(booter).recover()
+    booter.provisioner().recover()
     node = store.node("52:54:00:00:00:01")
     assert node.state == "interrupted" and node.reprovision  # its half-made disk may be wiped next time
     assert store.events(node.mac)[-1].detail == {"reason": "the server stopped during disk"}
@@ -47,12 +46,12 @@ def queue_job(store, mac: str, owner: str | None = None, state: str | None = Non
         store.record(mac, "step-started", {"step": state}, state=state)
 
 
-def test_restart_settles_this_replicas_jobs_and_leaves_the_others(booter):
-    store, me = booter.store, booter.store.replica
+def test_restart_settles_this_replicas_jobs_and_leaves_the_others(booter, store):
+    me = store.replica
     queue_job(store, "52:54:00:00:00:01", owner=me, state="deploy")
     queue_job(store, "52:54:00:00:00:02", owner="other", state="deploy")
     queue_job(store, "52:54:00:00:00:03")  # accepted by this replica, not claimed yet
-    Provisioner(booter).recover()
+    booter.provisioner().recover()
     for mac in ("52:54:00:00:00:01", "52:54:00:00:00:03"):
         assert store.node(mac).state == "interrupted" and store.job(mac).state == "done"
     # Another replica's job is its own business: it renews the lease, or its lapse hands the job over.
@@ -60,17 +59,16 @@ def test_restart_settles_this_replicas_jobs_and_leaves_the_others(booter):
     assert (store.job("52:54:00:00:00:02").state, store.job("52:54:00:00:00:02").owner) == ("running", "other")
 
 
-async def test_jobs_of_a_replica_whose_lease_lapsed_are_resumed_unless_they_were_over(booter):
-    store = booter.store
+async def test_jobs_of_a_replica_whose_lease_lapsed_are_resumed_unless_they_were_over(booter, store):
     # Node 1 was mid-deploy; node 2 was deployed, but its replica died before closing the job.
     queue_job(store, MAC, owner="dead", state="deploy", lease=-1)
     queue_job(store, "52:54:00:00:00:02", owner="dead", lease=-1)
     store.record("52:54:00:00:00:02", "deployed", {}, state="deployed")
     before = len(store.events("52:54:00:00:00:02"))
-    provisioner = Provisioner(booter)
+    provisioner = booter.provisioner()
     provisioner.start()
     try:
-        await eventually(lambda: all(store.job(m).state == "done" for m in (MAC, "52:54:00:00:00:02")))
+        await until_async(lambda: all(store.job(m).state == "done" for m in (MAC, "52:54:00:00:00:02")))
     finally:
         await provisioner.stop()
     resumed = next(e for e in store.events(MAC) if e.kind == "resumed")
@@ -81,25 +79,23 @@ async def test_jobs_of_a_replica_whose_lease_lapsed_are_resumed_unless_they_were
     assert len(store.events("52:54:00:00:00:02")) == before  # closed, not provisioned again
 
 
-def test_node_that_never_phones_home_fails_with_a_reason(booter):
-    store = booter.store
+def test_node_that_never_phones_home_fails_with_a_reason(booter, store, config):
     store.record("52:54:00:00:00:01", "file-served", {"file": "vmlinuz"}, state="kernel-served")
-    provisioner = Provisioner(booter)
+    provisioner = booter.provisioner()
     provisioner.sweep()
     assert store.node("52:54:00:00:00:01").state == "kernel-served"  # not yet due
-    provisioner.sweep(now=time.time() + booter.config.server.phone_home_minutes * 60 + 1)
+    provisioner.sweep(now=time.time() + config.server.phone_home_minutes * 60 + 1)
     node = store.node("52:54:00:00:00:01")
     assert node.state == "failed"
     assert "did not phone home within 20 minutes" in store.events(node.mac)[-1].detail["reason"]
 
 
-def test_the_sweep_prunes_tokens_a_week_after_they_expire(booter, caplog):
+def test_the_sweep_prunes_tokens_a_week_after_they_expire(booter, store, caplog):
     caplog.set_level(logging.INFO, logger="bootserver.provision.jobs")
-    store = booter.store
     store.record("52:54:00:00:00:01", "script-served", state="script-served")
     expired = time.time() - 60
     store.add_token(Token("spent", "hash", "52:54:00:00:00:01", expired - 1800, expired))
-    provisioner = Provisioner(booter)
+    provisioner = booter.provisioner()
     provisioner.sweep()
     assert store.token("spent") is not None, "kept a week: a replay is told it was used, not that it is unknown"
     provisioner.sweep(now=expired + TOKEN_KEEP_SECONDS + 1)
@@ -107,41 +103,37 @@ def test_the_sweep_prunes_tokens_a_week_after_they_expire(booter, caplog):
     assert "pruned 1 phone-home tokens that expired over 7 days ago" in caplog.text
 
 
-def test_the_sweep_prunes_events_older_than_event_days_when_set(booter, caplog):
+def test_the_sweep_prunes_events_older_than_event_days_when_set(booter, store, config, caplog):
     caplog.set_level(logging.INFO, logger="bootserver.provision.jobs")
-    store = booter.store
     store.record("52:54:00:00:00:01", "dhcp", {"message": "DISCOVER"})
     later = time.time() + 2 * 86400
-    Provisioner(booter).sweep(now=later)
+    booter.provisioner().sweep(now=later)
     assert len(store.events("52:54:00:00:00:01")) == 1, "kept: event_days is not set"
-    booter.config = dataclasses.replace(booter.config, server=dataclasses.replace(booter.config.server, event_days=1))
-    Provisioner(booter).sweep(now=later)
+    booter.reload(dataclasses.replace(config, server=dataclasses.replace(config.server, event_days=1)))
+    booter.provisioner().sweep(now=later)
     assert store.events("52:54:00:00:00:01") == [] and store.node("52:54:00:00:00:01") is not None
     assert "pruned 1 events older than 1 days" in caplog.text
 
 
-def test_job_context_lists_the_whole_group(booter):
-    store = booter.store
+def test_job_context_lists_the_whole_group(booter, store):
     store.record("52:54:00:00:00:01", "x", {})
     store._db.execute("UPDATE machines SET ip = '10.0.0.1', host_key = 'ssh-ed25519 AAAA' WHERE mac = ?",
                       ("52:54:00:00:00:01",))
     node = store.node("52:54:00:00:00:01")
-    context = Provisioner(booter).context(node, "raft", "raft", "node1")
+    context = booter.job_context(node.mac, "raft", "raft", "node1")
     assert [(m["hostname"], m["ip"]) for m in context["group"]] == [("node1", "10.0.0.1"), ("node2", None)]
     assert context["node"]["hostname"] == "node1"
 
 
-def test_job_context_groups_by_reported_facts_and_follows_a_config_change(booter):
-    store = booter.store
+def test_job_context_groups_by_reported_facts_and_follows_a_config_change(booter, store, config):
     admit(store, "52:54:00:00:00:01")
     admit(store, "52:54:00:00:00:02", facts={"platform": "efi", "arch": "x86_64"})
     node = store.node("52:54:00:00:00:01")
-    provisioner = Provisioner(booter)
     # node2 booted on EFI: it belongs to the more specific raft-efi group, not to node1's.
-    assert [m["hostname"] for m in provisioner.context(node, "raft", "raft", "node1")["group"]] == ["node1"]
-    booter.config = dataclasses.replace(booter.config, groups=tuple(
-        g for g in booter.config.groups if g.name != "raft-efi"))  # as a reload would
-    assert [m["hostname"] for m in provisioner.context(node, "raft", "raft", "node1")["group"]] == ["node1", "node2"]
+    assert [m["hostname"] for m in booter.job_context(node.mac, "raft", "raft", "node1")["group"]] == ["node1"]
+    booter.reload(dataclasses.replace(config, groups=tuple(
+        g for g in config.groups if g.name != "raft-efi")))  # as a reload would
+    assert [m["hostname"] for m in booter.job_context(node.mac, "raft", "raft", "node1")["group"]] == ["node1", "node2"]
 
 
 def test_members_are_every_admitted_machine_with_its_address_and_group_facts(store):
@@ -152,20 +144,20 @@ def test_members_are_every_admitted_machine_with_its_address_and_group_facts(sto
                                                             Member("52:54:00:00:00:02", "10.0.0.2", None, None)]
 
 
-def test_profile_without_disk_or_deploy_needs_no_job(booter):
-    booter.store.record("52:54:00:00:00:01", "x", {})
-    assert Provisioner(booter).job(booter.store.node("52:54:00:00:00:01")) is None
-    assert booter.store.events("52:54:00:00:00:01")[-1].kind == "nothing-to-provision"
+def test_profile_without_disk_or_deploy_needs_no_job(booter, store):
+    store.record("52:54:00:00:00:01", "x", {})
+    assert booter.provision_job(store.node("52:54:00:00:00:01"), 22) is None
+    assert store.events("52:54:00:00:00:01")[-1].kind == "nothing-to-provision"
 
 
-def test_deployed_machine_boots_its_disk_until_reprovisioned(booter):
+def test_deployed_machine_boots_its_disk_until_reprovisioned(booter, store):
     from bootserver.booter import Urls
 
     urls = Urls("http://h", "http://h")
-    booter.store.record("52:54:00:00:00:01", "deployed", {}, state="deployed")
+    store.record("52:54:00:00:00:01", "deployed", {}, state="deployed")
     assert "sanboot" in booter.machine_script("52:54:00:00:00:01", {}, urls, "http").data.decode()
     booter.reprovision("52-54-00-00-00-01")
-    node = booter.store.node("52:54:00:00:00:01")
+    node = store.node("52:54:00:00:00:01")
     assert node.reprovision and node.state == "reprovision"
     assert "kernel http://h/boot/" in booter.machine_script("52:54:00:00:00:01", {}, urls, "http").data.decode()
 
@@ -214,7 +206,7 @@ async def _dies_then_waits_for_its_phone_home(app: web.Application, http: aiohtt
     store = app[STORE]
     await boot_and_phone_home(http, base, node.host_key_line)
     # Detected by keep-alive (~1.5 s here; the 600 s command timeout would be far later).
-    await eventually(lambda: store.node(MAC).state == "interrupted", timeout=15)
+    await until_async(lambda: store.node(MAC).state == "interrupted", timeout=15)
     events = store.events(MAC)
     failed = next(e for e in events if e.kind == "step-failed")
     assert failed.detail["step"] == "disk" and "keepalive" in failed.detail["error"]
@@ -235,6 +227,6 @@ async def _dies_then_waits_for_its_phone_home(app: web.Application, http: aiohtt
 
     # It phones home again: provisioned again, now allowed to wipe (the guard no longer asks sfdisk).
     await boot_and_phone_home(http, base, node.host_key_line)
-    await eventually(lambda: len(node.commands) >= 2, timeout=10)
+    await until_async(lambda: len(node.commands) >= 2, timeout=10)
     assert "sfdisk -d" not in node.commands[1]
-    await eventually(lambda: store.node(MAC).state == "interrupted", timeout=15)
+    await until_async(lambda: store.node(MAC).state == "interrupted", timeout=15)

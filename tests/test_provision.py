@@ -1,4 +1,4 @@
-"""Provisioning over real SSH (tests/sshd.py on 127.0.0.1): commands and SFTP do real work in temp dirs."""
+"""Provisioning over real SSH (tests/support/sshd.py on 127.0.0.1): commands and SFTP do real work in temp dirs."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from sshd import TestSSHServer, ssh_server
-from test_pki import forged_request
+from support.csr import forged_request
+from support.sshd import TestSSHServer, ssh_server
+from support.wait import until_async
 
+from bootserver.config import DeployFile, Deployment, DiskLayout, Partition, Unit
+from bootserver.config.deploy import deployment_from_toml
 from bootserver.errors import BootserverError, ConfigError
-from bootserver.profiles import DeployFile, Deployment, DiskLayout, Partition, Unit, deployment_from_toml
 from bootserver.provision import deploy as deploy_module
 from bootserver.provision.deploy import DeployError, deploy
 from bootserver.provision.pki import ServerKeys
@@ -395,11 +397,7 @@ async def test_input_and_timeout(sshd, keys, tmp_path):
         assert time.monotonic() - started < 5
     # The timed-out command was killed on the node, not left running behind a closed channel.
     pid = int(pidfile.read_text())
-    for _ in range(50):
-        if not _running(pid):
-            break
-        await asyncio.sleep(0.05)
-    assert not _running(pid)
+    await until_async(lambda: not _running(pid), 2.5, what=f"the timed-out command (pid {pid}) to end")
 
 
 async def test_host_key_mismatch_runs_nothing(sshd, keys):

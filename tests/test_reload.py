@@ -3,37 +3,24 @@ request, a bad one is refused with its key named in the log and the last good co
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from support.config import section, server_section
 from support.net import free_port
+from support.serve import serving
+from support.wait import until_async
 
 MAC = "52:54:00:00:00:01"
 
 
-
-
 def site(data: Path, port: int, hostname: str, extra: str = "") -> str:
-    return (f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{data}"\n'
-            '[assets]\nkernel = "images/vmlinuz"\n'
+    return (server_section(data, http=f"127.0.0.1:{port}") + '[assets]\nkernel = "images/vmlinuz"\n'
             '[profiles.p]\nkernel = "kernel"\ncmdline = "hostname={{ hostname }}"\n[groups.all]\nprofile = "p"\n'
             f'[machines."{MAC}"]\nhostname = "{hostname}"\n{extra}')
-
-
-async def until(predicate, what: str, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not (result := await predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.05)
-    return result
 
 
 @pytest.fixture
@@ -45,14 +32,8 @@ def served(tmp_path: Path):
     config = tmp_path / "site.toml"
     config.write_text(site(data, port, "before"))
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bootserver", "--config", str(config), "serve"],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with serving(config, log) as process:
         yield process, config, data, port, log
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 async def test_sighup_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_file(served):
@@ -70,19 +51,19 @@ async def test_sighup_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_f
         async def logged(text: str) -> bool:
             return text in log.read_text()
 
-        assert await until(hostname, "serving") == "before"
+        assert await until_async(hostname, what="serving") == "before"
 
         # A good file: applied from the next request. The HTTP address needs a restart: kept, and said so.
         config.write_text(site(data, free_port(), "after"))
         process.send_signal(signal.SIGHUP)
-        await until(lambda: _is(hostname, "after"), "the new hostname")
-        await until(lambda: logged("reload: [server] http changed, not applied: restart bootserver for it"),
-                    "the warning about [server] http")
+        await until_async(lambda: _is(hostname, "after"), what="the new hostname")
+        await until_async(lambda: logged("reload: [server] http changed, not applied: restart bootserver for it"),
+                          what="the warning about [server] http")
 
         # A bad file: refused, the key named, the last good configuration serves on.
         config.write_text(site(data, port, "broken", extra='colour = "red"\n'))
         process.send_signal(signal.SIGHUP)
-        await until(lambda: logged("reload refused"), "the refusal in the log")
+        await until_async(lambda: logged("reload refused"), what="the refusal in the log")
         refusal = next(line for line in log.read_text().splitlines() if "reload refused" in line)
         assert f"{config}: [machines.\"{MAC}\"]: unknown key 'colour'" in refusal, refusal
         assert await hostname() == "after"
@@ -91,7 +72,7 @@ async def test_sighup_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_f
         # And the next good file is applied again.
         config.write_text(site(data, port, "third"))
         process.send_signal(signal.SIGHUP)
-        await until(lambda: _is(hostname, "third"), "the third hostname")
+        await until_async(lambda: _is(hostname, "third"), what="the third hostname")
     assert "Traceback" not in log.read_text()
 
 
@@ -105,7 +86,7 @@ def test_a_new_database_or_replica_name_needs_a_restart(tmp_path: Path):
 
     def load(extra: str) -> configuration.Config:
         path = tmp_path / "site.toml"
-        path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n{extra}')
+        path.write_text(section("server", data_dir=tmp_path) + extra)
         return configuration.load(path)
 
     old = load('replica = "a"\n')

@@ -1,7 +1,8 @@
 """Two real `bootserver serve` replicas on loopback sharing one PostgreSQL database.
 
-Each replica is its own process (so `kill -9` is real) with its own data_dir, HTTP port and name, the same
-`database` and `secret_key_file`. Nodes are real SSH servers (tests/sshd.py) in this process.
+Each replica (tests/support/replicas.py) is its own process (so `kill -9` is real) with its own data_dir, HTTP
+port and name, the same `database` and `secret_key_file`. Nodes are real SSH servers (tests/support/sshd.py) in
+this process.
 """
 
 from __future__ import annotations
@@ -11,17 +12,16 @@ import contextlib
 import itertools
 import json
 import re
-import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import psycopg
-from sshd import ssh_server
 from support.http import read_event
-from support.net import free_port
+from support.replicas import Replica
+from support.sshd import ssh_server
+from support.wait import until_async
 
 from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store
@@ -29,47 +29,6 @@ from bootserver.store import Store
 
 def mac(i: int) -> str:
     return f"52:54:00:cc:{i >> 8:02x}:{i & 0xFF:02x}"
-
-
-class Replica:
-    """`bootserver serve` as its own process, named `name`, on the shared `database`; `site` is the rest of
-    its config (assets, profiles, machines), `server` more [server] settings."""
-
-    def __init__(self, name: str, tmp_path: Path, database: str, site: str, server: str = "",
-                 port: int | None = None) -> None:
-        self.name = name
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data = tmp_path / name
-        (self.data / "images").mkdir(parents=True, exist_ok=True)
-        self.config = tmp_path / f"{name}.toml"
-        self.config.write_text(
-            f'[server]\nhttp = "127.0.0.1:{self.port}"\ntftp = "off"\ndata_dir = "{self.data}"\n'
-            'new_machines_per_minute = 100000\n'
-            f'database = "{database}"\nreplica = "{name}"\nsecret_key_file = "{tmp_path / "secret.key"}"\n'
-            f'job_lease_seconds = 2\nprovision_concurrency = 16\n{server}\n{site}')
-        self.log = tmp_path / f"{name}.log"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bootserver", "--config", str(self.config), "--log-level", "warning", "serve",
-                stdout=log, stderr=log)
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.url}/healthz") as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"replica {self.name} did not start:\n{self.log.read_text()}")
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-            await self.process.wait()
 
 
 @contextlib.asynccontextmanager
@@ -109,14 +68,16 @@ async def phone_home(http: aiohttp.ClientSession, replica: Replica, i: int, toke
 
 
 async def until_all(store: Store, macs: list[str], states: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        now = {m: store.node(m).state for m in macs}
-        if all(s in states for s in now.values()):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not all {states} after {timeout} s: {Counter(now.values())}")
-        await asyncio.sleep(0.2)
+    def states_now() -> Counter:
+        return Counter(store.node(m).state for m in macs)
+
+    await until_async(lambda: set(states_now()) <= states, timeout, interval=0.2,
+                      what=lambda: f"all of {sorted(states)}; now {dict(states_now())}")
+
+
+def provisioning_on_a(store: Store, count: int) -> list[str]:
+    """The machines replica a is deploying right now."""
+    return [m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.node(m).state == "deploy"]
 
 
 async def test_two_hundred_phone_homes_over_two_replicas_make_two_hundred_jobs(postgres, tmp_path: Path):
@@ -154,10 +115,7 @@ async def test_a_replica_killed_mid_provisioning_leaves_its_jobs_to_the_other(po
         for i in range(count):
             assert await phone_home(http, a, i, await token_for(http, a, i), nodes[i].host_key_line) == 202
         # a claims at once (b only polls): wait until a is in the middle of some deploys, then kill it
-        deadline = time.monotonic() + 20
-        while not [m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.node(m).state == "deploy"]:
-            assert time.monotonic() < deadline, "replica a never started provisioning"
-            await asyncio.sleep(0.05)
+        await until_async(lambda: provisioning_on_a(store, count), 20, what="replica a to start provisioning")
         held_by_a = {m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.job(m).state == "running"}
         assert held_by_a, "replica a held no running job when it was stopped: the takeover below would prove nothing"
         await a.kill()
@@ -210,10 +168,7 @@ async def test_a_replica_cut_off_from_the_database_stops_its_jobs_before_the_oth
         store = Store(database, replica="observer")
         for i in range(count):
             assert await phone_home(http, a, i, await token_for(http, a, i), nodes[i].host_key_line) == 202
-        deadline = time.monotonic() + 20
-        while not [m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.node(m).state == "deploy"]:
-            assert time.monotonic() < deadline, "replica a never started provisioning"
-            await asyncio.sleep(0.05)
+        await until_async(lambda: provisioning_on_a(store, count), 20, what="replica a to start provisioning")
         held_by_a = {m for m in map(mac, range(count)) if store.job(m).owner == "a" and store.job(m).state == "running"}
         assert held_by_a, "replica a held no running job when it was stopped: the takeover below would prove nothing"
         with psycopg.connect(postgres.url("postgres"), autocommit=True) as admin:

@@ -7,37 +7,23 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from support.config import server_section
 from support.net import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
+from support.serve import serving
 
 
 def serve(tmp_path: Path, nofile: str) -> tuple[str, str]:
     """Start `bootserver serve` under `prlimit --nofile=SOFT:HARD`; (its /proc limits line, its log) once it serves."""
     config = tmp_path / "site.toml"
-    config.write_text(f'[server]\nhttp = "127.0.0.1:{free_port(socket.SOCK_STREAM)}"\n'
-                      f'tftp = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"\ndata_dir = "{tmp_path / "data"}"\n')
+    config.write_text(server_section(tmp_path / "data", http=f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+                                     tftp=f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"))
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(["prlimit", f"--nofile={nofile}", sys.executable, "-m", "bootserver", "--config",
-                                    str(config), "serve"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 15
-        while "serving HTTP on" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+    with serving(config, log, prefix=["prlimit", f"--nofile={nofile}"]) as process:
         limits = Path(f"/proc/{process.pid}/limits").read_text()
         return next(line for line in limits.splitlines() if line.startswith("Max open files")), log.read_text()
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path):

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import struct
@@ -27,13 +28,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support.config import server_section
 from support.net import free_port
+from support.serve import ROOT, answers_async, serve_command
+from support.wait import until_async
 
 from bootserver.dhcp import DISCOVER, DhcpPacket
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
 
 
 class Server:
@@ -52,8 +52,8 @@ class Server:
         self.dhcp, self.pxe = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
         self.config = tmp_path / "site.toml"
         self.config.write_text(
-            f'[server]\nhttp = "127.0.0.1:{self.http}"\ntftp = "127.0.0.1:{self.tftp}"\ndata_dir = "{self.data}"\n'
-            'new_machines_per_minute = 100000\n'
+            server_section(self.data, http=f"127.0.0.1:{self.http}", tftp=f"127.0.0.1:{self.tftp}",
+                           new_machines_per_minute=100000) +
             f'[assets]\nkernel = "{images / "vmlinuz"}"\n'
             '[profiles.p]\nkernel = "kernel"\n[groups.all]\nprofile = "p"\n'
             f'[dhcp]\nmode = "proxy"\nserver_address = "127.0.0.1"\nport = {self.dhcp}\nproxy_port = {self.pxe}\n')
@@ -61,8 +61,7 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        script = (f'mount -o loop "{self.image}" "{self.data}" && exec "{sys.executable}" -m bootserver '
-                  f'--config "{self.config}" serve')
+        script = f'mount -o loop "{self.image}" "{self.data}" && exec {shlex.join(serve_command(self.config))}'
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -112,15 +111,11 @@ def server(tmp_path: Path):
 
 
 async def wait_serving(server: Server, session: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    async def serving() -> bool:
         assert server.alive(), server.log.read_text()
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(f"http://127.0.0.1:{server.http}/healthz") as response:
-                if response.status == 200:
-                    return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not serving within 10 s:\n{server.log.read_text()}")
+        return await answers_async(session, f"http://127.0.0.1:{server.http}/healthz")
+
+    await until_async(serving, 10, interval=0.05, what=lambda: f"the server to serve:\n{server.log.read_text()}")
 
 
 def fill(path: Path) -> None:

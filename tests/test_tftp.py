@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import tftpy
+from support.wait import until_async
 
 from bootserver.errors import BadRequest
 from bootserver.payload import Payload, resolve_under
@@ -50,11 +51,9 @@ class Env:
 
     async def wait_done(self, count: int = 1) -> list[Transfer]:
         """on_done runs on the server's side after the last ACK, so the client may finish first."""
-        for _ in range(500):
-            if len(self.done) >= count:
-                return self.done
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"on_done called {len(self.done)} times, expected {count}")
+        await until_async(lambda: len(self.done) >= count, interval=0.01,
+                          what=lambda: f"on_done {count} times (called {len(self.done)} times)")
+        return self.done
 
 
 def make_tree(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:

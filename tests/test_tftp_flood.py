@@ -16,7 +16,7 @@ import struct
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import eventually
+from support.wait import until_async
 
 from bootserver import tftp
 from bootserver.app import CONFIG, STORE, TFTP, http_address, init_app, running, tftp_address
@@ -133,12 +133,12 @@ async def _flood_and_recover(app: web.Application) -> None:
 
     # Nobody ACKs: every session is dropped after one retransmission (timeout * 2 = 6 s), nothing leaks.
     deadline = tftp_server.timeout * (tftp.UNANSWERED_RETRIES + 1) + 5
-    await eventually(lambda: tftp_server.sessions == 0, timeout=deadline)
+    await until_async(lambda: tftp_server.sessions == 0, timeout=deadline)
     for sock in burst + spread + fresh + late:
         sock.close()
     # Not above the baseline: no socket or file of the flood leaked (fewer is fine: the test process
     # itself may close something meanwhile).
-    await eventually(lambda: open_fds() <= baseline, timeout=5)
+    await until_async(lambda: open_fds() <= baseline, timeout=5)
     failed = [e for e in app[STORE].events("52:54:00:00:00:01") if e.kind == "file-failed"]
     assert len(failed) == tftp.MAX_SESSIONS_PER_CLIENT
     assert {e.detail["error"] for e in failed} == {f"never answered: dropped after {tftp.UNANSWERED_RETRIES} retries"}

@@ -16,13 +16,14 @@ import aiohttp
 import asyncssh
 import pytest
 from aiohttp import web
-from conftest import eventually
-from sshd import ssh_server
+from support.config import server_section
 from support.net import free_port
+from support.sshd import ssh_server
+from support.wait import until_async
 
 from bootserver import config as configuration
 from bootserver.admission import RateLimit, canonical_uuid, same_uuid, strict_ip
-from bootserver.app import CORE, STORE, http_address, init_app, running
+from bootserver.app import CORE, PROVISIONER, STORE, http_address, init_app, running
 from bootserver.booter import Urls
 from bootserver.errors import BadRequest, Forbidden
 
@@ -30,8 +31,6 @@ REAL, FORGER = "127.0.0.2", "127.0.0.3"
 MAC = "52:54:00:00:40:01"
 PATH = MAC.replace(":", "-")
 SECRET = "DATABASE_PASSWORD=hunter2-of-the-real-machine\n"
-
-
 
 
 def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | None = None) -> configuration.Config:
@@ -43,7 +42,7 @@ def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | Non
     (data / "files").mkdir()
     (data / "files" / "app.env").write_text(SECRET)
     node_root = tmp_path / "node"  # where the fake nodes' files land (they run on this host)
-    text = (f'[server]\nhttp = "127.0.0.1:0"\ntftp = "off"\ndata_dir = "{data}"\n{server}\n'
+    text = (server_section(data) + f'{server}\n'
             '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
             '[profiles.app]\nkernel = "kernel"\ninitrd = ["initrd"]\n'
             '[profiles.app.deploy]\n'
@@ -210,7 +209,7 @@ async def test_a_kernel_request_never_moves_a_deployed_machine(tmp_path):
         async with session_from(FORGER) as s, s.get(f"{base}/boot/{PATH}/kernel") as r:
             assert r.status == 200
             await r.read()
-        await eventually(lambda: "file-served" in kinds(app))
+        await until_async(lambda: "file-served" in kinds(app))
         assert app[STORE].node(MAC).state == "deployed"
         _, text = await script(base, FORGER)
         assert token_in(text) is None and "sanboot" in text or "exit" in text
@@ -235,12 +234,12 @@ async def test_provisioning_connects_to_the_caller_not_to_the_address_it_reports
     config = site(tmp_path)
     port = free_port(host=REAL)
     async with served(config, ssh_port=port) as (app, base), \
-            ssh_server(app[CORE].keys.ssh_public, host=REAL, port=port) as caller, \
-            ssh_server(app[CORE].keys.ssh_public, host="127.0.0.9", port=port) as victim:
+            ssh_server(app[PROVISIONER].keys.ssh_public, host=REAL, port=port) as caller, \
+            ssh_server(app[PROVISIONER].keys.ssh_public, host="127.0.0.9", port=port) as victim:
         _, text = await script(base, REAL)
         status, _ = await phone_home(base, REAL, token_in(text), caller.host_key_line, ip="127.0.0.9")
         assert status == 202
-        await eventually(lambda: app[STORE].node(MAC).state in ("deployed", "failed"), timeout=20)
+        await until_async(lambda: app[STORE].node(MAC).state in ("deployed", "failed"), timeout=20)
         assert app[STORE].node(MAC).state == "deployed", kinds(app)
         assert caller.connections and not victim.connections
         node = app[STORE].node(MAC)
@@ -318,21 +317,21 @@ async def test_forgeries_with_a_silent_sshd_hold_at_most_their_sources_slots(tmp
     port = free_port(host=REAL)
     slow = {"job_seconds": 6, "command_timeout": 600, "keepalive_interval": 600}
     async with served(config, ssh_port=port, **slow) as (app, base), \
-            ssh_server(app[CORE].keys.ssh_public, host=FORGER, port=port, hang_on="sync") as silent, \
-            ssh_server(app[CORE].keys.ssh_public, host=REAL, port=port) as real:
+            ssh_server(app[PROVISIONER].keys.ssh_public, host=FORGER, port=port, hang_on="sync") as silent, \
+            ssh_server(app[PROVISIONER].keys.ssh_public, host=REAL, port=port) as real:
         forged = [f"52:54:00:00:41:{i:02x}" for i in range(8)]
         for mac in forged:
             path = mac.replace(":", "-")
             _, text = await script(base, FORGER, path)
             assert (await phone_home(base, FORGER, token_in(text), silent.host_key_line, path))[0] == 202
-        await eventually(lambda: len(silent.connections) >= 2, timeout=10)
+        await until_async(lambda: len(silent.connections) >= 2, timeout=10)
         _, text = await script(base, REAL)
         assert (await phone_home(base, REAL, token_in(text), real.host_key_line))[0] == 202
-        await eventually(lambda: app[STORE].node(MAC).state == "deployed", timeout=10)
+        await until_async(lambda: app[STORE].node(MAC).state == "deployed", timeout=10)
         assert len(silent.connections) == 2  # the other six wait their turn behind their own source
         states = {m: app[STORE].node(m).state for m in forged}
         assert sum(s == "deploy" for s in states.values()) == 2, states
-        await eventually(lambda: sum(app[STORE].node(m).state == "failed" for m in forged) >= 2, timeout=15)
+        await until_async(lambda: sum(app[STORE].node(m).state == "failed" for m in forged) >= 2, timeout=15)
         failed = next(e for m in forged for e in app[STORE].events(m) if e.kind == "failed")
         assert "did not finish within 0.1 minutes ([server] job_minutes)" in failed.detail["reason"]
 
@@ -419,10 +418,10 @@ def test_uuids_compare_in_either_smbios_byte_order():
 # -- where the call really came from --------------------------------------------------------------------------
 
 
-def test_full_dhcp_mode_binds_the_phone_home_to_the_leased_address(booter):
+def test_full_dhcp_mode_binds_the_phone_home_to_the_leased_address(booter, store, config):
     """In full DHCP mode we leased the MAC its address: a phone-home from any other is not that machine."""
     dhcp = configuration.DhcpConfig(mode="full")
-    booter.config = dataclasses.replace(booter.config, dhcp=dhcp)
+    booter.reload(dataclasses.replace(config, dhcp=dhcp))
     mac = "52:54:00:00:00:05"
     urls = Urls("http://h", "http://h")
     text = booter.machine_script(mac, {}, urls, "http", "10.0.0.7").data.decode()
@@ -430,10 +429,10 @@ def test_full_dhcp_mode_binds_the_phone_home_to_the_leased_address(booter):
     report = {"token": token, "host_key": a_host_key()}
     with pytest.raises(Forbidden, match="holds no lease"):
         booter.phone_home(mac, report, "10.0.0.7")
-    booter.store.bind_lease(mac, "10.0.0.8", time.time() + 60)
+    store.bind_lease(mac, "10.0.0.8", time.time() + 60)
     with pytest.raises(Forbidden, match="holds 10.0.0.8"):
         booter.phone_home(mac, report, "10.0.0.7")
-    booter.store.bind_lease(mac, "10.0.0.7", time.time() + 60)
+    store.bind_lease(mac, "10.0.0.7", time.time() + 60)
     assert booter.phone_home(mac, report, "10.0.0.7").ip == "10.0.0.7"
 
 

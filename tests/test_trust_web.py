@@ -1,21 +1,20 @@
 """Trust on the boot network: anyone on it can send any HTTP request. Each test runs a served instance on
 127.0.0.1 and talks to it with a real HTTP client."""
 
-import asyncio
 import contextlib
 import dataclasses
 import os
 import socket
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import api_token, bearer
+from support.config import server_section
+from support.http import api_token, bearer
 from support.net import free_port
+from support.serve import answers, serving
+from support.wait import until, until_async
 
 from bootserver.app import STORE, http_address, init_app, running
 
@@ -166,10 +165,7 @@ async def test_live_streams_are_capped_per_client_and_in_all(config):
             async with second.get(f"{base}/stream") as response:
                 return response.status == 200
 
-        deadline = time.monotonic() + 5
-        while not await admitted():
-            assert time.monotonic() < deadline, "a closed stream did not free its place"
-            await asyncio.sleep(0.1)
+        await until_async(admitted, what="a closed stream to free its place", interval=0.1)
         for stream in open_streams:
             stream.close()
 
@@ -206,35 +202,20 @@ async def test_hostile_numbers_and_nesting_are_400_with_a_message(config, method
 # -- finding 11: file modes --------------------------------------------------------------------------------------
 
 
-
-
 async def test_serve_makes_its_files_private_under_a_permissive_umask(tmp_path):
     """finding 11: `bootserver serve` sets umask 077: its store, the store's WAL, its keys and the token file
     are not readable by group or others, though it was started with umask 022."""
     port, data = free_port(), tmp_path / "data"
     config = tmp_path / "site.toml"
-    config.write_text(f'[server]\nhttp = "127.0.0.1:{port}"\ntftp = "off"\ndata_dir = "{data}"\n')
-    process = subprocess.Popen([sys.executable, "-m", "bootserver", "--config", str(config), "serve"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               preexec_fn=lambda: os.umask(0o022))
-    try:
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as http:
-            while True:  # the first boot script: the store records it (and its WAL holds it)
-                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"http://127.0.0.1:{port}/boot/{URL_MAC}.ipxe") as response:
-                        if response.status == 200:
-                            break
-                await asyncio.sleep(0.1)
+    config.write_text(server_section(data, http=f"127.0.0.1:{port}"))
+    with serving(config, tmp_path / "server.log", preexec_fn=lambda: os.umask(0o022)):
+        # the first boot script: the store records it (and its WAL holds it)
+        until(lambda: answers(f"http://127.0.0.1:{port}/boot/{URL_MAC}.ipxe"), 20, what="the first boot script")
         store = data / "bootserver.sqlite3"
         for path in (store, store.with_name(store.name + "-wal"), data / "api_token", data / "keys" / "ca.key"):
             assert path.is_file(), path
         for path in (p for p in data.rglob("*") if p.is_file()):  # keys/ and everything else too
             assert mode(path) & 0o077 == 0, f"{path}: {mode(path):04o}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 # -- [server] pages = "token" -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from qemu import DEFAULT_MAC, OVMF, Vm
+from support.qemu import DEFAULT_MAC, OVMF, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration

@@ -19,12 +19,13 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from qemu import DEFAULT_MAC, Vm, free_port
 from support.disk import blkid, debugfs, loop_device
+from support.net import free_port
+from support.qemu import DEFAULT_MAC, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
-from bootserver.app import CORE, STORE, http_address, init_app, running
+from bootserver.app import PROVISIONER, STORE, http_address, init_app, running
 from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
@@ -157,11 +158,11 @@ def check_disk(disk: Path, app: web.Application) -> None:
         assert rendered.startswith('node = "node1"\n')
         assert 'name = "node1"' in rendered and 'name = "node2"' in rendered  # the whole group
         cert = x509.load_pem_x509_certificate(debugfs(device, "cat /etc/raft/tls/node.crt"))
-        ca = x509.load_pem_x509_certificate(app[CORE].keys.ca_pem)
+        ca = x509.load_pem_x509_certificate(app[PROVISIONER].keys.ca_pem)
         cert.verify_directly_issued_by(ca)  # chains to our CA
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert "node1" in san.get_values_for_type(x509.DNSName)
-        assert debugfs(device, "cat /etc/raft/tls/ca.crt") == app[CORE].keys.ca_pem
+        assert debugfs(device, "cat /etc/raft/tls/ca.crt") == app[PROVISIONER].keys.ca_pem
         # The key the agent's openssl made on the node, 0600, and the one the certificate is for.
         assert re.search(r"Mode:\s+0600\b", debugfs(device, "stat /etc/raft/tls/node.key").decode())
         key = serialization.load_pem_private_key(debugfs(device, "cat /etc/raft/tls/node.key"), None)

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu import DEFAULT_MAC, Vm, free_port
-from test_replicas import Replica
+from support.net import free_port
+from support.qemu import DEFAULT_MAC, Vm
+from support.replicas import Replica
 
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage

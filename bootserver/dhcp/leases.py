@@ -1,4 +1,4 @@
-"""The leases of full mode: which address each client gets, kept in the store."""
+"""The leases of full mode: which address each client gets, kept by the core."""
 
 from __future__ import annotations
 
@@ -23,29 +23,29 @@ class Leases:
     """
 
     def __init__(self, booter: Booter, config: DhcpConfig) -> None:
-        self.store = booter.store
+        self.booter = booter
         self.config = config
-        self.reserved = {m.mac: m.ip for m in booter.config.machines.values() if m.ip is not None}
+        self.reserved = booter.reserved_addresses()
         assert config.pool is not None
         first, last = (int(a) for a in config.pool)
         taken = set(self.reserved.values())
-        self.pool = [str(IPv4Address(n)) for n in range(first, last + 1) if IPv4Address(n) not in taken]
+        self.pool = [str(IPv4Address(n)) for n in range(first, last + 1) if str(IPv4Address(n)) not in taken]
 
     def candidates(self, mac: str) -> list[str]:
         reserved = self.reserved.get(mac)
         return [str(reserved)] if reserved is not None else self.pool
 
     def offer(self, mac: str) -> IPv4Address | None:
-        lease = self.store.offer_lease(mac, self.candidates(mac), time.time() + OFFER_SECONDS)
-        return IPv4Address(lease.ip) if lease else None
+        ip = self.booter.offer_lease(mac, self.candidates(mac), time.time() + OFFER_SECONDS)
+        return IPv4Address(ip) if ip else None
 
     def bind(self, mac: str, ip: IPv4Address) -> bool:
         if str(ip) not in self.candidates(mac):
             return False
-        return self.store.bind_lease(mac, str(ip), time.time() + self.config.lease_seconds)
+        return self.booter.bind_lease(mac, str(ip), time.time() + self.config.lease_seconds)
 
     def release(self, mac: str, ip: IPv4Address | None = None) -> bool:
-        return self.store.release_lease(mac, str(ip) if ip is not None else None)
+        return self.booter.release_lease(mac, str(ip) if ip is not None else None)
 
     def decline(self, mac: str, ip: IPv4Address) -> bool:
-        return self.store.decline_lease(mac, str(ip), time.time() + DECLINED_SECONDS)
+        return self.booter.decline_lease(mac, str(ip), time.time() + DECLINED_SECONDS)

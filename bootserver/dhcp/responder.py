@@ -240,9 +240,9 @@ class Responder:
             reply.options[DNS_SERVERS] = b"".join(a.packed for a in config.dns)
         if config.domain:
             reply.options[DOMAIN_NAME] = config.domain.encode()
-        machine = self.booter.config.machines.get(mac)
-        if machine is not None and machine.hostname:
-            reply.options[HOSTNAME] = machine.hostname.encode()  # the [machines] name, so the OS takes it
+        hostname = self.booter.configured_hostname(mac)
+        if hostname:
+            reply.options[HOSTNAME] = hostname.encode()  # the [machines] name, so the OS takes it
 
     def _nak(self, request: DhcpPacket) -> DhcpPacket:
         options = {MESSAGE_TYPE: bytes([NAK]), SERVER_ID: self.server_address.packed}

@@ -12,7 +12,7 @@ The flow, one room per step:
     pki.py      the server's keys: its SSH login key and the CA that signs the node's certificate request
 
 What a profile asks for (its disk layout and deployment, and their TOML) is configuration:
-`bootserver.profiles`. The finish step syncs, unmounts the disk and reboots the node into it.
+`bootserver.config` (disk.py, deploy.py). The finish step syncs, unmounts the disk and reboots the node into it.
 """
 
 from .jobs import Provisioner

@@ -1,7 +1,7 @@
 """Binary deployment: files, rendered config files, TLS certificates and systemd units, over SFTP.
 
 What to deploy is a profile's `[profiles.X.deploy]` table, parsed into a `Deployment` by
-`bootserver.profiles`; this module puts it on the node through a `Runner` (`provision.ssh`).
+`bootserver.config.deploy`; this module puts it on the node through a `Runner` (`provision.ssh`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 import jinja2
 
+from ..config import Deployment, Unit
 from ..errors import BootserverError
-from ..profiles import Deployment, Unit
 
 if TYPE_CHECKING:
     from .pki import IssuedCertificate

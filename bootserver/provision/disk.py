@@ -1,12 +1,12 @@
 """Disk setup: a profile's declarative layout (GPT, partitions, filesystems, mounts; see
-`bootserver.profiles`) turned into the shell commands that make it on the node."""
+`bootserver.config.disk`) turned into the shell commands that make it on the node."""
 
 from __future__ import annotations
 
 import posixpath
 import shlex
 
-from ..profiles import TYPE_GUIDS, DiskLayout, Partition
+from ..config import TYPE_GUIDS, DiskLayout, Partition
 
 # Where the disk's root filesystem is mounted on the node while we deploy onto it.
 TARGET_ROOT = "/mnt"

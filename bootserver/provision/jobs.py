@@ -24,16 +24,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from ..errors import BootserverError, StoreUnavailable
 from ..lifecycle import IN_PROGRESS, STEP_STATES, EventKind, State
-from ..store import JobClaim, Node
-from .ssh import NodeAccess, NodeLost
+from ..settings import ProvisionSettings
+from ..store import JobClaim, Node, Store
+from .pki import ServerKeys
+from .ssh import NodeLost
 from .steps import Job, provision
-
-if TYPE_CHECKING:
-    from ..booter import Booter
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,29 @@ TOKEN_KEEP_SECONDS = 7 * 86400  # an expired token's row is kept this long (for 
 CLAIM_POLL_SECONDS = 1.0  # how soon a job queued through another replica is noticed here
 
 
+class JobPolicy(Protocol):
+    """What the provisioner asks the core (Booter) each time, so that a reloaded config applies to the next job:
+    the provisioner runs jobs and records their outcome; the core decides what a job is."""
+
+    def provision_settings(self) -> ProvisionSettings: ...
+
+    def provision_job(self, node: Node, ssh_port: int) -> Job | None: ...
+
+    def job_source(self, mac: str) -> str | None: ...
+
+    def render_file(self, path: Path, context: dict[str, Any]) -> str: ...
+
+
 class Provisioner:
-    def __init__(self, booter: Booter, ssh_port: int = 22, job_seconds: float | None = None,
-                 **ssh_options: float) -> None:
-        """`ssh_port`, `job_seconds` (instead of [server] job_minutes) and `ssh_options` (provision's timeouts and
-        keep-alives) are for tests, which shorten them."""
-        self.booter = booter
+    def __init__(self, store: Store, keys: ServerKeys, policy: JobPolicy, ssh_port: int = 22,
+                 job_seconds: float | None = None, **ssh_options: float) -> None:
+        """`keys`: the server's, to log in to nodes and sign their certificates. `ssh_port`, `job_seconds`
+        (instead of [server] job_minutes) and `ssh_options` (provision's timeouts and keep-alives) are for tests,
+        which shorten them."""
+        self.store = store
+        self.keys = keys
+        self._policy = policy
         self._job_seconds = job_seconds
-        self.store = booter.store
         self._ssh_port = ssh_port  # where a node's sshd listens unless [machines] says otherwise
         self._running: dict[str, asyncio.Task[None]] = {}  # by MAC: the jobs this replica holds
         self._sources: dict[str, str] = {}  # by MAC: the node address a running job counts against
@@ -65,7 +80,7 @@ class Provisioner:
 
     @property
     def lease_seconds(self) -> float:
-        return self.booter.config.server.job_lease_seconds
+        return self._policy.provision_settings().lease_seconds
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -107,7 +122,8 @@ class Provisioner:
         long expired are deleted (every boot script issues one: unpruned, the table only grows), and
         events older than `[server] event_days` when it is set."""
         now = now or time.time()
-        minutes = self.booter.config.server.phone_home_minutes
+        settings = self._policy.provision_settings()
+        minutes = settings.phone_home_minutes
         deadline = now - minutes * 60
         for node in self.store.nodes_in_state("kernel-served"):
             if node.last_seen < deadline:
@@ -116,7 +132,7 @@ class Provisioner:
         pruned = self.store.prune_tokens(now - TOKEN_KEEP_SECONDS)
         if pruned:
             log.info("pruned %d phone-home tokens that expired over %d days ago", pruned, TOKEN_KEEP_SECONDS // 86400)
-        days = self.booter.config.server.event_days
+        days = settings.event_days
         if days is not None and (pruned := self.store.prune_events(now - days * 86400)):
             log.info("pruned %d events older than %d days ([server] event_days)", pruned, days)
 
@@ -136,11 +152,11 @@ class Provisioner:
         loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(StoreUnavailable):  # logged by the store; the next round tries again
-                while len(self._running) < self.booter.config.server.provision_concurrency:
+                while len(self._running) < self._policy.provision_settings().concurrency:
                     claim = self.store.claim_job(self.replica, self.lease_seconds, self._busy_sources())
                     if claim is None:
                         break
-                    source = self._source_of(claim.mac)
+                    source = self._policy.job_source(claim.mac)
                     if source is not None:
                         self._sources[claim.mac] = source
                     task = loop.create_task(self._run(claim))
@@ -155,16 +171,7 @@ class Provisioner:
         """Node addresses that hold all the jobs one address may hold at once ([server] provision_per_source):
         a forger that claims many MACs from one address, with an sshd that never answers, holds only those."""
         counts = collections.Counter(self._sources.values())
-        return [ip for ip, n in counts.items() if n >= self.booter.config.server.provision_per_source]
-
-    def _source_of(self, mac: str) -> str | None:
-        """The address a job counts against: the one it phoned home from. A machine whose SSH endpoint the
-        operator configured ([machines] ssh) counts against none: that address is not the caller's choice."""
-        machine = self.booter.config.machines.get(mac)
-        if machine is not None and machine.ssh is not None:
-            return None
-        node = self.store.node(mac)
-        return node.ip if node else None
+        return [ip for ip, n in counts.items() if n >= self._policy.provision_settings().per_source]
 
     def _done(self, mac: str) -> None:
         self._running.pop(mac, None)
@@ -219,14 +226,14 @@ class Provisioner:
 
     async def _provision(self, mac: str) -> None:
         node = self.store.node(mac)
-        job = self.job(node) if node else None
+        job = self._policy.provision_job(node, self._ssh_port) if node else None
         if job is None:
             return
-        limit = self._job_seconds or self.booter.config.server.job_minutes * 60
+        limit = self._job_seconds or self._policy.provision_settings().job_seconds
         try:
             async with asyncio.timeout(limit):
-                await provision(job, self.booter.keys, lambda kind, detail: self._record(mac, kind, detail),
-                                render=self.booter.templates.render_file, **self._ssh_options)
+                await provision(job, self.keys, lambda kind, detail: self._record(mac, kind, detail),
+                                render=self._policy.render_file, **self._ssh_options)
         except TimeoutError:
             # A node that stalls (or an sshd that never answers) must not hold a provisioning slot for good.
             self.store.record(mac, "failed", {"reason": f"provisioning did not finish within {limit / 60:g} minutes "
@@ -248,34 +255,3 @@ class Provisioner:
     def _record(self, mac: str, kind: str, detail: dict[str, Any]) -> None:
         state = STEP_STATES.get(detail.get("step", "")) if kind == EventKind.STEP_STARTED else None
         self.store.record(mac, kind, detail, state=state)
-
-    def job(self, node: Node) -> Job | None:
-        """What provisioning `node` means under its profile; None when the profile asks for nothing."""
-        spec = self.booter.boot_spec(node.mac, self.booter.selector_facts(node.facts))
-        profile = spec.profile
-        if profile is None or (profile.disk is None and profile.deploy is None):
-            self.store.record(node.mac, "nothing-to-provision",
-                              {"profile": profile.name if profile else None})
-            return None
-        if node.host_key is None or node.ip is None:
-            raise BootserverError(f"{node.mac} has not phoned home: no pinned host key")
-        machine = self.booter.config.machines.get(node.mac)
-        host, port = (machine.ssh.host, machine.ssh.port) if machine and machine.ssh else (node.ip, self._ssh_port)
-        hostname = self.hostname(node.mac)
-        return Job(
-            mac=node.mac,
-            access=NodeAccess(host, port, node.host_key),
-            hostname=hostname,
-            ips=(node.ip,),
-            disk=profile.disk,
-            wipe=bool(profile.disk and profile.disk.wipe) or node.reprovision,
-            deployment=profile.deploy,
-            context=self.context(node, spec.group, profile.name, hostname),
-        )
-
-    def hostname(self, mac: str) -> str:
-        return self.booter.hostname(mac)
-
-    def context(self, node: Node, group: str | None, profile: str, hostname: str) -> dict[str, Any]:
-        return self.booter.job_context(node.mac, group, profile, hostname)
-

@@ -18,8 +18,8 @@ from typing import Any
 
 import asyncssh
 
+from ..config import Deployment, DiskLayout
 from ..errors import BootserverError
-from ..profiles import Deployment, DiskLayout
 from . import disk
 from .deploy import deploy
 from .pki import IssuedCertificate, ServerKeys

@@ -6,8 +6,10 @@ import re
 import socket
 from urllib.parse import parse_qs
 
-from ..booter import IPXE_BINARIES, OVERLAY_NAME, Booter, Urls
-from ..payload import Payload, resolve_under
+from ..booter import Booter, Urls
+from ..firmware import IPXE_BINARIES
+from ..overlay import OVERLAY_NAME
+from ..payload import Payload
 from .session import Transfer
 from .wire import Address
 
@@ -49,7 +51,7 @@ class Routes:
             return self.booter.overlay(match[1], match[2], self._urls(peer))
         if path in IPXE_BINARIES:
             return self.booter.ipxe_binary(path)
-        return Payload(path, path=resolve_under(self.booter.config.server.tftp_root, path))
+        return self.booter.tftp_file(path)
 
     def record(self, transfer: Transfer) -> None:
         if transfer.payload is not None:

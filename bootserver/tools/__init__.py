@@ -4,5 +4,6 @@
     apt.py         its Debian packages: chosen with apt-cache, fetched and cached as checked .debs
     contents.py    what it carries from them: kernel modules, programs and their shared libraries
     initramfs.py   the reproducible cpio it is written as, with /init and the agent's scripts (agent/)
+    osimage.py     an installable Debian rootfs tarball (`bootserver image os debian`), with os_customize.sh
     lab.py         QEMU VMs on a VDE switch netbooting from bootserver (`bootserver lab`)
 """

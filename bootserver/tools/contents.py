@@ -58,6 +58,10 @@ AGENT_PROGRAMS: dict[str, dict[str, tuple[str, ...]]] = {
     # the node's TLS key is made on the node (genpkey) and only its request (req) goes to the server.
     # There is no /usr/lib/ssl/openssl.cnf: the server passes `openssl req` a config of its own.
     "openssl": {"usr/bin/openssl": ("openssl",)},
+    # OS tarballs and disk images are unpacked by pipe (`zstd -dc | tar -x`): busybox has no zstd,
+    # and xz-utils reads every .xz (busybox's unxz is a minimal decoder); gzip is busybox's own
+    "zstd": {"usr/bin/zstd": ("zstd", "unzstd", "zstdcat")},
+    "xz-utils": {"usr/bin/xz": ("xz", "unxz", "xzcat")},
 }
 # dropbear's SFTP subsystem: the program, kept at its own path; dropbear runs it by the path
 # compiled into it (SFTPSERVER_PATH, /usr/lib/sftp-server on Debian), a symlink to it here.

@@ -31,7 +31,7 @@ METRICS = web.AppKey("metrics", CollectorRegistry)
 
 
 def add_routes(app: web.Application) -> None:
-    app[METRICS] = metrics.registry(app[BOOTER].store)
+    app[METRICS] = metrics.registry(app[BOOTER].history())
     get(app, "/api/v1/machines", _api(api_machines))
     get(app, "/api/v1/machines/{mac}", _api(api_machine))
     get(app, "/api/v1/machines/{mac}/events", _api(api_events))
@@ -82,22 +82,23 @@ async def api_machines(request: web.Request) -> web.Response:
     limit = min(_whole(request, "limit", PAGE_MACHINES), 1000) or 1
     nodes, next_after = page_of_nodes(request, states(request), limit)
     views = [machine_view(booter, n).to_json() for n in nodes]
-    return _json({"machines": views, "next_after": next_after, "counts": booter.store.state_counts()})
+    return _json({"machines": views, "next_after": next_after, "counts": booter.history().counts()})
 
 
 async def api_machine(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
-    node = machine(booter, request.match_info["mac"])
-    events = [event_json(e) for e in booter.store.recent_events(node.mac, PAGE_EVENTS)]
+    history = booter.history()
+    node = machine(history, request.match_info["mac"])
+    events = [event_json(e) for e in history.recent_events(node.mac, PAGE_EVENTS)]
     return _json({**machine_view(booter, node).to_json(), "events": events})
 
 
 async def api_events(request: web.Request) -> web.Response:
-    booter = request.app[BOOTER]
-    node = machine(booter, request.match_info["mac"])
+    history = request.app[BOOTER].history()
+    node = machine(history, request.match_info["mac"])
     after = _whole(request, "after", 0)
     limit = min(_whole(request, "limit", 1000), 1000) or 1
-    events = booter.store.events(node.mac, after, limit)
+    events = history.events(node.mac, after, limit)
     return _json({"mac": node.mac, "events": [event_json(e) for e in events],
                   "last_id": events[-1].id if events else after})
 
@@ -114,13 +115,14 @@ async def _api_approve(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
     mac = canonical_mac(request.match_info["mac"])
     booter.approve(mac)
-    return _json(machine_view(booter, machine(booter, mac)).to_json())
+    return _json(machine_view(booter, machine(booter.history(), mac)).to_json())
 
 
 def _api_action(action: Callable[[Booter, str], None]) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         booter = request.app[BOOTER]
-        node = machine(booter, request.match_info["mac"])
+        history = booter.history()
+        node = machine(history, request.match_info["mac"])
         action(booter, node.mac)
-        return _json(machine_view(booter, machine(booter, node.mac)).to_json())
+        return _json(machine_view(booter, machine(history, node.mac)).to_json())
     return handler

@@ -80,7 +80,7 @@ def load_or_make_token(data_dir: Path) -> str:
 
 def expected_token(app: web.Application) -> str:
     """[server] api_token, else the one made in data_dir/api_token (at start, or after a reload removed the key)."""
-    server = app[BOOTER].config.server
+    server = app[BOOTER].web_settings()
     if server.api_token is not None:
         return server.api_token
     made = app[MADE_TOKENS]
@@ -109,7 +109,7 @@ def _cookie_value(request: web.Request) -> str:
 
 def check_read(request: web.Request) -> None:
     """[server] pages = "token": a read needs the token as Bearer, or the cookie that ?token= set."""
-    if request.app[BOOTER].config.server.pages != "token":
+    if request.app[BOOTER].web_settings().pages != "token":
         return
     presented = bearer(request)
     if presented:
@@ -125,7 +125,7 @@ def check_read(request: web.Request) -> None:
 def token_query(request: web.Request) -> None:
     """A page opened with ?token=TOKEN ([server] pages = "token"): set the cookie and go to the page without it,
     so that the token leaves the address bar and the history."""
-    if request.app[BOOTER].config.server.pages != "token" or "token" not in request.query:
+    if request.app[BOOTER].web_settings().pages != "token" or "token" not in request.query:
         return
     if not _token_is(request, request.query["token"]):
         raise Unauthorized("wrong API token in ?token= (compare with [server] api_token, else data_dir/api_token)")
@@ -165,15 +165,14 @@ def _allowed_origins(request: web.Request) -> set[str]:
     """[server] origins, else http:// + each of our names and addresses + the HTTP port (configured, and the one
     this request came in on): public_address, the listening host if specific, loopback, the host name, the
     DHCP server_address."""
-    config = request.app[BOOTER].config
-    server = config.server
+    server = request.app[BOOTER].web_settings()
     if server.origins:
         return {_origin(o) for o in server.origins}
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     ports = {p for p in (server.http.port, sockname[1] if sockname else 0) if p}
     hosts = {server.public_address, "127.0.0.1", "localhost", "::1", *_host_names(),
              server.http.host if server.http.host not in ("", "0.0.0.0", "::", "[::]") else None,
-             str(config.dhcp.server_address) if config.dhcp.server_address else None}
+             server.dhcp_address}
     return {_origin(f"http://{_bracketed(h)}:{p}") for h in hosts if h for p in ports}
 
 

@@ -63,7 +63,7 @@ def client_address(request: web.Request) -> str | None:
     """The machine's address: the peer's, or through a proxy in `[server] trusted_proxies`, the nearest address
     in its X-Forwarded-For that is not one of them. Anyone else's X-Forwarded-For is ignored: it is just text."""
     peer = request.remote
-    trusted = request.app[BOOTER].config.server.trusted_proxies
+    trusted = request.app[BOOTER].web_settings().trusted_proxies
     if peer is None or not trusted or not _in(peer, trusted):
         return peer
     hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]

@@ -1,7 +1,7 @@
-"""Prometheus metrics, read from the store at scrape time.
+"""Prometheus metrics, read from the core's history at scrape time.
 
 The event log already holds every number we report, so there are no counters to keep in memory:
-a collector queries the store when Prometheus scrapes. That also counts what another process
+a collector queries the history when Prometheus scrapes. That also counts what another process
 (the CLI) recorded, and survives restarts.
 """
 
@@ -13,47 +13,47 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from ..history import History
 from ..lifecycle import State
-from ..store import Store
 
 # Reported even at zero, so that dashboards and alerts see every state from the first scrape.
 KNOWN_STATES = tuple(State)
 
 
-class StoreCollector(Collector):
-    def __init__(self, store: Store) -> None:
-        self._store = store
+class HistoryCollector(Collector):
+    def __init__(self, history: History) -> None:
+        self._history = history
 
     def collect(self) -> Iterator[Metric]:
         machines = GaugeMetricFamily("bootserver_machines", "Machines by state", labels=["state"])
-        counts = self._store.state_counts()
+        counts = self._history.counts()
         for state in sorted(set(KNOWN_STATES) | set(counts)):
             machines.add_metric([state], counts.get(state, 0))
         yield machines
 
         served = CounterMetricFamily("bootserver_served_bytes", "Bytes of files served to machines, by protocol",
                                      labels=["protocol"])
-        for protocol, total in self._store.bytes_served().items():
+        for protocol, total in self._history.bytes_served().items():
             served.add_metric([protocol], total)
         yield served
 
         yield CounterMetricFamily("bootserver_claim_conflicts", "Times two addresses claimed one MAC while a "
                                   "token of it was live (refused, or both claims held)",
-                                  value=self._store.claim_conflicts())
+                                  value=self._history.claim_conflicts())
         yield GaugeMetricFamily("bootserver_machines_held", "Machines whose claims are held until an operator "
-                                "approves one", value=self._store.held_count())
+                                "approves one", value=self._history.held_count())
 
         steps = SummaryMetricFamily("bootserver_provision_step_seconds",
                                     "Durations of finished provisioning steps, by step", labels=["step"])
-        for step, (count, seconds) in self._store.step_durations().items():
+        for step, (count, seconds) in self._history.step_durations().items():
             steps.add_metric([step], count_value=count, sum_value=seconds)
         yield steps
 
 
-def registry(store: Store) -> CollectorRegistry:
+def registry(history: History) -> CollectorRegistry:
     """A registry of our own (not the process-wide default), so that several apps can live in one process."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(store))
+    registry.register(HistoryCollector(history))
     return registry
 
 

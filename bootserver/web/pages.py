@@ -80,6 +80,7 @@ def page(handler: Handler) -> Handler:
 
 async def index(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
+    history = booter.history()
     wanted = states(request)
     nodes, next_after = page_of_nodes(request, wanted, PAGE_ROWS)
     views = [machine_view(booter, n) for n in nodes]
@@ -87,13 +88,14 @@ async def index(request: web.Request) -> web.Response:
     first_url = f"/?{urlencode(query)}" if request.query.get("after") else None
     next_url = f"/?{urlencode({**query, 'after': next_after})}" if next_after else None
     return render(request, "index.html.j2", machines=views, states=wanted, first_url=first_url,
-                  next_url=next_url, counts=booter.store.state_counts(), last_id=booter.store.last_event_id())
+                  next_url=next_url, counts=history.counts(), last_id=history.last_event_id())
 
 
 async def machine_page(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
-    node = machine(booter, request.match_info["mac"])
-    events = [event_json(e) for e in reversed(booter.store.recent_events(node.mac, PAGE_EVENTS))]
+    history = booter.history()
+    node = machine(history, request.match_info["mac"])
+    events = [event_json(e) for e in reversed(history.recent_events(node.mac, PAGE_EVENTS))]
     return render(request, "machine.html.j2", m=machine_view(booter, node), events=events,
                   last_id=events[0]["id"] if events else 0, limit=PAGE_EVENTS,
                   token_needed=True)  # [server] api_token, else the one made in data_dir/api_token
@@ -110,7 +112,7 @@ def _form_action(action: Callable[[Booter, str], None]) -> Handler:
         typed = form.get("api_token")
         check_token(request, bearer(request) or (typed if isinstance(typed, str) else None))
         booter = request.app[BOOTER]
-        node = machine(booter, request.match_info["mac"])
+        node = machine(booter.history(), request.match_info["mac"])
         action(booter, node.mac)
         raise web.HTTPSeeOther(f"/machines/{node.mac}")  # POST-redirect-GET: a reload does not repeat it
     return handler

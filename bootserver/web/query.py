@@ -1,12 +1,12 @@
-"""What the pages, the API and the streams read from a request and look up in the store: a machine by its MAC,
-a page of machines, whole numbers from the query string."""
+"""What the pages, the API and the streams read from a request and look up in the core's history: a machine by
+its MAC, a page of machines, whole numbers from the query string."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from ..booter import Booter
 from ..errors import BadRequest, NotFound
+from ..history import History
 from ..mac import canonical_mac
 from ..store import Node
 from .routes import BOOTER
@@ -25,13 +25,13 @@ def page_of_nodes(request: web.Request, states: list[str], limit: int) -> tuple[
     after = request.query.get("after") or None
     if after is not None:
         after = canonical_mac(after)  # BadRequest (400) when malformed
-    nodes = request.app[BOOTER].store.nodes(after=after, limit=limit + 1, states=states)
+    nodes = request.app[BOOTER].history().nodes(after=after, limit=limit + 1, states=states)
     return nodes[:limit], nodes[limit - 1].mac if len(nodes) > limit else None
 
 
-def machine(booter: Booter, mac_text: str) -> Node:
+def machine(history: History, mac_text: str) -> Node:
     mac = canonical_mac(mac_text)  # BadRequest (400) when malformed
-    node = booter.store.node(mac)
+    node = history.node(mac)
     if node is None:
         raise NotFound(f"no machine {mac} has asked this server for anything yet: check its MAC, "
                        f"or that its DHCP answer points at this server")

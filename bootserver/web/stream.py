@@ -54,26 +54,27 @@ def _resume_after(request: web.Request, default: int) -> int:
 
 
 async def index_stream(request: web.Request) -> web.StreamResponse:
-    store = request.app[BOOTER].store
-    after = _resume_after(request, store.last_event_id())
+    history = request.app[BOOTER].history()
+    after = _resume_after(request, history.last_event_id())
 
     def messages(after: int) -> list[tuple[int, dict[str, Any]]]:
-        return [(e.id, {"id": e.id, "mac": e.mac, "kind": e.kind}) for e in store.events_after(after, BATCH)]
+        return [(e.id, {"id": e.id, "mac": e.mac, "kind": e.kind}) for e in history.events_after(after, BATCH)]
 
     return await _stream(request, after, messages)
 
 
 async def machine_stream(request: web.Request) -> web.StreamResponse:
     booter = request.app[BOOTER]
-    node = machine(booter, request.match_info["mac"])
-    after = _resume_after(request, booter.store.last_event_id(node.mac))
+    history = booter.history()
+    node = machine(history, request.match_info["mac"])
+    after = _resume_after(request, history.last_event_id(node.mac))
     pages = request.app[PAGES]
 
     def messages(after: int) -> list[tuple[int, dict[str, Any]]]:
-        events = booter.store.events(node.mac, after, BATCH)
+        events = history.events(node.mac, after, BATCH)
         if not events:
             return []
-        summary = pages.get_template("summary.html.j2").render(m=machine_view(booter, machine(booter, node.mac)))
+        summary = pages.get_template("summary.html.j2").render(m=machine_view(booter, machine(history, node.mac)))
         return [(e.id, _event_message(pages, e, summary)) for e in events]
 
     return await _stream(request, after, messages)
@@ -90,7 +91,7 @@ async def _stream(request: web.Request, after: int,
 
     At most [server] streams_per_client from one client address and streams_total in all (each polls the
     store, so every open stream costs CPU even when nothing happens); beyond, 429 with a message and Retry-After."""
-    server = request.app[BOOTER].config.server
+    server = request.app[BOOTER].web_settings()
     clients, client = request.app[STREAM_CLIENTS], request.remote or "?"
     if clients.total() >= server.streams_total:
         _too_many(f"{server.streams_total} live streams are open, the most this server keeps "

@@ -63,7 +63,7 @@ class MachineView:
 
 
 def machine_view(booter: Booter, node: Node) -> MachineView:
-    spec = booter.boot_spec(node.mac, booter.selector_facts(node.facts))
+    spec = booter.spec_of(node)
     return MachineView(node, booter.hostname(node.mac), spec.profile.name if spec.profile else None,
                        spec.group, spec.reason, fingerprint(node.host_key), progress(node.state))
 

@@ -1,5 +1,5 @@
 """What machines and browsers send, for tests against a served instance: a boot's token, a phone-home report,
-the next server-sent event."""
+the API's credential, the next server-sent event."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import re
 
 import asyncssh
+
+from bootserver.config import Config
 
 
 async def boot_token(client, mac: str = "52-54-00-00-00-01") -> str:
@@ -25,6 +27,16 @@ def report(token: str | None, **extra) -> dict:
     body = {"ip": "10.0.2.15", "host_key": host_key(), "kernel": "6.1",
             "disks": [{"name": "vda", "size_bytes": 64 << 20, "partitions": 0}], **extra}
     return body if token is None else {**body, "token": token}
+
+
+def api_token(config: Config) -> str:
+    """The API token a server made in its data_dir at start (no [server] api_token configured)."""
+    return config.server.api_token or (config.server.data_dir / "api_token").read_text().strip()
+
+
+def bearer(config: Config) -> dict[str, str]:
+    """Headers for an API write (or a read with [server] pages = "token")."""
+    return {"Authorization": f"Bearer {api_token(config)}"}
 
 
 async def read_event(response, timeout: float = 5.0) -> dict[str, object]:

@@ -6,9 +6,9 @@ import asyncio
 import time
 
 from aiohttp import web
-from qemu import DEFAULT_MAC, Vm
 
 from bootserver.app import STORE
+from support.qemu import DEFAULT_MAC, Vm
 
 
 async def wait_for_state(app: web.Application, vm: Vm, state: str, timeout: float, mac: str = DEFAULT_MAC,

@@ -28,8 +28,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from support.net import free_port
-
 QEMU = "qemu-system-x86_64"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -239,12 +237,10 @@ class Vm:
                 await asyncio.wait_for(event.wait(), 0.2)
 
 
-
-
 def qemu_available() -> bool:
     from shutil import which
 
     return which(QEMU) is not None
 
 
-__all__ = ["DEFAULT_MAC", "OVMF", "Vm", "free_port", "qemu_available"]
+__all__ = ["DEFAULT_MAC", "OVMF", "Vm", "qemu_available"]

@@ -1,6 +1,6 @@
 """A PXE client's first DHCP message, for tests that run it inside a network namespace (`ip netns exec`).
 
-    python tests/dhcp_client.py IFACE MAC bios|ipxe [SECONDS]
+    python tests/support/dhcp_client.py IFACE MAC bios|ipxe [SECONDS]
 
 Broadcasts a DISCOVER from port 68 on IFACE, as firmware does, and prints the first reply to it as one JSON
 line (header fields, message type, options as text or hex); prints `null` when nothing came within SECONDS.
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bootserver.dhcp import DISCOVER, DhcpPacket, MalformedPacket  # noqa: E402
 

@@ -1,0 +1,84 @@
+"""[assets] and [profiles]: the files machines boot, and what each profile boots and provisions.
+
+    [assets]                           # files by name; relative paths are under data_dir
+    agent-kernel = "images/agent/vmlinuz"
+
+    [profiles.agent]                   # what a machine boots
+    kernel = "agent-kernel"
+    initrd = ["agent-initrd"]
+    cmdline = "console=ttyS0"
+    [profiles.agent.disk]              # optional: bootserver.config.disk
+    [profiles.agent.deploy]            # optional: bootserver.config.deploy
+
+A profile's sub-tables are each read by their own module; a new one is a key in `_profile`'s only_keys,
+a field of Profile, and one `_subtable` line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from .check import Table, name, only_keys, sections, string, strings, subtable_where, table
+from .deploy import Deployment, deployment_from_toml
+from .disk import DiskLayout, layout_from_toml
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a machine boots: a kernel, its initrds and command line, rendered by one iPXE template."""
+
+    name: str
+    kernel: str | None = None  # asset name; None for templates that boot no kernel (local disk)
+    initrd: tuple[str, ...] = ()
+    cmdline: str = ""
+    template: str = "linux.ipxe.j2"
+    disk: DiskLayout | None = None  # partition and format this before deploying
+    deploy: Deployment | None = None  # files, configs, certificates and units put on the node
+
+
+def read_assets(raw: Table, where: str, *, data_dir: Path) -> dict[str, Path]:
+    """[assets] of the document `raw`: each name's file, relative paths under data_dir."""
+    body, where = table(raw, "assets", where, default={}), f"{where}: [assets]"
+    assets = {}
+    for key in body:
+        name(key, where)
+        path = Path(string(body, key, where)).expanduser()
+        assets[key] = path if path.is_absolute() else data_dir / path
+    return assets
+
+
+def read_profiles(raw: Table, where: str, *, data_dir: Path) -> dict[str, Profile]:
+    """Every [profiles.NAME] of the document `raw`, by name."""
+    return {key: _profile(key, body, here, data_dir) for key, body, here in sections(raw, "profiles", where)}
+
+
+def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
+    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy"}, where)
+    return Profile(
+        name=key,
+        kernel=string(raw, "kernel", where, default=None),
+        initrd=_initrd(raw, "initrd", where),
+        cmdline=string(raw, "cmdline", where, default=""),
+        template=string(raw, "template", where, default="linux.ipxe.j2"),
+        disk=_subtable(raw, "disk", where, layout_from_toml),
+        deploy=_subtable(raw, "deploy", where, partial(deployment_from_toml, data_dir=data_dir)),
+    )
+
+
+def _subtable(raw: Table, key: str, where: str, read: Callable[[Table, str], T]) -> T | None:
+    """[profiles.NAME.key], read by `read`; None when the profile has none."""
+    body = table(raw, key, where, default=None)
+    return None if body is None else read(body, subtable_where(where, key))
+
+
+def _initrd(raw: Table, key: str, where: str) -> tuple[str, ...]:
+    """One asset name, or a list of them."""
+    if isinstance(raw.get(key), str):
+        return (raw[key],)
+    return strings(raw, key, where, expected="an asset name or a list of asset names")

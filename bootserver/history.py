@@ -1,0 +1,66 @@
+"""What happened to every machine, read-only: for the pages, the API, the live streams, /metrics and the CLI.
+
+The core hands it out (Booter.history()). Whoever holds it can read every machine and event and change none:
+writes go through the core's decisions (approve, reprovision, boot_from_disk), which record why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .store import Event, Node, Store
+
+
+class History:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages (a URL's password masked)."""
+        return self._store.location
+
+    # -- machines -------------------------------------------------------------------------------------
+
+    def node(self, mac: str) -> Node | None:
+        return self._store.node(mac)
+
+    def nodes(self, after: str | None = None, limit: int | None = None, states: Iterable[str] = ()) -> list[Node]:
+        """Machines by MAC: those after `after`, at most `limit`, only in `states` when given."""
+        return self._store.nodes(after=after, limit=limit, states=states)
+
+    def counts(self) -> dict[str, int]:
+        """How many machines are in each state."""
+        return self._store.state_counts()
+
+    def held_count(self) -> int:
+        return self._store.held_count()
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    def events(self, mac: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Events of `mac` with id greater than `after`, oldest first."""
+        return self._store.events(mac, after, limit)
+
+    def recent_events(self, mac: str, limit: int = 500) -> list[Event]:
+        """The newest `limit` events of `mac`, oldest first."""
+        return self._store.recent_events(mac, limit)
+
+    def events_after(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Events of every machine with id greater than `after`, oldest first."""
+        return self._store.events_after(after, limit)
+
+    def last_event_id(self, mac: str | None = None) -> int:
+        """The newest event's id (of `mac`, or of any machine); 0 when there is none."""
+        return self._store.last_event_id(mac)
+
+    # -- totals over every event, kept as they are recorded ------------------------------------------
+
+    def bytes_served(self) -> dict[str, int]:
+        return self._store.bytes_served()
+
+    def step_durations(self) -> dict[str, tuple[int, float]]:
+        return self._store.step_durations()
+
+    def claim_conflicts(self) -> int:
+        return self._store.claim_conflicts()
