@@ -1,17 +1,28 @@
-"""The app object: config, store and core, plus the protocol servers that feed the core.
+"""The one place that wires it all: config -> store and core -> provisioner -> HTTP, TFTP and DHCP servers.
 
-No global state: everything a request needs hangs off one App, built by App.open(config).
+`init_app(config)` returns an aiohttp Application that holds the parts under typed app keys; its cleanup
+contexts open them in order (store and core, provisioner, HTTP site, TFTP, DHCP) and close them in reverse,
+also when one fails to start. The HTTP handlers live in web/'s own app, which the HTTP context serves.
+
+    app = init_app(config)
+    async with running(app):
+        http_address(app), app[STORE].node(mac), ...
+
+`serve(app)` runs it until SIGINT or SIGTERM; SIGHUP calls `reload(app)`. No global state: everything hangs
+off the app.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import logging
 import resource
 import signal
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -19,7 +30,8 @@ from . import config as configuration
 from . import dhcp, tftp
 from .booter import Booter
 from .config import Config
-from .errors import ConfigError
+from .errors import BootserverError, ConfigError
+from .opening import open_core, open_store
 from .provision.jobs import Provisioner
 from .store import Store
 from .web import create_app
@@ -34,113 +46,184 @@ KEEPALIVE_TIMEOUT = 15.0
 HTTP_BACKLOG = 4096
 
 
-@dataclass
-class App:
+@dataclasses.dataclass
+class LiveConfig:
+    """The config the core decides from: the one the servers were started with, then each reload's. A holder,
+    because a running app's keys are fixed."""
+
     config: Config
-    store: Store
-    booter: Booter
-    provisioner: Provisioner
-    _runner: web.AppRunner | None = field(default=None, repr=False)
-    _tftp: tftp.TftpServer | None = field(default=None, repr=False)
-    _dhcp: dhcp.DhcpServer | None = field(default=None, repr=False)
 
-    @classmethod
-    def open(cls, config: Config, ssh_options: dict[str, float] | None = None) -> App:
-        """Everything but the listening sockets. `ssh_options`: provisioning's SSH timeouts and
-        keep-alives (`provision.provision`'s keywords), shortened by tests."""
-        config.server.data_dir.mkdir(parents=True, exist_ok=True)
-        config.server.tftp_root.mkdir(exist_ok=True)
-        booter = Booter.open(config)
-        provisioner = booter.provisioner(**(ssh_options or {}))
-        return cls(config, provisioner.store, booter, provisioner)
 
-    async def start(self) -> None:
-        server = self.config.server
-        self.provisioner.start()
-        self._runner = web.AppRunner(create_app(self.booter, server.public_address),
-                                     keepalive_timeout=KEEPALIVE_TIMEOUT, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, server.http.host, server.http.port, backlog=HTTP_BACKLOG).start()
-        if server.tftp is not None:
-            routes = tftp.Routes(self.booter, server.public_address, self.http_port)
-            cap = tftp.session_cap(raise_fd_limit(), wanted=server.tftp_sessions)
-            if cap < server.tftp_sessions:
-                log.warning("tftp: at most %d transfers at once: the open-file limit is too low for %d "
-                            "(raise it, e.g. LimitNOFILE= in the systemd unit)", cap, server.tftp_sessions)
-            self._tftp = tftp.TftpServer(routes.resolve, routes.record, max_sessions=cap,
-                                         max_sessions_per_client=min(server.tftp_sessions_per_source, cap))
-            await self._tftp.start(server.tftp.host, server.tftp.port)
-            routes.tftp_port = self._tftp.address[1]
-        if self.config.dhcp.mode != "off":
-            self._dhcp = dhcp.DhcpServer(self.booter, self.config.dhcp, self.http_port)
-            await self._dhcp.start()
-        log.info("serving HTTP on %s, TFTP on %s, data in %s", self.http_address,
-                 self._tftp.address if self._tftp else "(off)", server.data_dir)
+# What init_app sets: the config the servers were started with, the one in force (reloads replace it) and
+# provisioning's SSH timeouts and keep-alives (`Provisioner`'s keywords), shortened by tests.
+CONFIG = web.AppKey("config", Config)
+LIVE_CONFIG = web.AppKey("live_config", LiveConfig)
+SSH_OPTIONS = web.AppKey("ssh_options", dict[str, float])
+# What the cleanup contexts set once their part is open; TFTP and DHCP only when configured.
+STORE = web.AppKey("store", Store)
+CORE = web.AppKey("core", Booter)
+PROVISIONER = web.AppKey("provisioner", Provisioner)
+HTTP = web.AppKey("http", web.AppRunner)
+TFTP = web.AppKey("tftp", tftp.TftpServer)
+DHCP = web.AppKey("dhcp", dhcp.DhcpServer)
 
-    @property
-    def http_address(self) -> tuple[str, int]:
-        assert self._runner is not None, "App.start() first"
-        return self._runner.addresses[0][:2]
 
-    @property
-    def http_port(self) -> int:
-        """The HTTP port machines are told about: the bound one once started, else the configured one."""
-        return self.http_address[1] if self._runner else self.config.server.http.port
+def init_app(config: Config, ssh_options: dict[str, float] | None = None) -> web.Application:
+    """The server, not yet started: `running(app)` or `serve(app)` opens its parts."""
+    app = web.Application()
+    app[CONFIG] = config
+    app[LIVE_CONFIG] = LiveConfig(config)
+    app[SSH_OPTIONS] = ssh_options or {}
+    app.cleanup_ctx.extend([_store_and_core, _provisioner, _http_site, _tftp_server, _dhcp_server])
+    return app
 
-    @property
-    def tftp_address(self) -> tuple[str, int]:
-        assert self._tftp is not None, "TFTP is off or App.start() was not called"
-        return self._tftp.address
 
-    @property
-    def dhcp_addresses(self) -> list[tuple[str, int]]:
-        """The DHCP port, then the PXE port (4011); empty when [dhcp] mode is off."""
-        return self._dhcp.addresses if self._dhcp else []
+async def _store_and_core(app: web.Application) -> AsyncIterator[None]:
+    server = app[CONFIG].server
+    server.data_dir.mkdir(parents=True, exist_ok=True)
+    server.tftp_root.mkdir(exist_ok=True)
+    store = open_store(app[CONFIG])
+    core = open_core(app[CONFIG], store)  # which closes the store if it fails
+    app[STORE], app[CORE] = store, core
+    try:
+        yield
+    finally:
+        core.close()
 
-    async def stop(self) -> None:
-        await self.provisioner.stop()
-        if self._dhcp is not None:
-            await self._dhcp.close()
-        if self._tftp is not None:
-            await self._tftp.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        self.booter.close()
 
-    def reload(self) -> bool:
-        """Re-read the config file (SIGHUP). A valid one replaces what decides what machines get, from the
-        next request on; an invalid one is logged, naming its bad key, and the last good one stays. What
-        the running sockets and jobs were built from needs a restart: it is kept, and the log says so."""
-        source = self.config.source
-        if source is None:
-            log.warning("reload: running on the embedded defaults, there is no config file to re-read")
-            return False
-        try:
-            new = configuration.load(source)
-        except ConfigError as exc:
-            log.error("reload refused, still serving the previous configuration: %s", exc)
-            return False
-        for what in needs_restart(self.config, new):
-            log.warning("reload: %s changed, not applied: restart bootserver for it", what)
-        applied = keep_runtime(self.config, new)
-        self.booter.reload(applied)  # the web app, the provisioner and DHCP read it through the booter
-        self.config = applied
-        log.info("reloaded %s", source)
-        return True
+async def _provisioner(app: web.Application) -> AsyncIterator[None]:
+    provisioner = app[CORE].provisioner(**app[SSH_OPTIONS])
+    provisioner.start()
+    app[PROVISIONER] = provisioner
+    try:
+        yield
+    finally:
+        await provisioner.stop()
 
-    async def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then shut down cleanly; SIGHUP reloads the config file."""
-        keep_heap_compact()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
+
+async def _http_site(app: web.Application) -> AsyncIterator[None]:
+    server = app[CONFIG].server
+    runner = web.AppRunner(create_app(app[CORE], server.public_address),
+                           keepalive_timeout=KEEPALIVE_TIMEOUT, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, server.http.host, server.http.port, backlog=HTTP_BACKLOG).start()
+        app[HTTP] = runner
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def _tftp_server(app: web.Application) -> AsyncIterator[None]:
+    server = app[CONFIG].server
+    if server.tftp is None:
+        yield
+        return
+    routes = tftp.Routes(app[CORE], server.public_address, http_address(app)[1])
+    cap = tftp.session_cap(raise_fd_limit(), wanted=server.tftp_sessions)
+    if cap < server.tftp_sessions:
+        log.warning("tftp: at most %d transfers at once: the open-file limit is too low for %d "
+                    "(raise it, e.g. LimitNOFILE= in the systemd unit)", cap, server.tftp_sessions)
+    tftp_server = tftp.TftpServer(routes.resolve, routes.record, max_sessions=cap,
+                                  max_sessions_per_client=min(server.tftp_sessions_per_source, cap))
+    try:
+        await tftp_server.start(server.tftp.host, server.tftp.port)
+        routes.tftp_port = tftp_server.address[1]
+        app[TFTP] = tftp_server
+        yield
+    finally:
+        await tftp_server.close()
+
+
+async def _dhcp_server(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if config.dhcp.mode == "off":
+        yield
+        return
+    dhcp_server = dhcp.DhcpServer(app[CORE], config.dhcp, http_address(app)[1])
+    try:
+        await dhcp_server.start()
+        app[DHCP] = dhcp_server
+        yield
+    finally:
+        await dhcp_server.close()
+
+
+@contextlib.asynccontextmanager
+async def running(app: web.Application) -> AsyncIterator[web.Application]:
+    """`app` started (every part open, every socket listening) inside the block, stopped after it. A part
+    that fails to start closes the ones opened before it, and its error is raised."""
+    app.on_startup.freeze()  # as aiohttp's AppRunner: the contexts may still set app keys while starting
+    try:
+        await app.startup()
+        app.freeze()
+        tftp_server = app.get(TFTP)
+        log.info("serving HTTP on %s, TFTP on %s, data in %s", http_address(app),
+                 tftp_server.address if tftp_server else "(off)", app[CONFIG].server.data_dir)
+        yield app
+    finally:
+        app.freeze()  # shutdown's signals must be frozen, also after a failed start
+        await app.shutdown()
+        await app.cleanup()
+
+
+async def serve(app: web.Application) -> None:
+    """Run until SIGINT or SIGTERM, then shut down cleanly; SIGHUP reloads the config file."""
+    keep_heap_compact()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, app)
+    async with running(app):
+        await stop.wait()
+
+
+def http_address(app: web.Application) -> tuple[str, int]:
+    """The address the HTTP site listens on (its port the bound one, also when [server] http says 0)."""
+    return _part(app, HTTP, "HTTP").addresses[0][:2]
+
+
+def tftp_address(app: web.Application) -> tuple[str, int]:
+    return _part(app, TFTP, "TFTP ([server] tftp is \"off\"?)").address
+
+
+def dhcp_addresses(app: web.Application) -> list[tuple[str, int]]:
+    """The DHCP port, then the PXE port (4011); empty when [dhcp] mode is off."""
+    dhcp_server = app.get(DHCP)
+    return dhcp_server.addresses if dhcp_server else []
+
+
+def _part(app: web.Application, key: web.AppKey[Any], what: str) -> Any:
+    if key not in app:
+        raise BootserverError(f"{what}: not listening; start the app first (`async with running(app)`)")
+    return app[key]
+
+
+def reload(app: web.Application) -> bool:
+    """Re-read the config file (SIGHUP). A valid one replaces what decides what machines get, from the
+    next request on; an invalid one is logged, naming its bad key, and the last good one stays. What
+    the running sockets and jobs were built from needs a restart: it is kept, and the log says so."""
+    source = app[CONFIG].source
+    if source is None:
+        log.warning("reload: running on the embedded defaults, there is no config file to re-read")
+        return False
+    core = app.get(CORE)
+    if core is None:
+        log.warning("reload: still starting; send SIGHUP again once serving")
+        return False
+    try:
+        new = configuration.load(source)
+    except ConfigError as exc:
+        log.error("reload refused, still serving the previous configuration: %s", exc)
+        return False
+    live = app[LIVE_CONFIG]
+    for what in needs_restart(live.config, new):
+        log.warning("reload: %s changed, not applied: restart bootserver for it", what)
+    live.config = keep_runtime(live.config, new)
+    core.reload(live.config)  # the web app, the provisioner and DHCP read it through the core
+    log.info("reloaded %s", source)
+    return True
 
 
 # Settings the running servers were built from: sockets, the store, the DHCP responder, the job cap.

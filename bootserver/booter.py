@@ -32,7 +32,7 @@ from .overlay import OVERLAY_NAME, overlay_cpio
 from .payload import Payload, resolve_under
 from .plans import HealthJob, Plans
 from .provision.jobs import Provisioner
-from .provision.pki import ServerKeys, open_keys
+from .provision.pki import ServerKeys
 from .provision.steps import Job
 from .settings import ProvisionSettings, WebSettings
 from .store import Node, Store
@@ -59,13 +59,6 @@ class Booter:
         # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
         self._use(config, templates)
-
-    @classmethod
-    def open(cls, config: Config) -> Booter:
-        """The core on its store, keys and templates, as `serve` and every command open it."""
-        store = Store(config.server.database, replica=config.server.replica)
-        keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
-        return cls(config, store, Templates(config.server.templates_dir), keys)
 
     def _use(self, config: Config, templates: Templates) -> None:
         self._config = config

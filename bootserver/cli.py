@@ -12,9 +12,10 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 from . import config as configuration
-from .booter import Booter, Urls
+from .booter import Urls
 from .errors import BootserverError, NotFound
 from .mac import canonical_mac
+from .opening import open_core, open_store
 from .provision.disk import TARGET_ROOT, dry_run
 from .store import Store
 from .tools.lab import ADDRESS as LAB_ADDRESS
@@ -124,12 +125,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import App  # aiohttp is only needed when serving
+    from .app import init_app, serve  # aiohttp is only needed when serving
 
     # Files we make (the SQLite store and its WAL, keys, data_dir/api_token) are ours alone: 0600, 0700.
     os.umask(0o077)
     config = configuration.load(args.config)
-    asyncio.run(App.open(config).serve_forever())
+    asyncio.run(serve(init_app(config)))
     return 0
 
 
@@ -138,7 +139,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     mac = canonical_mac(args.mac)
     facts = {k: v for k, v in (("platform", args.platform), ("arch", args.arch)) if v}
     base = args.url or f"http://{config.server.public_address or 'SERVER'}:{config.server.http.port}"
-    booter = _booter(config)
+    booter = open_core(config)
     spec = booter.boot_spec(mac, facts)
     machine = f"configured as {spec.machine.hostname or 'no hostname'}" if spec.machine else "not in [machines]"
     print(f"# {mac}: {machine}; facts {facts or 'none given'}")
@@ -153,12 +154,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
-    store = Store(config.server.database, replica=config.server.replica)
+    store = open_store(config)
     seen, where, _ = store.node_count(), store.location, store.close()  # location: a URL's password masked
     if not seen:
         print(f"no machines yet (store: {where})")
         return 0
-    booter = _booter(config)  # after the check: it makes the server's keys, which `nodes` alone should not
+    booter = open_core(config)  # after the check: it makes the server's keys, which `nodes` alone should not
     views = [machine_view(booter, n) for n in booter.history().nodes()]
     rows = [(v.node.mac, v.hostname or "-", v.node.state, v.profile or "-", v.node.facts.get("platform", "-"),
              _ago(v.node.last_seen)) for v in views]
@@ -170,7 +171,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    booter = _booter(configuration.load(args.config))
+    booter = open_core(configuration.load(args.config))
     mac = canonical_mac(args.mac)
     history = booter.history()
     node = history.node(mac)
@@ -195,7 +196,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
     mac = canonical_mac(args.mac)
-    spec = _booter(config).boot_spec(mac)
+    spec = open_core(config).boot_spec(mac)
     profile = spec.profile
     print(f"# {mac}: {spec.reason}")
     if profile is None or (profile.disk is None and profile.deploy is None):
@@ -223,7 +224,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_reprovision(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
-    booter = _booter(config)
+    booter = open_core(config)
     booter.reprovision(args.mac)
     mac = canonical_mac(args.mac)
     print(f"{mac} will be provisioned again on its next boot (its disk may be wiped); reboot it to start")
@@ -232,7 +233,7 @@ def cmd_reprovision(args: argparse.Namespace) -> int:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
-    booter = _booter(config)
+    booter = open_core(config)
     mac = canonical_mac(args.mac)
     booter.approve(mac)
     print(f"{mac} may be provisioned for {config.server.window_minutes} minutes: its next boot gets a token, "
@@ -240,14 +241,9 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _booter(config: configuration.Config) -> Booter:
-    """The core without the servers: for commands that read or mark machines in the store."""
-    return Booter.open(config)
-
-
 def cmd_db_migrate(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
-    store = Store(args.database or config.server.database, replica=config.server.replica, migrate=False)
+    store = open_store(config, args.database, migrate=False)
     before, after = store.migrate()
     print(f"{store.location}: schema version {before} -> {after}" if before != after
           else f"{store.location}: schema version {after}, current")

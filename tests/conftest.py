@@ -10,7 +10,7 @@ import pytest
 from support.postgres import PostgresServer
 
 from bootserver import config as configuration
-from bootserver.app import App
+from bootserver.app import init_app, running
 from bootserver.booter import Booter
 from bootserver.provision.pki import ServerKeys
 from bootserver.store import Store
@@ -112,10 +112,9 @@ def store(request, config: configuration.Config):
 async def app(config):
     # Machines reach this server as 127.0.0.1 in these tests; the VM tests use 10.0.2.2.
     server = dataclasses.replace(config.server, public_address="127.0.0.1")
-    app = App.open(dataclasses.replace(config, server=server))
-    await app.start()
-    yield app
-    await app.stop()
+    app = init_app(dataclasses.replace(config, server=server))
+    async with running(app):
+        yield app
 
 
 @pytest.fixture

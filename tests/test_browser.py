@@ -9,9 +9,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from support.http import api_token, report
 
-from bootserver.app import App
+from bootserver.app import CONFIG, STORE, http_address
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,10 +36,10 @@ async def browser():
         await browser.close()
 
 
-async def test_status_page_updates_live_and_reprovisions(app: App, browser, tmp_path: Path):
+async def test_status_page_updates_live_and_reprovisions(app: web.Application, browser, tmp_path: Path):
     from playwright.async_api import expect
 
-    base = f"http://127.0.0.1:{app.http_address[1]}"
+    base = f"http://127.0.0.1:{http_address(app)[1]}"
     async with aiohttp.ClientSession(base) as machine:
         # The machine's first request creates it; its script carries this boot's phone-home token.
         script = await (await machine.get(f"/boot/{URL_MAC}.ipxe", params={"platform": "efi",
@@ -59,7 +60,7 @@ async def test_status_page_updates_live_and_reprovisions(app: App, browser, tmp_
         await expect(summary.locator(".badge")).to_have_text("kernel-served")
         body = report(token)
         assert (await machine.post(f"/boot/{URL_MAC}/phone-home", json=body)).status == 202
-        fingerprint = next(e.detail["fingerprint"] for e in app.store.events(MAC) if e.kind == "phoned-home")
+        fingerprint = next(e.detail["fingerprint"] for e in app[STORE].events(MAC) if e.kind == "phoned-home")
         await expect(timeline).to_contain_text(f"host key {fingerprint}")
         await expect(summary).to_contain_text(fingerprint)
         await expect(summary.locator(".badge")).to_have_text("phoned-home")
@@ -77,11 +78,11 @@ async def test_status_page_updates_live_and_reprovisions(app: App, browser, tmp_
 
         # Re-provision: the button posts (same origin) with the API token typed in (the one the server made in
         # its data_dir), the page comes back with the new state.
-        await page.locator('form[action$="/reprovision"] input[name="api_token"]').fill(api_token(app.config))
+        await page.locator('form[action$="/reprovision"] input[name="api_token"]').fill(api_token(app[CONFIG]))
         await page.get_by_role("button", name="Re-provision").click()
         await expect(summary.locator(".badge")).to_have_text("reprovision")
         await expect(timeline).to_contain_text("re-provisioning requested")
-        node = app.store.node(MAC)
+        node = app[STORE].node(MAC)
         assert node.state == "reprovision" and node.reprovision
 
         # The overview lists it, and the filter by state works in the browser too.

@@ -1,6 +1,6 @@
 """DHCP: the codec (cross-checked with scapy), client detection, and whole conversations over real UDP.
 
-The server is the real App with [dhcp] on, bound to unprivileged ports; the clients are UDP sockets on
+The server is the real app (app.init_app) with [dhcp] on, bound to unprivileged ports; the clients are UDP sockets on
 127.0.0.1. A client that sends from an address (not 0.0.0.0:68) is answered at that address and port,
 so nothing here is broadcast and nothing leaves loopback.
 """
@@ -16,11 +16,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from scapy.layers.dhcp import BOOTP, DHCP
 from support.wait import until_async
 
 from bootserver import config as configuration
-from bootserver.app import App
+from bootserver.app import STORE, dhcp_addresses, http_address, init_app, running
 from bootserver.dhcp import (
     ACK,
     DISCOVER,
@@ -262,16 +263,13 @@ class Peer(asyncio.DatagramProtocol):
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, mode: str, machines: dict | None = None, **dhcp) -> AsyncIterator[App]:
+async def serving(tmp_path: Path, mode: str, machines: dict | None = None, **dhcp) -> AsyncIterator[web.Application]:
     config = configuration.parse({"server": {"http": "127.0.0.1:0", "tftp": "127.0.0.1:0",
                                              "data_dir": str(tmp_path / "data")},
                                   "machines": machines or {}, "dhcp": dhcp_table(mode, **dhcp)})
-    app = App.open(config)
-    await app.start()
-    try:
+    app = init_app(config)
+    async with running(app):
         yield app
-    finally:
-        await app.stop()
 
 
 @pytest.fixture
@@ -284,7 +282,7 @@ async def peer() -> AsyncIterator[Peer]:
 
 async def test_proxy_mode_conversation(tmp_path: Path, peer: Peer):
     async with serving(tmp_path, "proxy") as app:
-        dhcp_port = app.dhcp_addresses[0][1]
+        dhcp_port = dhcp_addresses(app)[0][1]
         # An OS's DHCP client is the other server's business: ignored. A PXE ROM gets a boot offer.
         offer = await peer.silence(dhcp_port, request(DISCOVER, MAC2, PLAIN, xid=1),
                                    then=request(DISCOVER, MAC1, BIOS_PXE, xid=2))
@@ -297,15 +295,15 @@ async def test_proxy_mode_conversation(tmp_path: Path, peer: Peer):
         # REQUESTs on the DHCP port belong to the server that offered the address.
         again = await peer.silence(dhcp_port, request(REQUEST, MAC1, BIOS_PXE, xid=3),
                                    then=request(DISCOVER, MAC1, IPXE, xid=4))
-        assert again.options[67] == f"http://127.0.0.1:{app.http_address[1]}/boot.ipxe".encode()
-        assert app.store.node(MAC2) is None  # the non-PXE client left no trace
-        assert [e.detail["message"] for e in app.store.events(MAC1)] == ["DISCOVER", "DISCOVER"]
+        assert again.options[67] == f"http://127.0.0.1:{http_address(app)[1]}/boot.ipxe".encode()
+        assert app[STORE].node(MAC2) is None  # the non-PXE client left no trace
+        assert [e.detail["message"] for e in app[STORE].events(MAC1)] == ["DISCOVER", "DISCOVER"]
 
 
 async def test_proxy_mode_pxe_port_acks_with_the_boot_file(tmp_path: Path, peer: Peer):
     async with serving(tmp_path, "proxy") as app:
-        _, pxe_port = (a[1] for a in app.dhcp_addresses)
-        http = app.http_address[1]
+        _, pxe_port = (a[1] for a in dhcp_addresses(app))
+        http = http_address(app)[1]
         ask = request(REQUEST, MAC1, IPXE, xid=5, ciaddr=IPv4Address("127.0.0.50"))
         ack = await peer.ask(pxe_port, ask)
         assert ack.message_type == ACK and ack.ciaddr == IPv4Address("127.0.0.50")
@@ -314,13 +312,13 @@ async def test_proxy_mode_pxe_port_acks_with_the_boot_file(tmp_path: Path, peer:
         assert ack.file == ack.options[67]
         uefi = await peer.ask(pxe_port, request(REQUEST, MAC3, UEFI_PXE, xid=6, ciaddr=IPv4Address("127.0.0.51")))
         assert uefi.file == b"ipxe.efi" and uefi.options[97] == UEFI_PXE[97]
-        assert [e.detail["message"] for e in app.store.events(MAC1)] == ["REQUEST"]
+        assert [e.detail["message"] for e in app[STORE].events(MAC1)] == ["REQUEST"]
 
 
 async def test_malformed_datagrams_are_dropped_and_the_server_keeps_answering(tmp_path: Path, peer: Peer, caplog):
     caplog.set_level(logging.INFO, logger="bootserver.dhcp")
     async with serving(tmp_path, "full") as app:
-        dhcp_port, pxe_port = (a[1] for a in app.dhcp_addresses)
+        dhcp_port, pxe_port = (a[1] for a in dhcp_addresses(app))
         good = request(DISCOVER, MAC1, BIOS_PXE)
         for junk in (b"\x01", b"\x01" * 100, good.encode()[:236] + b"nope", good.encode()[:240] + bytes([93, 1, 0]),
                      good.encode()[:240] + bytes([60, 200]), request(DISCOVER, MAC1, {53: b""}).encode()):
@@ -328,13 +326,13 @@ async def test_malformed_datagrams_are_dropped_and_the_server_keeps_answering(tm
                 peer.transport.sendto(junk, ("127.0.0.1", port))
         offer = await peer.ask(dhcp_port, good)
         assert offer.message_type == OFFER and offer.yiaddr == IPv4Address("127.0.0.100")
-        assert app.store.leases()[0].mac == MAC1
+        assert app[STORE].leases()[0].mac == MAC1
     assert sum("dropped malformed datagram" in r.message for r in caplog.records) == 12
 
 
 async def test_full_mode_conversation(tmp_path: Path, peer: Peer):
     async with serving(tmp_path, "full") as app:
-        port = app.dhcp_addresses[0][1]
+        port = dhcp_addresses(app)[0][1]
         offer = await peer.ask(port, request(DISCOVER, MAC1, UEFI_PXE, xid=10))
         assert offer.message_type == OFFER and offer.yiaddr == IPv4Address("127.0.0.100")
         assert offer.file == b"ipxe.efi" and offer.siaddr == IPv4Address("127.0.0.1")
@@ -350,7 +348,7 @@ async def test_full_mode_conversation(tmp_path: Path, peer: Peer):
         ack = await peer.ask(port, request(REQUEST, MAC1, {**UEFI_PXE, 50: offer.yiaddr.packed, 54: offer.options[54]},
                                            xid=12))
         assert ack.message_type == ACK and ack.yiaddr == offer.yiaddr and ack.file == b"ipxe.efi"
-        assert [(lease.ip, lease.state) for lease in app.store.leases() if lease.mac == MAC1] == [
+        assert [(lease.ip, lease.state) for lease in app[STORE].leases() if lease.mac == MAC1] == [
             ("127.0.0.100", "bound")]
         # Another's address, or one outside the pool: NAK.
         nak = await peer.ask(port, request(REQUEST, MAC2, {50: offer.yiaddr.packed}, xid=13))
@@ -363,16 +361,16 @@ async def test_full_mode_conversation(tmp_path: Path, peer: Peer):
         # MAC2 chose another server's offer: ours is withdrawn, silently.
         await peer.silence(port, request(REQUEST, MAC2, {50: other.yiaddr.packed, 54: b"\x0a\0\0\x01"}, xid=16),
                            then=request(DISCOVER, MAC3, PLAIN, xid=17))
-        assert app.store.lease_of(MAC2) is None
+        assert app[STORE].lease_of(MAC2) is None
         # RELEASE gives the address back; the next client may have it.
         peer.transport.sendto(request(RELEASE, MAC1, ciaddr=offer.yiaddr, xid=18).encode(), ("127.0.0.1", port))
-        await until_async(lambda: app.store.lease_of(MAC1) is None, timeout=5)
+        await until_async(lambda: app[STORE].lease_of(MAC1) is None, timeout=5)
 
 
 async def test_full_mode_names_the_machine_and_the_domain(tmp_path: Path, peer: Peer):
     machines = {MAC1: {"hostname": "node1"}}
     async with serving(tmp_path, "full", machines=machines, domain="lab.example.org") as app:
-        port = app.dhcp_addresses[0][1]
+        port = dhcp_addresses(app)[0][1]
         offer = await peer.ask(port, request(DISCOVER, MAC1, PLAIN, xid=40))
         assert (offer.options[12], offer.options[15]) == (b"node1", b"lab.example.org")
         ack = await peer.ask(port, request(REQUEST, MAC1, {**PLAIN, 50: offer.yiaddr.packed, 54: offer.options[54]},
@@ -384,7 +382,7 @@ async def test_full_mode_names_the_machine_and_the_domain(tmp_path: Path, peer: 
 
 async def test_inform_gets_the_segment_options_and_no_lease(tmp_path: Path, peer: Peer):
     async with serving(tmp_path, "full", machines={MAC1: {"hostname": "node1"}}) as app:
-        port = app.dhcp_addresses[0][1]
+        port = dhcp_addresses(app)[0][1]
         # Without ciaddr an INFORM says nothing we could answer to (RFC 2131 4.4.3): ignored.
         ack = await peer.silence(port, request(INFORM, MAC1, PLAIN, xid=50),
                                  then=request(INFORM, MAC1, PLAIN, xid=51, ciaddr=IPv4Address("127.0.0.1")))
@@ -395,17 +393,17 @@ async def test_inform_gets_the_segment_options_and_no_lease(tmp_path: Path, peer
         assert ack.file == b"" and 60 not in ack.options
         pxe = await peer.ask(port, request(INFORM, MAC2, BIOS_PXE, xid=52, ciaddr=IPv4Address("127.0.0.1")))
         assert pxe.file == b"undionly.kpxe" and pxe.options[60] == b"PXEClient"
-        assert app.store.leases() == [], "nothing was leased"
-        assert [e.detail["message"] for e in app.store.events(MAC1)] == ["INFORM"]
+        assert app[STORE].leases() == [], "nothing was leased"
+        assert [e.detail["message"] for e in app[STORE].events(MAC1)] == ["INFORM"]
 
 
 async def test_leases_survive_a_restart_and_are_never_handed_out_twice(tmp_path: Path, peer: Peer):
     async with serving(tmp_path, "full") as app:
-        port = app.dhcp_addresses[0][1]
+        port = dhcp_addresses(app)[0][1]
         offer = await peer.ask(port, request(DISCOVER, MAC1, PLAIN, xid=20))
         await peer.ask(port, request(REQUEST, MAC1, {50: offer.yiaddr.packed, 54: offer.options[54]}, xid=21))
     async with serving(tmp_path, "full") as app:  # a new process on the same store file
-        port = app.dhcp_addresses[0][1]
+        port = dhcp_addresses(app)[0][1]
         again = await peer.ask(port, request(DISCOVER, MAC1, PLAIN, xid=22))
         assert again.yiaddr == offer.yiaddr, "a known client gets its address back"
         other = await peer.ask(port, request(DISCOVER, MAC2, PLAIN, xid=23))
@@ -417,7 +415,7 @@ async def test_leases_survive_a_restart_and_are_never_handed_out_twice(tmp_path:
 async def test_reservations(tmp_path: Path, peer: Peer):
     machines = {MAC1: {"ip": "127.0.0.101"}, MAC2: {"ip": "127.0.0.50"}}  # one inside the pool, one outside
     async with serving(tmp_path, "full", machines=machines) as app:
-        port = app.dhcp_addresses[0][1]
+        port = dhcp_addresses(app)[0][1]
         assert (await peer.ask(port, request(DISCOVER, MAC3, PLAIN, xid=30))).yiaddr == IPv4Address("127.0.0.100")
         other = request(DISCOVER, "52:54:00:00:10:04", PLAIN, xid=31)
         assert (await peer.ask(port, other)).yiaddr == IPv4Address("127.0.0.102"), "101 is MAC1's, never the pool's"
@@ -431,12 +429,12 @@ async def test_reservations(tmp_path: Path, peer: Peer):
 async def test_pool_exhaustion_offers_nothing_and_says_so(tmp_path: Path, peer: Peer, caplog):
     caplog.set_level(logging.WARNING, logger="bootserver.dhcp")
     async with serving(tmp_path, "full", pool="127.0.0.100-127.0.0.101") as app:
-        port = app.dhcp_addresses[0][1]
+        port = dhcp_addresses(app)[0][1]
         first = await peer.ask(port, request(DISCOVER, MAC1, PLAIN, xid=40))
         second = await peer.ask(port, request(DISCOVER, MAC2, PLAIN, xid=41))
         assert (first.yiaddr, second.yiaddr) == (IPv4Address("127.0.0.100"), IPv4Address("127.0.0.101"))
         await peer.silence(port, request(DISCOVER, MAC3, PLAIN, xid=43), then=request(DISCOVER, MAC1, PLAIN, xid=44))
-        assert app.store.lease_of(MAC3) is None
+        assert app[STORE].lease_of(MAC3) is None
         # A declined address is held back from everyone: MAC1 declines, comes back, gets nothing.
         peer.transport.sendto(request(4, MAC1, {50: first.yiaddr.packed}, xid=45).encode(), ("127.0.0.1", port))
         await peer.silence(port, request(DISCOVER, MAC1, PLAIN, xid=46), then=request(DISCOVER, MAC2, PLAIN, xid=47))
@@ -446,12 +444,9 @@ async def test_pool_exhaustion_offers_nothing_and_says_so(tmp_path: Path, peer: 
 
 async def test_dhcp_off_opens_no_port(tmp_path: Path):
     config = configuration.parse({"server": {"http": "127.0.0.1:0", "tftp": "off", "data_dir": str(tmp_path)}})
-    app = App.open(config)
-    await app.start()
-    try:
-        assert app.dhcp_addresses == []
-    finally:
-        await app.stop()
+    app = init_app(config)
+    async with running(app):
+        assert dhcp_addresses(app) == []
 
 
 async def test_a_port_in_use_is_a_clear_error(tmp_path: Path):

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 from support.machines import admit
 from support.sshd import ssh_server
 from support.wait import until_async
 
-from bootserver.app import App
+from bootserver.app import PROVISIONER, STORE, http_address, init_app, running
 from bootserver.config import Config, DiskLayout, Listen, Partition
 from bootserver.provision.jobs import TOKEN_KEEP_SECONDS
 from bootserver.provision.steps import provision
@@ -192,19 +193,17 @@ async def test_node_that_dies_mid_disk_setup_is_interrupted_and_not_rerun_blindl
     device = tmp_path / "fakedisk"
     os.mknod(device, stat.S_IFBLK | 0o600, os.makedev(7, 250))
     async with ssh_server(keys.ssh_public, hang_on="sfdisk") as node:
-        app = App.open(with_disk(config, device, node.port),
+        app = init_app(with_disk(config, device, node.port),
                        ssh_options={"keepalive_interval": 0.5, "keepalive_count_max": 2})
-        await app.start()
-        try:
-            base = f"http://127.0.0.1:{app.http_address[1]}"
+        async with running(app):
+            base = f"http://127.0.0.1:{http_address(app)[1]}"
             async with aiohttp.ClientSession() as http:
                 await _dies_then_waits_for_its_phone_home(app, http, base, node)
-        finally:
-            await app.stop()
 
 
-async def _dies_then_waits_for_its_phone_home(app: App, http: aiohttp.ClientSession, base: str, node) -> None:
-    store = app.store
+async def _dies_then_waits_for_its_phone_home(app: web.Application, http: aiohttp.ClientSession, base: str,
+                                              node) -> None:
+    store = app[STORE]
     await boot_and_phone_home(http, base, node.host_key_line)
     # Detected by keep-alive (~1.5 s here; the 600 s command timeout would be far later).
     await until_async(lambda: store.node(MAC).state == "interrupted", timeout=15)
@@ -218,7 +217,7 @@ async def _dies_then_waits_for_its_phone_home(app: App, http: aiohttp.ClientSess
     assert len(node.commands) == 1 and "sfdisk -d" in node.commands[0]  # the guard, the first disk command
 
     # No blind rerun: not by the sweep, not after a while, not when the machine merely fetches its script.
-    app.provisioner.sweep()
+    app[PROVISIONER].sweep()
     await asyncio.sleep(3)  # six keep-alive intervals: room for a retry that must not come
     async with http.get(f"{base}/boot/52-54-00-00-00-01.ipxe") as response:
         assert response.status == 200

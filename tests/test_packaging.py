@@ -106,7 +106,7 @@ def test_unit_runs_serve_unprivileged_and_sandboxed() -> None:
     exec_start = shlex.split(settings["ExecStart"][0])
     assert exec_start == ["/usr/local/bin/bootserver", "--config", "/etc/bootserver/bootserver.toml", "serve"]
     assert _parser().parse_args(exec_start[1:]).command.__name__ == "cmd_serve"
-    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # App.reload, on SIGHUP
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # app.reload, on SIGHUP
     assert settings["User"] == ["bootserver"] and settings["StateDirectory"] == ["bootserver"]
     for key, value in {"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
                        "NoNewPrivileges": "yes", "Restart": "on-failure"}.items():

@@ -44,13 +44,10 @@ def test_a_hard_limit_too_low_for_the_tftp_table_lowers_it_with_a_warning(tmp_pa
 async def test_the_tftp_table_follows_its_settings(tmp_path):
     """[server] tftp_sessions and tftp_sessions_per_source reach the TFTP server (its policy: tests/test_tftp.py)."""
     from bootserver import config as configuration
-    from bootserver.app import App
+    from bootserver.app import TFTP, init_app, running
 
     config = configuration.parse({"server": {"http": "127.0.0.1:0", "tftp": "127.0.0.1:0", "data_dir": str(tmp_path),
                                              "tftp_sessions": 8, "tftp_sessions_per_source": 2}})
-    app = App.open(config)
-    await app.start()
-    try:
-        assert (app._tftp._max_sessions, app._tftp._max_per_client) == (8, 2)
-    finally:
-        await app.stop()
+    app = init_app(config)
+    async with running(app):
+        assert (app[TFTP]._max_sessions, app[TFTP]._max_per_client) == (8, 2)

@@ -1,4 +1,4 @@
-"""TFTP under abuse, against the whole server (App, real UDP sockets on loopback): abandoned sessions and
+"""TFTP under abuse, against the whole server (app.init_app, real UDP sockets on loopback): abandoned sessions and
 bursts are capped per client and in total with a quarter of the table kept for new client addresses,
 every unanswered session is dropped after one retransmission, file descriptors come back to where they
 were, and a missing TFTP root is reported while everything else serves."""
@@ -15,10 +15,11 @@ import struct
 
 import aiohttp
 import pytest
+from aiohttp import web
 from support.wait import until_async
 
 from bootserver import tftp
-from bootserver.app import App
+from bootserver.app import CONFIG, STORE, TFTP, http_address, init_app, running, tftp_address
 
 RRQ, DATA, ERROR, OACK = 1, 3, 5, 6
 CLIENTS = 1000
@@ -85,22 +86,19 @@ def many_files():
 
 
 async def test_abandoned_sessions_and_bursts_are_capped_then_freed(config, many_files):
-    app = App.open(config)
-    await app.start()
-    try:
+    app = init_app(config)
+    async with running(app):
         await _flood_and_recover(app)
-    finally:
-        await app.stop()
 
 
-async def _flood_and_recover(app: App) -> None:
-    server, http = app.tftp_address, f"http://127.0.0.1:{app.http_address[1]}"
-    (app.config.server.tftp_root / "pxelinux.0").write_bytes(os.urandom(64 * 1024))
-    tftp_server = app._tftp
+async def _flood_and_recover(app: web.Application) -> None:
+    server, http = tftp_address(app), f"http://127.0.0.1:{http_address(app)[1]}"
+    (app[CONFIG].server.tftp_root / "pxelinux.0").write_bytes(os.urandom(64 * 1024))
+    tftp_server = app[TFTP]
     assert tftp_server is not None
     total = tftp.session_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     assert total == tftp.MAX_SESSIONS  # the limit was raised enough for the whole table
-    app.store.record("52:54:00:00:00:01", "script-served", {})  # a MAC that asked for nothing first is not recorded
+    app[STORE].record("52:54:00:00:00:01", "script-served", {})  # a MAC that asked for nothing first is not recorded
     gc.collect()  # objects left by earlier tests must not close their files in the middle of this count
     baseline = open_fds()
     # A request nobody answers holds its place timeout * 2 s (its first packet and one retransmission):
@@ -141,17 +139,17 @@ async def _flood_and_recover(app: App) -> None:
     # Not above the baseline: no socket or file of the flood leaked (fewer is fine: the test process
     # itself may close something meanwhile).
     await until_async(lambda: open_fds() <= baseline, timeout=5)
-    failed = [e for e in app.store.events("52:54:00:00:00:01") if e.kind == "file-failed"]
+    failed = [e for e in app[STORE].events("52:54:00:00:00:01") if e.kind == "file-failed"]
     assert len(failed) == tftp.MAX_SESSIONS_PER_CLIENT
     assert {e.detail["error"] for e in failed} == {f"never answered: dropped after {tftp.UNANSWERED_RETRIES} retries"}
     # And it serves a real client again.
     assert await curl_tftp(f"tftp://127.0.0.1:{server[1]}/pxelinux.0") == 0
 
 
-async def test_missing_tftp_root_is_a_named_problem_while_the_rest_serves(app: App):
-    root = app.config.server.tftp_root
+async def test_missing_tftp_root_is_a_named_problem_while_the_rest_serves(app: web.Application):
+    root = app[CONFIG].server.tftp_root
     (root / "pxelinux.0").write_bytes(b"x" * 1000)
-    http, tftp_url = f"http://127.0.0.1:{app.http_address[1]}", f"tftp://127.0.0.1:{app.tftp_address[1]}"
+    http, tftp_url = f"http://127.0.0.1:{http_address(app)[1]}", f"tftp://127.0.0.1:{tftp_address(app)[1]}"
     health = (await get(f"{http}/healthz"))[1]
     assert '"problems": []' in health
 

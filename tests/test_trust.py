@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import asyncssh
 import pytest
+from aiohttp import web
 from support.config import server_section
 from support.net import free_port
 from support.sshd import ssh_server
@@ -22,7 +23,7 @@ from support.wait import until_async
 
 from bootserver import config as configuration
 from bootserver.admission import RateLimit, canonical_uuid, same_uuid, strict_ip
-from bootserver.app import App
+from bootserver.app import CORE, PROVISIONER, STORE, http_address, init_app, running
 from bootserver.booter import Urls
 from bootserver.errors import BadRequest, Forbidden
 
@@ -56,12 +57,9 @@ def site(tmp_path: Path, server: str = "", machines: str = "", deploy: str | Non
 
 @contextlib.asynccontextmanager
 async def served(config: configuration.Config, ssh_port: int = 22, **ssh_options: float):
-    app = App.open(config, ssh_options={"ssh_port": ssh_port, "connect_timeout": 5, **ssh_options})
-    await app.start()  # on 127.0.0.1: clients on 127.0.0.2 and .3 reach it too, and it sees their addresses
-    try:
-        yield app, f"http://127.0.0.1:{app.http_address[1]}"
-    finally:
-        await app.stop()
+    app = init_app(config, ssh_options={"ssh_port": ssh_port, "connect_timeout": 5, **ssh_options})
+    async with running(app):
+        yield app, f"http://127.0.0.1:{http_address(app)[1]}"
 
 
 def session_from(source: str) -> aiohttp.ClientSession:
@@ -87,8 +85,8 @@ async def phone_home(base: str, source: str, token: str | None, host_key: str, p
         return r.status, await r.text()
 
 
-def kinds(app: App, mac: str = MAC) -> list[str]:
-    return [e.kind for e in app.store.events(mac)]
+def kinds(app: web.Application, mac: str = MAC) -> list[str]:
+    return [e.kind for e in app[STORE].events(mac)]
 
 
 def a_host_key() -> str:
@@ -106,7 +104,7 @@ async def test_approve_mode_forger_outside_the_window_gets_no_token_and_no_secre
         status, text = await script(base, FORGER)
         assert status == 200 and token_in(text) is None and "waiting for approval" in text
         assert "sleep 60" in text and "/boot.ipxe" in text  # it asks again later
-        assert app.store.node(MAC).state == "new"
+        assert app[STORE].node(MAC).state == "new"
         # Polling again records no new event (a waiting machine asks every minute).
         before = len(kinds(app))
         await script(base, FORGER)
@@ -116,7 +114,7 @@ async def test_approve_mode_forger_outside_the_window_gets_no_token_and_no_secre
             assert r.status == 403
         status, _ = await phone_home(base, FORGER, "x.y", a_host_key())
         assert status == 403
-        assert app.store.node(MAC).host_key is None and app.store.job(MAC) is None
+        assert app[STORE].node(MAC).host_key is None and app[STORE].job(MAC) is None
 
 
 async def test_approve_mode_two_claims_in_the_window_are_a_visible_conflict_and_neither_is_provisioned(tmp_path):
@@ -124,17 +122,17 @@ async def test_approve_mode_two_claims_in_the_window_are_a_visible_conflict_and_
     (no token for the second, the first's phone-home refused), shown on the page and in /metrics."""
     config = site(tmp_path, 'enroll = "approve"')
     async with served(config) as (app, base):
-        app.booter.approve(MAC)
+        app[CORE].approve(MAC)
         status, text = await script(base, REAL)
         real_token = token_in(text)
         assert status == 200 and real_token
         status, text = await script(base, FORGER)
         assert status == 200 and token_in(text) is None and "both claimed" in text
-        node = app.store.node(MAC)
+        node = app[STORE].node(MAC)
         assert node.held and REAL in node.held and FORGER in node.held
         status, text = await phone_home(base, REAL, real_token, a_host_key())
         assert status == 403 and "held" in text
-        assert app.store.job(MAC) is None and app.store.node(MAC).host_key is None
+        assert app[STORE].job(MAC) is None and app[STORE].node(MAC).host_key is None
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{base}/machines/{MAC}") as r:
                 page = await r.text()
@@ -143,8 +141,8 @@ async def test_approve_mode_two_claims_in_the_window_are_a_visible_conflict_and_
         assert "both claimed" in page and "approve it once you know which is the real machine" in page
         assert "bootserver_claim_conflicts_total 1.0" in metrics and "bootserver_machines_held 1.0" in metrics
         # The operator decides: approving lets the held claims go, and the next boot starts clean.
-        app.booter.approve(MAC)
-        assert app.store.node(MAC).held is None
+        app[CORE].approve(MAC)
+        assert app[STORE].node(MAC).held is None
         status, text = await script(base, REAL)
         assert token_in(text)
 
@@ -160,18 +158,18 @@ async def test_open_mode_the_first_claimant_wins_and_the_second_is_refused_and_s
         for _ in range(3):  # polling from another address
             _, text = await script(base, FORGER)
             assert token_in(text) is None and "first claimant keeps it" in text
-        assert app.store.node(MAC).held is None
+        assert app[STORE].node(MAC).held is None
         assert kinds(app).count("claim-conflict") == 3
         async with session_from(REAL) as s, s.get(f"{base}/boot/{PATH}/{real_token}/config.json") as r:
             assert r.status == 200  # the real machine's overlay still works
         status, _ = await phone_home(base, REAL, real_token, a_host_key())
         assert status == 202
         # The same address booting again gets a new token: one live token per machine per boot.
-        app.store.record(MAC, "failed", {}, state="failed")
+        app[STORE].record(MAC, "failed", {}, state="failed")
         _, first = await script(base, REAL)
         _, second = await script(base, REAL)
         assert token_in(first) and token_in(second) and token_in(first) != token_in(second)
-        assert app.store.live_token(MAC).id == token_in(second).split(".")[0]
+        assert app[STORE].live_token(MAC).id == token_in(second).split(".")[0]
 
 
 async def test_known_mode_provisions_only_configured_machines(tmp_path):
@@ -187,14 +185,14 @@ async def test_known_mode_provisions_only_configured_machines(tmp_path):
 async def test_the_window_closes_at_the_first_accepted_phone_home_and_when_it_lapses(tmp_path):
     config = site(tmp_path, 'enroll = "approve"')
     async with served(config) as (app, base):
-        app.booter.approve(MAC)
+        app[CORE].approve(MAC)
         _, text = await script(base, REAL)
         status, _ = await phone_home(base, REAL, token_in(text), a_host_key())
-        assert status == 202 and app.store.node(MAC).window_until is None
-        app.store.record(MAC, "failed", {}, state="failed")  # e.g. provisioning failed: the machine reboots
+        assert status == 202 and app[STORE].node(MAC).window_until is None
+        app[STORE].record(MAC, "failed", {}, state="failed")  # e.g. provisioning failed: the machine reboots
         _, text = await script(base, REAL)
         assert token_in(text) is None and "waiting for approval" in text
-        app.store.open_window(MAC, time.time() - 1, "approved", {})  # an approval that has lapsed
+        app[STORE].open_window(MAC, time.time() - 1, "approved", {})  # an approval that has lapsed
         _, text = await script(base, REAL)
         assert token_in(text) is None
 
@@ -207,24 +205,24 @@ async def test_a_kernel_request_never_moves_a_deployed_machine(tmp_path):
     boots the local disk and issues no token."""
     config = site(tmp_path)
     async with served(config) as (app, base):
-        app.store.record(MAC, "deployed", {}, state="deployed")
+        app[STORE].record(MAC, "deployed", {}, state="deployed")
         async with session_from(FORGER) as s, s.get(f"{base}/boot/{PATH}/kernel") as r:
             assert r.status == 200
             await r.read()
         await until_async(lambda: "file-served" in kinds(app))
-        assert app.store.node(MAC).state == "deployed"
+        assert app[STORE].node(MAC).state == "deployed"
         _, text = await script(base, FORGER)
         assert token_in(text) is None and "sanboot" in text or "exit" in text
-        assert app.store.node(MAC).state == "deployed"
+        assert app[STORE].node(MAC).state == "deployed"
 
 
 async def test_a_script_asked_for_while_a_machine_is_provisioned_is_not_a_new_boot(tmp_path):
     config = site(tmp_path)
     async with served(config) as (app, base):
-        app.store.record(MAC, "step-started", {"step": "deploy"}, state="deploy")
+        app[STORE].record(MAC, "step-started", {"step": "deploy"}, state="deploy")
         _, text = await script(base, FORGER)
         assert token_in(text) is None and "being provisioned" in text
-        assert app.store.node(MAC).state == "deploy"
+        assert app[STORE].node(MAC).state == "deploy"
 
 
 # -- finding 3: SSH steering ----------------------------------------------------------------------------------
@@ -236,17 +234,17 @@ async def test_provisioning_connects_to_the_caller_not_to_the_address_it_reports
     config = site(tmp_path)
     port = free_port(host=REAL)
     async with served(config, ssh_port=port) as (app, base), \
-            ssh_server(app.provisioner.keys.ssh_public, host=REAL, port=port) as caller, \
-            ssh_server(app.provisioner.keys.ssh_public, host="127.0.0.9", port=port) as victim:
+            ssh_server(app[PROVISIONER].keys.ssh_public, host=REAL, port=port) as caller, \
+            ssh_server(app[PROVISIONER].keys.ssh_public, host="127.0.0.9", port=port) as victim:
         _, text = await script(base, REAL)
         status, _ = await phone_home(base, REAL, token_in(text), caller.host_key_line, ip="127.0.0.9")
         assert status == 202
-        await until_async(lambda: app.store.node(MAC).state in ("deployed", "failed"), timeout=20)
-        assert app.store.node(MAC).state == "deployed", kinds(app)
+        await until_async(lambda: app[STORE].node(MAC).state in ("deployed", "failed"), timeout=20)
+        assert app[STORE].node(MAC).state == "deployed", kinds(app)
         assert caller.connections and not victim.connections
-        node = app.store.node(MAC)
+        node = app[STORE].node(MAC)
         assert node.ip == REAL
-        detail = next(e.detail for e in app.store.events(MAC) if e.kind == "phoned-home")
+        detail = next(e.detail for e in app[STORE].events(MAC) if e.kind == "phoned-home")
         assert (detail["ip"], detail["reported_ip"]) == (REAL, "127.0.0.9")
         assert (tmp_path / "node" / "app.env").read_text() == SECRET
 
@@ -276,7 +274,7 @@ async def test_a_phone_home_from_another_address_than_the_script_is_refused(tmp_
         _, text = await script(base, REAL)
         status, text = await phone_home(base, FORGER, token_in(text), a_host_key())
         assert status == 403 and "issued to 127.0.0.2" in text
-        assert app.store.job(MAC) is None
+        assert app[STORE].job(MAC) is None
 
 
 # -- finding 4: config injection through the reported address ----------------------------------------------
@@ -302,8 +300,8 @@ async def test_a_phone_home_reporting_a_scoped_address_is_refused_and_nothing_is
         _, text = await script(base, REAL)
         status, text = await phone_home(base, REAL, token_in(text), a_host_key(), ip="fe80::1%eth0\nx = 1")
         assert status == 400 and "scope" in text
-        node = app.store.node(MAC)
-        assert node.ip is None and node.host_key is None and app.store.job(MAC) is None
+        node = app[STORE].node(MAC)
+        assert node.ip is None and node.host_key is None and app[STORE].job(MAC) is None
 
 
 # -- finding 6: provisioning slots ---------------------------------------------------------------------------
@@ -319,8 +317,8 @@ async def test_forgeries_with_a_silent_sshd_hold_at_most_their_sources_slots(tmp
     port = free_port(host=REAL)
     slow = {"job_seconds": 6, "command_timeout": 600, "keepalive_interval": 600}
     async with served(config, ssh_port=port, **slow) as (app, base), \
-            ssh_server(app.provisioner.keys.ssh_public, host=FORGER, port=port, hang_on="sync") as silent, \
-            ssh_server(app.provisioner.keys.ssh_public, host=REAL, port=port) as real:
+            ssh_server(app[PROVISIONER].keys.ssh_public, host=FORGER, port=port, hang_on="sync") as silent, \
+            ssh_server(app[PROVISIONER].keys.ssh_public, host=REAL, port=port) as real:
         forged = [f"52:54:00:00:41:{i:02x}" for i in range(8)]
         for mac in forged:
             path = mac.replace(":", "-")
@@ -329,12 +327,12 @@ async def test_forgeries_with_a_silent_sshd_hold_at_most_their_sources_slots(tmp
         await until_async(lambda: len(silent.connections) >= 2, timeout=10)
         _, text = await script(base, REAL)
         assert (await phone_home(base, REAL, token_in(text), real.host_key_line))[0] == 202
-        await until_async(lambda: app.store.node(MAC).state == "deployed", timeout=10)
+        await until_async(lambda: app[STORE].node(MAC).state == "deployed", timeout=10)
         assert len(silent.connections) == 2  # the other six wait their turn behind their own source
-        states = {m: app.store.node(m).state for m in forged}
+        states = {m: app[STORE].node(m).state for m in forged}
         assert sum(s == "deploy" for s in states.values()) == 2, states
-        await until_async(lambda: sum(app.store.node(m).state == "failed" for m in forged) >= 2, timeout=15)
-        failed = next(e for m in forged for e in app.store.events(m) if e.kind == "failed")
+        await until_async(lambda: sum(app[STORE].node(m).state == "failed" for m in forged) >= 2, timeout=15)
+        failed = next(e for m in forged for e in app[STORE].events(m) if e.kind == "failed")
         assert "did not finish within 0.1 minutes ([server] job_minutes)" in failed.detail["reason"]
 
 
@@ -348,7 +346,7 @@ async def test_new_machines_per_source_are_limited_and_others_still_boot(tmp_pat
     async with served(config) as (app, base):
         statuses = [(await script(base, FORGER, f"52-54-00-00-42-{i:02x}"))[0] for i in range(7)]
         assert statuses == [200] * 5 + [429] * 2
-        assert app.store.node_count() == 5
+        assert app[STORE].node_count() == 5
         assert (await script(base, REAL))[0] == 200
         assert (await script(base, FORGER, "52-54-00-00-42-00"))[0] == 200  # seen before: not new
 
@@ -365,7 +363,7 @@ async def test_files_and_refusals_for_unseen_macs_make_no_machine_rows(tmp_path)
         for i in range(20):
             await phone_home(base, FORGER, "a.b", a_host_key(), f"52-54-00-00-44-{i:02x}")
         await asyncio.sleep(0.2)
-        assert app.store.node_count() == 0
+        assert app[STORE].node_count() == 0
 
 
 def test_rate_limit_forgets_idle_sources():
@@ -395,7 +393,7 @@ async def test_the_agent_must_report_the_uuid_the_firmware_reported(tmp_path):
         assert status == 403
         status, _ = await phone_home(base, REAL, token, a_host_key(), uuid=UUID.upper())
         assert status == 202
-        detail = next(e.detail for e in app.store.events(MAC) if e.kind == "phoned-home")
+        detail = next(e.detail for e in app[STORE].events(MAC) if e.kind == "phoned-home")
         assert detail["uuid"] == UUID
 
 
@@ -445,9 +443,9 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(tmp_path):
             async with session_from(source) as s, s.get(f"{base}/boot/{PATH}.ipxe",
                                                         headers={"X-Forwarded-For": "10.9.9.9"}) as r:
                 token = token_in(await r.text())
-            assert app.store.token(token.split(".")[0]).ip == expected
-            app.store.record(MAC, "failed", {}, state="failed")
-            with app.store._transaction() as db:  # let the next claim start clean
+            assert app[STORE].token(token.split(".")[0]).ip == expected
+            app[STORE].record(MAC, "failed", {}, state="failed")
+            with app[STORE]._transaction() as db:  # let the next claim start clean
                 db.execute("UPDATE tokens SET used = 1")
 
 
@@ -458,4 +456,4 @@ async def test_a_uuid_the_firmware_garbled_counts_as_none(tmp_path):
     async with served(config) as (app, base):
         status, text = await script(base, REAL, uuid="=,Z_NkJ&FF}*;L]")
         assert status == 200 and token_in(text)
-        assert app.store.token(token_in(text).split(".")[0]).uuid is None
+        assert app[STORE].token(token_in(text).split(".")[0]).uuid is None

@@ -16,7 +16,7 @@ from support.net import free_port
 from support.serve import answers, serving
 from support.wait import until, until_async
 
-from bootserver.app import App
+from bootserver.app import STORE, http_address, init_app, running
 
 MAC = "52:54:00:00:00:01"
 URL_MAC = "52-54-00-00-00-01"
@@ -24,14 +24,11 @@ URL_MAC = "52-54-00-00-00-01"
 
 @contextlib.asynccontextmanager
 async def served(config, **changes):
-    """The real server (App.start: a TCP socket on 127.0.0.1) under `config` with [server] `changes`."""
+    """The real server (app.init_app: a TCP socket on 127.0.0.1) under `config` with [server] `changes`."""
     server = dataclasses.replace(config.server, public_address="127.0.0.1", **changes)
-    app = App.open(dataclasses.replace(config, server=server))
-    await app.start()
-    try:
-        yield app, f"http://127.0.0.1:{app.http_address[1]}"
-    finally:
-        await app.stop()
+    app = init_app(dataclasses.replace(config, server=server))
+    async with running(app):
+        yield app, f"http://127.0.0.1:{http_address(app)[1]}"
 
 
 async def known_machine(http: aiohttp.ClientSession, base: str) -> None:
@@ -63,12 +60,12 @@ async def test_writes_need_the_token_the_server_made(config):
             assert response.status == 401
         async with http.post(f"{base}/machines/{MAC}/boot-from-disk", allow_redirects=False) as response:
             assert response.status == 401
-        assert not app.store.node(MAC).reprovision  # nothing happened
+        assert not app[STORE].node(MAC).reprovision  # nothing happened
         async with http.post(url, headers={"Authorization": f"Bearer {token}"}) as response:
             assert response.status == 200 and (await response.json())["reprovision"] is True
         async with http.post(f"{base}/machines/{MAC}/boot-from-disk", data={"api_token": token},
                              allow_redirects=False) as response:
-            assert response.status == 303 and app.store.node(MAC).state == "deployed"
+            assert response.status == 303 and app[STORE].node(MAC).state == "deployed"
     async with served(config) as (app, base), aiohttp.ClientSession() as http:
         assert path.read_text().strip() == token  # the same token after a restart
         async with http.post(f"{base}/api/v1/machines/{MAC}/reprovision", headers=bearer(config)) as response:
@@ -98,7 +95,7 @@ async def test_dns_rebinding_origin_and_host_are_refused(config):
     browser; its Host and Origin name evil.example, not us, and are refused even with the token."""
     async with served(config) as (app, base), aiohttp.ClientSession() as http:
         await known_machine(http, base)
-        port = app.http_address[1]
+        port = http_address(app)[1]
         url = f"{base}/api/v1/machines/{MAC}/reprovision"
         for headers in ({"Host": f"evil.example:{port}"},
                         {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}",
@@ -111,7 +108,7 @@ async def test_dns_rebinding_origin_and_host_are_refused(config):
             async with http.post(f"{base}/machines/{MAC}/reprovision", headers=headers,
                                  data={"api_token": api_token(config)}, allow_redirects=False) as response:
                 assert response.status == 403, headers
-        assert not app.store.node(MAC).reprovision
+        assert not app[STORE].node(MAC).reprovision
         for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"{socket.gethostname()}:{port}"):
             async with http.post(url, headers={"Host": host, "Origin": f"http://{host}",
                                                **bearer(config)}) as response:

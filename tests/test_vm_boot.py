@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from support.qemu import DEFAULT_MAC, OVMF, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
 from bootserver.admission import same_uuid
-from bootserver.app import App
+from bootserver.app import CONFIG, STORE, http_address, init_app, running, tftp_address
 from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
@@ -45,30 +46,29 @@ async def app(agent_image: AgentImage, tmp_path: Path):
     config = configuration.parse({"server": {"http": "127.0.0.1:0", "tftp": "127.0.0.1:0",
                                              "data_dir": str(data_dir)}})
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, public_address="10.0.2.2"))
-    app = App.open(config)
-    await app.start()
-    yield app
-    await app.stop()
+    app = init_app(config)
+    async with running(app):
+        yield app
 
 
 @pytest.mark.parametrize(("firmware", "transport"), [("bios", "http"), ("uefi", "http"),
                                                       ("bios", "tftp"), ("uefi", "tftp")])
-async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transport: str, timing):
-    port = app.http_address[1] if transport == "http" else app.tftp_address[1]
+async def test_netboot_to_init(app: web.Application, tmp_path: Path, firmware: str, transport: str, timing):
+    port = http_address(app)[1] if transport == "http" else tftp_address(app)[1]
     bootfile = f"{transport}://10.0.2.2:{port}/boot.ipxe"
     async with Vm(workdir=tmp_path, firmware=firmware, bootfile=bootfile, memory=512, uuid=VM_UUID) as vm:
         took = await wait_for_state(app, vm, "phoned-home", timeout=240)
     timing(f"{firmware} over {transport}: QEMU start to phone-home", took)
 
-    log = app.store.events(DEFAULT_MAC)
+    log = app[STORE].events(DEFAULT_MAC)
     kinds = [e.kind for e in log]
     assert kinds[0] == "script-served" and "phoned-home" in kinds, events(app)
     script = log[0].detail
     assert (script["transport"], script["profile"], script["group"]) == (transport, "agent", "default")
     platform = "efi" if firmware == "uefi" else "pcbios"
-    assert app.store.node(DEFAULT_MAC).facts["platform"] == platform  # iPXE's own report
+    assert app[STORE].node(DEFAULT_MAC).facts["platform"] == platform  # iPXE's own report
     served = {e.detail["file"]: e.detail for e in log if e.kind == "file-served"}
-    for name, path in app.config.assets.items():
+    for name, path in app[CONFIG].assets.items():
         assert served[name]["protocol"] == transport, events(app)
         assert served[name]["bytes"] == path.stat().st_size, events(app)
     assert served["bootserver.cpio"]["protocol"] == transport  # the per-boot overlay: keys and token
@@ -76,8 +76,8 @@ async def test_netboot_to_init(app: App, tmp_path: Path, firmware: str, transpor
     # SSH goes to where the call came from (slirp: the host's loopback); the guest's own address is only recorded.
     assert report["ip"] == "127.0.0.1"
     assert ipaddress.ip_address(report["reported_ip"]) in ipaddress.ip_network("10.0.2.0/24")
-    assert app.store.node(DEFAULT_MAC).host_key.startswith("ssh-ed25519 ")
+    assert app[STORE].node(DEFAULT_MAC).host_key.startswith("ssh-ed25519 ")
     # The firmware's SMBIOS UUID (iPXE, with the script over HTTP) and the agent's (sysfs) are one machine's.
     assert report["uuid"] == VM_UUID, events(app)
     if transport == "http":
-        assert same_uuid(app.store.node(DEFAULT_MAC).facts["uuid"], VM_UUID), events(app)
+        assert same_uuid(app[STORE].node(DEFAULT_MAC).facts["uuid"], VM_UUID), events(app)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from support.disk import blkid, debugfs, loop_device
@@ -24,7 +25,7 @@ from support.qemu import DEFAULT_MAC, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
-from bootserver.app import App
+from bootserver.app import PROVISIONER, STORE, http_address, init_app, running
 from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
@@ -106,10 +107,9 @@ async def site(agent_image: AgentImage, tmp_path: Path):
     (tmp_path / "site.toml").write_text(toml)
     config = configuration.load(tmp_path / "site.toml")
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, public_address="10.0.2.2"))
-    app = App.open(config)
-    await app.start()
-    yield app, ssh_port
-    await app.stop()
+    app = init_app(config)
+    async with running(app):
+        yield app, ssh_port
 
 
 async def test_power_on_to_deployed(site, tmp_path: Path, timing):
@@ -117,13 +117,13 @@ async def test_power_on_to_deployed(site, tmp_path: Path, timing):
     disk = tmp_path / "disk.img"
     with disk.open("wb") as f:
         f.truncate(1 << 30)  # an empty 1 GiB disk
-    bootfile = f"http://10.0.2.2:{app.http_address[1]}/boot.ipxe"
+    bootfile = f"http://10.0.2.2:{http_address(app)[1]}/boot.ipxe"
     async with Vm(workdir=tmp_path, bootfile=bootfile, memory=512, disk=disk, hostfwd={ssh_port: 22}) as vm:
         took = await wait_for_state(app, vm, "deployed", timeout=420)
         timing("power-on to deployed", took)
         # The last step reboots the node; with -no-reboot QEMU then exits, leaving the disk consistent.
         await asyncio.wait_for(vm.process.wait(), 60)
-    kinds = [e.kind for e in app.store.events(DEFAULT_MAC)]
+    kinds = [e.kind for e in app[STORE].events(DEFAULT_MAC)]
     for kind in ("script-served", "phoned-home", "step-started", "step-done", "deployed"):
         assert kind in kinds, events(app)
     assert "refused" not in kinds and "failed" not in kinds, events(app)
@@ -131,13 +131,13 @@ async def test_power_on_to_deployed(site, tmp_path: Path, timing):
     check_disk(disk, app)
 
     async with aiohttp.ClientSession() as session:
-        url = f"http://127.0.0.1:{app.http_address[1]}/boot/{DEFAULT_MAC.replace(':', '-')}.ipxe?platform=pcbios"
+        url = f"http://127.0.0.1:{http_address(app)[1]}/boot/{DEFAULT_MAC.replace(':', '-')}.ipxe?platform=pcbios"
         async with session.get(url) as response:
             script = await response.text()
     assert "sanboot --no-describe --drive 0x80" in script and "kernel " not in script
 
 
-def check_disk(disk: Path, app: App) -> None:
+def check_disk(disk: Path, app: web.Application) -> None:
     """Read the powered-off disk image from the host: partition table, filesystems, deployed files."""
     table = json.loads(subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True,
                                       check=True).stdout)["partitiontable"]
@@ -158,16 +158,16 @@ def check_disk(disk: Path, app: App) -> None:
         assert rendered.startswith('node = "node1"\n')
         assert 'name = "node1"' in rendered and 'name = "node2"' in rendered  # the whole group
         cert = x509.load_pem_x509_certificate(debugfs(device, "cat /etc/raft/tls/node.crt"))
-        ca = x509.load_pem_x509_certificate(app.provisioner.keys.ca_pem)
+        ca = x509.load_pem_x509_certificate(app[PROVISIONER].keys.ca_pem)
         cert.verify_directly_issued_by(ca)  # chains to our CA
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert "node1" in san.get_values_for_type(x509.DNSName)
-        assert debugfs(device, "cat /etc/raft/tls/ca.crt") == app.provisioner.keys.ca_pem
+        assert debugfs(device, "cat /etc/raft/tls/ca.crt") == app[PROVISIONER].keys.ca_pem
         # The key the agent's openssl made on the node, 0600, and the one the certificate is for.
         assert re.search(r"Mode:\s+0600\b", debugfs(device, "stat /etc/raft/tls/node.key").decode())
         key = serialization.load_pem_private_key(debugfs(device, "cat /etc/raft/tls/node.key"), None)
         assert cert.public_key() == key.public_key()
-        issued = [e.detail for e in app.store.events(DEFAULT_MAC) if e.kind == "certificate-issued"]
+        issued = [e.detail for e in app[STORE].events(DEFAULT_MAC) if e.kind == "certificate-issued"]
         assert [d["serial"] for d in issued] == [f"{cert.serial_number:x}"], issued
         link = debugfs(device, "stat /etc/systemd/system/multi-user.target.wants/raftd.service").decode()
         assert 'Fast link dest: "/etc/systemd/system/raftd.service"' in link

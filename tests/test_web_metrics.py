@@ -4,21 +4,22 @@ store, one series for every lifecycle state."""
 from __future__ import annotations
 
 import aiohttp
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from support.wait import until_async
 
-from bootserver.app import App
+from bootserver.app import STORE, http_address
 from bootserver.lifecycle import State
 
 MAC = "52:54:00:00:00:01"
 URL_MAC = "52-54-00-00-00-01"
 
 
-def base(app: App) -> str:
-    return f"http://127.0.0.1:{app.http_address[1]}"
+def base(app: web.Application) -> str:
+    return f"http://127.0.0.1:{http_address(app)[1]}"
 
 
-async def samples(http: aiohttp.ClientSession, app: App) -> dict[tuple[str, tuple], float]:
+async def samples(http: aiohttp.ClientSession, app: web.Application) -> dict[tuple[str, tuple], float]:
     async with http.get(f"{base(app)}/metrics") as response:
         assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
         text = await response.text()
@@ -26,7 +27,7 @@ async def samples(http: aiohttp.ClientSession, app: App) -> dict[tuple[str, tupl
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-async def test_machines_by_state_follow_a_boot(app: App):
+async def test_machines_by_state_follow_a_boot(app: web.Application):
     async with aiohttp.ClientSession() as http:
         before = await samples(http, app)
         assert {state: before[("bootserver_machines", (("state", state),))] for state in State} == dict.fromkeys(
@@ -38,10 +39,10 @@ async def test_machines_by_state_follow_a_boot(app: App):
     assert sum(v for (name, _), v in after.items() if name == "bootserver_machines") == 1
 
 
-async def test_provisioning_step_times_are_summed_by_step(app: App):
-    app.store.record(MAC, "step-done", {"step": "disk", "seconds": 1.5})
-    app.store.record(MAC, "step-done", {"step": "disk", "seconds": 2.5})
-    app.store.record(MAC, "step-done", {"step": "deploy", "seconds": 4.0})
+async def test_provisioning_step_times_are_summed_by_step(app: web.Application):
+    app[STORE].record(MAC, "step-done", {"step": "disk", "seconds": 1.5})
+    app[STORE].record(MAC, "step-done", {"step": "disk", "seconds": 2.5})
+    app[STORE].record(MAC, "step-done", {"step": "deploy", "seconds": 4.0})
     async with aiohttp.ClientSession() as http:
         found = await samples(http, app)
     assert found[("bootserver_provision_step_seconds_count", (("step", "disk"),))] == 2
@@ -49,7 +50,7 @@ async def test_provisioning_step_times_are_summed_by_step(app: App):
     assert found[("bootserver_provision_step_seconds_sum", (("step", "deploy"),))] == 4.0
 
 
-async def test_bytes_served_count_every_file_sent(app: App):
+async def test_bytes_served_count_every_file_sent(app: web.Application):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base(app)}/boot/{URL_MAC}.ipxe") as response:
             assert response.status == 200
@@ -60,5 +61,5 @@ async def test_bytes_served_count_every_file_sent(app: App):
         assert await until_async(lambda: served(http, app, key), what="the kernel's bytes") == len(kernel) == 100_010
 
 
-async def served(http: aiohttp.ClientSession, app: App, key: tuple) -> float:
+async def served(http: aiohttp.ClientSession, app: web.Application, key: tuple) -> float:
     return (await samples(http, app)).get(key, 0)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from aiohttp import web
 from support.http import report
 
-from bootserver.app import App
+from bootserver.app import http_address
 from bootserver.lifecycle import OFF_PATH, PROGRESS, State
 from bootserver.web.views import progress
 
@@ -15,11 +16,11 @@ MAC = "52:54:00:00:00:01"
 URL_MAC = "52-54-00-00-00-01"
 
 
-def base(app: App) -> str:
-    return f"http://127.0.0.1:{app.http_address[1]}"
+def base(app: web.Application) -> str:
+    return f"http://127.0.0.1:{http_address(app)[1]}"
 
 
-async def machine(http: aiohttp.ClientSession, app: App) -> dict:
+async def machine(http: aiohttp.ClientSession, app: web.Application) -> dict:
     async with http.get(f"{base(app)}/api/v1/machines/{MAC}") as response:
         assert response.status == 200
         return await response.json()
@@ -36,7 +37,7 @@ def test_every_state_has_a_place_and_a_tone(state: State):
     assert shown.tone == expected
 
 
-async def test_a_machine_shows_its_place_its_group_and_its_host_key_fingerprint(app: App):
+async def test_a_machine_shows_its_place_its_group_and_its_host_key_fingerprint(app: web.Application):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base(app)}/boot/{URL_MAC}.ipxe") as response:
             script = await response.text()
@@ -54,7 +55,7 @@ async def test_a_machine_shows_its_place_its_group_and_its_host_key_fingerprint(
     assert view["host_key_fingerprint"].startswith("SHA256:") and "host_key" not in view
 
 
-async def test_the_page_shows_the_same_view(app: App):
+async def test_the_page_shows_the_same_view(app: web.Application):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base(app)}/boot/{URL_MAC}.ipxe") as response:
             assert response.status == 200

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bootserver.app import App
+from aiohttp import web
+
+from bootserver.app import STORE
 from support.qemu import DEFAULT_MAC, Vm
 
 
-async def wait_for_state(app: App, vm: Vm, state: str, timeout: float, mac: str = DEFAULT_MAC,
+async def wait_for_state(app: web.Application, vm: Vm, state: str, timeout: float, mac: str = DEFAULT_MAC,
                          exit_ok: bool = False) -> float:
     """Seconds from QEMU's start until `mac` reaches `state` in our store; fails with both logs."""
     deadline = time.monotonic() + timeout
-    while (node := app.store.node(mac)) is None or node.state != state:
+    while (node := app[STORE].node(mac)) is None or node.state != state:
         if node is not None and node.state in ("failed", "interrupted"):
             raise AssertionError(f"{mac} is {node.state}, waiting for {state!r}{vm.report()}{events(app, mac)}")
         if not vm.running and not exit_ok:
@@ -24,5 +26,5 @@ async def wait_for_state(app: App, vm: Vm, state: str, timeout: float, mac: str 
     return vm.elapsed
 
 
-def events(app: App, mac: str = DEFAULT_MAC) -> str:
-    return "\n--- events:\n" + "\n".join(f"{e.kind} {e.detail}" for e in app.store.events(mac))
+def events(app: web.Application, mac: str = DEFAULT_MAC) -> str:
+    return "\n--- events:\n" + "\n".join(f"{e.kind} {e.detail}" for e in app[STORE].events(mac))
