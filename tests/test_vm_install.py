@@ -16,7 +16,7 @@ from support.qemu import DEFAULT_MAC, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
-from bootserver.app import App
+from bootserver.app import STORE, http_address, init_app, running
 from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
@@ -68,10 +68,9 @@ async def site(agent_image: AgentImage, os_image, tmp_path: Path):
     (tmp_path / "site.toml").write_text(toml)
     config = configuration.load(tmp_path / "site.toml")
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, public_address="10.0.2.2"))
-    app = App.open(config)
-    await app.start()
-    yield app, ssh_port
-    await app.stop()
+    app = init_app(config)
+    async with running(app):
+        yield app, ssh_port
 
 
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
@@ -80,25 +79,25 @@ async def test_power_on_to_running_from_its_own_disk(site, tmp_path: Path, timin
     disk = tmp_path / "disk.img"
     with disk.open("wb") as f:
         f.truncate(3 << 30)  # an empty 3 GiB disk
-    bootfile = f"http://10.0.2.2:{app.http_address[1]}/boot.ipxe"
+    bootfile = f"http://10.0.2.2:{http_address(app)[1]}/boot.ipxe"
     async with Vm(workdir=tmp_path, firmware=firmware, bootfile=bootfile, memory=1024, disk=disk,
                   hostfwd={ssh_port: 22}, reboot=True) as vm:
         timing(f"{firmware}: power-on to rebooting", await wait_for_state(app, vm, "rebooting", timeout=600))
         timing(f"{firmware}: power-on to booted", await wait_for_state(app, vm, "booted", timeout=600))
         timing(f"{firmware}: power-on to running", await wait_for_state(app, vm, "running", timeout=300))
         serial = vm.serial_log
-    kinds = [e.kind for e in app.store.events(DEFAULT_MAC)]
+    kinds = [e.kind for e in app[STORE].events(DEFAULT_MAC)]
     assert "refused" not in kinds and "failed" not in kinds, events(app)
-    installed = next(e.detail for e in app.store.events(DEFAULT_MAC) if e.kind == "installed")
-    booted = next(e.detail for e in app.store.events(DEFAULT_MAC) if e.kind == "booted")
+    installed = next(e.detail for e in app[STORE].events(DEFAULT_MAC) if e.kind == "installed")
+    booted = next(e.detail for e in app[STORE].events(DEFAULT_MAC) if e.kind == "booted")
     assert installed["kernel"] == booted["kernel"], events(app)  # the installed kernel is the one running
     assert installed["boot_loaders"] == ["pcbios", "efi"] and installed["platform"] == (
         "efi" if firmware == "uefi" else "pcbios")
     assert booted["failed_units"] == [], events(app)
-    passed = next(e.detail for e in app.store.events(DEFAULT_MAC) if e.kind == "health-passed")
+    passed = next(e.detail for e in app[STORE].events(DEFAULT_MAC) if e.kind == "health-passed")
     assert sorted(passed["checks"]) == sorted(['systemctl is-active ssh', 'test "$(hostname)" = node1'])
     # The serial console of the installed system: its systemd reached multi-user, its login prompt is up.
     assert "Reached target" in serial and "Multi-User System" in serial, serial[-3000:]
     assert "node1 login:" in serial, serial[-3000:]
     # The machine keeps booting its disk: its next script says so.
-    assert app.store.node(DEFAULT_MAC).state == "running"
+    assert app[STORE].node(DEFAULT_MAC).state == "running"

@@ -247,7 +247,8 @@ class Lab:
             # Debian's QEMU 7.2 has the vde backend, though `-netdev help` does not list it.
             "-netdev", f"vde,id=n0,sock={self.switch_socket}",
             "-device", nic,
-            "-drive", f"file={disk},if=virtio,format=raw",
+            # After the NIC in the boot order: a machine told to boot its disk (iPXE `exit`) falls through to it.
+            "-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0,bootindex=2",
         ]  # fmt: skip
         if firmware == "uefi":
             command += ["-bios", str(OVMF)]

@@ -127,7 +127,10 @@ class Vm:
         if self.uuid is not None:
             cmd += ["-uuid", self.uuid]
         if self.disk is not None:
-            cmd += ["-drive", f"file={self.disk},if=virtio,format=raw"]
+            # Second in the boot order, after the NIC: what a netbooted machine's firmware is set to, so that
+            # iPXE's `exit` (a machine told to boot its disk) falls through to the disk on UEFI.
+            cmd += ["-drive", f"file={self.disk},if=none,id=disk0,format=raw",
+                    "-device", "virtio-blk-pci,drive=disk0,bootindex=2"]
         if self.firmware == "uefi":
             cmd += ["-bios", str(OVMF)]
         if self.kernel is not None:
