@@ -196,8 +196,11 @@ class Provisioner:
                     self._running[claim.mac] = task
                     self._lease_ends[claim.mac] = claim.lease_until or 0.0
                     task.add_done_callback(lambda _, mac=claim.mac: self._done(mac))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow our own cancellation when the
+            # event is set in the same loop turn, and stop() then waits for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), CLAIM_POLL_SECONDS)
+                async with asyncio.timeout(CLAIM_POLL_SECONDS):
+                    await self._wake.wait()
             self._wake.clear()
 
     def _busy_sources(self) -> list[str]:

@@ -116,8 +116,9 @@ async def _stream(request: web.Request, after: int,
             if loop.time() - quiet_since > KEEPALIVE_SECONDS:
                 await response.write(b": keep-alive\n\n")
                 quiet_since = loop.time()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):  # not wait_for: in 3.11 it may swallow a cancellation
+                async with asyncio.timeout(POLL_SECONDS):
+                    await stopping.wait()
     except ConnectionError:  # the client closed the connection between our checks
         pass
     finally:
