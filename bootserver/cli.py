@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -116,10 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     up = lab_commands.add_parser("up", help="namespace, switch, bootserver as full DHCP server, N VMs")
     up.add_argument("--vms", type=int, default=2, help="how many VMs (default 2)")
     up.add_argument("--firmware", choices=["bios", "uefi"], default="bios")
+    up.add_argument("--timeout", type=float, default=1200, help="seconds to wait for every VM to be running")
     up.add_argument("--address", default=str(LAB_ADDRESS), help=f"our address on the lab's switch ({LAB_ADDRESS})")
     up.add_argument("--image-dir", type=Path, help="the agent image (default: DATA_DIR/images/agent)")
     up.set_defaults(command=cmd_lab_up)
-    lab_commands.add_parser("status", help="processes, leases, machine states").set_defaults(command=cmd_lab_status)
+    status = lab_commands.add_parser("status", help="processes, machine states, the peer matrix")
+    status.add_argument("--json", action="store_true", help="as JSON: {\"machines\": [{mac, hostname, ip, state, "
+                                                             "facts, peers}], ...}")
+    status.set_defaults(command=cmd_lab_status)
     lab_commands.add_parser("down", help="stop everything the lab started").set_defaults(command=cmd_lab_down)
     return parser
 
@@ -294,6 +299,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
     lab = Lab(_lab_dir(args), address=IPv4Interface(args.address))
     lab.up(args.vms, args.firmware, args.image_dir or config.server.data_dir / "images" / "agent")
+    print(f"{args.vms} VMs started; waiting until each runs its installed OS and service (or fails)...", flush=True)
+    lab.wait_running(args.vms, timeout=args.timeout, progress=lambda line: print(line, flush=True))
     print(lab.status())
     print(f"serial consoles: {lab.dir}/vm*.serial.log; server log: {lab.dir}/server.log; "
           f"stop with `bootserver lab down`")
@@ -301,7 +308,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_status(args: argparse.Namespace) -> int:
-    print(Lab.load(_lab_dir(args)).status())
+    lab = Lab.load(_lab_dir(args))
+    print(json.dumps(lab.status_json(), indent=2) if args.json else lab.status())
     return 0
 
 

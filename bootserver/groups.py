@@ -59,14 +59,15 @@ class Groups:
     def members(self, group: str | None, admitted: list[Member],
                 hostname: Callable[[str], str]) -> list[dict[str, Any]]:
         """The machines in `group`, by MAC: those configured under [machines] and those `admitted`, each with its
-        name, address (None until it phoned home) and labels."""
+        name, address (where it phoned home from, else its [machines] reservation, else None) and labels."""
         known = {m.mac: m for m in admitted}
         members = []
         for mac in sorted(set(known) | set(self._config.machines)):
             member = known.get(mac)
             if self.group_of(mac, member and member.arch, member and member.platform) == group:
                 machine = self._config.machines.get(mac)
-                members.append({"mac": mac, "hostname": hostname(mac), "ip": member.ip if member else None,
+                reserved = str(machine.ip) if machine and machine.ip else None
+                members.append({"mac": mac, "hostname": hostname(mac), "ip": (member and member.ip) or reserved,
                                 "labels": machine.labels if machine else {}})
         return members
 

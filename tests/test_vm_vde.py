@@ -5,7 +5,8 @@ bootserver (`serve`, as its own process, on DHCP 67/4011, TFTP 69, HTTP 80) and 
 plug into the switch. Everything is torn down after the test. State is read the way an operator would:
 over HTTP from inside the namespace (curl), and from the store file.
 
-    full   two SeaBIOS VMs at once get addresses from our pool and boot the agent to phone-home
+    full   three SeaBIOS VMs at once get their reserved addresses, install Debian, run the demo service and
+           reach each other
     proxy  dnsmasq in a second namespace on the same switch hands out addresses only; our proxyDHCP
            hands out the boot file
     uefi   OVMF's own PXE client (no iPXE ROM on the NIC) gets ipxe.efi over TFTP on port 69, then iPXE
@@ -26,12 +27,10 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from support.disk import blkid, debugfs, partition, partition_table
 
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage
-from bootserver.tools.lab import DEMO_FILES, VM_MAC, Lab, namespaces
+from bootserver.tools.lab import VM_MAC, Lab, namespaces
 
 pytestmark = pytest.mark.vm
 
@@ -106,59 +105,42 @@ def phone_home_ip(lab: Lab, mac: str) -> IPv4Address:
         store.close()
 
 
-async def test_full_mode_two_vms_at_once(lab: Lab, agent_image: AgentImage, timing):
-    lab.write_config(agent_image.kernel.parent)
+async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, agent_image: AgentImage, os_image,
+                                                                     timing):
+    """`bootserver lab up --vms 3`: three SeaBIOS VMs get their reserved addresses from our DHCP, install Debian,
+    boot it from their own disks and run the demo peer service, each reaching the other two over the switch."""
+    lab.write_config(agent_image.kernel.parent, os_image=os_image.tarball)
     lab.start_server()
     started = time.monotonic()
-    lab.start_vm(1)
-    lab.start_vm(2)
-    # As `bootserver lab up --vms 2` does: both end deployed (disk partitioned, demo service deployed).
-    took = await asyncio.gather(*(wait_phoned_home(lab, i, started, state="deployed") for i in (1, 2)))
-    for n, seconds in enumerate(took, 1):
-        timing(f"full mode over VDE, 2 BIOS VMs at once: VM {n} QEMU start to deployed", seconds)
+    for index in (1, 2, 3):
+        lab.start_vm(index)
+    try:
+        await asyncio.to_thread(lab.wait_running, 3, 1200)
+    except Exception as exc:
+        raise AssertionError(f"{exc}{report(lab, 1)}{report(lab, 2)}{report(lab, 3)}") from exc
+    timing("full mode over VDE, 3 BIOS VMs at once: QEMU start to all running", time.monotonic() - started)
 
+    machines = {m["mac"]: m for m in lab.machines()}
     store = Store(lab.data_dir / "bootserver.sqlite3")
     try:
         leases = {lease.mac: lease for lease in store.leases()}
     finally:
         store.close()
-    pool = IPv4Network("10.100.0.0/24")
-    for index in (1, 2):
+    for index in (1, 2, 3):
         mac = VM_MAC.format(index)
-        assert leases[mac].state == "bound" and IPv4Address(leases[mac].ip) in pool
-        assert phone_home_ip(lab, mac) == IPv4Address(leases[mac].ip), "the agent's DHCP got its lease again"
+        assert leases[mac].state == "bound" and IPv4Address(leases[mac].ip) == lab.reserved_ip(index)
+        assert machines[mac]["ip"] == str(lab.reserved_ip(index)), "the installed OS got its reservation too"
         events = dhcp_events(lab, mac)
         firmware = events[0]  # the NIC's iPXE ROM: it gets the bootstrap URL straight away
         assert (firmware["message"], firmware["mode"], firmware.get("ipxe")) == ("DISCOVER", "full", True)
         assert firmware["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
         assert any(e["answer"] == "not a PXE client: an address only" for e in events), "the agent's udhcpc"
-    assert leases[VM_MAC.format(1)].ip != leases[VM_MAC.format(2)].ip
-    # Deployed means written: each VM's own disk holds the layout, the service, its peers and its certificate.
-    peers = {f"lab{i}": leases[VM_MAC.format(i)].ip for i in (1, 2)}  # the lab's [machines] hostnames
-    for index in (1, 2):
-        check_lab_disk(lab, index, peers)
-
-
-def check_lab_disk(lab: Lab, index: int, peers: dict[str, str]) -> None:
-    """The disk `bootserver lab up` provisions (lab.DEMO_PROFILE), read from the host."""
-    disk = lab.dir / f"vm{index}.img"
-    table = partition_table(disk)
-    assert table["label"] == "gpt" and [p["name"] for p in table["partitions"]] == ["boot", "nixos"], table
-    with partition(disk, table, 2) as device:
-        assert blkid(device)["TYPE"] == "ext4"
-        assert debugfs(device, "cat /usr/local/bin/lab-node").decode() == DEMO_FILES["lab/lab-node"]
-        listed = debugfs(device, "cat /etc/lab-node/peers.toml").decode()
-        me = f"lab{index}"
-        assert listed.startswith(f'me = "{me}"'), listed
-        # Its own address, and each peer's as far as it was known when this one was deployed (a peer that had
-        # not phoned home yet is listed without one: the running peer service of issue 16 fills that gap).
-        assert f'name = "{me}"\nip = "{peers[me]}"' in listed, listed
-        for name, ip in peers.items():
-            assert f'name = "{name}"\nip = "{ip}"' in listed or f'name = "{name}"\nip = "None"' in listed, listed
-        cert = x509.load_pem_x509_certificate(debugfs(device, "cat /etc/lab-node/tls/node.crt"))
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert me in names.get_values_for_type(x509.DNSName)
-        debugfs(device, "stat /etc/systemd/system/multi-user.target.wants/lab-node.service")  # enabled
+    # The peer matrix: every member's lab-node reaches both others over the switch (six pairs).
+    pairs = {(machines[mac]["hostname"], peer["hostname"]): peer["reachable"]
+             for mac in machines for peer in machines[mac]["peers"]}
+    expected = {(f"lab{a}", f"lab{b}") for a in (1, 2, 3) for b in (1, 2, 3) if a != b}
+    assert set(pairs) == expected and all(pairs.values()), pairs
+    assert f"-> lab2 {lab.reserved_ip(2)}: reachable" in lab.status()
 
 
 async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage, timing):

@@ -31,11 +31,13 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from ..errors import BootserverError
+from . import labnode
 
 NAMESPACE = "bootserver-lab"
 TAP = "lab0"
@@ -44,24 +46,30 @@ QEMU = "qemu-system-x86_64"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 VM_MAC = "52:54:00:00:10:{:02x}"
 VM_DISK_BYTES = 2 << 30  # sparse: costs nothing until written
-TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86"}
+TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl": "curl"}
 STOP_SECONDS = 10.0
 
 
-# What `lab up` provisions onto every VM: the runbook this project comes from (a GPT disk with a
-# 512 MiB ESP labelled boot and an ext4 root labelled nixos), then a service of a small cluster.
+# What `lab up` provisions onto every VM: Debian from `bootserver image os debian` on a GPT disk that boots on
+# BIOS and UEFI, and a demo member of a small cluster (tools/labnode.py) that checks its peers over the switch.
 DEMO_PROFILE = """[profiles.agent.disk]
 device = "/dev/vda"
 wipe = true
 [[profiles.agent.disk.partitions]]
-label = "boot"
-size = "512MiB"
-type = "esp"
-mount = "/boot"
+label = "bios"
+size = "1MiB"
+type = "bios"
 [[profiles.agent.disk.partitions]]
-label = "nixos"
+label = "esp"
+size = "64MiB"
+type = "esp"
+mount = "/boot/efi"
+[[profiles.agent.disk.partitions]]
+label = "root"
 size = "rest"
 mount = "/"
+[profiles.agent.os]
+rootfs = "debian"
 [profiles.agent.deploy]
 check = "test -x $TARGET/usr/local/bin/lab-node"
 [[profiles.agent.deploy.files]]
@@ -75,14 +83,19 @@ dest = "/etc/lab-node/peers.toml"
 dir = "/etc/lab-node/tls"
 [[profiles.agent.deploy.units]]
 source = "lab/lab-node.service"
+[profiles.agent.health]
+commands = ["systemctl is-active lab-node"]
+urls = ["http://{ip}:7000/health"]
 """
 DEMO_FILES = {
-    "lab/lab-node": "#!/bin/sh\n# A stand-in for a cluster member's binary.\nexec sleep infinity\n",
+    "lab/lab-node": Path(labnode.__file__).read_text(),
     "lab/peers.toml.j2": ('me = "{{ node.hostname }}"\n{% for peer in group %}[[peer]]\n'
                           'name = "{{ peer.hostname }}"\nip = "{{ peer.ip }}"\n{% endfor %}'),
-    "lab/lab-node.service": ("[Unit]\nDescription=lab cluster member\n\n[Service]\n"
-                             "ExecStart=/usr/local/bin/lab-node\n\n[Install]\nWantedBy=multi-user.target\n"),
+    "lab/lab-node.service": ("[Unit]\nDescription=lab cluster member\nAfter=network-online.target\n"
+                             "Wants=network-online.target\n\n[Service]\nExecStart=/usr/local/bin/lab-node\n"
+                             "Restart=always\n\n[Install]\nWantedBy=multi-user.target\n"),
 }
+VM_MEMORY = 1024  # MiB: the installed Debian with systemd; the agent alone fits in 256
 
 
 class LabError(BootserverError):
@@ -171,18 +184,23 @@ class Lab:
         self.spawn("advertiser", [sys.executable, "-m", "bootserver.tools.lab", "advertise", self.tap],
                    marker=f"bootserver.tools.lab advertise {self.tap}", namespace=self.namespace)
 
-    def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True) -> Path:
+    def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True,
+                     os_image: Path | None = None) -> Path:
         """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap.
 
-        With `provision`, every lab machine is then provisioned as a small cluster would be: its disk
-        partitioned (GPT, ESP + ext4) and a demo service deployed with a peer list of the whole
-        group, a TLS certificate and an enabled systemd unit, so that `lab up` ends with machines
-        deployed. Without it they stop at phone-home.
+        With `provision`, every lab machine is then made a member of a small cluster: its disk partitioned (GPT
+        that boots on BIOS and UEFI), Debian installed from `os_image` (default: beside the agent image, as
+        `bootserver image os debian` writes it), and the demo peer service deployed with a peer list of the
+        whole group, a TLS certificate and an enabled unit; `lab up` ends when every machine is running it.
+        Without `provision` machines stop at phone-home. Full mode reserves lab N's address (.10+N).
         """
         kernel, initrd = image_dir / "vmlinuz", image_dir / "initrd.img"
         for path in (kernel, initrd):
             if not path.is_file():
                 raise LabError(f"{path} is missing: run `bootserver image build` (or give --image-dir)")
+        os_image = os_image or image_dir.parent / "os" / "debian-bookworm.tar.zst"
+        if provision and not os_image.is_file():
+            raise LabError(f"{os_image} is missing: run `bootserver image os debian` (the OS the lab installs)")
         hosts = list(self.address.network.hosts())
         dhcp = [f'mode = "{mode}"', f'interface = "{self.tap}"', f'server_address = "{self.address.ip}"']
         if mode == "full":
@@ -192,6 +210,7 @@ class Lab:
             "# Written by `bootserver lab up`.",
             "[server]", 'http = "0.0.0.0:80"', 'tftp = "0.0.0.0:69"', f'data_dir = "{self.data_dir}"',
             "[assets]", f'agent-kernel = "{kernel}"', f'agent-initrd = "{initrd}"',
+            *([f'debian = "{os_image}"'] if provision else []),
             "[profiles.agent]", 'kernel = "agent-kernel"', 'initrd = ["agent-initrd"]',
             'cmdline = "console=tty0 console=ttyS0"',
             *(self._demo_cluster() if provision else []),
@@ -200,9 +219,14 @@ class Lab:
         ]
         for index in range(1, machines + 1):
             lines += [f'[machines."{VM_MAC.format(index)}"]', f'hostname = "lab{index}"']
+            if mode == "full":
+                lines.append(f'ip = "{self.reserved_ip(index)}"')
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
+
+    def reserved_ip(self, index: int) -> IPv4Address:
+        return self.address.network.network_address + 10 + index
 
     def _demo_cluster(self) -> list[str]:
         """The agent profile's disk and deploy sections, and the files they deploy (under data_dir)."""
@@ -226,7 +250,8 @@ class Lab:
 
         _wait_for(listening, timeout, f"bootserver to listen (log: {log})")
 
-    def start_vm(self, index: int, firmware: str = "bios", native_pxe: bool = False, memory: int = 512) -> int:
+    def start_vm(self, index: int, firmware: str = "bios", native_pxe: bool = False,
+                 memory: int = VM_MEMORY) -> int:
         """VM number `index` (MAC 52:54:00:00:10:NN) netbooting from the switch; its disk and serial log in DIR.
 
         native_pxe: no iPXE option ROM on the NIC (`romfile=`): UEFI firmware uses its own PXE client.
@@ -289,25 +314,69 @@ class Lab:
     # -- looking at it ----------------------------------------------------------------------------
 
     def status(self) -> str:
+        """Processes, then each machine: its state and address, and which peers its lab-node reaches."""
         lines = [f"lab in {self.dir}: namespace {self.namespace} "
                  f"({'present' if self.namespace in namespaces() else 'MISSING'}), {self.tap} {self.address}"]
         for name, entry in self.processes.items():
             pid = int(str(entry["pid"]))
             lines.append(f"  {name:<10} pid {pid:<7} {'running' if _is_ours(pid, str(entry['marker'])) else 'GONE'}")
-        database = self.data_dir / "bootserver.sqlite3"
-        if database.is_file():
-            from .store import Store
-
-            store = Store(database)
-            try:
-                leases = {lease.mac: lease for lease in store.leases()}
-                for node in store.nodes():
-                    lease = leases.get(node.mac)
-                    ip = f"{lease.ip} ({lease.state})" if lease else "-"
-                    lines.append(f"  {node.mac}  {node.state:<14} {ip}")
-            finally:
-                store.close()
+        for machine in self.machines():
+            lines.append(f"  {machine['mac']}  {machine['hostname'] or '-':<8} {machine['state']:<14} "
+                         f"{machine['ip'] or '-'}")
+            for peer in machine.get("peers") or []:
+                mark = "reachable" if peer.get("reachable") else "NOT reachable"
+                lines.append(f"      -> {peer.get('hostname')} {peer.get('ip')}: {mark}")
         return "\n".join(lines)
+
+    def wait_running(self, vms: int, timeout: float, progress: Callable[[str], None] = lambda line: None) -> None:
+        """Until lab1..labN are all running (state changes told to `progress`); LabError naming any that failed."""
+        wanted = {VM_MAC.format(index) for index in range(1, vms + 1)}
+        deadline, seen = time.monotonic() + timeout, {}
+        while True:
+            states = {m["mac"]: m["state"] for m in self.machines() if m["mac"] in wanted}
+            for mac, state in sorted(states.items()):
+                if seen.get(mac) != state:
+                    progress(f"  {mac} {state}")
+            seen = states
+            failed = sorted(mac for mac, state in states.items() if state in ("failed", "interrupted"))
+            if failed:
+                raise LabError(f"{', '.join(failed)} failed: see `bootserver show MAC` or the status pages")
+            if len(states) == vms and all(state == "running" for state in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"not all running after {timeout:.0f} s: {states}")
+            time.sleep(2)
+
+    def status_json(self) -> dict[str, object]:
+        return {"dir": str(self.dir), "namespace": self.namespace, "address": str(self.address),
+                "processes": {name: {"pid": entry["pid"], "running": _is_ours(int(str(entry["pid"])),
+                                                                                str(entry["marker"]))}
+                              for name, entry in self.processes.items()},
+                "machines": self.machines()}
+
+    def machines(self) -> list[dict[str, object]]:
+        """Every machine as the lab's server reports it (its API, from inside the namespace), with the peer list
+        of its lab-node once it is running."""
+        listing = self._get(f"http://{self.address.ip}/api/v1/machines?limit=1000")
+        machines = []
+        for machine in (listing or {}).get("machines", []):
+            entry = {key: machine.get(key) for key in ("mac", "hostname", "ip", "state", "facts", "profile")}
+            if machine.get("state") == "running" and machine.get("ip"):
+                report = self._get(f"http://{machine['ip']}:{labnode.PORT}/peers")
+                entry["peers"] = (report or {}).get("peers")
+            machines.append(entry)
+        return machines
+
+    def _get(self, url: str) -> dict | None:
+        """GET `url` from inside the lab's namespace; its JSON, or None when nothing usable answered."""
+        if self.namespace not in namespaces():
+            return None
+        result = subprocess.run(["ip", "netns", "exec", self.namespace, "curl", "-s", "--max-time", "5", url],
+                                capture_output=True, text=True)
+        try:
+            return json.loads(result.stdout)
+        except json.JSONDecodeError:
+            return None
 
     # -- helpers ------------------------------------------------------------------------------------
 

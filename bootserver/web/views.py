@@ -57,7 +57,8 @@ class MachineView:
     progress: Progress
 
     def to_json(self) -> dict[str, Any]:
-        node = {k: v for k, v in vars(self.node).items() if k != "host_key"}  # its fingerprint is enough to check
+        # Fingerprints are enough to check a key by.
+        node = {k: v for k, v in vars(self.node).items() if k not in ("host_key", "os_host_key")}
         return {**node, "hostname": self.hostname, "profile": self.profile, "group": self.group,
                 "reason": self.reason, "host_key_fingerprint": self.fingerprint,
                 "progress": self.progress.to_json()}
