@@ -285,9 +285,12 @@ class Booter:
                        mac=config["mac"])
 
     def _initrd_bytes(self, mac: str) -> int:
-        """Bytes of the initrds the machine's profile loads before the overlay."""
+        """Bytes of the initrds the machine's profile loads before the overlay, where they are joined unpadded: by
+        UEFI's kernel stub. Under BIOS iPXE itself starts each initrd on a 4-byte boundary (so: 0)."""
         node = self._store.node(mac)
-        profile = self.spec_of(node).profile if node else None
+        if node is None or node.facts.get("platform") != "efi":
+            return 0
+        profile = self.spec_of(node).profile
         sizes = (self._config.assets[name] for name in (profile.initrd if profile else ()))
         with contextlib.suppress(OSError):
             return sum(path.stat().st_size for path in sizes)

@@ -21,10 +21,10 @@ _MTIME = 1704067200
 def overlay_cpio(config: dict[str, Any], after: int = 0) -> bytes:
     """/etc/bootserver/config.json and /etc/bootserver/authorized_keys as an uncompressed newc archive.
 
-    `after`: bytes of the initrds loaded before it. UEFI's kernel stub joins initrds end to end without
-    padding, and the kernel reads a newc header's padding by its offset in the whole: an overlay starting
-    off a 4-byte boundary is misread and silently dropped. Leading zeros (skipped by the kernel, and by
-    iPXE's own padding under BIOS) put it on the boundary.
+    `after`: bytes of the initrds joined before it without padding. UEFI's kernel stub joins initrds end to
+    end, and the kernel reads a newc header's padding by its offset in the whole: an overlay starting off a
+    4-byte boundary is misread and silently dropped. Leading zeros (which the kernel skips) put it on the
+    boundary. Under BIOS iPXE aligns each initrd itself: `after` must then be 0, or the zeros would misalign it.
 
     The agent reads the flat string fields of config.json with sed, so they may hold no quote,
     backslash or newline; keys are one a line.

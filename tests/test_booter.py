@@ -91,3 +91,19 @@ def test_unknown_and_known_machines_without_a_profile_are_told_the_same(booter: 
     unknown = booter.machine_script("52:54:00:00:00:03", {}, URLS, "http").data.decode()
     assert known.replace("00:00:00:01", "X") == unknown.replace("00:00:00:03", "X")
     assert "configured" in store.events("52:54:00:00:00:01")[-1].detail["reason"]  # the log knows
+
+
+@pytest.mark.parametrize(("platform", "padding"), [("efi", True), ("pcbios", False)])
+def test_the_overlay_is_aligned_after_initrds_only_where_they_are_joined_unpadded(booter: Booter, config, platform,
+                                                                                 padding):
+    """UEFI's kernel stub joins initrds end to end (the overlay must pad itself to a 4-byte boundary); under BIOS
+    iPXE aligns each initrd, and padding would misalign it."""
+    with config.assets["raft-initrd"].open("ab") as initrd:
+        initrd.write(b"odd")  # 51,003 bytes before the overlay
+    payload = booter.machine_script("52-54-00-00-00-01", {"platform": platform, "arch": "x86_64"}, URLS, "http")
+    token = re.search(r"bootserver\.token=(\S+)", payload.data.decode())[1]
+    before = sum(config.assets[name].stat().st_size for name in ("initrd", "raft-initrd"))
+    overlay = booter.overlay("52-54-00-00-00-01", token, URLS).data
+    zeros = len(overlay) - len(overlay.lstrip(b"\0"))
+    assert zeros == (1 if padding else 0) and (before + zeros) % 4 == (0 if padding else 3)
+    assert overlay[zeros:].startswith(b"070701")  # the first newc header

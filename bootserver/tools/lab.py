@@ -1,21 +1,18 @@
 """A boot lab on one machine: QEMU VMs on a VDE switch, netbooting from bootserver as their DHCP server.
 
-    bootserver lab up --vms 2 [--firmware bios|uefi]    # network, server, VMs; returns once all are started
-    bootserver lab status                               # processes, leases, machine states
+    bootserver lab up --vms 3 [--firmware bios|uefi]    # network, server, VMs; returns once all are running
+    bootserver lab status [--json]                      # processes, machine states, the peer matrix
     bootserver lab down                                 # stop everything, remove the namespace
 
 Layout: a network namespace (nothing in it can reach the host's real interfaces) holds the switch's tap
 (10.100.0.1/24 by default), bootserver (`serve`: full DHCP on the tap, TFTP on 69, HTTP on 80) and a
-small router-advertisement sender. The VMs run outside it and plug into the switch by its socket.
-
-Why router advertisements: iPXE configures IPv6 beside DHCPv4 and, on a segment without a router, waits
-about 16 s for one before it fetches anything, more than the rest of a BIOS boot to phone-home takes
-(disabling IPv6 on the tap does not help: the wait is iPXE's). An RA with router lifetime 0 and no
-prefix ends that wait and configures nothing.
+small router-advertisement sender (tools/advertise.py: iPXE would wait ~16 s for a router). The VMs run
+outside it and plug into the switch by its socket. Each VM installs Debian and runs tools/labnode.py.
 
 Everything the lab started is recorded in `DIR/lab.json` (pids, with the command-line text that
 identifies each, so `down` never signals a recycled pid); logs, disks and serial consoles stay in DIR.
-Needs root (namespaces, taps), vde2, qemu-system-x86, ovmf for UEFI, and the agent image.
+Needs root (namespaces, taps), vde2, qemu-system-x86, ovmf for UEFI, curl, the agent image and the OS image.
+Over 400 lines as one thing: the lab's processes, its state file and the reading of its machines.
 """
 
 from __future__ import annotations
@@ -23,11 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -181,8 +175,8 @@ class Lab:
         self._in_namespace("sysctl", "-q", "-w", f"net.ipv6.conf.{self.tap}.accept_dad=0")
         self._in_namespace("ip", "addr", "add", str(self.address), "dev", self.tap)
         self._in_namespace("ip", "link", "set", self.tap, "up")
-        self.spawn("advertiser", [sys.executable, "-m", "bootserver.tools.lab", "advertise", self.tap],
-                   marker=f"bootserver.tools.lab advertise {self.tap}", namespace=self.namespace)
+        self.spawn("advertiser", [sys.executable, "-m", "bootserver.tools.advertise", self.tap],
+                   marker=f"bootserver.tools.advertise {self.tap}", namespace=self.namespace)
 
     def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True,
                      os_image: Path | None = None) -> Path:
@@ -455,45 +449,3 @@ def _stop(pid: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         _wait_for(lambda: not _alive(pid), 5, f"pid {pid} to exit after SIGKILL")
-
-
-# -- router advertisements (runs inside the namespace) -------------------------------------------
-
-ROUTER_SOLICITATION, ROUTER_ADVERTISEMENT = 133, 134
-ICMP6_FILTER = 1  # <netinet/icmp6.h>; Python does not export it
-# Type 134, code 0, checksum (the kernel fills it in), hop limit 64, no M/O flags, router lifetime 0
-# (not a default router), reachable time and retransmit timer unspecified; no prefix: nothing to configure.
-ADVERTISEMENT = struct.pack("!BBHBBHII", ROUTER_ADVERTISEMENT, 0, 0, 64, 0, 0, 0, 0)
-
-
-def advertise(interface: str, every: float = 3.0, until: float | None = None) -> None:
-    """Send an RA now, every `every` seconds, and in answer to each router solicitation."""
-    index = socket.if_nametoindex(interface)
-    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)  # RFC 4861: else it is dropped
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
-        sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _pass_only(ROUTER_SOLICITATION))
-        sent = 0.0
-        while until is None or time.monotonic() < until:
-            solicited = select.select([sock], [], [], 1.0)[0] and sock.recv(1500)[:1] == bytes([ROUTER_SOLICITATION])
-            if solicited or time.monotonic() - sent >= every:
-                try:
-                    sock.sendto(ADVERTISEMENT, ("ff02::1", 0, 0, index))
-                    sent = time.monotonic()
-                except OSError as exc:  # no link-local address yet (the interface just came up): next time
-                    print(f"router advertisement not sent: {exc}", file=sys.stderr, flush=True)
-
-
-def _pass_only(icmp_type: int) -> bytes:
-    """An ICMP6_FILTER: 256 bits, a set bit blocks that type; everything blocked but `icmp_type`."""
-    words = [0xFFFFFFFF] * 8
-    words[icmp_type >> 5] &= ~(1 << (icmp_type & 31))
-    return struct.pack("=8I", *words)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["advertise"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m bootserver.tools.lab advertise INTERFACE  (run by `bootserver lab up`)")
-    advertise(sys.argv[2])
