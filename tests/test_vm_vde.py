@@ -109,7 +109,7 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
                                                                      timing):
     """`bootserver lab up --vms 3`: three SeaBIOS VMs get their reserved addresses from our DHCP, install Debian,
     boot it from their own disks and run the demo peer service, each reaching the other two over the switch."""
-    lab.write_config(agent_image.kernel.parent, os_image=os_image.tarball)
+    lab.write_config(agent_image.kernel.parent, machines=3, os_image=os_image.tarball)
     lab.start_server()
     started = time.monotonic()
     for index in (1, 2, 3):

@@ -151,7 +151,7 @@ class Lab:
         check_tools(uefi=firmware == "uefi")
         try:
             self.start_network()
-            self.write_config(image_dir)
+            self.write_config(image_dir, machines=vms)
             self.start_server()
             for index in range(1, vms + 1):
                 self.start_vm(index, firmware)
