@@ -26,7 +26,7 @@ from .facts import clean_facts, firmware_uuid, selector_facts
 from .firmware import DhcpBoot, dhcp_answer, ipxe_binary
 from .groups import BootSpec, Groups
 from .history import History
-from .lifecycle import FROM_DISK, KERNEL_FROM, State
+from .lifecycle import FROM_DISK, KERNEL_FROM, RUNS_INSTALLED_OS, State
 from .mac import canonical_mac, hyphenated
 from .overlay import OVERLAY_NAME, overlay_cpio
 from .payload import Payload, resolve_under
@@ -56,6 +56,7 @@ class Booter:
         self._history = History(store)
         # Called with a MAC once its node has phoned home and may be provisioned (set by provisioner()).
         self._on_phoned_home: Callable[[str], None] = lambda mac: None
+        self._on_reprovision: Callable[[str], None] = lambda mac: None  # reboots an installed OS (provisioner())
         # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
         self._use(config, templates)
@@ -81,6 +82,7 @@ class Booter:
         accepted phone-home wakes it. `options`: Provisioner's, for tests."""
         provisioner = Provisioner(self._store, self._keys, self, **options)
         self._on_phoned_home = provisioner.schedule
+        self._on_reprovision = provisioner.reboot_soon
         return provisioner
 
     # -- what the servers around the core read ----------------------------------------------------------
@@ -325,9 +327,16 @@ class Booter:
 
     # -- operators ------------------------------------------------------------------------------------
 
-    def reprovision(self, mac_text: str) -> None:
-        """Send a machine through the whole flow on its next boot; its disk may be wiped. Opens its window."""
-        self._enrollment.reprovision(canonical_mac(mac_text))
+    def reprovision(self, mac_text: str) -> bool:
+        """Send a machine through the whole flow on its next boot; its disk may be wiped. Opens its window. A machine
+        running its installed OS is rebooted over SSH (by the provisioner, when one runs): whether it is one."""
+        mac = canonical_mac(mac_text)
+        node = self._store.node(mac)
+        self._enrollment.reprovision(mac)
+        installed = node is not None and node.state in RUNS_INSTALLED_OS and node.os_host_key is not None
+        if installed:
+            self._on_reprovision(mac)
+        return installed
 
     def approve(self, mac_text: str) -> None:
         """Open the machine's provisioning window (seen or not yet) and let go of held claims."""

@@ -230,9 +230,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_reprovision(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
     booter = open_core(config)
-    booter.reprovision(args.mac)
     mac = canonical_mac(args.mac)
-    print(f"{mac} will be provisioned again on its next boot (its disk may be wiped); reboot it to start")
+    print(f"{mac} will be provisioned again on its next boot (its disk may be wiped)")
+    if not booter.reprovision(mac):
+        print("reboot it to start")
+    elif asyncio.run(booter.provisioner().reboot(mac)):
+        print("its installed OS was told to reboot (over SSH, its pinned host key)")
+    else:
+        print("its installed OS could not be rebooted over SSH (see `bootserver show MAC`): reboot it by hand")
     return 0
 
 

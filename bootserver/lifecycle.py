@@ -40,6 +40,8 @@ PROGRESS = (State.SCRIPT_SERVED, State.KERNEL_SERVED, State.PHONED_HOME, State.D
             State.FINISHING, State.REBOOTING, State.BOOTED, State.RUNNING)
 # A provisioning step -> the machine's state while it runs.
 STEP_STATES = {"disk": State.DISK, "install": State.INSTALL, "deploy": State.DEPLOY, "finish": State.FINISHING}
+# Its installed OS answers SSH with the host key pinned at install: reprovisioning reboots it into the flow.
+RUNS_INSTALLED_OS = frozenset({State.BOOTED, State.RUNNING})
 # The machine boots its own disk: a script request gets the local-disk script, never the agent.
 FROM_DISK = frozenset({State.REBOOTING, State.BOOTED, State.RUNNING, State.DEPLOYED})
 # Being provisioned: a server that stops here leaves the machine interrupted; nobody may claim a new boot of it.
@@ -88,12 +90,14 @@ class EventKind(StrEnum):
     FAILED = "failed"
     INTERRUPTED = "interrupted"
     REPROVISION_REQUESTED = "reprovision-requested"
+    REBOOT_SENT = "reboot-sent"  # reprovisioning a machine that runs its installed OS: rebooted over SSH
+    REBOOT_FAILED = "reboot-failed"
     BOOT_FROM_DISK_REQUESTED = "boot-from-disk-requested"
 
 
 # Kinds that mean something went wrong, or went right (a command's own exit status decides for `command`).
 BAD_KINDS = frozenset({EventKind.FAILED, EventKind.INTERRUPTED, EventKind.STEP_FAILED, EventKind.FILE_FAILED,
                        EventKind.REFUSED, EventKind.CONNECT_FAILED, EventKind.HOST_KEY_MISMATCH, EventKind.NO_BOOT,
-                       EventKind.CLAIM_CONFLICT})
+                       EventKind.CLAIM_CONFLICT, EventKind.REBOOT_FAILED})
 GOOD_KINDS = frozenset({EventKind.DEPLOYED, EventKind.STEP_DONE, EventKind.PHONED_HOME, EventKind.CERTIFICATE_ISSUED,
                         EventKind.INSTALLED, EventKind.BOOTED, EventKind.HEALTH_PASSED, EventKind.RUNNING})

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -41,7 +42,7 @@ from .health import wait_until_healthy
 from .install import Identity
 from .install import Report as InstallReport
 from .pki import ServerKeys
-from .ssh import NodeLost
+from .ssh import NodeLost, session
 from .steps import Job, provision
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Provisioner:
         self._wake = asyncio.Event()
         self._ssh_options = ssh_options  # timeouts and keep-alive, shortened by tests
         self._loops: list[asyncio.Task[None]] = []
+        self._reboots: set[asyncio.Task[None]] = set()
 
     @property
     def replica(self) -> str:
@@ -106,7 +108,7 @@ class Provisioner:
                        loop.create_task(self._renew_forever())]
 
     async def stop(self) -> None:
-        tasks = [*self._loops, *self._running.values()]
+        tasks = [*self._loops, *self._running.values(), *self._reboots]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -324,6 +326,33 @@ class Provisioner:
                 "fingerprint": key.get_fingerprint("sha256")})
 
         return dataclasses.replace(job, identity=identity), installed
+
+    def reboot_soon(self, mac: str) -> None:
+        """reboot(mac) in the background (an operator's reprovision through the pages or the API)."""
+        task = asyncio.get_running_loop().create_task(self.reboot(mac))
+        self._reboots.add(task)
+        task.add_done_callback(self._reboots.discard)
+
+    async def reboot(self, mac: str) -> bool:
+        """Reboot the installed OS of `mac` over SSH (its pinned host key), so that it netboots into the flow."""
+        node = self.store.node(mac)
+        record = functools.partial(self.store.record, mac)
+        try:
+            if node is None:
+                raise BootserverError(f"no machine {mac}")
+            access = self._policy.health_job(node, self._ssh_port).access
+            async with session(access, self.keys, lambda kind, detail: None, **self._ssh_options) as runner:
+                try:
+                    await runner.run("reboot", "(sleep 1; systemctl reboot) </dev/null >/dev/null 2>&1 &")
+                except (NodeLost, asyncssh.Error, OSError):
+                    if not runner.lost:
+                        raise
+                    # It went down before the command reported back: what we asked for.
+        except (BootserverError, asyncssh.Error, OSError) as exc:
+            record("reboot-failed", {"reason": str(exc)})
+            return False
+        record("reboot-sent", {"host": f"{access.host}:{access.port}"})
+        return True
 
     async def _check_health(self, node: Node) -> None:
         """A booted machine is `running` once its profile's health checks all pass, else `failed` saying which."""

@@ -219,6 +219,8 @@ _SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
     EventKind.BOOTED: _booted,
     EventKind.HEALTH_WAITING: _health,
     EventKind.HEALTH_PASSED: _health,
+    EventKind.REBOOT_SENT: lambda d: f"rebooted over SSH ({d.get('host')}) into the provisioning flow",
+    EventKind.REBOOT_FAILED: lambda d: f"could not reboot it over SSH: {d.get('reason')}; reboot it by hand",
     EventKind.RUNNING: lambda d: f"running with profile {d.get('profile')}",
     EventKind.REPROVISION_REQUESTED: lambda d: "re-provisioning requested: the next boot runs the whole flow",
     EventKind.BOOT_FROM_DISK_REQUESTED: lambda d: "boot from disk requested: the next boot boots the local disk",
