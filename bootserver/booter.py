@@ -4,7 +4,8 @@ Every protocol (HTTP, TFTP and DHCP) only translates its wire format into calls 
 Pixiecore's protocol servers all ask one Booter; the pages, the API and the CLI read through Booter.history()
 and act through its methods. Nothing here knows about sockets, and nobody else touches the store, the keys or
 the config. The rules it applies live beside it: facts.py (what a machine reports), firmware.py (which iPXE
-binary), enrollment.py (who gets a token, who may phone home), admission.py (what we believe).
+binary), enrollment.py (who gets a token, who may phone home), admission.py (what we believe), plans.py (what
+provisioning means under a profile). A little over 400 lines as one thing: every decision a protocol asks for.
 """
 
 from __future__ import annotations
