@@ -8,10 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
+from .config import Config, OperatingSystem
 from .errors import BootserverError
 from .facts import selector_facts
 from .groups import BootSpec, Groups
+from .provision.diskimage import ImageInstall
 from .provision.health import HealthChecks
 from .provision.install import OsInstall
 from .provision.ssh import NodeAccess
@@ -47,11 +48,22 @@ class Plans:
             raise BootserverError(f"{node.mac} has not phoned home: no pinned host key")
         host, port = self._endpoint(spec, node, ssh_port)
         hostname = self._hostname(node.mac)
-        system = profile.os and OsInstall(self._config.assets[profile.os.rootfs], profile.os.cmdline)
         return Job(mac=node.mac, access=NodeAccess(host, port, node.host_key), hostname=hostname, ips=(node.ip,),
                    disk=profile.disk, wipe=bool(profile.disk and profile.disk.wipe) or node.reprovision,
                    deployment=profile.deploy, context=self.job_context(node.mac, spec.group, profile.name, hostname),
-                   os=system or None)
+                   os=self._system(profile.os, node.reprovision))
+
+    def _system(self, system: OperatingSystem | None, reprovision: bool) -> OsInstall | ImageInstall | None:
+        """What goes onto the disk: a rootfs onto the profile's layout, or an image over the whole disk."""
+        if system is None:
+            return None
+        path = self._config.assets[system.source]
+        if system.rootfs:
+            return OsInstall(path, system.cmdline)
+        assert system.device is not None
+        return ImageInstall(path, system.device, cache=self._config.server.data_dir / "cache" / "images",
+                            sha256=system.sha256, grow=system.grow, root=system.root,
+                            wipe=system.wipe or reprovision)
 
     def health_job(self, node: Node, ssh_port: int) -> HealthJob:
         """The health checks of the OS `node` booted from its disk, against the host key pinned at install."""

@@ -16,7 +16,7 @@ from support.sshd import TestSSHServer, ssh_server
 from bootserver.config import DiskLayout, Partition
 from bootserver.provision import install
 from bootserver.provision.pki import ServerKeys
-from bootserver.provision.ssh import NodeAccess, StepFailed, session
+from bootserver.provision.ssh import FileSource, NodeAccess, StepFailed, session
 
 
 @pytest.fixture
@@ -41,8 +41,9 @@ async def test_stream_sends_the_whole_file_and_reports_progress(sshd, keys, tmp_
     progress: list[tuple[int, int, float]] = []
     events: list = []
     async with runner_of(sshd, keys, events) as runner:
-        out = await runner.stream("install", "sha256sum", source, lambda *p: progress.append(p))
-    assert out.split()[0] == hashlib.sha256(source.read_bytes()).hexdigest()
+        sent = FileSource(source)
+        out = await runner.stream("install", "sha256sum", sent, lambda *p: progress.append(p))
+    assert out.split()[0] == hashlib.sha256(source.read_bytes()).hexdigest() == sent.sha256.hexdigest()
     assert progress[-1][:2] == (source.stat().st_size, source.stat().st_size)
     assert [e for e in events if e[0] == "command"][-1][1]["exit_status"] == 0
 
@@ -53,7 +54,8 @@ async def test_a_command_that_stops_reading_fails_the_step_with_its_stderr(sshd,
     events: list = []
     async with runner_of(sshd, keys, events) as runner:
         with pytest.raises(StepFailed) as failed:
-            await runner.stream("install", "head -c 10 >/dev/null; echo 'not a tar archive' >&2; exit 3", source,
+            await runner.stream("install", "head -c 10 >/dev/null; echo 'not a tar archive' >&2; exit 3",
+                                FileSource(source),
                                 lambda *p: None)
     assert failed.value.exit_status == 3
     assert "not a tar archive" in str(failed.value)
@@ -80,8 +82,8 @@ async def test_rootfs_is_unpacked_and_its_newest_kernel_with_an_initrd_found(ssh
     target = tmp_path / "target"
     target.mkdir()
     async with runner_of(sshd, keys, []) as runner:
-        await runner.stream("install", install.unpack_command(rootfs, str(target)), rootfs, lambda *p: None)
-        assert await install._kernel(runner, str(target)) == "6.1.0-10-amd64"
+        await runner.stream("install", install.unpack_command(rootfs, str(target)), FileSource(rootfs), lambda *p: None)
+        assert await install.find_kernel(runner, str(target)) == "6.1.0-10-amd64"
     assert (target / "boot/initrd.img-5.10.0-30-amd64").read_bytes() == b"initrd"
 
 
@@ -90,9 +92,9 @@ async def test_a_rootfs_without_a_kernel_is_refused_with_what_to_do(sshd, keys, 
     target = tmp_path / "target"
     target.mkdir()
     async with runner_of(sshd, keys, []) as runner:
-        await runner.stream("install", install.unpack_command(rootfs, str(target)), rootfs, lambda *p: None)
+        await runner.stream("install", install.unpack_command(rootfs, str(target)), FileSource(rootfs), lambda *p: None)
         with pytest.raises(install.InstallError, match="no kernel.*linux-image"):
-            await install._kernel(runner, str(target))
+            await install.find_kernel(runner, str(target))
 
 
 def test_an_unknown_rootfs_format_is_refused():
@@ -145,4 +147,5 @@ async def test_a_corrupt_rootfs_fails_even_if_tar_got_something(sshd, keys, tmp_
     target.mkdir()
     async with runner_of(sshd, keys, []) as runner:
         with pytest.raises(StepFailed):
-            await runner.stream("install", install.unpack_command(rootfs, str(target)), rootfs, lambda *p: None)
+            await runner.stream("install", install.unpack_command(rootfs, str(target)), FileSource(rootfs),
+                                lambda *p: None)

@@ -75,7 +75,7 @@ def layout_from_toml(raw: Any, where: str) -> DiskLayout:
     """Validate a decoded [profiles.NAME.disk] table; `where` names it in errors ("config: [profiles.raft.disk]")."""
     raw = is_table(raw, where)
     only_keys(raw, {"device", "wipe", "table", "partitions"}, where)
-    device = _device(raw, "device", where)
+    device = device_name(raw, "device", where)
     wipe = boolean(raw, "wipe", where, default=False)
     table = raw.get("table", "gpt")
     if table != "gpt":
@@ -92,7 +92,7 @@ def layout_from_toml(raw: Any, where: str) -> DiskLayout:
     return DiskLayout(device=device, partitions=partitions, wipe=wipe, table=table)
 
 
-def _device(raw: Table, key: str, where: str) -> str:
+def device_name(raw: Table, key: str, where: str) -> str:
     device = raw.get(key)
     if not isinstance(device, str):
         raise ConfigError(f"{where} {key}: expected the disk's path, e.g. \"/dev/vda\", got {device!r}")

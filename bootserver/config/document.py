@@ -71,7 +71,7 @@ def _embedded_agent(data_dir: Path) -> tuple[dict[str, Path], dict[str, Profile]
 
 
 def _os_assets(profile: Profile) -> list[str]:
-    return [profile.os.rootfs] if profile.os else []
+    return [profile.os.source] if profile.os else []
 
 
 def _check_references(config: Config, where: str) -> None:

@@ -82,10 +82,14 @@ def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
 
 
 def _check_system(profile: Profile, where: str) -> None:
-    """An OS goes onto a disk the profile lays out, with a root filesystem; health is the installed OS's."""
-    if profile.os and not (profile.disk and any(p.mount == "/" for p in profile.disk.partitions)):
-        raise ConfigError(f"{where}: os needs a disk to install onto: add [profiles.{profile.name}.disk] with a "
-                          f"partition mounted at \"/\"")
+    """A rootfs goes onto a disk the profile lays out, with a root filesystem; an image is a disk of its own;
+    health is the installed OS's."""
+    if profile.os and profile.os.image and profile.disk:
+        raise ConfigError(f"{where}: a whole-disk image brings its own partitions: remove "
+                          f"[profiles.{profile.name}.disk] (or install a rootfs onto that layout instead)")
+    if profile.os and profile.os.rootfs and not (profile.disk and any(p.mount == "/" for p in profile.disk.partitions)):
+        raise ConfigError(f"{where}: a rootfs needs a disk to install onto: add [profiles.{profile.name}.disk] with "
+                          f"a partition mounted at \"/\"")
     if profile.health and not profile.os:
         raise ConfigError(f"{where}: health checks an installed OS: add [profiles.{profile.name}.os]")
 

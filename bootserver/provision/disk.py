@@ -32,9 +32,9 @@ def disk_commands(layout: DiskLayout, *, wipe: bool, target: str = TARGET_ROOT) 
         raise ValueError(f"target {target!r} must be an absolute path")
     target = posixpath.normpath(target)
     numbered = list(enumerate(layout.partitions, start=1))
-    commands = [_guard(layout.device, wipe)]
+    commands = [guard(layout.device, wipe)]
     if wipe:
-        commands.append(_release(layout.device))
+        commands.append(release(layout.device))
     commands += [
         _sfdisk(layout),
         # sfdisk has the kernel re-read the table, which finds nothing on a kernel built without the
@@ -56,7 +56,7 @@ def dry_run(layout: DiskLayout, *, wipe: bool, target: str = TARGET_ROOT) -> str
     return "".join(f"{command}\n" for command in disk_commands(layout, wipe=wipe, target=target))
 
 
-def _guard(device: str, wipe: bool) -> str:
+def guard(device: str, wipe: bool) -> str:
     dev = shlex.quote(device)
     missing = shlex.quote(f"refusing to partition {device}: it is not a block device on this machine")
     command = f"if ! [ -b {dev} ]; then echo {missing} >&2; exit 1; fi"
@@ -70,7 +70,7 @@ def _guard(device: str, wipe: bool) -> str:
             f"if [ -n \"$(blkid {dev} 2>/dev/null)\" ]; then echo {data} >&2; exit 1; fi")
 
 
-def _release(device: str) -> str:
+def release(device: str) -> str:
     """Unmount the disk's partitions (deepest first) and stop swapping on them: a second run after a
     failed one finds them in use, and the kernel will not drop partitions that are in use."""
     parts = shlex.quote(f"^{partition_path(device, 1)[:-1]}[0-9]+ ")

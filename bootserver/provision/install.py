@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import DiskLayout
 from ..errors import BootserverError
 from .disk import partition_path
-from .ssh import Progress, Runner
+from .ssh import FileSource, Progress, Runner
 
 STEP = "install"
 # How each tarball suffix is decompressed on the node (busybox tar reads only plain tar from a pipe).
@@ -60,10 +60,13 @@ class Identity:
 class Report:
     """What the install found out, for the install's event."""
 
-    kernel: str
-    platform: str
-    boot_loaders: tuple[str, ...]
+    source: str  # the asset's file name
+    kernel: str  # the installed kernel's version ("" when an image keeps it where we do not look)
+    platform: str  # the firmware the machine booted: efi or pcbios
+    boot_loaders: tuple[str, ...]  # the GRUB targets we installed (an image brings its own: none)
     seconds: float
+    sha256: str | None = None  # an image's verified digest
+    grown: str | None = None  # an image's last partition grown to the disk: "/dev/vda3: 1.5 GiB -> 3.0 GiB"
 
 
 def decompressor(rootfs: Path) -> str:
@@ -74,11 +77,17 @@ def decompressor(rootfs: Path) -> str:
 
 
 def unpack_command(rootfs: Path, target: str) -> str:
-    """Decompress stdin into tar under `target`; fails if either side fails (no `pipefail` in POSIX sh)."""
-    status = "/tmp/bootserver-unpack.$$"
-    return (f"{{ {decompressor(rootfs)}; echo $? > {status}; }} | tar -x -C {shlex.quote(target)} && "
+    """Decompress stdin into tar under `target`."""
+    return piped(decompressor(rootfs), f"tar -x -C {shlex.quote(target)}", "decompressing the rootfs")
+
+
+def piped(producer: str, consumer: str, what: str) -> str:
+    """`producer | consumer`, failing if either side fails (POSIX sh has no `pipefail`): `what` names the
+    producer in its failure."""
+    status = "/tmp/bootserver-pipe.$$"
+    return (f"{{ {producer}; echo $? > {status}; }} | {consumer} && "
             f"read rc < {status} && rm -f {status} && "
-            f"{{ [ \"$rc\" = 0 ] || {{ echo \"decompressing the rootfs failed (status $rc)\" >&2; exit 1; }}; }}")
+            f"{{ [ \"$rc\" = 0 ] || {{ echo \"{what} failed (status $rc)\" >&2; exit 1; }}; }}")
 
 
 async def install(runner: Runner, spec: OsInstall, layout: DiskLayout, identity: Identity, target: str,
@@ -88,19 +97,29 @@ async def install(runner: Runner, spec: OsInstall, layout: DiskLayout, identity:
     if not spec.rootfs.is_file():
         raise InstallError(f"rootfs {spec.rootfs} does not exist on the server: build it with "
                            f"`bootserver image os debian` or fix [profiles.*.os] rootfs")
-    platform = (await runner.run(STEP, "if [ -d /sys/firmware/efi ]; then echo efi; else echo pcbios; fi")).strip()
+    platform = await firmware(runner)
     loaders = boot_loaders(layout, platform)  # refuses before anything is written
     q = shlex.quote(target)
-    await runner.stream(STEP, unpack_command(spec.rootfs, target), spec.rootfs, progress)
-    kernel = await _kernel(runner, target)
+    await runner.stream(STEP, unpack_command(spec.rootfs, target), FileSource(spec.rootfs), progress)
+    version = await find_kernel(runner, target)
     uuids = await _uuids(runner, layout)
     await runner.run(STEP, f"cat > {q}/etc/fstab", input=fstab(layout, uuids))
-    await _identity(runner, identity, await _server_url(runner) + identity.report_path, target)
     await runner.run(STEP, f"mkdir -p {q}/boot/grub && cat > {q}/boot/grub/grub.cfg",
-                     input=grub_config(kernel, uuids[_root(layout)], spec.cmdline))
-    await in_chroot(runner, target, [*(_grub_install(loader, layout) for loader in loaders),
-                                     f"systemctl enable systemd-networkd.service {REPORT_UNIT}"])
-    return Report(kernel, platform, loaders, round(time.monotonic() - started, 1))
+                     input=grub_config(version, uuids[_root(layout)], spec.cmdline))
+    await personalize(runner, identity, target, [_grub_install(loader, layout) for loader in loaders])
+    return Report(spec.rootfs.name, version, platform, loaders, round(time.monotonic() - started, 1))
+
+
+async def firmware(runner: Runner) -> str:
+    """What the node booted with: efi or pcbios."""
+    return (await runner.run(STEP, "if [ -d /sys/firmware/efi ]; then echo efi; else echo pcbios; fi")).strip()
+
+
+async def personalize(runner: Runner, identity: Identity, target: str, chrooted: list[str]) -> None:
+    """Make the system mounted at `target` this machine (see Identity), run `chrooted` in it, and enable
+    its network and its first-boot report."""
+    await _identity(runner, identity, await _server_url(runner) + identity.report_path, target)
+    await in_chroot(runner, target, [*chrooted, f"systemctl enable systemd-networkd.service {REPORT_UNIT}"])
 
 
 def boot_loaders(layout: DiskLayout, platform: str) -> tuple[str, ...]:
@@ -139,7 +158,7 @@ def _grub_install(platform: str, layout: DiskLayout) -> str:
             f"--removable --no-nvram")
 
 
-async def _kernel(runner: Runner, target: str) -> str:
+async def find_kernel(runner: Runner, target: str) -> str:
     """The newest kernel in the rootfs's /boot that has an initrd beside it."""
     q = shlex.quote(target)
     out = await runner.run(STEP, f"cd {q}/boot && for k in vmlinuz-*; do v=${{k#vmlinuz-}}; "
@@ -231,6 +250,8 @@ async def _identity(runner: Runner, identity: Identity, report_url: str, target:
     await runner.run(STEP, f": > {path('/etc/machine-id')}")
     await runner.run(STEP, f"mkdir -p {path('/etc/systemd/network')} && "
                            f"cat > {path('/etc/systemd/network/10-bootserver.network')}", input=network_file(identity))
+    # Host keys a rootfs or image came with are every clone's: only the one made for this machine stays.
+    await runner.run(STEP, f"rm -f {path('/etc/ssh')}/ssh_host_*")
     await runner.run(STEP, f"mkdir -p {path('/etc/ssh/sshd_config.d')} && umask 077 && "
                            f"cat > {path('/etc/ssh/ssh_host_ed25519_key')}", input=identity.host_key)
     await runner.run(STEP, f"cat > {path('/etc/ssh/sshd_config.d/10-bootserver.conf')}",

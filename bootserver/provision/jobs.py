@@ -321,9 +321,11 @@ class Provisioner:
 
         def installed(report: InstallReport) -> None:
             self.store.installed(job.mac, public, token, {
-                "source": job.os.rootfs.name if job.os else None, "kernel": report.kernel,
+                "source": report.source, "kernel": report.kernel,
                 "platform": report.platform, "boot_loaders": list(report.boot_loaders), "seconds": report.seconds,
-                "fingerprint": key.get_fingerprint("sha256")})
+                "fingerprint": key.get_fingerprint("sha256"),
+                **({"sha256": report.sha256} if report.sha256 else {}),
+                **({"grown": report.grown} if report.grown else {})})
 
         return dataclasses.replace(job, identity=identity), installed
 

@@ -12,12 +12,13 @@ and keepalives notice a node that dies mid-step. Each command is reported as an 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 
@@ -28,8 +29,34 @@ TAIL = 2048  # bytes of stdout/stderr kept in events
 MESSAGE_TAIL = 500  # of stderr quoted in an exception message: enough to act on, short enough to read
 
 Record = Callable[[str, dict[str, Any]], None]  # (event kind, detail): the caller stores events and moves states
-Progress = Callable[[int, int, float], None]  # (bytes sent, bytes in all, seconds so far)
+Progress = Callable[[int, int, float], None]  # (bytes read, bytes in all, seconds so far)
 STREAM_CHUNK = 256 * 1024
+
+
+class Source(Protocol):
+    """What `Runner.stream` sends: chunks of bytes, and how far through its input it has got."""
+
+    total: int  # bytes of input in all, for progress
+    done: int  # bytes of input read so far
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class FileSource:
+    """A file on the server, read a chunk at a time; its SHA-256 is that of the bytes sent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.total = path.stat().st_size
+        self.done = 0
+        self.sha256 = hashlib.sha256()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with self.path.open("rb") as file:
+            while chunk := file.read(STREAM_CHUNK):
+                self.sha256.update(chunk)
+                self.done += len(chunk)
+                yield chunk
 
 
 @dataclass(frozen=True)
@@ -120,31 +147,32 @@ class Runner:
             process.close()
         return self._finish(step, command, result, started, timeout if timed_out else None)
 
-    async def stream(self, step: str, command: str, source: Path, progress: Progress, *,
+    async def stream(self, step: str, command: str, source: Source, progress: Progress, *,
                      timeout: float | None = None) -> str:
-        """Run `command` with the file `source` on its stdin, read and sent a chunk at a time (never whole,
-        so a multi-GB image costs no memory); `progress(sent, total, seconds)` at most once a second."""
+        """Run `command` with `source` on its stdin, sent a chunk at a time (never whole, so a multi-GB
+        image costs no memory); `progress(done, total, seconds)` at most once a second."""
         timeout = self._timeout if timeout is None else timeout
         started = last = time.monotonic()
-        total, sent = source.stat().st_size, 0
         try:
             process = await self.conn.create_process(command, stdin=asyncssh.PIPE, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             self._record_command(step, command, None, started, "", str(exc))
             raise
         try:
-            with source.open("rb") as file:
-                while chunk := file.read(STREAM_CHUNK):
+            async with contextlib.aclosing(source.chunks()) as chunks:
+                async for chunk in chunks:
                     process.stdin.write(chunk)
                     await process.stdin.drain()
-                    sent += len(chunk)
                     if (now := time.monotonic()) - last >= 1:
-                        progress(sent, total, now - started)
+                        progress(source.done, source.total, now - started)
                         last = now
-                process.stdin.write_eof()
+            process.stdin.write_eof()
         except (OSError, asyncssh.Error):
             pass  # the command stopped reading (it failed, or the node went): its exit status says which
-        progress(sent, total, time.monotonic() - started)
+        except BaseException:
+            process.close()
+            raise
+        progress(source.done, source.total, time.monotonic() - started)
         try:
             result = await process.wait(timeout=timeout)
             timed_out = False

@@ -21,7 +21,7 @@ import asyncssh
 
 from ..config import Deployment, DiskLayout
 from ..errors import BootserverError
-from . import disk, install
+from . import disk, diskimage, install
 from .deploy import deploy
 from .pki import IssuedCertificate, ServerKeys
 from .ssh import NodeAccess, NodeLost, Record, Runner, StepFailed, session
@@ -40,7 +40,7 @@ class Job:
     wipe: bool  # may repartition a disk that holds partitions
     deployment: Deployment | None
     context: dict[str, Any]  # template context (the node, its group's members, ...)
-    os: install.OsInstall | None = None
+    os: install.OsInstall | diskimage.ImageInstall | None = None
     identity: install.Identity | None = None  # who the installed OS is (with os)
 
 
@@ -57,6 +57,8 @@ async def provision(job: Job, keys: ServerKeys, record: Record, *, render: Rende
         if job.disk:
             await _step(runner, record, "disk", lambda: _partition(runner, job, target_root))
             target = target_root
+        if isinstance(job.os, diskimage.ImageInstall):
+            target = target_root  # the image's root partition, mounted by the install step
         if job.os:
             await _step(runner, record, "install", lambda: _install(runner, job, record, target, installed))
         if job.deployment:
@@ -102,15 +104,19 @@ async def _partition(runner: Runner, job: Job, target_root: str) -> None:
 
 async def _install(runner: Runner, job: Job, record: Record, target: str, installed: Installed) -> None:
     assert job.os is not None and job.identity is not None
-    if job.disk is None:
-        raise StepFailed("install", "install: an OS needs a disk layout to install onto ([profiles.X.disk])")
-    source = job.os.rootfs.name
+    source = (job.os.image if isinstance(job.os, diskimage.ImageInstall) else job.os.rootfs).name
 
-    def progress(sent: int, total: int, seconds: float) -> None:
-        record("install-progress", {"source": source, "bytes": sent, "total": total, "seconds": round(seconds, 1)})
+    def progress(done: int, total: int, seconds: float) -> None:
+        record("install-progress", {"source": source, "bytes": done, "total": total, "seconds": round(seconds, 1),
+                                    "mb_per_s": round(done / seconds / 1e6, 1) if seconds > 0 else None})
 
     try:
-        report = await install.install(runner, job.os, job.disk, job.identity, target, progress)
+        if isinstance(job.os, diskimage.ImageInstall):
+            report = await diskimage.install_image(runner, job.os, job.identity, target, progress)
+        elif job.disk is None:
+            raise StepFailed("install", "install: a rootfs needs a disk layout to install onto ([profiles.X.disk])")
+        else:
+            report = await install.install(runner, job.os, job.disk, job.identity, target, progress)
     except install.InstallError as exc:
         raise StepFailed("install", f"install: {exc}") from None
     installed(report)
