@@ -14,7 +14,7 @@ from .facts import selector_facts
 from .groups import BootSpec, Groups
 from .provision.diskimage import ImageInstall
 from .provision.health import HealthChecks
-from .provision.install import OsInstall
+from .provision.install import OsInstall, StaticAddress
 from .provision.ssh import NodeAccess
 from .provision.steps import Job
 from .store import Node, Store
@@ -51,7 +51,17 @@ class Plans:
         return Job(mac=node.mac, access=NodeAccess(host, port, node.host_key), hostname=hostname, ips=(node.ip,),
                    disk=profile.disk, wipe=bool(profile.disk and profile.disk.wipe) or node.reprovision,
                    deployment=profile.deploy, context=self.job_context(node.mac, spec.group, profile.name, hostname),
-                   os=self._system(profile.os, node.reprovision))
+                   os=self._system(profile.os, node.reprovision), address=self._static_address(spec))
+
+    def _static_address(self, spec: BootSpec) -> StaticAddress | None:
+        """A reserved address ([machines] ip) on the subnet our full DHCP serves becomes the installed OS's
+        static address, with that subnet's router and DNS; anything else boots on DHCP."""
+        dhcp = self._config.dhcp
+        ip = spec.machine.ip if spec.machine else None
+        if ip is None or dhcp.mode != "full" or dhcp.network is None:
+            return None
+        return StaticAddress(f"{ip}/{dhcp.network.prefixlen}", str(dhcp.router) if dhcp.router else None,
+                             tuple(str(server) for server in dhcp.dns))
 
     def _system(self, system: OperatingSystem | None, reprovision: bool) -> OsInstall | ImageInstall | None:
         """What goes onto the disk: a rootfs onto the profile's layout, or an image over the whole disk."""

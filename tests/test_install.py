@@ -4,6 +4,7 @@ that then boots, is tests/test_vm_install.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -149,3 +150,14 @@ async def test_a_corrupt_rootfs_fails_even_if_tar_got_something(sshd, keys, tmp_
         with pytest.raises(StepFailed):
             await runner.stream("install", install.unpack_command(rootfs, str(target)), FileSource(rootfs),
                                 lambda *p: None)
+
+
+def test_the_boot_nic_gets_dhcp_or_its_reserved_static_address():
+    identity = install.Identity(mac="52:54:00:12:34:56", hostname="node1", host_key="", authorized_key="",
+                                report_path="/boot/x/booted", report_token="t")
+    dhcp = install.network_file(identity)
+    assert "[Match]\nMACAddress=52:54:00:12:34:56\n" in dhcp and dhcp.endswith("[Network]\nDHCP=yes\n")
+    static = install.network_file(dataclasses.replace(identity, address=install.StaticAddress(
+        "10.100.0.11/24", "10.100.0.1", ("10.100.0.1", "192.0.2.53"))))
+    assert static.endswith("[Network]\nAddress=10.100.0.11/24\nGateway=10.100.0.1\nDNS=10.100.0.1\nDNS=192.0.2.53\n")
+    assert "DHCP" not in static

@@ -230,3 +230,22 @@ async def _dies_then_waits_for_its_phone_home(app: web.Application, http: aiohtt
     await until_async(lambda: len(node.commands) >= 2, timeout=10)
     assert "sfdisk -d" not in node.commands[1]
     await until_async(lambda: store.node(MAC).state == "interrupted", timeout=15)
+
+
+def test_a_reserved_address_on_our_full_dhcp_subnet_becomes_the_installed_static_address(booter, store, config):
+    from ipaddress import IPv4Address as Ip
+
+    from bootserver.config import Deployment, DhcpConfig
+    from bootserver.provision.install import StaticAddress
+
+    admit(store, MAC, "10.100.0.11")
+    raft = dataclasses.replace(config.profiles["raft"], deploy=Deployment(check="true"))
+    machines = {**config.machines, MAC: dataclasses.replace(config.machines[MAC], ip=Ip("10.100.0.11"))}
+    full = DhcpConfig(mode="full", server_address=Ip("10.100.0.1"), pool=(Ip("10.100.0.100"), Ip("10.100.0.199")),
+                      netmask=Ip("255.255.255.0"), router=Ip("10.100.0.1"), dns=(Ip("10.100.0.1"), Ip("192.0.2.53")))
+    booter.reload(dataclasses.replace(config, profiles={**config.profiles, "raft": raft}, machines=machines, dhcp=full))
+    assert booter.provision_job(store.node(MAC), 22).address == StaticAddress(
+        "10.100.0.11/24", "10.100.0.1", ("10.100.0.1", "192.0.2.53"))
+    # Without our full DHCP we know no subnet for it: DHCP it is.
+    booter.reload(dataclasses.replace(config, profiles={**config.profiles, "raft": raft}, machines=machines))
+    assert booter.provision_job(store.node(MAC), 22).address is None

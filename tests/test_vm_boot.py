@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from support.qemu import DEFAULT_MAC, OVMF, Vm
+from support.qemu import DEFAULT_MAC, OVMF_CODE, Vm
 from support.vm import events, wait_for_state
 
 from bootserver import config as configuration
@@ -34,8 +34,8 @@ async def app(agent_image: AgentImage, tmp_path: Path):
     for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: install {package} (./setup test does)")
-    if not OVMF.is_file():
-        pytest.fail(f"{OVMF} is missing: install ovmf (./setup test does)")
+    if not OVMF_CODE.is_file():
+        pytest.fail(f"{OVMF_CODE} is missing: install ovmf (./setup test does)")
     data_dir = tmp_path / "data"
     images = data_dir / "images" / "agent"
     images.mkdir(parents=True)

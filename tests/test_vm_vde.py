@@ -30,13 +30,13 @@ import pytest
 
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage
-from bootserver.tools.lab import VM_MAC, Lab, namespaces
+from bootserver.tools.lab import OVMF_CODE, OVMF_VARS, VM_MAC, Lab, namespaces
 
 pytestmark = pytest.mark.vm
 
 TOOLS = {"ip": "iproute2", "vde_switch": "vde2", "vde_plug2tap": "vde2", "qemu-system-x86_64": "qemu-system-x86",
          "dnsmasq": "dnsmasq-base", "curl": "curl"}
-FILES = {Path("/usr/share/ovmf/OVMF.fd"): "ovmf", Path("/usr/lib/ipxe/ipxe.efi"): "ipxe",
+FILES = {OVMF_CODE: "ovmf", OVMF_VARS: "ovmf", Path("/usr/lib/ipxe/ipxe.efi"): "ipxe",
          Path("/usr/lib/ipxe/undionly.kpxe"): "ipxe"}
 
 

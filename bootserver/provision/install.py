@@ -45,6 +45,15 @@ class OsInstall:
 
 
 @dataclass(frozen=True)
+class StaticAddress:
+    """The boot NIC's address when the operator reserved one ([machines] ip, with [dhcp] mode = "full")."""
+
+    address: str  # with its prefix length: "10.100.0.11/24"
+    gateway: str | None = None
+    dns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Identity:
     """Who the installed system is: everything on its disk that belongs to this one machine."""
 
@@ -54,6 +63,7 @@ class Identity:
     authorized_key: str  # the server's provisioning key, for root
     report_path: str  # where the first boot reports, under the URL the agent booted with (bootserver.url=)
     report_token: str  # a one-time token for that report, not the agent's
+    address: StaticAddress | None = None  # None: DHCP on the boot NIC
 
 
 @dataclass(frozen=True)
@@ -267,8 +277,14 @@ async def _identity(runner: Runner, identity: Identity, report_url: str, target:
 
 
 def network_file(identity: Identity) -> str:
+    static = identity.address
+    if static is None:
+        network = "DHCP=yes\n"
+    else:
+        network = (f"Address={static.address}\n" + (f"Gateway={static.gateway}\n" if static.gateway else "")
+                   + "".join(f"DNS={server}\n" for server in static.dns))
     return (f"# written by bootserver: the NIC this machine booted from\n"
-            f"[Match]\nMACAddress={identity.mac}\n\n[Network]\nDHCP=yes\n")
+            f"[Match]\nMACAddress={identity.mac}\n\n[Network]\n{network}")
 
 
 # The first boot's report: once the system settles, POST what came up to the server, then forget the

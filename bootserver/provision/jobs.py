@@ -317,7 +317,7 @@ class Provisioner:
         secret, token = new_token(job.mac, minutes.job_seconds / 60 + minutes.boot_minutes, purpose="report")
         identity = Identity(mac=job.mac, hostname=job.hostname, host_key=key.export_private_key().decode(),
                             authorized_key=self.keys.ssh_public, report_path=f"/boot/{hyphenated(job.mac)}/booted",
-                            report_token=secret)
+                            report_token=secret, address=job.address)
 
         def installed(report: InstallReport) -> None:
             self.store.installed(job.mac, public, token, {

@@ -42,6 +42,7 @@ class Job:
     context: dict[str, Any]  # template context (the node, its group's members, ...)
     os: install.OsInstall | diskimage.ImageInstall | None = None
     identity: install.Identity | None = None  # who the installed OS is (with os)
+    address: install.StaticAddress | None = None  # its boot NIC's static address; None: DHCP
 
 
 async def provision(job: Job, keys: ServerKeys, record: Record, *, render: Render,

@@ -37,7 +37,10 @@ NAMESPACE = "bootserver-lab"
 TAP = "lab0"
 ADDRESS = IPv4Interface("10.100.0.1/24")
 QEMU = "qemu-system-x86_64"
-OVMF = Path("/usr/share/ovmf/OVMF.fd")
+# OVMF as a machine has it: read-only code, and a variable store of its own (boot entries, boot order) that
+# persists across reboots and runs, made from the template on first use.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 VM_MAC = "52:54:00:00:10:{:02x}"
 VM_DISK_BYTES = 2 << 30  # sparse: costs nothing until written
 TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl": "curl"}
@@ -270,7 +273,7 @@ class Lab:
             "-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0,bootindex=2",
         ]  # fmt: skip
         if firmware == "uefi":
-            command += ["-bios", str(OVMF)]
+            command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd")
         return self.spawn(f"vm{index}", command, marker=str(serial), log=self.dir / f"vm{index}.qemu.log")
 
     def spawn(self, name: str, command: list[str], *, marker: str, namespace: str | None = None,
@@ -382,12 +385,20 @@ class Lab:
         self.save()
 
 
+def uefi_flash(vars_file: Path) -> list[str]:
+    """QEMU's arguments for OVMF with `vars_file` as its variable store (a copy of the template, made once)."""
+    if not vars_file.exists():
+        shutil.copyfile(OVMF_VARS, vars_file)
+    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
+
+
 def check_tools(uefi: bool = False) -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root: it creates a network namespace and a tap interface")
     missing = [f"{tool} (apt-get install {package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
-    if uefi and not OVMF.is_file():
-        missing.append(f"{OVMF} (apt-get install ovmf)")
+    if uefi and not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
+        missing.append(f"{OVMF_CODE} and {OVMF_VARS.name} (apt-get install ovmf)")
     if missing:
         raise LabError(f"missing: {', '.join(missing)}")
 

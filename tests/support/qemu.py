@@ -28,8 +28,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bootserver.tools.lab import OVMF_CODE, uefi_flash
+
 QEMU = "qemu-system-x86_64"
-OVMF = Path("/usr/share/ovmf/OVMF.fd")
 DEFAULT_MAC = "52:54:00:12:34:56"
 
 
@@ -132,7 +133,7 @@ class Vm:
             cmd += ["-drive", f"file={self.disk},if=none,id=disk0,format=raw",
                     "-device", "virtio-blk-pci,drive=disk0,bootindex=2"]
         if self.firmware == "uefi":
-            cmd += ["-bios", str(OVMF)]
+            cmd += uefi_flash(self.workdir / f"ovmf-vars-{self.serial_path.stem.removeprefix('serial-')}.fd")
         if self.kernel is not None:
             cmd += ["-kernel", str(self.kernel)]
             if self.initrd is not None:
@@ -249,4 +250,4 @@ def qemu_available() -> bool:
     return which(QEMU) is not None
 
 
-__all__ = ["DEFAULT_MAC", "OVMF", "Vm", "qemu_available"]
+__all__ = ["DEFAULT_MAC", "OVMF_CODE", "Vm", "qemu_available"]

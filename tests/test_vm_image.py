@@ -1,0 +1,124 @@
+"""Whole-disk images onto real VMs, from power-on to `running`: a golden disk is made once by the rootfs path
+(Debian with GRUB for BIOS and UEFI, on a 1 GiB disk), taken as a raw image and as qcow2+zstd, and each is
+streamed onto a 3 GiB disk, verified, grown, made another machine (its own hostname and host key) and booted
+by real firmware. One flipped byte: `failed` with both digests, and the disk has no boot sectors left."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from support.qemu import DEFAULT_MAC, Vm
+from support.site import ROOTFS_PROFILE, empty_disk, vm_site
+from support.vm import events, wait_for_state
+
+from bootserver.app import STORE
+from bootserver.tools.image import AgentImage
+
+pytestmark = pytest.mark.vm
+
+MIB = 1 << 20
+IMAGE_PROFILE = """
+[profiles.golden]
+kernel = "agent-kernel"
+initrd = ["agent-initrd"]
+cmdline = "console=ttyS0"
+
+[profiles.golden.os]
+image = "golden"
+device = "/dev/vda"
+{digest}
+[profiles.golden.health]
+commands = ["systemctl is-active ssh", "test \\"$(hostname)\\" = node2",
+            "test $(df -B1 --output=size / | tail -1) -gt 2500000000"]
+"""
+
+
+@pytest.fixture(scope="module")
+def golden(agent_image: AgentImage, os_image, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A raw disk image holding an installed Debian, as a site would capture its golden machine's disk."""
+    workdir = tmp_path_factory.mktemp("golden")
+    return asyncio.run(_install_golden(agent_image, os_image.tarball, workdir))
+
+
+async def _install_golden(agent_image: AgentImage, tarball: Path, workdir: Path) -> Path:
+    disk = empty_disk(workdir / "golden.raw", 1 << 30)
+    async with (vm_site(workdir, agent_image, ROOTFS_PROFILE, {"debian": tarball}) as site,
+                Vm(workdir=workdir, bootfile=site.bootfile, memory=1024, disk=disk,
+                   hostfwd={site.ssh_port: 22}) as vm):
+        await wait_for_state(site.app, vm, "rebooting", timeout=600, exit_ok=True)
+        await vm.wait_for_exit(60)  # -no-reboot: QEMU exits as the agent reboots into the disk
+    return disk
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize(("firmware", "form"), [("bios", "raw"), ("uefi", "qcow2.zst")])
+async def test_an_image_is_streamed_verified_grown_and_boots_to_running(golden, agent_image, tmp_path, timing,
+                                                                         firmware, form):
+    if form == "raw":
+        image = golden
+        digest = f'sha256 = "{sha256(image)}"'
+    else:  # the digest from the .sha256 file beside it, as `sha256sum` writes it
+        qcow2 = tmp_path / "golden.qcow2"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(golden), str(qcow2)], check=True)
+        subprocess.run(["zstd", "-q", "--rm", str(qcow2)], check=True)
+        image = tmp_path / "golden.qcow2.zst"
+        (tmp_path / "golden.qcow2.zst.sha256").write_text(f"{sha256(image)}  golden.qcow2.zst\n")
+        digest = ""
+    disk = empty_disk(tmp_path / "disk.img", 3 << 30)
+    async with (vm_site(tmp_path, agent_image, IMAGE_PROFILE.format(digest=digest), {"golden": image},
+                        hostname="node2") as site,
+                Vm(workdir=tmp_path, firmware=firmware, bootfile=site.bootfile, memory=1024, disk=disk,
+                   hostfwd={site.ssh_port: 22}, reboot=True) as vm):
+        timing(f"{firmware}, {form} image: power-on to rebooting",
+               await wait_for_state(site.app, vm, "rebooting", timeout=600))
+        timing(f"{firmware}, {form} image: power-on to running",
+               await wait_for_state(site.app, vm, "running", timeout=600))
+        serial = vm.serial_log
+        store = site.app[STORE]
+        installed = next(e.detail for e in store.events(DEFAULT_MAC) if e.kind == "installed")
+        progress = [e.detail for e in store.events(DEFAULT_MAC) if e.kind == "install-progress"]
+    assert installed["source"] == image.name and installed["sha256"] == sha256(image), events(site.app)
+    assert re.fullmatch(r"/dev/vda3: 0\.9 GiB -> 2\.9 GiB", installed["grown"]), installed
+    assert progress[-1]["bytes"] == progress[-1]["total"] == 1 << 30, progress[-1]
+    timing(f"{firmware}, {form} image: install step (stream, verify, grow, personalize)", installed["seconds"])
+    assert "node2 login:" in serial, serial[-3000:]  # the image, made this machine
+
+
+async def test_a_flipped_byte_fails_with_both_digests_and_leaves_no_boot_sectors(golden, agent_image, tmp_path):
+    good = sha256(golden)
+    image = tmp_path / "golden.raw"
+    shutil.copy(golden, image)
+    with image.open("r+b") as f:  # one byte inside the root filesystem's area
+        f.seek(700 * MIB)
+        byte = f.read(1)
+        f.seek(700 * MIB)
+        f.write(bytes([byte[0] ^ 1]))
+    bad = sha256(image)
+    disk = empty_disk(tmp_path / "disk.img", 3 << 30)
+    async with (vm_site(tmp_path, agent_image, IMAGE_PROFILE.format(digest=f'sha256 = "{good}"'),
+                        {"golden": image}, hostname="node2") as site,
+                Vm(workdir=tmp_path, bootfile=site.bootfile, memory=1024, disk=disk,
+                   hostfwd={site.ssh_port: 22}) as vm):
+        with pytest.raises(AssertionError, match="is failed"):
+            await wait_for_state(site.app, vm, "running", timeout=600)
+        failed = next(e.detail for e in site.app[STORE].events(DEFAULT_MAC) if e.kind == "failed")
+    assert good in failed["reason"] and bad in failed["reason"], failed
+    with disk.open("rb") as f:
+        head = f.read(MIB)
+        f.seek(-MIB, 2)
+        tail = f.read(MIB)
+    assert head == tail == bytes(MIB)  # no MBR, no GPT, no backup GPT: nothing boots
+    assert subprocess.run(["sfdisk", "-d", str(disk)], capture_output=True).returncode != 0
