@@ -84,6 +84,8 @@ async def test_an_image_is_streamed_verified_grown_and_boots_to_running(golden, 
                    hostfwd={site.ssh_port: 22}, reboot=True) as vm):
         timing(f"{firmware}, {form} image: power-on to rebooting",
                await wait_for_state(site.app, vm, "rebooting", timeout=600))
+        timing(f"{firmware}, {form} image: power-on to booted",
+               await wait_for_state(site.app, vm, "booted", timeout=600))
         timing(f"{firmware}, {form} image: power-on to running",
                await wait_for_state(site.app, vm, "running", timeout=600))
         serial = vm.serial_log
