@@ -63,3 +63,22 @@ async def test_the_page_shows_the_same_view(app: web.Application):
             page = await response.text()
     assert response.status == 200
     assert "node1" in page and "script-served" in page and "raft" in page
+
+
+async def test_an_install_shows_its_bytes_as_a_progress_bar_while_it_runs(app: web.Application):
+    from bootserver.app import STORE
+
+    store = app[STORE]
+    store.record(MAC, "step-started", {"step": "install"}, state="install")
+    store.record(MAC, "install-progress", {"source": "golden.raw", "bytes": 256 << 20, "total": 1 << 30,
+                                           "seconds": 4.0, "mb_per_s": 67.1})
+    async with aiohttp.ClientSession() as http:
+        view = await machine(http, app)
+        async with http.get(f"{base(app)}/machines/{MAC}") as response:
+            page = await response.text()
+        assert view["installing"]["bytes"] == 256 << 20 and view["installing"]["total"] == 1 << 30
+        assert f'<progress value="{256 << 20}" max="{1 << 30}"></progress>' in page
+        assert "installing golden.raw: 256.0 MiB of 1.0 GiB" in page, page
+        store.record(MAC, "step-done", {"step": "install"})
+        store.record(MAC, "step-started", {"step": "deploy"}, state="deploy")
+        assert (await machine(http, app))["installing"] is None  # only while installing

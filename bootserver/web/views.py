@@ -16,7 +16,7 @@ from typing import Any
 import asyncssh
 
 from ..booter import Booter
-from ..lifecycle import BAD_KINDS, GOOD_KINDS, OFF_PATH, PROGRESS, EventKind
+from ..lifecycle import BAD_KINDS, GOOD_KINDS, OFF_PATH, PROGRESS, EventKind, State
 from ..store import Event, Node
 
 SUMMARY_LENGTH = 200
@@ -55,19 +55,33 @@ class MachineView:
     reason: str  # why that group won (Booter.boot_spec)
     fingerprint: str | None  # of the pinned SSH host key
     progress: Progress
+    installing: dict[str, Any] | None = None  # the newest install-progress event's detail, while installing
 
     def to_json(self) -> dict[str, Any]:
         # Fingerprints are enough to check a key by.
         node = {k: v for k, v in vars(self.node).items() if k not in ("host_key", "os_host_key")}
         return {**node, "hostname": self.hostname, "profile": self.profile, "group": self.group,
                 "reason": self.reason, "host_key_fingerprint": self.fingerprint,
-                "progress": self.progress.to_json()}
+                "progress": self.progress.to_json(), "installing": self.installing}
 
 
 def machine_view(booter: Booter, node: Node) -> MachineView:
     spec = booter.spec_of(node)
     return MachineView(node, booter.hostname(node.mac), spec.profile.name if spec.profile else None,
-                       spec.group, spec.reason, fingerprint(node.host_key), progress(node.state))
+                       spec.group, spec.reason, fingerprint(node.host_key), progress(node.state),
+                       _installing(booter, node))
+
+
+def _installing(booter: Booter, node: Node) -> dict[str, Any] | None:
+    """How far the OS install has got: bytes, total and rate (only while installing: a look at its events)."""
+    if node.state != State.INSTALL:
+        return None
+    written = [e for e in booter.history().recent_events(node.mac, 20) if e.kind == EventKind.INSTALL_PROGRESS]
+    if not written:
+        return None
+    detail = dict(written[-1].detail)
+    detail["summary"] = _install_progress(detail)
+    return detail
 
 
 @functools.lru_cache(maxsize=16384)  # parsing a key is slow, and every list page shows hundreds of them
