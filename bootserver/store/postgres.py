@@ -102,6 +102,10 @@ class PostgresBackend:
         except FAILURES as exc:
             raise self.unavailable(exc) from exc
 
+    def durability(self) -> dict[str, str]:
+        return {name: next(iter(self.execute(f"SHOW {name}").fetchone().values()))
+                for name in ("fsync", "synchronous_commit")}
+
     def begin(self) -> None:
         self.execute("BEGIN")
 
