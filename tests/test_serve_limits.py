@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
 from pathlib import Path
 
-import pytest
 from support.config import server_section
 from support.net import free_port
+from support.require import require
 from support.serve import serving
 
 
@@ -27,8 +26,7 @@ def serve(tmp_path: Path, nofile: str) -> tuple[str, str]:
 
 
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path):
-    if subprocess.run(["which", "prlimit"], capture_output=True).returncode != 0:
-        pytest.fail("prlimit is missing (util-linux)")
+    require("prlimit")
     line, log = serve(tmp_path, "1024:8192")
     assert re.fullmatch(r"Max open files\s+8192\s+8192\s+files\s*", line), line
     assert "at most" not in log

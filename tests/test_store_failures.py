@@ -30,6 +30,7 @@ import aiohttp
 import pytest
 from support.config import server_section
 from support.net import free_port
+from support.require import require, require_root
 from support.serve import ROOT, answers_async, serve_command
 from support.wait import until_async
 
@@ -97,11 +98,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path: Path):
-    for tool in ("unshare", "nsenter", "mkfs.ext4", "chattr"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            pytest.fail(f"{tool} is missing (util-linux, e2fsprogs)")
-    if os.geteuid() != 0:
-        pytest.fail("needs root: it mounts a file system in a mount namespace of its own")
+    require("unshare", "nsenter", "mkfs.ext4", "chattr")
+    require_root("it mounts a file system in a mount namespace of its own")
     running = Server(tmp_path)
     running.start()
     try:
