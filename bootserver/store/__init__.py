@@ -109,6 +109,7 @@ class Store:
                 yield db
             return
         self.flush()  # a write outside group_commit() is durable when it returns: so is the batch before it
+        changes = self._db.changes()
         try:
             self._db.begin()
             try:
@@ -120,7 +121,10 @@ class Store:
         except StoreUnavailable as exc:
             self._failed(exc)
             raise
-        self._succeeded()
+        # A transaction that changed no row (a job poll that found none) proves nothing: SQLite commits it without
+        # writing a byte, even on a file system turned read-only, and must not clear the problem every second.
+        if changes is None or self._db.changes() != changes:
+            self._succeeded()
 
     def _failed(self, exc: StoreUnavailable) -> None:
         if self.problem is None:

@@ -106,6 +106,10 @@ class PostgresBackend:
         return {name: next(iter(self.execute(f"SHOW {name}").fetchone().values()))
                 for name in ("fsync", "synchronous_commit")}
 
+    def changes(self) -> int | None:
+        """None: PostgreSQL refuses a write statement it cannot keep even when it would change no row."""
+        return None
+
     def begin(self) -> None:
         self.execute("BEGIN")
 

@@ -55,6 +55,10 @@ class SqliteBackend:
         return {"journal_mode": self.execute("PRAGMA journal_mode").fetchone()[0],
                 "synchronous": SYNCHRONOUS.get(synchronous, str(synchronous))}
 
+    def changes(self) -> int | None:
+        """Rows inserted, updated or deleted on this connection so far: whether a transaction wrote anything."""
+        return self._db.total_changes
+
     def begin(self) -> None:
         self.execute("BEGIN IMMEDIATE")
 
