@@ -54,6 +54,17 @@ class History:
         """The newest event's id (of `mac`, or of any machine); 0 when there is none."""
         return self._store.last_event_id(mac)
 
+    # -- the store itself ------------------------------------------------------------------------------
+
+    def store_settings(self) -> dict[str, str]:
+        """The backend and the settings its commits' durability rests on, read from the live connection."""
+        return {"backend": self._store.kind, **self._store.durability()}
+
+    def group_commits(self) -> tuple[int, int, int]:
+        """Since this process opened the store: batches committed, the requests they held, the most one held."""
+        store = self._store
+        return store.group_commits, store.group_committed_requests, store.largest_group_commit
+
     # -- totals over every event, kept as they are recorded ------------------------------------------
 
     def bytes_served(self) -> dict[str, int]:

@@ -66,6 +66,8 @@ class Figures:
     seconds: float = 0.0
     answers: Counter = field(default_factory=Counter)
     findings: list[str] = field(default_factory=list)
+    # Every input sent, by its index in the run, when asked for (record=True): what --seed must replay.
+    inputs: dict[int, bytes] | None = None
 
     def line(self) -> str:
         rate = self.sent / self.seconds if self.seconds else 0.0
@@ -234,20 +236,32 @@ def probe(sock: socket.socket, request: bytes, to: tuple[str, int], timeout: flo
         sock.setblocking(False)
 
 
-def run_tftp(server: Server, count: int, m: Mutator) -> Figures:
-    figures = Figures("tftp")
+def run_tftp(server: Server, count: int, m: Mutator, record: bool = False) -> Figures:
+    """`count` datagrams. Datagram i is made by a generator seeded by (the run's seed, i), never by one whose
+    state depends on the server's answers: so --seed replays every datagram's bytes. Where a mid-transfer one
+    goes (a transfer's port, which the server chose; the main port while no transfer is open) is the server's."""
+    figures = Figures("tftp", inputs={} if record else None)
     clients, (prober,) = sockets_on("127.0.3", 64), sockets_on("127.0.4", 1)
     tids: deque = deque(maxlen=512)
     started = time.monotonic()
     target = ("127.0.0.1", server.tftp)
+    base = m.rng.getrandbits(64)
     while figures.sent < count:
         for _ in range(min(BATCH, count - figures.sent)):
-            if tids and m.rng.random() < 0.15:  # mid-transfer packets at a transfer's port, from its client or not
-                owner, tid = m.choice(tids)
-                sock = owner if m.rng.random() < 0.8 else m.choice(clients)
-                sock.sendto(m.bytes(tftp_other(m)) if m.rng.random() < 0.5 else tftp_other(m), tid)
+            mi = input_mutator(base, figures.sent)
+            sock = mi.choice(clients)
+            if mi.rng.random() < 0.15:  # mid-transfer packets at a transfer's port, from its client or not
+                datagram = mi.bytes(tftp_other(mi)) if mi.rng.random() < 0.5 else tftp_other(mi)
+                pick, own = mi.rng.random(), mi.rng.random() < 0.8
+                to = target
+                if tids:
+                    owner, to = tids[int(pick * len(tids))]
+                    sock = owner if own else sock
             else:
-                m.choice(clients).sendto(tftp_datagram(m), target)
+                datagram, to = tftp_datagram(mi), target
+            sock.sendto(datagram, to)
+            if figures.inputs is not None:
+                figures.inputs[figures.sent] = datagram
             figures.sent += 1
         drain(clients, figures.answers, tids)
         sent = probe(prober, b"\0\1fuzz-probe\0octet\0", target)
@@ -272,8 +286,9 @@ def dhcp_probe_packet(pxe: bool) -> bytes:
     return packet.encode()
 
 
-def run_dhcp(server: Server, count: int, m: Mutator) -> Figures:
-    figures = Figures("dhcp")
+def run_dhcp(server: Server, count: int, m: Mutator, record: bool = False) -> Figures:
+    """`count` packets, all from `m` in order: nothing the server answers changes what is drawn next."""
+    figures = Figures("dhcp", inputs={} if record else None)
     clients, (prober,) = sockets_on("127.0.5", 16), sockets_on("127.0.6", 1)
     macs = [f"52:54:00:{m.rng.randrange(256):02x}:{m.rng.randrange(256):02x}:{m.rng.randrange(256):02x}"
             for _ in range(500)] + [RESERVED_MAC]
@@ -282,7 +297,10 @@ def run_dhcp(server: Server, count: int, m: Mutator) -> Figures:
         pxe = m.rng.random() < 0.3
         port = server.pxe if pxe else server.dhcp
         for _ in range(min(BATCH // 4, count - figures.sent)):  # DHCP packets are big: smaller bursts
-            m.choice(clients).sendto(dhcp_packet(m, macs), ("127.0.0.1", port))
+            packet = dhcp_packet(m, macs)
+            m.choice(clients).sendto(packet, ("127.0.0.1", port))
+            if figures.inputs is not None:
+                figures.inputs[figures.sent] = packet
             figures.sent += 1
         drain(clients, figures.answers)
         sent = probe(prober, dhcp_probe_packet(pxe), ("127.0.0.1", port))
@@ -357,26 +375,45 @@ async def _read_all(port: int, request: bytes) -> bytes:
         writer.close()
 
 
-def request_mutator(base: int, index: int) -> Mutator:
-    """The generator of the run's request `index`: the same for a seed whichever worker sends it, and when."""
+def input_mutator(base: int, index: int) -> Mutator:
+    """The generator of a run's input `index`: the same for a seed whichever worker sends it, and when."""
     return Mutator(random.Random(f"{base}:{index}"))
 
 
-async def run_http_async(server: Server, count: int, m: Mutator, workers: int = 64) -> Figures:
+def run_mutator(seed: int, phase: str, protocol: str) -> Mutator:
+    """The generator of one protocol's run in one phase (warm-up, run): a seed replays each run by itself,
+    whatever the runs before it drew."""
+    return Mutator(random.Random(f"{seed}:{phase}:{protocol}"))
+
+
+TOKEN_MACS = ["52-54-00-00-00-01", "52-54-00-00-40-01"]
+# Where a request carries a token it is generated with this stand-in, of a real token's shape and length
+# (tokens.new_token: 12 characters, a dot, 43), and the machine's real token, from the server, goes in its place
+# when it is sent: the generated bytes do not depend on which token the server happened to issue.
+TOKEN_STAND_IN = "T" * 12 + "." + "S" * 43
+
+
+async def run_http_async(server: Server, count: int, m: Mutator, workers: int = 64, record: bool = False) -> Figures:
     """`count` requests from `workers` connections at once. Request i comes from a generator seeded by (the run's
-    seed, i), not from one generator the workers share in whatever order they run: so --seed replays the inputs."""
-    figures = Figures("http")
-    token = ["x.y"]
+    seed, i), not from one generator the workers share in whatever order they run: so --seed replays the inputs
+    (`record`: kept in Figures.inputs, with the token stand-in where a real token was sent)."""
+    figures = Figures("http", inputs={} if record else None)
+    tokens = dict.fromkeys(TOKEN_MACS, "x" * 12 + "." + "y" * 43)  # of the right shape, valid for nobody
     started = time.monotonic()
     base = m.rng.getrandbits(64)
 
     async def worker() -> None:
         while figures.sent < count:
-            mi = request_mutator(base, figures.sent)
+            index = figures.sent
+            mi = input_mutator(base, index)
             figures.sent += 1
-            if mi.rng.random() < 0.02:
-                token[0] = await real_token(server.http, mi.choice(["52-54-00-00-00-01", "52-54-00-00-40-01"])) or "x.y"
-            status = await one_http(server.http, http_request(mi, token[0]))
+            mac = mi.choice(TOKEN_MACS)
+            if mi.rng.random() < 0.02:  # a fresh token for that machine, as its boot script would bring
+                tokens[mac] = await real_token(server.http, mac) or tokens[mac]
+            request = http_request(mi, TOKEN_STAND_IN)
+            if figures.inputs is not None:
+                figures.inputs[index] = request
+            status = await one_http(server.http, request.replace(TOKEN_STAND_IN.encode(), tokens[mac].encode()))
             figures.answers[status] += 1
             if status == "500" or status.startswith(("no answer", "connect failed", "not HTTP")):
                 figures.findings.append(f"http: {status}")
@@ -386,8 +423,8 @@ async def run_http_async(server: Server, count: int, m: Mutator, workers: int = 
     return figures
 
 
-def run_http(server: Server, count: int, m: Mutator) -> Figures:
-    return asyncio.run(run_http_async(server, count, m))
+def run_http(server: Server, count: int, m: Mutator, record: bool = False) -> Figures:
+    return asyncio.run(run_http_async(server, count, m, record=record))
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -409,12 +446,11 @@ def run(plan: Plan, seed: int) -> bool:
     work = Path(tempfile.mkdtemp(prefix="bootserver-fuzz-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "tmpfs", str(work)], check=True)
     server = Server(work)
-    m = Mutator(random.Random(seed))
     started = time.monotonic()
     server.seed_history(PAGE_EVENTS)
     server.start()
     try:
-        return measure(server, plan, m)
+        return measure(server, plan, seed)
     finally:
         stopping = time.monotonic()
         server.stop()
@@ -424,12 +460,12 @@ def run(plan: Plan, seed: int) -> bool:
         os.rmdir(work)
 
 
-def measure(server: Server, plan: Plan, m: Mutator) -> bool:
+def measure(server: Server, plan: Plan, seed: int) -> bool:
     warm = Plan(max(plan.tftp // 10, 1000), max(plan.dhcp // 10, 200), max(plan.http // 10, 200))
     print(f"warm-up: {warm.tftp:,} TFTP, {warm.dhcp:,} DHCP, {warm.http:,} HTTP", flush=True)
     results = []
     for run_one, count in ((run_tftp, warm.tftp), (run_dhcp, warm.dhcp), (run_http, warm.http)):
-        results.append(run_one(server, count, m))
+        results.append(run_one(server, count, run_mutator(seed, "warm-up", run_one.__name__)))
         print("  " + results[-1].line(), flush=True)
     settling = time.monotonic()
     fds_before = settle(server, server.idle_fds)
@@ -437,7 +473,7 @@ def measure(server: Server, plan: Plan, m: Mutator) -> bool:
     print(f"baseline: {fds_before} fds, VmRSS {rss_before / 1024:.1f} MiB (settled in "
           f"{time.monotonic() - settling:.1f} s)", flush=True)
     for run_one, count in ((run_tftp, plan.tftp), (run_dhcp, plan.dhcp), (run_http, plan.http)):
-        results.append(run_one(server, count, m))
+        results.append(run_one(server, count, run_mutator(seed, "run", run_one.__name__)))
         print(f"  {results[-1].line()}; server VmRSS now {server.rss_kib() / 1024:.1f} MiB", flush=True)
     alive_after_load = server.alive() and server.healthy()
     fds_after = settle(server, fds_before)

@@ -127,6 +127,19 @@ def booter(config: configuration.Config, store: Store, keys: ServerKeys) -> Boot
     return Booter(config, store, Templates(), keys)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI ($CI set, as every CI service does) a skipped test is a failed one: a test that needs a missing tool
+    must say so, not pass for having proved nothing (tests/support/require.py fails such tests anywhere)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every test must run: {reason}"
+
+
 _TIMINGS: list[tuple[str, str, float]] = []  # (test, what, seconds) of this session's real-firmware boots
 
 

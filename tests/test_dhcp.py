@@ -254,10 +254,13 @@ class Peer(asyncio.DatagramProtocol):
         return reply
 
     async def silence(self, port: int, packet: DhcpPacket, then: DhcpPacket) -> DhcpPacket:
-        """Send `packet`, which must get no answer, then `then`, which must: the next reply is `then`'s."""
+        """Send `packet`, which must get no answer, then `then`, which must: the next reply is `then`'s.
+
+        No waiting to see: the server answers each datagram as it reads it (DhcpServer's datagram_received), in
+        the order they came, and loopback keeps the order of one socket's datagrams, so an answer to `packet`
+        would be here before `then`'s (and `ask` would fail on its xid)."""
         self.transport.sendto(packet.encode(), ("127.0.0.1", port))
         reply = await self.ask(port, then)
-        await asyncio.sleep(0.1)
         assert self.replies.empty(), "the request that should have been ignored was answered"
         return reply
 

@@ -30,6 +30,7 @@ import pytest
 from aiohttp import web
 from support.net import free_port
 from support.qemu import DEFAULT_MAC, Vm
+from support.require import require, require_root
 
 from bootserver.errors import BootserverError
 from bootserver.overlay import overlay_cpio
@@ -163,8 +164,7 @@ def readelf(path: Path) -> tuple[str | None, list[str]]:
 
 
 def test_programs_have_all_their_libraries(agent_image: AgentImage, tmp_path: Path) -> None:
-    if shutil.which("readelf") is None:
-        pytest.fail("readelf is missing: install binutils (./setup test does)")
+    require("readelf")
     entries = read_initramfs(agent_image.initrd)
 
     # dropbear runs its SFTP subsystem by the path compiled into it: that must be sftp-server
@@ -229,9 +229,9 @@ def extract_initramfs(entries: dict[str, dict], root: Path) -> None:
 def test_openssl_makes_the_tls_key_and_request_inside_the_agent(agent_image: AgentImage, tmp_path: Path) -> None:
     """The deploy step's own command, run by the agent's busybox sh and openssl in a chroot of the
     initramfs: no /usr/lib/ssl, no /proc, nothing of the host's. The key stays, the request verifies."""
+    require_root("a chroot of the initramfs")
+    require("chroot")
     chroot = shutil.which("chroot")
-    if os.geteuid() != 0 or chroot is None:
-        pytest.fail("needs root and chroot (CI runs as root; ./setup test installs coreutils' chroot)")
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 

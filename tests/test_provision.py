@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from support.csr import forged_request
+from support.require import require, require_root
 from support.sshd import TestSSHServer, ssh_server
 from support.wait import until_async
 
@@ -468,8 +469,8 @@ async def test_node_that_drops_mid_step_is_lost(keys, data_dir, tmp_path):
 
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Any:
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.fail("needs root and losetup (util-linux): CI runs as root, ./setup test installs it")
+    require_root("the disk step runs on a real loop device")
+    require("losetup")
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(128 * 1024 * 1024)  # sparse

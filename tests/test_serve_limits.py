@@ -4,41 +4,75 @@ and says so (README, Hardening)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from support.config import server_section
 from support.net import free_port
+from support.require import require
+from support.serve import answers as answers_url
 from support.serve import serving
 
 
-def serve(tmp_path: Path, nofile: str) -> tuple[str, str]:
-    """Start `bootserver serve` under `prlimit --nofile=SOFT:HARD`; (its /proc limits line, its log) once it serves."""
+@contextlib.contextmanager
+def served(tmp_path: Path, nofile: str) -> Iterator[tuple[str, str, int, int]]:
+    """`bootserver serve` under `prlimit --nofile=SOFT:HARD`, once it serves: (its /proc limits line, its log so far,
+    its HTTP port, its TFTP port)."""
+    require("prlimit")
+    http, tftp = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     config = tmp_path / "site.toml"
-    config.write_text(server_section(tmp_path / "data", http=f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
-                                     tftp=f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"))
+    config.write_text(server_section(tmp_path / "data", http=f"127.0.0.1:{http}", tftp=f"127.0.0.1:{tftp}"))
     log = tmp_path / "serve.log"
     with serving(config, log, prefix=["prlimit", f"--nofile={nofile}"]) as process:
         limits = Path(f"/proc/{process.pid}/limits").read_text()
-        return next(line for line in limits.splitlines() if line.startswith("Max open files")), log.read_text()
+        line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        yield line, log.read_text(), http, tftp
+
+
+def serve(tmp_path: Path, nofile: str) -> tuple[str, str]:
+    with served(tmp_path, nofile) as (line, log, _, _):
+        return line, log
+
+
+def first_answers(tftp: int, count: int) -> list[bytes]:
+    """RRQs for boot.ipxe from `count` sources at once (each its own loopback address: the per-source cap does not
+    apply), never ACKed, so every transfer admitted holds its place; the first datagram each source gets back."""
+    sockets = []
+    try:
+        for i in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.bind((f"127.0.9.{i + 1}", 0))
+            sock.settimeout(5)
+        for sock in sockets:
+            sock.sendto(b"\0\1boot.ipxe\0octet\0", ("127.0.0.1", tftp))
+        return [sock.recv(1024) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path):
-    if subprocess.run(["which", "prlimit"], capture_output=True).returncode != 0:
-        pytest.fail("prlimit is missing (util-linux)")
     line, log = serve(tmp_path, "1024:8192")
     assert re.fullmatch(r"Max open files\s+8192\s+8192\s+files\s*", line), line
     assert "at most" not in log
 
 
 def test_a_hard_limit_too_low_for_the_tftp_table_lowers_it_with_a_warning(tmp_path):
-    line, log = serve(tmp_path, "300:300")
-    assert re.fullmatch(r"Max open files\s+300\s+300\s+files\s*", line), line
-    warning = re.search(r"tftp: at most (\d+) transfers at once: the open-file limit is too low for 1000", log)
-    assert warning and 0 < int(warning[1]) < 1000, log
+    """The warning's figure is the cap in force: that many transfers run at once, the next is told "too many
+    sessions", and HTTP still has descriptors to answer with meanwhile."""
+    with served(tmp_path, "300:300") as (line, log, http, tftp):
+        assert re.fullmatch(r"Max open files\s+300\s+300\s+files\s*", line), line
+        warning = re.search(r"tftp: at most (\d+) transfers at once: the open-file limit is too low for 1000", log)
+        assert warning and 0 < int(warning[1]) < 1000, log
+        cap = int(warning[1])
+        answers = first_answers(tftp, cap + 1)
+        assert [a[:4] for a in answers[:cap]] == [b"\0\3\0\1"] * cap  # DATA block 1: a transfer each
+        assert answers[cap] == b"\0\5\0\0too many sessions\0"
+        assert answers_url(f"http://127.0.0.1:{http}/healthz")
 
 
 async def test_the_tftp_table_follows_its_settings(tmp_path):

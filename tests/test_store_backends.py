@@ -304,6 +304,8 @@ def test_sessions_get_a_lock_timeout_and_an_idle_in_transaction_timeout(database
     settings = [store._db.execute(f"SHOW {name}").fetchone()
                 for name in ("lock_timeout", "idle_in_transaction_session_timeout")]
     assert [next(iter(row.values())) for row in settings] == ["10s", "30s"]
+    # What /metrics reports, read off the connection: the tests' private server runs with fsync off, and says so.
+    assert store.durability() == {"fsync": "off", "synchronous_commit": "on"}
     store.close()
 
 

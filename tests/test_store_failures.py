@@ -3,9 +3,10 @@ recorded is refused with a message a person can act on (HTTP 503, TFTP ERROR 0),
 serving, nothing is half-written, and once the cause is gone it records again.
 
 The real `bootserver serve` runs in a private mount namespace (`unshare --mount`) with its data directory
-on a small loop-mounted ext4 image, so the test can fill that file system or make the database files
-immutable (`chattr +i`: the one kind of read-only that root, which runs these tests, cannot write
-through; file modes it ignores). The test reaches the files through /proc/PID/root; the mount and its loop
+on a small loop-mounted ext4 image, so the test can fill that file system, make the database files
+immutable (`chattr +i`: file modes root ignores), or turn the whole file system read-only under the running
+server (ext4's errors=remount-ro after an error: a plain `mount -o remount,ro` is refused while the server
+holds the database open for writing). The test reaches the files through /proc/PID/root; the mount and its loop
 device go away with the process.
 """
 
@@ -30,6 +31,7 @@ import aiohttp
 import pytest
 from support.config import server_section
 from support.net import free_port
+from support.require import require, require_root
 from support.serve import ROOT, answers_async, serve_command
 from support.wait import until_async
 
@@ -61,8 +63,10 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        script = f'mount -o loop "{self.image}" "{self.data}" && exec {shlex.join(serve_command(self.config))}'
-        with self.log.open("wb") as log:
+        # errors=remount-ro: an error ext4 finds turns the file system read-only under the server, as on most hosts.
+        script = (f'mount -o loop,errors=remount-ro "{self.image}" "{self.data}" && '
+                  f'exec {shlex.join(serve_command(self.config))}')
+        with self.log.open("ab") as log:  # a restart's output follows the first run's
             self.process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -79,6 +83,15 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def device(self) -> str:
+        """The loop device the server's data directory is mounted from, as in /proc/PID/mountinfo."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if fields[4] == str(self.data):
+                return fields[fields.index("-") + 2]
+        raise AssertionError(f"{self.data} is not mounted in the server's namespace")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -97,11 +110,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path: Path):
-    for tool in ("unshare", "nsenter", "mkfs.ext4", "chattr"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            pytest.fail(f"{tool} is missing (util-linux, e2fsprogs)")
-    if os.geteuid() != 0:
-        pytest.fail("needs root: it mounts a file system in a mount namespace of its own")
+    require("unshare", "nsenter", "mkfs.ext4", "chattr", "e2fsck", "losetup")
+    require_root("it mounts a file system in a mount namespace of its own")
     running = Server(tmp_path)
     running.start()
     try:
@@ -232,3 +242,43 @@ async def test_disk_full_then_read_only_then_fine_again(server: Server):
     assert "Traceback" not in log, log
     warnings = [line for line in log.splitlines() if "WARNING bootserver.store" in line]
     assert len(warnings) == 4, log  # once per outage and once when it is over, not once per request
+
+
+async def test_a_file_system_turned_read_only_under_the_server(server: Server):
+    """ext4 mounted errors=remount-ro meets an error (triggered through its sysfs knob, as a failing disk would):
+    the kernel turns the whole file system read-only under the running server, open files and all. Every request
+    that must be recorded is refused, DHCP unanswered, the rest served. ext4 allows no way back to read-write
+    while it is mounted, so the cause is gone only after a restart with the file system checked: then what was
+    acknowledged before is there and the server records again."""
+    async with aiohttp.ClientSession() as session:
+        await wait_serving(server, session)
+        assert (await script(session, server, "52-54-00-00-33-01"))[0] == 200
+        device = Path(server.device()).name
+        Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("test: the disk failed\n")
+        mounted = next(line for line in Path(f"/proc/{server.process.pid}/mounts").read_text().splitlines()
+                       if line.split()[1] == str(server.data))
+        assert mounted.split()[3].split(",")[0] == "ro" or "emergency_ro" in mounted, mounted
+        await refused_while(server, session, [f"52-54-00-00-34-{i:02x}" for i in range(20)],
+                            r"\((disk I/O error|attempt to write a readonly database)\): check that .* writable")
+        # The provisioner polled for jobs (every second) during those 1.5 s of DHCP silence, and each poll's empty
+        # transaction commits even now: the problem must stay until something is really written again.
+        assert len((await health(session, server))["problems"]) == 1
+    log = server.log.read_text()
+    assert log.count("WARNING bootserver.store") == 1 and "can be written again" not in log, log
+
+    server.stop()
+    await until_async(lambda: image_free(server.image), 10, what=f"the loop device to let go of {server.image}")
+    checked = subprocess.run(["e2fsck", "-f", "-y", str(server.image)], capture_output=True, text=True)
+    assert checked.returncode in (0, 1), checked.stdout + checked.stderr  # 1: errors were corrected
+    server.start()
+    async with aiohttp.ClientSession() as session:
+        await wait_serving(server, session)
+        assert recorded(server, "52-54-00-00-33-01") == (1, 1, 1)  # acknowledged before: kept
+        await works_again(server, session, "52-54-00-00-33-02")
+    assert "Traceback" not in server.log.read_text()
+
+
+def image_free(image: Path) -> bool:
+    """Whether no loop device holds `image` any more (the mount namespace went with the server)."""
+    listed = subprocess.run(["losetup", "--associated", str(image)], capture_output=True, text=True, check=True)
+    return listed.stdout.strip() == ""

@@ -63,3 +63,22 @@ async def test_bytes_served_count_every_file_sent(app: web.Application):
 
 async def served(http: aiohttp.ClientSession, app: web.Application, key: tuple) -> float:
     return (await samples(http, app)).get(key, 0)
+
+
+async def test_the_store_reports_its_durability_and_group_commits_from_the_live_connection(app: web.Application):
+    """What a kill -9 cannot tell apart (synchronous=FULL from OFF) is read off the running server's own connection;
+    and two requests' writes of one event-loop turn are one COMMIT holding both."""
+    store = app[STORE]
+    with store.group_commit() as first:
+        store.record(MAC, "script-served")
+    with store.group_commit() as second:
+        store.record("52:54:00:00:00:02", "script-served")
+    await first
+    await second
+    async with aiohttp.ClientSession() as http:
+        found = await samples(http, app)
+    assert found[("bootserver_store_info", (("backend", "sqlite"), ("journal_mode", "wal"),
+                                            ("synchronous", "full")))] == 1
+    assert found[("bootserver_store_group_commits_total", ())] == 1
+    assert found[("bootserver_store_group_committed_requests_total", ())] == 2
+    assert found[("bootserver_store_largest_group_commit", ())] == 2

@@ -51,12 +51,21 @@ class Store:
         self._grouping = False  # inside group_commit(): writes join the open batch
         self._batch: asyncio.Future[None] | None = None  # the open batch's COMMIT; None: no batch open
         self._joined: list[asyncio.Future[None]] = []  # the batches the current group_commit() block wrote to
+        self._members = 0  # group_commit() blocks (requests) that wrote to the open batch
+        # Since this Store opened: batches committed, the requests they held, the most one held (for /metrics).
+        self.group_commits = self.group_committed_requests = self.largest_group_commit = 0
         if migrate:
             self._migrate()
 
     def close(self) -> None:
         self.flush()
         self._db.close()
+
+    def durability(self) -> dict[str, str]:
+        """The settings a commit's durability rests on, as the live connection has them (SQLite: journal_mode and
+        synchronous; PostgreSQL: fsync and synchronous_commit): what /metrics reports, so a test or an operator can
+        see them on a running server rather than trust the code that set them."""
+        return self._db.durability()
 
     @property
     def schema_version(self) -> int:
@@ -100,6 +109,7 @@ class Store:
                 yield db
             return
         self.flush()  # a write outside group_commit() is durable when it returns: so is the batch before it
+        changes = self._db.changes()
         try:
             self._db.begin()
             try:
@@ -111,7 +121,10 @@ class Store:
         except StoreUnavailable as exc:
             self._failed(exc)
             raise
-        self._succeeded()
+        # A transaction that changed no row (a job poll that found none) proves nothing: SQLite commits it without
+        # writing a byte, even on a file system turned read-only, and must not clear the problem every second.
+        if changes is None or self._db.changes() != changes:
+            self._succeeded()
 
     def _failed(self, exc: StoreUnavailable) -> None:
         if self.problem is None:
@@ -162,10 +175,11 @@ class Store:
                 # Nobody may be left waiting on a failed batch; that must not be logged as "never retrieved".
                 batch.add_done_callback(lambda f: f.cancelled() or f.exception())
                 self._db.begin()
-                self._batch = batch
+                self._batch, self._members = batch, 0
                 loop.call_soon(self.flush)
             if self._batch not in self._joined:
                 self._joined.append(self._batch)
+                self._members += 1
             self._db.execute("SAVEPOINT write")
             try:
                 yield self._db
@@ -204,6 +218,9 @@ class Store:
                 batch.set_exception(exc)
             return
         self._succeeded()
+        self.group_commits += 1
+        self.group_committed_requests += self._members
+        self.largest_group_commit = max(self.largest_group_commit, self._members)
         if not batch.done():
             batch.set_result(None)
 

@@ -102,6 +102,14 @@ class PostgresBackend:
         except FAILURES as exc:
             raise self.unavailable(exc) from exc
 
+    def durability(self) -> dict[str, str]:
+        return {name: next(iter(self.execute(f"SHOW {name}").fetchone().values()))
+                for name in ("fsync", "synchronous_commit")}
+
+    def changes(self) -> int | None:
+        """None: PostgreSQL refuses a write statement it cannot keep even when it would change no row."""
+        return None
+
     def begin(self) -> None:
         self.execute("BEGIN")
 

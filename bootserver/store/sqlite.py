@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import StoreUnavailable
 
+SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}  # PRAGMA synchronous's numbers, by name
 
 class SqliteBackend:
     kind = "sqlite"
@@ -48,6 +49,15 @@ class SqliteBackend:
             self._db.executemany(sql, rows)
         except sqlite3.OperationalError as exc:
             raise self.unavailable(exc) from exc
+
+    def durability(self) -> dict[str, str]:
+        synchronous = self.execute("PRAGMA synchronous").fetchone()[0]
+        return {"journal_mode": self.execute("PRAGMA journal_mode").fetchone()[0],
+                "synchronous": SYNCHRONOUS.get(synchronous, str(synchronous))}
+
+    def changes(self) -> int | None:
+        """Rows inserted, updated or deleted on this connection so far: whether a transaction wrote anything."""
+        return self._db.total_changes
 
     def begin(self) -> None:
         self.execute("BEGIN IMMEDIATE")

@@ -1,8 +1,9 @@
 """Prometheus metrics, read from the core's history at scrape time.
 
-The event log already holds every number we report, so there are no counters to keep in memory:
+The event log already holds almost every number we report, so there are no counters to keep in memory:
 a collector queries the history when Prometheus scrapes. That also counts what another process
-(the CLI) recorded, and survives restarts.
+(the CLI) recorded, and survives restarts. The exceptions are about the store itself: its durability
+settings, read from the live connection at each scrape, and its group commits since this process started.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from ..history import History
@@ -48,6 +49,17 @@ class HistoryCollector(Collector):
         for step, (count, seconds) in self._history.step_durations().items():
             steps.add_metric([step], count_value=count, sum_value=seconds)
         yield steps
+
+        yield InfoMetricFamily("bootserver_store", "The store's backend and the settings a commit's durability rests "
+                               "on, read from the server's live connection (SQLite: journal_mode, synchronous; "
+                               "PostgreSQL: fsync, synchronous_commit)", value=self._history.store_settings())
+        batches, requests, largest = self._history.group_commits()
+        yield CounterMetricFamily("bootserver_store_group_commits", "Group commits (boot scripts and phone-homes of "
+                                  "one event-loop turn sharing one COMMIT) since the server started", value=batches)
+        yield CounterMetricFamily("bootserver_store_group_committed_requests", "Requests those group commits held",
+                                  value=requests)
+        yield GaugeMetricFamily("bootserver_store_largest_group_commit", "The most requests one group commit held "
+                                "since the server started", value=largest)
 
 
 def registry(history: History) -> CollectorRegistry:
