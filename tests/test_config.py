@@ -127,7 +127,8 @@ def test_an_installed_os_and_its_health_checks(tmp_path: Path):
 
 @pytest.mark.parametrize(("extra", "message"), [
     ('[profiles.cluster.os]\nrootfs = "nope"\n', "names asset 'nope', which is not in \\[assets\\]"),
-    ('[profiles.cluster.os]\nimage = "debian"\n', "unknown key 'image'"),
+    ('[profiles.cluster.os]\nimage = "debian"\ndevice = "/dev/vda"\n', "a whole-disk image brings its own partitions"),
+    ('[profiles.cluster.os]\nrootfs = "debian"\nsize = 3\n', "unknown key 'size'"),
     ('[profiles.cluster.health]\ncommands = ["true"]\n', "health checks an installed OS: add \\[profiles"),
     ('[profiles.cluster.os]\nrootfs = "debian"\n[profiles.cluster.health]\nurls = ["ftp://x"]\n',
      "urls: expected a list of http:// URLs"),
@@ -145,5 +146,5 @@ def test_an_os_needs_a_root_partition_to_install_onto(tmp_path: Path):
     path = tmp_path / "site.toml"
     path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[assets]\nk = "k"\nd = "d.tar"\n[profiles.p]\nkernel = "k"\n'
                     '[profiles.p.os]\nrootfs = "d"\n')
-    with pytest.raises(ConfigError, match='os needs a disk to install onto.*mounted at "/"'):
+    with pytest.raises(ConfigError, match='a rootfs needs a disk to install onto.*mounted at "/"'):
         configuration.load(path)
