@@ -74,7 +74,7 @@ def init_app(config: Config, ssh_options: dict[str, float] | None = None) -> web
     app[CONFIG] = config
     app[LIVE_CONFIG] = LiveConfig(config)
     app[SSH_OPTIONS] = ssh_options or {}
-    app.cleanup_ctx.extend([_store_and_core, _provisioner, _http_site, _tftp_server, _dhcp_server])
+    app.cleanup_ctx.extend([_store_and_core, _provisioner, _power_poll, _http_site, _tftp_server, _dhcp_server])
     return app
 
 
@@ -99,6 +99,26 @@ async def _provisioner(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await provisioner.stop()
+
+
+async def _power_poll(app: web.Application) -> AsyncIterator[None]:
+    """Read the power state of every machine with a BMC every [server] power_poll_seconds: for the pages and
+    /metrics. Its calls are bounded like all BMC calls (PowerControl); a slow or dead BMC only costs its timeout."""
+    async def poll_forever() -> None:
+        while True:
+            try:
+                await app[CORE].poll_power()
+            except Exception:  # a bug here must not end the polling for good
+                log.exception("power poll failed")
+            await asyncio.sleep(app[LIVE_CONFIG].config.server.power_poll_seconds)
+
+    task = asyncio.create_task(poll_forever(), name="power-poll")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _http_site(app: web.Application) -> AsyncIterator[None]:
@@ -229,7 +249,7 @@ def reload(app: web.Application) -> bool:
 # Settings the running servers were built from: sockets, the store, the DHCP responder, the job cap.
 RESTART_SERVER_KEYS = ("http", "tftp", "data_dir", "public_address", "provision_concurrency", "database_url",
                        "database_file", "replica", "secret_key_file", "job_lease_seconds", "tftp_sessions",
-                       "tftp_sessions_per_source")
+                       "tftp_sessions_per_source", "bmc_timeout_seconds", "bmc_concurrency")
 FIELD_KEYS = {"database_url": "database", "database_file": "database"}  # ServerConfig field -> TOML key
 
 

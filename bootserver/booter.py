@@ -10,10 +10,11 @@ provisioning means under a profile). A little over 400 lines as one thing: every
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 from . import tokens
 from .admission import RateLimit
 from .config import Config, Profile
+from .config.machines import Bmc
 from .enrollment import Enrollment
-from .errors import NotFound, StoreUnavailable, TooManyRequests
+from .errors import BadRequest, NotFound, StoreUnavailable, TooManyRequests
 from .facts import clean_facts, firmware_uuid, selector_facts
 from .firmware import DhcpBoot, dhcp_answer, ipxe_binary
 from .groups import BootSpec, Groups
@@ -32,6 +34,8 @@ from .mac import canonical_mac, hyphenated
 from .overlay import OVERLAY_NAME, overlay_cpio
 from .payload import Payload, resolve_under
 from .plans import HealthJob, Plans
+from .power import POWER_ACTIONS, BmcError, PowerControl, PowerState
+from .power.control import BootOverrideLost
 from .provision.jobs import Provisioner
 from .provision.pki import ServerKeys
 from .provision.steps import Job
@@ -50,6 +54,18 @@ class Urls:
     api: str
 
 
+@dataclass(frozen=True)
+class Netboot:
+    """What `reprovision --now` or `deploy --now` did to one machine through its BMC."""
+
+    mac: str
+    boot_override: str  # "kept", or why not ("lost: ...", "failed: ..."): the power cycle was sent all the same
+    error: str | None = None  # the power cycle failed (None: sent)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mac": self.mac, "boot_override": self.boot_override, "error": self.error}
+
+
 class Booter:
     def __init__(self, config: Config, store: Store, templates: Templates, keys: ServerKeys) -> None:
         self._store = store
@@ -61,6 +77,9 @@ class Booter:
         # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
         self._use(config, templates)
+        server = config.server
+        self._power = PowerControl(store, self._bmc, server.secret_key_path, timeout=server.bmc_timeout_seconds,
+                                   concurrency=server.bmc_concurrency)
 
     def _use(self, config: Config, templates: Templates) -> None:
         self._config = config
@@ -76,6 +95,7 @@ class Booter:
         self._use(config, self._templates if same else Templates(config.server.templates_dir))
 
     def close(self) -> None:
+        self._power.close()
         self._store.close()
 
     def provisioner(self, **options: Any) -> Provisioner:
@@ -346,6 +366,116 @@ class Booter:
     def boot_from_disk(self, mac_text: str) -> None:
         """Boot the machine's local disk from its next boot on, as if deployed; nothing is provisioned."""
         self._enrollment.boot_from_disk(canonical_mac(mac_text))
+
+    # -- power, through machines' BMCs (power/) ---------------------------------------------------------------
+
+    def power_control(self) -> PowerControl:
+        """The BMC calls' runner: its last-seen power states for the pages and /metrics."""
+        return self._power
+
+    def power_state(self, mac: str) -> PowerState | None:
+        """The machine's last-seen power state; None when it has no BMC or none was read since the start."""
+        return self._power.known_state(mac) if self._bmc(mac) else None
+
+    async def power(self, mac_text: str, action: str) -> str:
+        """"status" (the state, "on" or "off") or one of POWER_ACTIONS, through the machine's BMC."""
+        mac = canonical_mac(mac_text)
+        if action == "status":
+            return await self._power.status(mac)
+        if action not in POWER_ACTIONS:
+            raise BadRequest(f"power action {action!r}: expected status or one of {', '.join(POWER_ACTIONS)}")
+        await self._power.power(mac, action)
+        return action
+
+    async def poll_power(self) -> None:
+        """Read the power state of every configured machine with a BMC (at most bmc_concurrency at once)."""
+        await self._power.poll(m.mac for m in self._config.machines.values() if m.bmc is not None)
+
+    async def reprovision_now(self, mac_text: str) -> Netboot:
+        """reprovision, then its next boot from the network and a power cycle through its BMC. The BMC is asked
+        for its power state first: one that cannot be reached or refuses us leaves the machine unmarked."""
+        mac = canonical_mac(mac_text)
+        await self._power.status(mac)
+        self._enrollment.reprovision(mac)
+        return await self._netboot(mac)
+
+    async def deploy(self, names: Iterable[str], now: bool = False) -> list[Netboot]:
+        """Send these machines (MACs, or [groups] names for their configured members) through the whole flow:
+        a machine seen before is marked for reprovisioning, one never seen gets its window opened. `now`: each
+        is also netbooted through its BMC (its power state read first: an unreachable one is left alone), with
+        at most [server] bmc_concurrency BMC calls at once."""
+        macs = self.deploy_targets(names)
+        if not now:
+            for mac in macs:
+                self._mark_for_deploy(mac)
+            return []
+        return list(await asyncio.gather(*(self._deploy_now(mac) for mac in macs)))
+
+    def deploy_targets(self, names: Iterable[str]) -> list[str]:
+        """MACs as given, and for a group name every configured machine that group picks now."""
+        macs: list[str] = []
+        groups = {group.name for group in self._config.groups}
+        for name in names:
+            if name in groups:
+                members = [m for m in self._config.machines if self._group_now(m) == name]
+                if not members:
+                    raise NotFound(f"group {name} picks none of the machines under [machines]")
+                macs += members
+            else:
+                try:
+                    macs.append(canonical_mac(name))
+                except BadRequest:
+                    raise NotFound(f"{name!r} is neither a MAC nor a group under [groups]") from None
+        return list(dict.fromkeys(macs))
+
+    def _group_now(self, mac: str) -> str | None:
+        node = self._store.node(mac)
+        return (self.spec_of(node) if node else self.boot_spec(mac)).group
+
+    async def _deploy_now(self, mac: str) -> Netboot:
+        try:
+            await self._power.status(mac)
+        except BmcError as exc:
+            return Netboot(mac, "not tried", str(exc))
+        self._mark_for_deploy(mac)
+        return await self._netboot(mac)
+
+    def _mark_for_deploy(self, mac: str) -> None:
+        if self._store.node(mac) is None:
+            self._enrollment.approve(mac)  # never seen: its first boot may be provisioned
+        else:
+            self._enrollment.reprovision(mac)
+
+    async def _netboot(self, mac: str) -> Netboot:
+        """Next boot from the network (read back), the Redfish inventory, then a power cycle (on when off)."""
+        try:
+            await self._power.network_boot_once(mac, self._boots_uefi(mac))
+            override = "kept"
+        except BootOverrideLost as exc:
+            override = f"lost: {exc}"
+        except BmcError as exc:
+            override = f"failed: {exc}"
+        bmc = self._bmc(mac)
+        if bmc is not None and bmc.driver == "redfish":
+            with contextlib.suppress(BmcError):  # recorded; the inventory is a bonus, the boot is the point
+                await self._power.inventory(mac)
+        try:
+            await self._power.power(mac, "cycle")
+        except BmcError as exc:
+            return Netboot(mac, override, str(exc))
+        return Netboot(mac, override)
+
+    def _boots_uefi(self, mac: str) -> bool:
+        """The mode to ask the next boot in: [machines] bmc firmware, else as the machine last reported."""
+        bmc = self._bmc(mac)
+        if bmc is not None and bmc.firmware is not None:
+            return bmc.firmware == "uefi"
+        node = self._store.node(mac)
+        return node is not None and node.facts.get("platform") == "efi"
+
+    def _bmc(self, mac: str) -> Bmc | None:
+        machine = self._config.machines.get(mac)
+        return machine.bmc if machine else None
 
     # -- provisioning (asked by the Provisioner) -----------------------------------------------------------
 

@@ -93,11 +93,28 @@ class EventKind(StrEnum):
     REBOOT_SENT = "reboot-sent"  # reprovisioning a machine that runs its installed OS: rebooted over SSH
     REBOOT_FAILED = "reboot-failed"
     BOOT_FROM_DISK_REQUESTED = "boot-from-disk-requested"
+    # The BMC (bootserver/power/): every call is one event with its action, result or error, and seconds taken.
+    POWER_STATUS = "power-status"  # read on request, or by the poll when the state (or the error) changed
+    POWER_ON = "power-on"
+    POWER_OFF = "power-off"
+    POWER_SOFT_OFF = "power-soft-off"  # an ACPI shutdown asked of the OS
+    POWER_CYCLE = "power-cycle"  # off and on (a hard reset when on; on when off)
+    POWER_FAILED = "power-failed"  # a BMC call failed: unreachable, refused, timed out, or an error answer
+    BOOT_OVERRIDE_SET = "boot-override-set"  # the next boot from the network, read back as set
+    BOOT_OVERRIDE_LOST = "boot-override-lost"  # the BMC accepted it, but reading it back shows it did not keep it
+    BMC_INVENTORY = "bmc-inventory"  # manufacturer, model, serial, BIOS version (Redfish), into the facts
+
+
+# A power action -> the event kind of its success.
+POWER_KINDS = {"status": EventKind.POWER_STATUS, "on": EventKind.POWER_ON, "off": EventKind.POWER_OFF,
+               "soft-off": EventKind.POWER_SOFT_OFF, "cycle": EventKind.POWER_CYCLE}
 
 
 # Kinds that mean something went wrong, or went right (a command's own exit status decides for `command`).
 BAD_KINDS = frozenset({EventKind.FAILED, EventKind.INTERRUPTED, EventKind.STEP_FAILED, EventKind.FILE_FAILED,
                        EventKind.REFUSED, EventKind.CONNECT_FAILED, EventKind.HOST_KEY_MISMATCH, EventKind.NO_BOOT,
-                       EventKind.CLAIM_CONFLICT, EventKind.REBOOT_FAILED})
+                       EventKind.CLAIM_CONFLICT, EventKind.REBOOT_FAILED, EventKind.POWER_FAILED,
+                       EventKind.BOOT_OVERRIDE_LOST})
 GOOD_KINDS = frozenset({EventKind.DEPLOYED, EventKind.STEP_DONE, EventKind.PHONED_HOME, EventKind.CERTIFICATE_ISSUED,
-                        EventKind.INSTALLED, EventKind.BOOTED, EventKind.HEALTH_PASSED, EventKind.RUNNING})
+                        EventKind.INSTALLED, EventKind.BOOTED, EventKind.HEALTH_PASSED, EventKind.RUNNING,
+                        EventKind.BOOT_OVERRIDE_SET})

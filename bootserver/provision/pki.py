@@ -274,6 +274,38 @@ def _pem_ca_key(pem: bytes, where: str = "the CA key") -> ec.EllipticCurvePrivat
     return key
 
 
+# Secrets in the config (BMC passwords) are written as this prefix and a Fernet token of the secret key file.
+ENCRYPTED_PREFIX = "encrypted:"
+
+
+def encrypt_secret(key_file: Path, secret: str) -> str:
+    """`secret` as the config holds it: encrypted with the key in `key_file` (made if missing), prefixed."""
+    return ENCRYPTED_PREFIX + Fernet(_load_or_create_secret_key(key_file)).encrypt(secret.encode()).decode()
+
+
+def decrypt_secret(key_file: Path, text: str, where: str) -> str:
+    """What `encrypt_secret` wrote, in clear; `where` names the setting in errors."""
+    if not text.startswith(ENCRYPTED_PREFIX):
+        raise BootserverError(f"{where}: not an encrypted secret (it starts with {ENCRYPTED_PREFIX!r}; "
+                              f"make one with `bootserver bmc encrypt-password`)")
+    if not key_file.exists():
+        raise BootserverError(f"{where}: the secret key file {key_file} is missing: restore it, or encrypt the "
+                              f"password again with `bootserver bmc encrypt-password`")
+    try:
+        return Fernet(_load_or_create_secret_key(key_file)).decrypt(text[len(ENCRYPTED_PREFIX):].encode()).decode()
+    except InvalidToken:
+        raise BootserverError(f"{where}: encrypted with another key than {key_file}: encrypt it again with "
+                              f"`bootserver bmc encrypt-password` on this server") from None
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret kept in a file of its own (a BMC's password_file): refused unless only we may read it."""
+    try:
+        return _read_private(path).decode().rstrip("\r\n")
+    except FileNotFoundError:
+        raise BootserverError(f"{path}: no such file") from None
+
+
 def _load_or_create_secret_key(path: Path) -> bytes:
     """The key that encrypts what replicas share in the database; made on the first replica's first start."""
     if not path.exists():

@@ -18,7 +18,8 @@ import pytest
 PACKAGES = {"readelf": "binutils", "chroot": "coreutils", "losetup": "util-linux", "prlimit": "util-linux",
             "unshare": "util-linux", "nsenter": "util-linux", "mount": "mount", "mkfs.ext4": "e2fsprogs",
             "e2fsck": "e2fsprogs", "chattr": "e2fsprogs", "shellcheck": "shellcheck", "curl": "curl",
-            "atftp": "atftp", "ip": "iproute2", "dnsmasq": "dnsmasq-base"}
+            "atftp": "atftp", "ip": "iproute2", "dnsmasq": "dnsmasq-base",
+            "ipmi_sim": "openipmi", "ipmitool": "ipmitool"}
 
 
 def require(*tools: str) -> None:
