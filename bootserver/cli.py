@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -13,11 +14,13 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 from . import config as configuration
-from .booter import Urls
+from .booter import Netboot, Urls
 from .errors import BootserverError, NotFound
 from .mac import canonical_mac
 from .opening import open_core, open_store
+from .power import POWER_ACTIONS
 from .provision.disk import TARGET_ROOT, dry_run
+from .provision.pki import encrypt_secret
 from .store import Store
 from .tools.lab import ADDRESS as LAB_ADDRESS
 from .tools.lab import Lab
@@ -66,7 +69,30 @@ def _parser() -> argparse.ArgumentParser:
 
     reprovision = commands.add_parser("reprovision", help="send a machine through the whole flow on its next boot")
     reprovision.add_argument("mac")
+    reprovision.add_argument("--now", action="store_true",
+                             help="and boot it now through its BMC: next boot from the network, power cycle")
     reprovision.set_defaults(command=cmd_reprovision)
+
+    deploy = commands.add_parser("deploy", help="send machines (MACs, or groups' configured members) through the "
+                                                "whole flow")
+    deploy.add_argument("targets", nargs="+", metavar="GROUP|MAC")
+    deploy.add_argument("--now", action="store_true", help="and boot each now through its BMC")
+    deploy.add_argument("--parallel", type=int, metavar="N",
+                        help="at most N BMC calls at once (default: [server] bmc_concurrency)")
+    deploy.set_defaults(command=cmd_deploy)
+
+    power = commands.add_parser("power", help="a machine's power through its BMC ([machines.\"MAC\".bmc])")
+    power.add_argument("mac")
+    power.add_argument("action", choices=["status", *POWER_ACTIONS])
+    power.set_defaults(command=cmd_power)
+
+    bmc = commands.add_parser("bmc", help="BMC passwords for the config")
+    bmc_commands = bmc.add_subparsers(required=True, metavar="ACTION")
+    encrypt = bmc_commands.add_parser(
+        "encrypt-password", help="print a BMC password encrypted for [machines.\"MAC\".bmc] password",
+        description="Read a BMC password from standard input (or a prompt) and print it encrypted with [server] "
+                    "secret_key_file (made if missing), as [machines.\"MAC\".bmc] password takes it.")
+    encrypt.set_defaults(command=cmd_bmc_encrypt)
 
     approve = commands.add_parser("approve", help="open a machine's provisioning window ([server] enroll)")
     approve.add_argument("mac")
@@ -231,6 +257,10 @@ def cmd_reprovision(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
     booter = open_core(config)
     mac = canonical_mac(args.mac)
+    if args.now:
+        result = asyncio.run(booter.reprovision_now(mac))
+        print(f"{mac} will be provisioned again on this boot (its disk may be wiped)")
+        return _print_netboot(result)
     print(f"{mac} will be provisioned again on its next boot (its disk may be wiped)")
     if not booter.reprovision(mac):
         print("reboot it to start")
@@ -238,6 +268,48 @@ def cmd_reprovision(args: argparse.Namespace) -> int:
         print("its installed OS was told to reboot (over SSH, its pinned host key)")
     else:
         print("its installed OS could not be rebooted over SSH (see `bootserver show MAC`): reboot it by hand")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    booter = open_core(configuration.load(args.config))
+    if args.parallel is not None:
+        booter.power_control().concurrency = max(args.parallel, 1)
+    macs = booter.deploy_targets(args.targets)
+    results = asyncio.run(booter.deploy(macs, now=args.now))
+    if not args.now:
+        print("\n".join(f"{mac}: provisioned on its next boot (its disk may be wiped)" for mac in macs))
+        print("boot them to start (or again with --now: through their BMCs)")
+        return 0
+    return max((_print_netboot(result) for result in results), default=0)
+
+
+def _print_netboot(result: Netboot) -> int:
+    """One machine's `--now`: what its BMC did; 1 when it was not powered."""
+    override = "the next boot is from the network" if result.boot_override == "kept" else (
+        f"WARNING: one-time network boot {result.boot_override}")
+    if result.error:
+        print(f"{result.mac}: NOT booted: {result.error}")
+        return 1
+    print(f"{result.mac}: power cycled; {override}")
+    return 0
+
+
+def cmd_power(args: argparse.Namespace) -> int:
+    booter = open_core(configuration.load(args.config))
+    mac = canonical_mac(args.mac)
+    result = asyncio.run(booter.power(mac, args.action))
+    print(f"{mac}: {'power is ' + result if args.action == 'status' else args.action + ' sent'}")
+    return 0
+
+
+def cmd_bmc_encrypt(args: argparse.Namespace) -> int:
+    config = configuration.load(args.config)
+    os.umask(0o077)  # the secret key file, if made now, is ours alone
+    password = getpass.getpass("BMC password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise BootserverError("no password given (on standard input or at the prompt)")
+    print(encrypt_secret(config.server.secret_key_path, password))
     return 0
 
 

@@ -39,6 +39,7 @@ PROBES: dict[str, dict] = {
     "[profiles.*.health]": {"profiles": {"p": {"health": UNKNOWN}}},
     "[groups.*]": {"groups": {"g": UNKNOWN}},
     "[machines.*]": {"machines": {"52:54:00:00:00:01": UNKNOWN}},
+    "[machines.*.bmc]": {"machines": {"52:54:00:00:00:01": {"bmc": UNKNOWN}}},
 }
 
 

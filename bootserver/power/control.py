@@ -89,7 +89,7 @@ class PowerControl:
         previous = self._states.get(mac)
         state = await self._call(mac, "status", lambda driver: driver.power_state(), record=not only_changes)
         if only_changes and (previous is None or previous.state != state or previous.error):
-            self._record(mac, "status", {"result": state, "was": previous.state if previous else None})
+            self._record_call(mac, "status", {"result": state, "was": previous.state if previous else None})
         return state
 
     async def poll(self, macs: Iterable[str]) -> None:
@@ -158,7 +158,7 @@ class PowerControl:
         if action == "status":
             self._states[mac] = PowerState(str(result), time.time())
         if record:
-            self._record(mac, action, {"result": result if action == "status" else "done", "seconds": seconds,
+            self._record_call(mac, action, {"result": result if action == "status" else "done", "seconds": seconds,
                                        "bmc": _name(bmc)})
         return result
 
@@ -174,7 +174,7 @@ class PowerControl:
                                                              "bmc": _name(bmc)})
         raise BmcError(error)
 
-    def _record(self, mac: str, action: str, detail: dict[str, Any]) -> None:
+    def _record_call(self, mac: str, action: str, detail: dict[str, Any]) -> None:
         self._store.record(mac, POWER_KINDS[action], {"action": action, **detail})
 
     def _driver(self, mac: str, bmc: Bmc) -> Driver:

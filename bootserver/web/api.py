@@ -3,7 +3,11 @@
     GET  /api/v1/machines[?state=]           every machine, a page at a time
     GET  /api/v1/machines/{mac}
     GET  /api/v1/machines/{mac}/events?after=
-    POST /api/v1/machines/{mac}/reprovision, /api/v1/machines/{mac}/boot-from-disk, /api/v1/machines/{mac}/approve
+    POST /api/v1/machines/{mac}/reprovision[?now=true], /api/v1/machines/{mac}/boot-from-disk,
+         /api/v1/machines/{mac}/approve
+    GET  /api/v1/machines/{mac}/power        its power state, read from its BMC now
+    POST /api/v1/machines/{mac}/power        {"action": "on" | "off" | "soft-off" | "cycle"}
+    POST /api/v1/deploy                      {"targets": [GROUP or MAC, ...], "now": true}
     GET  /api/v1/openapi.json                OpenAPI 3 description of /api/v1
     GET  /metrics                            Prometheus: machines by state, bytes served, step durations
 """
@@ -17,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from ..booter import Booter
-from ..errors import BootserverError
+from ..errors import BadRequest, BootserverError
 from ..mac import canonical_mac
 from . import metrics, openapi
 from .auth import bearer, check_read, check_same_origin, check_token
@@ -31,11 +35,14 @@ METRICS = web.AppKey("metrics", CollectorRegistry)
 
 
 def add_routes(app: web.Application) -> None:
-    app[METRICS] = metrics.registry(app[BOOTER].history())
+    app[METRICS] = metrics.registry(app[BOOTER].history(), app[BOOTER].power_control().state_counts)
     get(app, "/api/v1/machines", _api(api_machines))
     get(app, "/api/v1/machines/{mac}", _api(api_machine))
     get(app, "/api/v1/machines/{mac}/events", _api(api_events))
-    post(app, "/api/v1/machines/{mac}/reprovision", _api(_api_action(Booter.reprovision)))
+    post(app, "/api/v1/machines/{mac}/reprovision", _api(api_reprovision))
+    get(app, "/api/v1/machines/{mac}/power", _api(api_power_status))
+    post(app, "/api/v1/machines/{mac}/power", _api(api_power))
+    post(app, "/api/v1/deploy", _api(api_deploy))
     post(app, "/api/v1/machines/{mac}/boot-from-disk", _api(_api_action(Booter.boot_from_disk)))
     post(app, "/api/v1/machines/{mac}/approve", _api(_api_approve))
     # Open even with an API token: a client needs it to learn that (and how) it must authenticate.
@@ -116,6 +123,65 @@ async def _api_approve(request: web.Request) -> web.Response:
     mac = canonical_mac(request.match_info["mac"])
     booter.approve(mac)
     return _json(machine_view(booter, machine(booter.history(), mac)).to_json())
+
+
+async def api_reprovision(request: web.Request) -> web.Response:
+    """?now=true: and boot it now through its BMC (next boot from the network, power cycle)."""
+    booter = request.app[BOOTER]
+    node = machine(booter.history(), request.match_info["mac"])
+    netboot = None
+    if _flag(request, "now"):
+        netboot = (await booter.reprovision_now(node.mac)).to_json()
+    else:
+        booter.reprovision(node.mac)
+    return _json({**machine_view(booter, machine(booter.history(), node.mac)).to_json(), "netboot": netboot})
+
+
+async def api_power_status(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    mac = canonical_mac(request.match_info["mac"])
+    state = await booter.power(mac, "status")
+    return _json({"mac": mac, "power": state})
+
+
+async def api_power(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    mac = canonical_mac(request.match_info["mac"])
+    action = (await _body(request)).get("action")
+    if not isinstance(action, str):
+        raise BadRequest('expected a JSON body {"action": "on" | "off" | "soft-off" | "cycle"}')
+    await booter.power(mac, action)
+    known = booter.power_state(mac)
+    return _json({"mac": mac, "action": action, "power": known.to_json() if known else None})
+
+
+async def api_deploy(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    body = await _body(request)
+    targets, now = body.get("targets"), body.get("now", False)
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets) \
+            or not isinstance(now, bool):
+        raise BadRequest('expected a JSON body {"targets": [GROUP or MAC, ...], "now": true | false}')
+    macs = booter.deploy_targets(targets)
+    results = await booter.deploy(macs, now=now)
+    return _json({"machines": macs, "netboot": [r.to_json() for r in results]})
+
+
+async def _body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "1", "false", "0"):
+        raise BadRequest(f"{name} must be true or false")
+    return value in ("true", "1")
 
 
 def _api_action(action: Callable[[Booter, str], None]) -> Handler:

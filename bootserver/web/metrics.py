@@ -8,7 +8,7 @@ settings, read from the live connection at each scrape, and its group commits si
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric, SummaryMetricFamily
@@ -19,6 +19,25 @@ from ..lifecycle import State
 
 # Reported even at zero, so that dashboards and alerts see every state from the first scrape.
 KNOWN_STATES = tuple(State)
+
+
+POWER_STATES = ("on", "off", "unknown")
+
+
+class PowerCollector(Collector):
+    """Machines with a BMC by their last-seen power state (polled every [server] power_poll_seconds); the
+    exception to "read from the history": the server keeps these in memory, so they start empty."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        power = GaugeMetricFamily("bootserver_machines_power", "Machines with a BMC by their last-seen power state "
+                                  "(unknown: its last BMC call failed)", labels=["state"])
+        counts = self._counts()
+        for state in sorted(set(POWER_STATES) | set(counts)):
+            power.add_metric([state], counts.get(state, 0))
+        yield power
 
 
 class HistoryCollector(Collector):
@@ -62,10 +81,11 @@ class HistoryCollector(Collector):
                                 "since the server started", value=largest)
 
 
-def registry(history: History) -> CollectorRegistry:
+def registry(history: History, power_counts: Callable[[], dict[str, int]] = dict) -> CollectorRegistry:
     """A registry of our own (not the process-wide default), so that several apps can live in one process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HistoryCollector(history))
+    registry.register(PowerCollector(power_counts))
     return registry
 
 

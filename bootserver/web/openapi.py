@@ -31,6 +31,42 @@ def _action(summary: str) -> dict[str, Any]:
     }}
 
 
+def _reprovision() -> dict[str, Any]:
+    operation = _action("Run the whole flow again on the machine's next boot (its disk may be wiped); with "
+                        "now=true, boot it now through its BMC: next boot from the network (read back), power cycle")
+    post = operation["post"]
+    post["parameters"] = [_MAC, {"name": "now", "in": "query", "required": False,
+                                 "schema": {"type": "boolean", "default": False}}]
+    post["responses"]["200"] = {"description": "the machine, as it is now, and what its BMC did", "content": {
+        "application/json": {"schema": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {
+            "type": "object", "properties": {"netboot": {"allOf": [{"$ref": "#/components/schemas/Netboot"}],
+                                                         "nullable": True}}}]}}}}
+    post["responses"]["502"] = _BMC_FAILED
+    return operation
+
+
+_BMC_FAILED = {"$ref": "#/components/responses/Error"}  # the BMC was unreachable, refused us, or answered an error
+
+
+def _power() -> dict[str, Any]:
+    power = {"description": "the power state", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["mac", "power"], "properties": {
+            "mac": {"type": "string"}, "action": {"type": "string"},
+            "power": {"oneOf": [{"type": "string", "enum": ["on", "off"]}, {"$ref": "#/components/schemas/Power"}],
+                      "nullable": True}}}}}}
+    return {
+        "get": {"summary": "The machine's power state, read from its BMC now", "parameters": [_MAC],
+                "responses": {"200": power, **_ERRORS, **_NOT_FOUND, "502": _BMC_FAILED}},
+        "post": {"summary": "Power the machine on, off (hard), soft-off (ACPI shutdown) or cycle it, through its BMC",
+                 "parameters": [_MAC],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                     "type": "object", "required": ["action"], "properties": {
+                         "action": {"type": "string", "enum": ["on", "off", "soft-off", "cycle"]}}}}}},
+                 "responses": {"200": power, **_ERRORS, **_NOT_FOUND, "403": {"$ref": "#/components/responses/Error"},
+                               "502": _BMC_FAILED}},
+    }
+
+
 def spec() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
@@ -67,8 +103,22 @@ def spec() -> dict[str, Any]:
                                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}}],
                 "responses": {"200": _json("EventPage", "the events"), **_ERRORS, **_NOT_FOUND},
             }},
-            "/api/v1/machines/{mac}/reprovision": _action(
-                "Run the whole flow again on the machine's next boot (its disk may be wiped)"),
+            "/api/v1/machines/{mac}/reprovision": _reprovision(),
+            "/api/v1/machines/{mac}/power": _power(),
+            "/api/v1/deploy": {"post": {
+                "summary": "Send machines (MACs, or [groups] names for their configured members) through the whole "
+                           "flow: seen ones marked for reprovisioning, unseen ones approved; with `now`, each is "
+                           "also netbooted through its BMC, at most [server] bmc_concurrency BMC calls at once",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["targets"], "properties": {
+                        "targets": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "now": {"type": "boolean", "default": False}}}}}},
+                "responses": {"200": {"description": "the machines and what their BMCs did", "content": {
+                    "application/json": {"schema": {"type": "object", "properties": {
+                        "machines": {"type": "array", "items": {"type": "string"}},
+                        "netboot": {"type": "array", "items": {"$ref": "#/components/schemas/Netboot"}}}}}}},
+                              **_ERRORS, **_NOT_FOUND, "403": {"$ref": "#/components/responses/Error"}},
+            }},
             "/api/v1/machines/{mac}/approve": _action(
                 "Open the machine's provisioning window ([server] enroll) and let go of claims held in a conflict; "
                 "a MAC not seen yet may be approved ahead of its first boot"),
@@ -120,7 +170,21 @@ def _schemas() -> dict[str, Any]:
                         "group": nullable_string,
                         "reason": {"type": "string", "description": "why that group and profile matched"},
                         "progress": {"$ref": "#/components/schemas/Progress"},
+                        "power": {"allOf": [{"$ref": "#/components/schemas/Power"}], "nullable": True,
+                                  "description": "its last-seen power state; null without a BMC or before the "
+                                                 "first poll"},
                     }},
+        "Power": {"type": "object", "required": ["state", "checked"], "properties": {
+            "state": {"type": "string", "enum": ["on", "off", "unknown"]},
+            "checked": {"type": "number", "description": "Unix time"},
+            "error": {"type": "string", "nullable": True, "description": "why the last BMC call failed"},
+        }},
+        "Netboot": {"type": "object", "required": ["mac", "boot_override"], "properties": {
+            "mac": {"type": "string"},
+            "boot_override": {"type": "string", "description": "kept, or why not (lost: read back otherwise; "
+                                                               "failed: refused): the power cycle was sent anyway"},
+            "error": {"type": "string", "nullable": True, "description": "the power cycle failed"},
+        }},
         "MachineList": {"type": "object", "required": ["machines"], "properties": {
             "machines": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
             "next_after": {"type": "string", "nullable": True,

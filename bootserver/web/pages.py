@@ -5,12 +5,15 @@
     POST /machines/{mac}/reprovision         the page's buttons (same-origin only; the API token, typed)
     POST /machines/{mac}/boot-from-disk
     POST /machines/{mac}/approve
+    POST /machines/{mac}/reprovision-now     through its BMC: next boot from the network, power cycle
+    POST /machines/{mac}/power               action=on|off|soft-off|cycle, through its BMC
 
 Their live updates are in stream.py; the same data as JSON in api.py. The templates are in html/.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from ..booter import Booter
 from ..errors import BadRequest, BootserverError
@@ -41,6 +45,8 @@ def add_routes(app: web.Application) -> None:
     post(app, "/machines/{mac}/reprovision", page(_form_action(Booter.reprovision)))
     post(app, "/machines/{mac}/boot-from-disk", page(_form_action(Booter.boot_from_disk)))
     post(app, "/machines/{mac}/approve", page(_form_action(Booter.approve)))
+    post(app, "/machines/{mac}/reprovision-now", page(_form_action(_reprovision_now)))
+    post(app, "/machines/{mac}/power", page(_form_action(_power)))
 
 
 def _environment() -> jinja2.Environment:
@@ -101,8 +107,18 @@ async def machine_page(request: web.Request) -> web.Response:
                   token_needed=True)  # [server] api_token, else the one made in data_dir/api_token
 
 
-def _form_action(action: Callable[[Booter, str], None]) -> Handler:
-    """A page button: same-origin only, the API token (typed into the form) when one is set; back to the page."""
+async def _reprovision_now(booter: Booter, mac: str, form: MultiDictProxy) -> None:
+    await booter.reprovision_now(mac)
+
+
+async def _power(booter: Booter, mac: str, form: MultiDictProxy) -> None:
+    action = form.get("action")
+    await booter.power(mac, action if isinstance(action, str) else "")
+
+
+def _form_action(action: Callable[..., Any]) -> Handler:
+    """A page button: same-origin only, the API token (typed into the form) when one is set; back to the page.
+    `action(booter, mac)`, or a coroutine function `action(booter, mac, form)` (the BMC's buttons)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         check_same_origin(request)
         try:
@@ -113,6 +129,9 @@ def _form_action(action: Callable[[Booter, str], None]) -> Handler:
         check_token(request, bearer(request) or (typed if isinstance(typed, str) else None))
         booter = request.app[BOOTER]
         node = machine(booter.history(), request.match_info["mac"])
-        action(booter, node.mac)
+        if inspect.iscoroutinefunction(action):
+            await action(booter, node.mac, form)
+        else:
+            action(booter, node.mac)
         raise web.HTTPSeeOther(f"/machines/{node.mac}")  # POST-redirect-GET: a reload does not repeat it
     return handler

@@ -11,6 +11,7 @@ from aiohttp.http import HttpVersion11
 
 from ..booter import Booter
 from ..errors import BadRequest, BootserverError, Forbidden, NotFound, TooManyRequests, Unauthorized
+from ..power import BmcError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ async def expect_continue(request: web.Request) -> None:
 
 # The pages' and the API's statuses, with the page's title for each (the boot routes' are in app.py).
 _STATUS = ((TooManyRequests, 429, "Too many requests"), (BadRequest, 400, "Bad request"),
-           (Unauthorized, 401, "API token needed"), (Forbidden, 403, "Refused"), (NotFound, 404, "Not found"))
+           (Unauthorized, 401, "API token needed"), (Forbidden, 403, "Refused"), (NotFound, 404, "Not found"),
+           (BmcError, 502, "The machine's BMC failed"))
 
 
 def status_of(exc: BootserverError, path: str) -> tuple[int, str]:

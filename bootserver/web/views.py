@@ -17,6 +17,7 @@ import asyncssh
 
 from ..booter import Booter
 from ..lifecycle import BAD_KINDS, GOOD_KINDS, OFF_PATH, PROGRESS, EventKind, State
+from ..power import PowerState
 from ..store import Event, Node
 
 SUMMARY_LENGTH = 200
@@ -56,20 +57,24 @@ class MachineView:
     fingerprint: str | None  # of the pinned SSH host key
     progress: Progress
     installing: dict[str, Any] | None = None  # the newest install-progress event's detail, while installing
+    has_bmc: bool = False  # configured with [machines."MAC".bmc]: its power can be read and driven
+    power: PowerState | None = None  # its last-seen power state (None: no BMC, or not read since the start)
 
     def to_json(self) -> dict[str, Any]:
         # Fingerprints are enough to check a key by.
         node = {k: v for k, v in vars(self.node).items() if k not in ("host_key", "os_host_key")}
         return {**node, "hostname": self.hostname, "profile": self.profile, "group": self.group,
                 "reason": self.reason, "host_key_fingerprint": self.fingerprint,
-                "progress": self.progress.to_json(), "installing": self.installing}
+                "progress": self.progress.to_json(), "installing": self.installing,
+                "power": self.power.to_json() if self.power else None}
 
 
 def machine_view(booter: Booter, node: Node) -> MachineView:
     spec = booter.spec_of(node)
+    power = booter.power_control()
     return MachineView(node, booter.hostname(node.mac), spec.profile.name if spec.profile else None,
                        spec.group, spec.reason, fingerprint(node.host_key), progress(node.state),
-                       _installing(booter, node))
+                       _installing(booter, node), power.has_bmc(node.mac), booter.power_state(node.mac))
 
 
 def _installing(booter: Booter, node: Node) -> dict[str, Any] | None:
@@ -208,12 +213,31 @@ def _health(d: dict[str, Any]) -> str:
     return f"health checks passed: {', '.join(str(c) for c in d.get('checks') or [])}"
 
 
+def _power(d: dict[str, Any]) -> str:
+    """A BMC call: what was asked, of which BMC, how it went and in how long."""
+    outcome = d.get("error") or (f"power is {d.get('result')}" if d.get("action") == "status" else "sent")
+    return f"BMC {d.get('action')} ({d.get('bmc')}): {outcome} in {d.get('seconds')} s"
+
+
+def _boot_override(d: dict[str, Any]) -> str:
+    read = d.get("read_back") or {}
+    asked = d.get("asked") or {}
+    outcome = d.get("error") or "kept"
+    return (f"next boot from the network ({asked.get('mode')}, once): {outcome}; read back: {read.get('device')}"
+            f"{' uefi' if read.get('uefi') else ''}{' persistent' if read.get('persistent') else ''}")
+
+
 def _generic(d: dict[str, Any]) -> str:
     """Scalar details as key=value: enough for kinds we do not know yet (dhcp, from another module)."""
     return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None)
 
 
 _SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
+    **dict.fromkeys((EventKind.POWER_STATUS, EventKind.POWER_ON, EventKind.POWER_OFF, EventKind.POWER_SOFT_OFF,
+                     EventKind.POWER_CYCLE, EventKind.POWER_FAILED), _power),
+    EventKind.BOOT_OVERRIDE_SET: _boot_override,
+    EventKind.BOOT_OVERRIDE_LOST: _boot_override,
+    EventKind.BMC_INVENTORY: lambda d: ", ".join(f"{k} {v}" for k, v in (d.get("result") or {}).items()),
     EventKind.SCRIPT_SERVED: _script,
     EventKind.FILE_SERVED: _file,
     EventKind.FILE_FAILED: _file,

@@ -20,10 +20,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootserver.tools.labbmc import SimBmc
 from support.net import free_port
 from support.require import require
-
-from bootserver.tools.labbmc import SimBmc
 
 # OpenIPMI's chassis_control protocol: DEVICE get PARM... prints PARM:VALUE lines; DEVICE set PARM VALUE...
 CHASSIS = """#!/bin/sh
