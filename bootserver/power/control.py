@@ -183,7 +183,7 @@ class PowerControl:
         if driver is None:
             password = self._password(mac, bmc)
             if bmc.driver == "ipmi":
-                driver = IpmiDriver(bmc.address, bmc.port, bmc.username, password)
+                driver = IpmiDriver.of(bmc.address, bmc.port, bmc.username, password)
             else:
                 driver = RedfishDriver(bmc.address, bmc.port, bmc.username, password, verify=bmc.verify,
                                        system=bmc.system, timeout=self.timeout)

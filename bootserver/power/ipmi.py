@@ -1,8 +1,9 @@
 """IPMI over LAN (lanplus), with pyghmi.
 
-pyghmi keeps its sessions in a process-wide table and hangs when a second Command is made for a BMC whose
-session is still logged in (1.6.19, measured against ipmi_sim): one IpmiDriver, and so one Command, per BMC,
-kept by PowerControl and made again only after a call failed.
+pyghmi keeps its sessions in a process-wide table, and 1.6.19 hangs when a second Command is made for a BMC whose
+session is still logged in, and fails on one made after a logout (both measured against ipmi_sim). So the
+drivers are process-wide too, one a BMC and its credentials (`IpmiDriver.of`): the only state of this package
+outside the app, and the mirror of pyghmi's own. A driver makes its Command again only after a call failed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from pyghmi import exceptions as pyghmi_errors
 from pyghmi.ipmi import command
+from pyghmi.ipmi.private import session
 
 from .driver import BmcError, BootOverride
 
@@ -21,6 +23,19 @@ POWER_STATES = {"on": "on", "off": "off", "soft-off": "shutdown", "cycle": "boot
 
 
 class IpmiDriver:
+    _shared: dict[tuple[str, int, str, str], IpmiDriver] = {}  # see the module's docstring
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, address: str, port: int | None, username: str, password: str) -> IpmiDriver:
+        """The process's driver of this BMC with these credentials, made on first use."""
+        key = (address, port or DEFAULT_PORT, username, password)
+        with cls._shared_lock:
+            driver = cls._shared.get(key)
+            if driver is None:
+                driver = cls._shared[key] = cls(address, port, username, password)
+            return driver
+
     def __init__(self, address: str, port: int | None, username: str, password: str) -> None:
         self._where = f"IPMI BMC {address}:{port or DEFAULT_PORT}"
         self._args = {"bmc": address, "port": port or DEFAULT_PORT, "userid": username, "password": password}
@@ -47,16 +62,29 @@ class IpmiDriver:
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
+            logging_in = self._command is None
             try:
                 if self._command is None:
                     self._command = command.Command(keepalive=False, **self._args)
                 return getattr(self._command, method)(*args, **kwargs)
             except pyghmi_errors.IpmiException as exc:
                 self._command = None  # a broken session: log in again next time
+                if logging_in:
+                    self._forget_failed_login()
                 raise BmcError(f"{self._where}: {_explain(str(exc))}") from None
             except (OSError, pyghmi_errors.PyghmiException) as exc:
                 self._command = None
                 raise BmcError(f"{self._where}: {exc}") from None
+
+
+    def _forget_failed_login(self) -> None:
+        """pyghmi 1.6.19 keeps a session whose login the BMC refused in its table of sessions being set up; the next
+        Command for the same BMC and credentials waits on that one (8 s) and fails "Session no longer connected"
+        instead of saying the password is wrong. Drop it, so that each try asks the BMC again."""
+        pending = getattr(session.Session, "initting_sessions", None)
+        if isinstance(pending, dict):
+            a = self._args
+            pending.pop((a["bmc"], a["userid"], a["password"], a["port"], None), None)
 
 
 def _explain(error: str) -> str:
