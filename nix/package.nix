@@ -26,6 +26,8 @@ python3Packages.buildPythonApplication {
     pyelftools
     prometheus-client
     psycopg
+    pyghmi
+    sushy
   ];
 
   # The test suite boots QEMU virtual machines; importing the package is the check here.
