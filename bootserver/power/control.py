@@ -1,9 +1,10 @@
 """PowerControl: every BMC call of the server, in a thread, with a timeout, a bounded number at once, as an event.
 
-pyghmi and sushy block, and an unreachable BMC keeps a call waiting for many seconds: each call runs in a worker
-thread, the event loop waits for it at most [server] bmc_timeout_seconds and then records it as failed, and at
-most [server] bmc_concurrency calls are waited for at once. A call that timed out may still hold its thread
-until the library gives up; the pool has room for a few such (STUCK_ALLOWANCE) before new calls queue.
+pyghmi and sushy block, and an unreachable BMC keeps a call waiting for many seconds: each call runs in a thread
+of its own, the event loop waits for it at most [server] bmc_timeout_seconds and then records it as failed, and at
+most [server] bmc_concurrency calls are waited for at once. A call that timed out may still hold its thread until
+the library gives up (or for good: pyghmi can hang): the threads are daemons, so that neither the server nor a CLI
+command waits for them to exit, and at most STUCK_ALLOWANCE times bmc_concurrency may be alive at once.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,14 +59,14 @@ class PowerControl:
         self._secret_key = secret_key
         self.timeout = timeout
         self.concurrency = concurrency
-        self._executor = ThreadPoolExecutor(max_workers=concurrency * STUCK_ALLOWANCE, thread_name_prefix="bmc")
+        self._threads = 0  # BMC call threads alive, stuck ones among them
+        self._threads_lock = threading.Lock()
         self._slots: asyncio.Semaphore | None = None  # made in the running loop (the CLI runs one per command)
         self._drivers: dict[Bmc, Driver] = {}
         self._states: dict[str, PowerState] = {}
 
     def close(self) -> None:
-        # Threads still stuck in a library call are not waited for: they end when the library gives up.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Nothing to wait for: threads still stuck in a library call are daemons."""
 
     # -- what the pages, the API and /metrics read ---------------------------------------------------------
 
@@ -146,8 +147,7 @@ class PowerControl:
         try:
             async with self._slots:
                 driver = self._driver(mac, bmc)
-                future = asyncio.get_running_loop().run_in_executor(self._executor, work, driver)
-                result = await asyncio.wait_for(future, self.timeout)
+                result = await asyncio.wait_for(self._in_thread(work, driver), self.timeout)
         except TimeoutError:
             self._drivers.pop(bmc, None)  # its session may be wedged: the next call starts afresh
             self._failed(mac, bmc, action, started, f"{_name(bmc)}: no answer within {self.timeout:g} s "
@@ -161,6 +161,39 @@ class PowerControl:
             self._record_call(mac, action, {"result": result if action == "status" else "done", "seconds": seconds,
                                        "bmc": _name(bmc)})
         return result
+
+    def _in_thread(self, work: Callable[[Driver], T], driver: Driver) -> asyncio.Future[T]:
+        """`work(driver)` in a daemon thread of its own; its outcome as a future of the running loop."""
+        with self._threads_lock:
+            if self._threads >= self.concurrency * STUCK_ALLOWANCE:
+                raise BmcError(f"{self._threads} BMC calls are still stuck in their libraries after timing out: "
+                               f"try again later (check the BMCs that time out)")
+            self._threads += 1
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(outcome: Callable[[], None]) -> None:
+            if not future.done():  # not cancelled by the timeout meanwhile
+                outcome()
+
+        def deliver(outcome: Callable[[], None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more (a CLI finished)
+                loop.call_soon_threadsafe(settle, outcome)
+
+        def run() -> None:
+            try:
+                result = work(driver)
+            except BaseException as exc:  # handed to the waiting coroutine, which re-raises it
+                error = exc
+                deliver(lambda: future.set_exception(error))
+            else:
+                deliver(lambda: future.set_result(result))
+            finally:
+                with self._threads_lock:
+                    self._threads -= 1
+
+        threading.Thread(target=run, name="bmc-call", daemon=True).start()
+        return future
 
     def _failed(self, mac: str, bmc: Bmc, action: str, started: float, error: str) -> None:
         seconds = round(time.monotonic() - started, 3)

@@ -68,13 +68,19 @@ class IpmiDriver:
                     self._command = command.Command(keepalive=False, **self._args)
                 return getattr(self._command, method)(*args, **kwargs)
             except pyghmi_errors.IpmiException as exc:
-                self._command = None  # a broken session: log in again next time
                 if logging_in:
                     self._forget_failed_login()
+                self._drop_if_broken()
                 raise BmcError(f"{self._where}: {_explain(str(exc))}") from None
             except (OSError, pyghmi_errors.PyghmiException) as exc:
-                self._command = None
+                self._drop_if_broken()
                 raise BmcError(f"{self._where}: {exc}") from None
+
+    def _drop_if_broken(self) -> None:
+        """Log in again next time only if the session broke: an error answer (a command the BMC refused) leaves it
+        logged in, and a second Command on a logged-in session hangs (the module's docstring)."""
+        if self._command is not None and getattr(self._command.ipmi_session, "broken", True):
+            self._command = None
 
 
     def _forget_failed_login(self) -> None:

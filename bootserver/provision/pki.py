@@ -312,7 +312,8 @@ def _load_or_create_secret_key(path: Path) -> bytes:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             _write_private(path, Fernet.generate_key())
-            log.warning("made %s: copy it to every other replica (same path, mode 0600) before starting them", path)
+            log.warning("made %s (it encrypts the keys replicas share and BMC passwords): copy it to every other "
+                        "replica (same path, mode 0600) before starting them", path)
         except FileExistsError:
             pass  # another process made it just now: use that one
     key = _read_private(path).strip()

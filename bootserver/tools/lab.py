@@ -6,8 +6,11 @@
 
 Layout: a network namespace (nothing in it can reach the host's real interfaces) holds the switch's tap
 (10.100.0.1/24 by default), bootserver (`serve`: full DHCP on the tap, TFTP on 69, HTTP on 80) and a
-small router-advertisement sender (tools/advertise.py: iPXE would wait ~16 s for a router). The VMs run
-outside it and plug into the switch by its socket. Each VM installs Debian and runs tools/labnode.py.
+small router-advertisement sender (tools/advertise.py: iPXE would wait ~16 s for a router). Each VM has a
+real BMC inside it too: OpenIPMI's ipmi_sim (tools/labbmc.py) at 10.100.0.(200+N):623 on the tap, which runs
+the VM's QEMU (plugged into the switch by its socket) and powers it off and resets it through QEMU's
+ipmi-bmc-extern device; the config gives bootserver each one as [machines."MAC".bmc]. Each VM installs
+Debian and runs tools/labnode.py.
 
 Everything the lab started is recorded in `DIR/lab.json` (pids, with the command-line text that
 identifies each, so `down` never signals a recycled pid); logs, disks and serial consoles stay in DIR.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -31,7 +35,9 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from ..errors import BootserverError
+from ..provision.pki import encrypt_secret
 from . import labnode
+from .labbmc import IPMI_SIM, SimBmc
 
 NAMESPACE = "bootserver-lab"
 TAP = "lab0"
@@ -43,7 +49,9 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 VM_MAC = "52:54:00:00:10:{:02x}"
 VM_DISK_BYTES = 2 << 30  # sparse: costs nothing until written
-TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl": "curl"}
+TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl": "curl", IPMI_SIM: "openipmi"}
+BMC_HOST = 200  # lab N's BMC answers IPMI at the switch network's .(200+N), port 623
+BMC_VM_PORT = 9100  # ... and listens for its VM's ipmi-bmc-extern link on the namespace's 127.0.0.1:(9100+N)
 STOP_SECONDS = 10.0
 
 
@@ -105,7 +113,8 @@ class Lab:
     namespace: str = NAMESPACE
     address: IPv4Interface = ADDRESS
     tap: str = TAP
-    processes: dict[str, dict[str, object]] = field(default_factory=dict)  # name -> {pid, marker}
+    processes: dict[str, dict[str, object]] = field(default_factory=dict)  # name -> {pid, marker[, by_marker]}
+    bmcs: dict[str, dict[str, object]] = field(default_factory=dict)  # "N" -> lab N's BMC (SimBmc.status_json)
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -137,12 +146,12 @@ class Lab:
         except FileNotFoundError:
             raise LabError(f"no lab in {dir} (no lab.json): start one with `bootserver lab up`") from None
         return cls(Path(state["dir"]), state["namespace"], IPv4Interface(state["address"]), state["tap"],
-                   state["processes"])
+                   state["processes"], state.get("bmcs", {}))
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = {"dir": str(self.dir), "namespace": self.namespace, "address": str(self.address), "tap": self.tap,
-                 "processes": self.processes}
+                 "processes": self.processes, "bmcs": self.bmcs}
         self.state_path.write_text(json.dumps(state, indent=2) + "\n")
 
     # -- bringing it up -------------------------------------------------------------------------
@@ -218,9 +227,28 @@ class Lab:
             lines += [f'[machines."{VM_MAC.format(index)}"]', f'hostname = "lab{index}"']
             if mode == "full":
                 lines.append(f'ip = "{self.reserved_ip(index)}"')
+            lines += self._bmc_section(index)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
+
+    def bmc(self, index: int) -> SimBmc:
+        """Lab N's BMC: its address and port, and credentials made once (kept in lab.json)."""
+        known = self.bmcs.get(str(index))
+        address = str(self.address.network.network_address + BMC_HOST + index)
+        bmc = SimBmc(self.dir / f"bmc{index}", address, 623, vm_port=BMC_VM_PORT + index,
+                     **({"password": str(known["password"])} if known else {}))
+        if not known:
+            self.bmcs[str(index)] = bmc.status_json()
+            self.save()
+        return bmc
+
+    def _bmc_section(self, index: int) -> list[str]:
+        """[machines."MAC".bmc] of lab N, its password encrypted with the server's secret key (data_dir's)."""
+        bmc = self.bmc(index)
+        password = encrypt_secret(self.data_dir / "secret.key", bmc.password)
+        return [f'[machines."{VM_MAC.format(index)}".bmc]', 'driver = "ipmi"', f'address = "{bmc.address}"',
+                f"port = {bmc.port}", f'username = "{bmc.username}"', f'password = "{password}"']
 
     def reserved_ip(self, index: int) -> IPv4Address:
         return self.address.network.network_address + 10 + index
@@ -248,8 +276,10 @@ class Lab:
         _wait_for(listening, timeout, f"bootserver to listen (log: {log})")
 
     def start_vm(self, index: int, firmware: str = "bios", native_pxe: bool = False,
-                 memory: int = VM_MEMORY) -> int:
+                 memory: int = VM_MEMORY, powered: bool = True) -> int:
         """VM number `index` (MAC 52:54:00:00:10:NN) netbooting from the switch; its disk and serial log in DIR.
+        Its BMC (ipmi_sim, in the namespace) runs it: powered on now, or (`powered` false) when asked over IPMI.
+        Returns the BMC's pid (QEMU's changes with every power-on).
 
         native_pxe: no iPXE option ROM on the NIC (`romfile=`): UEFI firmware uses its own PXE client.
         """
@@ -274,7 +304,19 @@ class Lab:
         ]  # fmt: skip
         if firmware == "uefi":
             command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd")
-        return self.spawn(f"vm{index}", command, marker=str(serial), log=self.dir / f"vm{index}.qemu.log")
+        bmc = self.bmc(index)
+        command += bmc.qemu_args()
+        script = self.dir / f"vm{index}.start"
+        script.write_text(f"#!/bin/sh\n# ipmi_sim's startcmd: how lab{index}'s BMC powers it on\n"
+                          f"exec {shlex.join(command)} >>{shlex.quote(str(self.dir / f'vm{index}.qemu.log'))} 2>&1\n")
+        script.chmod(0o755)
+        self._in_namespace("ip", "addr", "add", f"{bmc.address}/{self.address.network.prefixlen}", "dev", self.tap)
+        pid = self.spawn(f"bmc{index}", bmc.write(startcmd=script, start_now=powered), marker=str(bmc.dir),
+                         namespace=self.namespace, log=self.dir / f"bmc{index}.log")
+        # QEMU itself, whatever its pid is now: stopped by `down` (ipmi_sim leaves it running when it exits).
+        self.processes[f"vm{index}"] = {"pid": 0, "marker": str(serial), "by_marker": True}
+        self.save()
+        return pid
 
     def spawn(self, name: str, command: list[str], *, marker: str, namespace: str | None = None,
               log: Path | None = None) -> int:
@@ -296,9 +338,7 @@ class Lab:
         """Stop every recorded process (newest first), remove the namespace; what was done, as lines."""
         done = []
         for name in reversed(list(self.processes)):
-            entry = self.processes[name]
-            pid, marker = int(str(entry["pid"])), str(entry["marker"])
-            if _is_ours(pid, marker):
+            for pid in _pids(self.processes[name]):
                 _stop(pid)
                 done.append(f"stopped {name} (pid {pid})")
             del self.processes[name]
@@ -315,8 +355,8 @@ class Lab:
         lines = [f"lab in {self.dir}: namespace {self.namespace} "
                  f"({'present' if self.namespace in namespaces() else 'MISSING'}), {self.tap} {self.address}"]
         for name, entry in self.processes.items():
-            pid = int(str(entry["pid"]))
-            lines.append(f"  {name:<10} pid {pid:<7} {'running' if _is_ours(pid, str(entry['marker'])) else 'GONE'}")
+            pids = _pids(entry)
+            lines.append(f"  {name:<10} pid {' '.join(map(str, pids)) or '-':<7} {'running' if pids else 'GONE'}")
         for machine in self.machines():
             lines.append(f"  {machine['mac']}  {machine['hostname'] or '-':<8} {machine['state']:<14} "
                          f"{machine['ip'] or '-'}")
@@ -346,8 +386,7 @@ class Lab:
 
     def status_json(self) -> dict[str, object]:
         return {"dir": str(self.dir), "namespace": self.namespace, "address": str(self.address),
-                "processes": {name: {"pid": entry["pid"], "running": _is_ours(int(str(entry["pid"])),
-                                                                                str(entry["marker"]))}
+                "processes": {name: {"pid": (_pids(entry) or [entry["pid"]])[0], "running": bool(_pids(entry))}
                               for name, entry in self.processes.items()},
                 "machines": self.machines()}
 
@@ -357,7 +396,9 @@ class Lab:
         listing = self._get(f"http://{self.address.ip}/api/v1/machines?limit=1000")
         machines = []
         for machine in (listing or {}).get("machines", []):
-            entry = {key: machine.get(key) for key in ("mac", "hostname", "ip", "state", "facts", "profile")}
+            entry = {key: machine.get(key) for key in ("mac", "hostname", "ip", "state", "facts", "profile", "power")}
+            index = next((i for i in self.bmcs if VM_MAC.format(int(i)) == machine.get("mac")), None)
+            entry["bmc"] = self.bmcs.get(index) if index else None
             if machine.get("state") == "running" and machine.get("ip"):
                 report = self._get(f"http://{machine['ip']}:{labnode.PORT}/peers")
                 entry["peers"] = (report or {}).get("peers")
@@ -438,6 +479,20 @@ def _alive(pid: int) -> bool:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
     return True
+
+
+def _pids(entry: dict[str, object]) -> list[int]:
+    """The live pids of a recorded process: its own, or (`by_marker`) every process whose command line holds its
+    marker, for a QEMU that its BMC starts again at each power-on."""
+    marker = str(entry["marker"])
+    if not entry.get("by_marker"):
+        pid = int(str(entry["pid"]))
+        return [pid] if _is_ours(pid, marker) else []
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid() and _is_ours(int(proc.name), marker):
+            found.append(int(proc.name))
+    return sorted(found)
 
 
 def _is_ours(pid: int, marker: str) -> bool:
