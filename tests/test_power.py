@@ -20,6 +20,8 @@ import aiohttp
 import pytest
 from support.bmc import RunningBmc, simulated_bmc
 from support.http import bearer
+from support.net import free_port
+from support.serve import serving
 
 from bootserver import cli
 from bootserver import config as configuration
@@ -166,27 +168,31 @@ async def test_a_boot_override_the_bmc_does_not_keep_is_caught_by_reading_it_bac
 
 async def test_a_bmc_that_never_answers_fails_within_the_timeout_while_the_server_serves(config_file: Path,
                                                                                           bmc: RunningBmc):
+    """`bootserver serve` as a process of its own (pyghmi's sockets must be below file descriptor 1024, which a long
+    test session in one process need not leave them: README, "Power control")."""
+    port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:  # bound, never read: a BMC that is gone
         dead.bind(("127.0.0.1", 0))
+        config_file.write_text(config_file.read_text().replace('http = "127.0.0.1:0"', f'http = "127.0.0.1:{port}"'))
         config = with_bmcs(config_file, {MAC: ("127.0.0.1", dead.getsockname()[1], "whatever"), THIRD: sim(bmc)},
                            server="bmc_timeout_seconds = 2\n")
-        app = init_app(config)
-        async with running(app), aiohttp.ClientSession(base_url(app)) as http:
-            started = time.monotonic()
-            call = asyncio.create_task(http.post(f"/api/v1/machines/{MAC}/power", json={"action": "on"},
-                                                 headers=bearer(config)))
-            await asyncio.sleep(0.3)
-            while not call.done():  # meanwhile the server answers, and the other BMC too
-                listed = time.monotonic()
-                assert (await http.get("/api/v1/machines")).status == 200
-                assert time.monotonic() - listed < 1.0
-                on = await http.post(f"/api/v1/machines/{THIRD}/power", json={"action": "on"},
-                                     headers=bearer(config))
-                assert on.status == 200, await on.text()
-                await asyncio.sleep(0.2)
-            response = await call
-            took = time.monotonic() - started
-            body = await response.json()
+        with serving(config_file, config_file.parent / "server.log"):
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+                started = time.monotonic()
+                call = asyncio.create_task(http.post(f"/api/v1/machines/{MAC}/power", json={"action": "on"},
+                                                     headers=bearer(config)))
+                await asyncio.sleep(0.3)
+                while not call.done():  # meanwhile the server answers, and the other BMC too
+                    listed = time.monotonic()
+                    assert (await http.get("/api/v1/machines")).status == 200
+                    assert time.monotonic() - listed < 1.0
+                    on = await http.post(f"/api/v1/machines/{THIRD}/power", json={"action": "on"},
+                                         headers=bearer(config))
+                    assert on.status == 200, await on.text()
+                    await asyncio.sleep(0.2)
+                response = await call
+                took = time.monotonic() - started
+                body = await response.json()
     assert response.status == 502 and "no answer within 2 s" in body["error"], body
     assert 2 <= took < 4, f"{took:.1f} s for a call whose timeout is 2 s"
     assert bmc.power == "on"

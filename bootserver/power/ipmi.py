@@ -61,6 +61,11 @@ class IpmiDriver:
         return {}  # IPMI's FRU data is free text that differs by vendor: only Redfish's inventory is recorded
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if session.iothread is not None and not session.iothread.is_alive():
+            # pyghmi watches its sockets with select(): one numbered 1024 or above kills its I/O thread, and every
+            # call after that would wait for its timeout. Say so instead.
+            raise BmcError(f"{self._where}: pyghmi's I/O thread has stopped (its socket was opened above file "
+                           f"descriptor 1023, which select() cannot watch): restart bootserver")
         with self._lock:
             logging_in = self._command is None
             try:
