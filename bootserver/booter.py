@@ -5,7 +5,8 @@ Pixiecore's protocol servers all ask one Booter; the pages, the API and the CLI 
 and act through its methods. Nothing here knows about sockets, and nobody else touches the store, the keys or
 the config. The rules it applies live beside it: facts.py (what a machine reports), firmware.py (which iPXE
 binary), enrollment.py (who gets a token, who may phone home), admission.py (what we believe), plans.py (what
-provisioning means under a profile). A little over 400 lines as one thing: every decision a protocol asks for.
+provisioning means under a profile). Some 550 lines as one thing: every decision a protocol or an operator asks
+for (power/ runs the BMC calls it decides on).
 """
 
 from __future__ import annotations
@@ -388,8 +389,10 @@ class Booter:
         return action
 
     async def poll_power(self) -> None:
-        """Read the power state of every configured machine with a BMC (at most bmc_concurrency at once)."""
-        await self._power.poll(m.mac for m in self._config.machines.values() if m.bmc is not None)
+        """Read the power state of every machine with a BMC that has booted from us (at most bmc_concurrency at
+        once). Not of machines never seen: their events would make them rows of the store, and nobody looks."""
+        await self._power.poll([m.mac for m in self._config.machines.values()
+                                if m.bmc is not None and self._store.node(m.mac) is not None])
 
     async def reprovision_now(self, mac_text: str) -> Netboot:
         """reprovision, then its next boot from the network and a power cycle through its BMC. The BMC is asked
