@@ -436,18 +436,21 @@ class Booter:
         return (self.spec_of(node) if node else self.boot_spec(mac)).group
 
     async def _deploy_now(self, mac: str) -> Netboot:
+        seen = self._store.node(mac) is not None  # before the BMC's events make it a row
         try:
             await self._power.status(mac)
         except BmcError as exc:
             return Netboot(mac, "not tried", str(exc))
-        self._mark_for_deploy(mac)
+        self._mark_for_deploy(mac, seen)
         return await self._netboot(mac)
 
-    def _mark_for_deploy(self, mac: str) -> None:
-        if self._store.node(mac) is None:
-            self._enrollment.approve(mac)  # never seen: its first boot may be provisioned
-        else:
+    def _mark_for_deploy(self, mac: str, seen: bool | None = None) -> None:
+        if seen is None:
+            seen = self._store.node(mac) is not None
+        if seen:
             self._enrollment.reprovision(mac)
+        else:
+            self._enrollment.approve(mac)  # never booted from us: its first boot may be provisioned
 
     async def _netboot(self, mac: str) -> Netboot:
         """Next boot from the network (read back), the Redfish inventory, then a power cycle (on when off)."""
