@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(command=cmd_lab_up)
     status = lab_commands.add_parser("status", help="processes, machine states, the peer matrix")
     status.add_argument("--json", action="store_true", help="as JSON: {\"machines\": [{mac, hostname, ip, state, "
-                                                             "facts, peers}], ...}")
+                                                             "facts, power, bmc, peers}], ...}")
     status.set_defaults(command=cmd_lab_status)
     lab_commands.add_parser("down", help="stop everything the lab started").set_defaults(command=cmd_lab_down)
     return parser

@@ -2,7 +2,7 @@
 driver (pyghmi) from the core, the API and the CLI. No VM: ipmi_sim's chassis is a small program of the test's
 (power and boot device in files); tests/test_vm_power.py powers a real VM.
 
-    status / on / off / cycle          each a call and an event; the chassis really changes
+    status / on / soft-off / off / cycle   each a call and an event; the chassis really changes
     wrong credentials                  a power-failed event saying so, and nothing else changes
     a BMC that never answers           an error within the call timeout, the server serving meanwhile
     an override the BMC does not keep  ipmi_sim never marks it valid: the read-back catches it
@@ -104,6 +104,8 @@ async def test_status_on_off_cycle_through_ipmi(config_file: Path, bmc: RunningB
         assert bmc.power == "on" and await booter.power(MAC, "status") == "on"
         await booter.power(MAC, "cycle")  # on: a hard reset
         assert bmc.log[-1] == "reset 1"
+        await booter.power(MAC, "soft-off")  # an ACPI shutdown: passed to the chassis, which would tell the OS
+        assert bmc.log[-1] == "shutdown 1"
         await booter.power(MAC, "off")
         assert bmc.power == "off" and booter.power_state(MAC).state == "off"
         with pytest.raises(BmcError, match="no BMC"):
@@ -113,7 +115,7 @@ async def test_status_on_off_cycle_through_ipmi(config_file: Path, bmc: RunningB
     recorded = [(e.kind, e.detail.get("action"), e.detail.get("result")) for e in events(config, MAC)]
     assert recorded == [("power-status", "status", "off"), ("power-on", "on", "done"),
                         ("power-status", "status", "on"), ("power-cycle", "cycle", "done"),
-                        ("power-off", "off", "done")]
+                        ("power-soft-off", "soft-off", "done"), ("power-off", "off", "done")]
     detail = events(config, MAC)[1].detail
     assert detail["bmc"] == f"ipmi 127.0.0.1:{bmc.sim.port}" and 0 <= detail["seconds"] < 5
 
