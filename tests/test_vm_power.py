@@ -7,6 +7,9 @@ ipmi_sim, which answers IPMI over LAN inside the lab's namespace (bootserver/too
     through the BMC, and it goes through the flow again (a second phone-home) without anyone touching QEMU;
     `bootserver power MAC off` ends QEMU.
 
+    The same from power-off to `running` Debian (the lab's demo profile), then reprovision --now of the running
+    machine: reset through its BMC (not rebooted over SSH), it netboots into the flow again.
+
 Needs root, vde2, qemu-system-x86, openipmi, ipxe and curl; a missing one fails the test.
 """
 
@@ -138,3 +141,28 @@ async def test_deploy_now_powers_a_vm_on_through_ipmi_and_reprovision_now_resets
         assert time.monotonic() < deadline, f"QEMU still runs 10 s after power off{report(lab)}"
         await asyncio.sleep(0.2)
     assert bootserver_cli(lab, "power", MAC, "status").stdout.strip() == f"{MAC}: power is off"
+
+
+async def test_reprovision_now_sends_a_vm_running_debian_through_the_flow_again(lab: Lab, agent_image: AgentImage,
+                                                                                 os_image, timing):
+    """Powered off; deploy --now installs Debian and the lab's demo service to `running`; reprovision --now resets
+    the running machine through its BMC, and it netboots into the flow again: nobody touches QEMU."""
+    lab.write_config(agent_image.kernel.parent, machines=1, os_image=os_image.tarball)
+    lab.start_server()
+    lab.start_vm(1, powered=False)
+    started = time.monotonic()
+    deployed = bootserver_cli(lab, "deploy", MAC, "--now")
+    assert deployed.returncode == 0, f"{deployed.stdout}{deployed.stderr}{report(lab)}"
+    deadline = time.monotonic() + 300
+    while (state := machine(lab).get("state")) != "running":
+        assert state not in ("failed", "interrupted") and time.monotonic() < deadline, f"{state}{report(lab)}"
+        await asyncio.sleep(1)
+    timing("lab VM powered off: deploy --now over IPMI to running Debian (BIOS, VDE)", time.monotonic() - started)
+
+    started = time.monotonic()
+    again = bootserver_cli(lab, "reprovision", MAC, "--now")
+    assert again.returncode == 0, f"{again.stdout}{again.stderr}{report(lab)}"
+    took = await until_phoned_home(lab, 2, started)
+    timing("lab VM running Debian: reprovision --now (IPMI reset) to phone-home again", took)
+    kinds = [e.kind for e in timeline(lab)]
+    assert kinds.count("power-cycle") == 2 and "reboot-sent" not in kinds, "reset by its BMC, not over SSH"
