@@ -22,8 +22,7 @@ from typing import Any
 
 from . import tokens
 from .admission import RateLimit
-from .config import Config, Profile
-from .config.machines import Bmc
+from .config import Bmc, Config, Profile
 from .enrollment import Enrollment
 from .errors import BadRequest, NotFound, StoreUnavailable, TooManyRequests
 from .facts import clean_facts, firmware_uuid, selector_facts

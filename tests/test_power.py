@@ -226,6 +226,15 @@ async def test_api_page_and_metrics_drive_and_show_power(config_file: Path, bmc:
         assert response.status == 200 and body["reprovision"] and body["netboot"]["error"] is None
         assert body["netboot"]["boot_override"].startswith("lost: ")
         assert bmc.log[-1] == "reset 1", "it was on: the cycle is a hard reset"
+        # deploy: MACs or a group's configured members; with now, each through its BMC (raft's :02 has none).
+        response = await http.post("/api/v1/deploy", json={"targets": [MAC], "now": True}, headers=bearer(config))
+        body = await response.json()
+        assert response.status == 200 and body["machines"] == [MAC] and body["netboot"][0]["error"] is None
+        response = await http.post("/api/v1/deploy", json={"targets": ["raft"], "now": True}, headers=bearer(config))
+        body = await response.json()
+        assert body["machines"] == [MAC, OTHER] and "has no BMC" in body["netboot"][1]["error"]
+        bad = await http.post("/api/v1/deploy", json={"targets": "raft"}, headers=bearer(config))
+        assert bad.status == 400
 
 
 async def test_cli_encrypts_a_password_then_powers_and_deploys(config_file: Path, bmc: RunningBmc, monkeypatch,

@@ -8,7 +8,7 @@ One module a table, so the file's shape is the package's:
     profiles.py   [assets] and [profiles.NAME]: what a machine boots
     disk.py       [profiles.NAME.disk]: the disk layout provisioning makes
     deploy.py     [profiles.NAME.deploy]: the files, certificates and units provisioning puts on the node
-    machines.py   [machines] and [groups]: the machines we know, and which profile each gets
+    machines.py   [machines] and [groups]: the machines we know (and their BMCs), and which profile each gets
     check.py      the checks they all share, in one shape: check(raw, key, where, *, default=...)
 """
 
@@ -16,11 +16,11 @@ from .deploy import DeployFile, Deployment, Unit
 from .dhcp import DhcpConfig
 from .disk import TYPE_GUIDS, DiskLayout, Partition
 from .document import Config, load, parse
-from .machines import FACT_KEYS, Group, Machine
+from .machines import FACT_KEYS, Bmc, Group, Machine
 from .profiles import Profile
 from .server import Listen, ServerConfig, default_data_dir
 from .system import Health, OperatingSystem
 
-__all__ = ["FACT_KEYS", "TYPE_GUIDS", "Config", "DeployFile", "Deployment", "DhcpConfig", "DiskLayout", "Group",
+__all__ = ["FACT_KEYS", "TYPE_GUIDS", "Bmc", "Config", "DeployFile", "Deployment", "DhcpConfig", "DiskLayout", "Group",
            "Health", "OperatingSystem",
            "Listen", "Machine", "Partition", "Profile", "ServerConfig", "Unit", "default_data_dir", "load", "parse"]

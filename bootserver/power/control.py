@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config.machines import Bmc
+from ..config import Bmc
 from ..lifecycle import POWER_KINDS, EventKind
 from ..provision.pki import decrypt_secret, read_secret_file
 from ..store import Store
