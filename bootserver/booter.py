@@ -273,17 +273,25 @@ class Booter:
         if refusal is not None:
             self._refuse_file(node, name, refusal, transport, client_ip)
             raise Forbidden(refusal)
-        path = spec.profile.files[name]
         try:
-            if not path.is_file():
-                raise NotFound(f"profile {spec.profile.name}'s file {name!r} is configured as {path}, which does "
-                               f"not exist")
-            text = self._templates.render_file(path, self._machine_context(spec, urls))
+            text = self.render_installer_file(spec, name, urls)
         except BootserverError as exc:  # the operator's to fix: shown on the machine's page, not only in the log
             self._store.record(mac, "file-failed", {"file": f"files/{name}", "protocol": transport, "bytes": 0,
                                                     "error": str(exc), "from": client_ip})
             raise
         return Payload(f"files/{name}", data=text.encode(), mac=mac, client=tokens.client_address(client_ip))
+
+    def render_installer_file(self, spec: BootSpec, name: str, urls: Urls) -> str:
+        """One of the profile's installer files as the machine gets it: served by installer_file, previewed by the
+        CLI (`bootserver render MAC --file NAME`)."""
+        assert spec.profile is not None
+        path = spec.profile.files.get(name)
+        if path is None:
+            raise NotFound(f"profile {spec.profile.name} has no file {name!r} "
+                           f"(it has: {', '.join(sorted(spec.profile.files)) or 'none'})")
+        if not path.is_file():
+            raise NotFound(f"profile {spec.profile.name}'s file {name!r} is configured as {path}, which does not exist")
+        return self._templates.render_file(path, self._machine_context(spec, urls))
 
     def _refuse_file(self, node: Node | None, name: str, reason: str, transport: str, client_ip: str | None) -> None:
         if node is not None:  # a refusal for a MAC never seen makes no machine row

@@ -14,9 +14,9 @@ needs a longer token_minutes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-from .errors import BadRequest
+from .errors import BadRequest, ConfigError
 from .mac import hyphenated
 from .store import Node, Token
 from .tokens import client_address
@@ -27,12 +27,13 @@ def file_path(mac: str, name: str) -> str:
     return f"boot/{hyphenated(mac)}/files/{name}"
 
 
-def file_urls(base: str, mac: str, names: set[str] | dict[str, object]) -> Callable[[str], str]:
+def file_urls(base: str, mac: str, names: Collection[str]) -> Callable[[str], str]:
     """`file_url(name)` for templates: the URL of one of the machine's files under `base` (its scripts' own).
-    Names are checked against the profile at load (config/files.py); one it lacks still fails loudly here."""
+    The load checks the names in command lines and files (config/files.py), not those in an operator's own
+    iPXE template: one the profile lacks fails loudly here, as the operator's mistake."""
     def file_url(name: str) -> str:
         if name not in names:
-            raise BadRequest(f"file_url({name!r}): the machine's profile has no such file")
+            raise ConfigError(f"file_url({name!r}): the machine's profile has no such file in its files table")
         return f"{base}/{file_path(mac, name)}"
     return file_url
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,18 @@ async def test_over_tftp_the_same_files_to_the_same_address(tmp_path):
         served_files = [d for d in events(app, "file-served") if d["file"].startswith("files/")]  # not the script
         assert [(d["file"], d["protocol"], d["from"]) for d in served_files] == [("files/preseed.cfg", "tftp", REAL)]
         assert events(app, "refused")[-2]["from"] == FORGER
+
+
+# -- the operator's preview --------------------------------------------------------------------------------
+
+
+def test_render_previews_a_file_as_the_machine_would_get_it(tmp_path):
+    site(tmp_path)
+    command = [sys.executable, "-m", "bootserver", "--config", str(tmp_path / "site.toml"), "render", MAC,
+               "--url", "http://192.0.2.1:8080"]
+    result = subprocess.run([*command, "--file", "preseed.cfg"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "# profile: installer, file preseed.cfg\n# node1 52:54:00:00:16:01" in result.stdout
+    assert f"wget -O /tmp/proof http://192.0.2.1:8080/boot/{PATH}/files/proof" in result.stdout
+    result = subprocess.run([*command, "--file", "nothing"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "profile installer has no file 'nothing'" in result.stderr
