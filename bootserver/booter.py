@@ -264,9 +264,7 @@ class Booter:
         node = self._store.node(mac)
         spec = self.spec_of(node) if node is not None else self.boot_spec(mac)
         if spec.profile is None or name not in spec.profile.files:
-            reason = spec.reason if spec.profile is None else (
-                f"profile {spec.profile.name} has no file {name!r} "
-                f"(it has: {', '.join(sorted(spec.profile.files)) or 'none'})")
+            reason = spec.reason if spec.profile is None else _no_file(spec.profile, name)
             self._refuse_file(node, name, reason, transport, client_ip)
             raise NotFound(reason)
         refusal = installer.refusal(mac, node, self._store.live_token(mac), client_ip)
@@ -287,8 +285,7 @@ class Booter:
         assert spec.profile is not None
         path = spec.profile.files.get(name)
         if path is None:
-            raise NotFound(f"profile {spec.profile.name} has no file {name!r} "
-                           f"(it has: {', '.join(sorted(spec.profile.files)) or 'none'})")
+            raise NotFound(_no_file(spec.profile, name))
         if not path.is_file():
             raise NotFound(f"profile {spec.profile.name}'s file {name!r} is configured as {path}, which does not exist")
         return self._templates.render_file(path, self._machine_context(spec, urls))
@@ -472,3 +469,7 @@ class Booter:
         names = ([profile.kernel] if profile.kernel else []) + list(profile.initrd)
         # os.path, not Path(...): a Path per asset is a fifth of a boot script's cost.
         return [f"{n} ({self._config.assets[n]})" for n in names if not os.path.isfile(self._config.assets[n])]
+
+
+def _no_file(profile: Profile, name: str) -> str:
+    return f"profile {profile.name} has no file {name!r} (it has: {', '.join(sorted(profile.files)) or 'none'})"
