@@ -5,8 +5,8 @@ Pixiecore's protocol servers all ask one Booter; the pages, the API and the CLI 
 and act through its methods. Nothing here knows about sockets, and nobody else touches the store, the keys or
 the config. The rules it applies live beside it: facts.py (what a machine reports), firmware.py (which iPXE
 binary), enrollment.py (who gets a token, who may phone home), admission.py (what we believe), plans.py (what
-provisioning means under a profile). Some 550 lines as one thing: every decision a protocol or an operator asks
-for (power/ runs the BMC calls it decides on).
+provisioning means under a profile), installer.py (who may fetch a machine's installer files). Some 600 lines
+as one thing: every decision a protocol or an operator asks for (power/ runs the BMC calls it decides on).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import tokens
+from . import installer, tokens
 from .admission import RateLimit
 from .config import Bmc, Config, Profile
 from .enrollment import Enrollment
-from .errors import BadRequest, NotFound, StoreUnavailable, TooManyRequests
+from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, TooManyRequests
 from .facts import clean_facts, firmware_uuid, selector_facts
 from .firmware import DhcpBoot, dhcp_answer, ipxe_binary
 from .groups import BootSpec, Groups
@@ -253,21 +253,66 @@ class Booter:
 
     def render_profile(self, spec: BootSpec, urls: Urls, token: str | None = None) -> str:
         assert spec.profile is not None
-        context = {
+        context = {**self._machine_context(spec, urls), "token": token or "TOKEN", "overlay_name": OVERLAY_NAME}
+        cmdline = self._templates.render_string(spec.profile.cmdline, **context)
+        return self._templates.render(spec.profile.template, cmdline=cmdline, **context)
+
+    def _machine_context(self, spec: BootSpec, urls: Urls) -> dict[str, Any]:
+        """What a machine's script, command line and installer files are rendered with."""
+        assert spec.profile is not None
+        return {
             "mac": spec.mac,
             "mac_hyphenated": hyphenated(spec.mac),
             "hostname": self.hostname(spec.mac),
             "labels": spec.machine.labels if spec.machine else {},
             "facts": spec.facts,
             "platform": spec.facts.get("platform", ""),
+            "profile": spec.profile,
+            "group": spec.group,
             "files_url": urls.files,
             "api_url": urls.api,
-            "token": token or "TOKEN",
-            "overlay_name": OVERLAY_NAME,
+            "file_url": installer.file_urls(urls.files, spec.mac, spec.profile.files),
         }
-        cmdline = self._templates.render_string(spec.profile.cmdline, **context)
-        return self._templates.render(spec.profile.template, profile=spec.profile, group=spec.group,
-                                      cmdline=cmdline, **context)
+
+    def installer_file(self, mac_text: str, name: str, urls: Urls, transport: str,
+                       client_ip: str | None = None) -> Payload:
+        """One of the machine's [profiles.X.files], rendered for it, for the address its boot went to and no other
+        (installer.py says why). A refusal is an event of a machine we have seen; an unseen MAC makes no row."""
+        mac = canonical_mac(mac_text)
+        name = installer.checked_name(name)
+        node = self._store.node(mac)
+        spec = self.spec_of(node) if node is not None else self.boot_spec(mac)
+        if spec.profile is None or name not in spec.profile.files:
+            reason = spec.reason if spec.profile is None else _no_file(spec.profile, name)
+            self._refuse_file(node, name, reason, transport, client_ip)
+            raise NotFound(reason)
+        refusal = installer.refusal(mac, node, self._store.live_token(mac), client_ip)
+        if refusal is not None:
+            self._refuse_file(node, name, refusal, transport, client_ip)
+            raise Forbidden(refusal)
+        try:
+            text = self.render_installer_file(spec, name, urls)
+        except BootserverError as exc:  # the operator's to fix: shown on the machine's page, not only in the log
+            self._store.record(mac, "file-failed", {"file": f"files/{name}", "protocol": transport, "bytes": 0,
+                                                    "error": str(exc), "from": client_ip})
+            raise
+        return Payload(f"files/{name}", data=text.encode(), mac=mac, client=tokens.client_address(client_ip))
+
+    def render_installer_file(self, spec: BootSpec, name: str, urls: Urls) -> str:
+        """One of the profile's installer files as the machine gets it: served by installer_file, previewed by the
+        CLI (`bootserver render MAC --file NAME`)."""
+        assert spec.profile is not None
+        path = spec.profile.files.get(name)
+        if path is None:
+            raise NotFound(_no_file(spec.profile, name))
+        if not path.is_file():
+            raise NotFound(f"profile {spec.profile.name}'s file {name!r} is configured as {path}, which does not exist")
+        return self._templates.render_file(path, self._machine_context(spec, urls))
+
+    def _refuse_file(self, node: Node | None, name: str, reason: str, transport: str, client_ip: str | None) -> None:
+        if node is not None:  # a refusal for a MAC never seen makes no machine row
+            self._store.record(node.mac, "refused", {"what": f"file {name}", "reason": reason,
+                                                     "transport": transport, "from": client_ip})
 
     def boot_file(self, mac_text: str, name: str) -> Payload:
         """A kernel or initrd by asset name, for one machine."""
@@ -544,7 +589,7 @@ class Booter:
     def _record_file(self, payload: Payload, protocol: str, sent: int, seconds: float, error: str | None) -> None:
         assert payload.mac is not None
         detail = {"file": payload.name, "protocol": protocol, "bytes": sent, "size": payload.size,
-                  "seconds": round(seconds, 3)}
+                  "seconds": round(seconds, 3), **({"from": payload.client} if payload.client else {})}
         if error:
             self._store.record(payload.mac, "file-failed", {**detail, "error": error})
             return
@@ -558,3 +603,7 @@ class Booter:
         names = ([profile.kernel] if profile.kernel else []) + list(profile.initrd)
         # os.path, not Path(...): a Path per asset is a fifth of a boot script's cost.
         return [f"{n} ({self._config.assets[n]})" for n in names if not os.path.isfile(self._config.assets[n])]
+
+
+def _no_file(profile: Profile, name: str) -> str:
+    return f"profile {profile.name} has no file {name!r} (it has: {', '.join(sorted(profile.files)) or 'none'})"

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--platform", default="", help="as iPXE reports it: pcbios or efi")
     render.add_argument("--arch", default="", help="as iPXE reports it: i386, x86_64, arm64")
     render.add_argument("--url", default="", help="base URL to render with (default: from the config)")
+    render.add_argument("--file", metavar="NAME", help="print this installer file of its profile instead "
+                        "([profiles.X.files]), as the machine would get it")
     render.set_defaults(command=cmd_render)
 
     nodes = commands.add_parser("nodes", help="list the machines this server has seen")
@@ -178,6 +180,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     if spec.profile is None:
         print("# no profile: the machine gets the no-boot script and falls through to its next boot device")
         return 1
+    if args.file:
+        print(f"# profile: {spec.profile.name}, file {args.file}")
+        print(booter.render_installer_file(spec, args.file, Urls(files=base, api=base)), end="")
+        return 0
     print(f"# profile: {spec.profile.name} (template {spec.profile.template})")
     print(booter.render_profile(spec, Urls(files=base, api=base)), end="")
     return 0

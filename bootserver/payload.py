@@ -21,6 +21,7 @@ class Payload:
     path: Path | None = None
     data: bytes | None = None
     mac: str | None = None  # the machine this payload concerns, for the event log
+    client: str | None = None  # the address it was decided for, when that decided it (an installer file)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.data is None):

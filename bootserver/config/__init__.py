@@ -8,6 +8,7 @@ One module a table, so the file's shape is the package's:
     profiles.py   [assets] and [profiles.NAME]: what a machine boots
     disk.py       [profiles.NAME.disk]: the disk layout provisioning makes
     deploy.py     [profiles.NAME.deploy]: the files, certificates and units provisioning puts on the node
+    files.py      [profiles.NAME.files]: per-machine files for installers (preseed, kickstart, ...)
     machines.py   [machines] and [groups]: the machines we know (and their BMCs), and which profile each gets
     check.py      the checks they all share, in one shape: check(raw, key, where, *, default=...)
 """

@@ -11,6 +11,7 @@
     [profiles.agent.deploy]            # optional: bootserver.config.deploy
     [profiles.agent.os]                # optional: bootserver.config.system (an OS installed onto the disk)
     [profiles.agent.health]            # optional: bootserver.config.system (when the installed OS is running)
+    [profiles.agent.files]             # optional: bootserver.config.files (per-machine files for installers)
 
 A profile's sub-tables are each read by their own module; a new one is a key in `_profile`'s only_keys,
 a field of Profile, and one `_subtable` line.
@@ -19,7 +20,7 @@ a field of Profile, and one `_subtable` line.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -28,6 +29,7 @@ from ..errors import ConfigError
 from .check import Table, name, only_keys, sections, string, strings, subtable_where, table
 from .deploy import Deployment, deployment_from_toml
 from .disk import DiskLayout, layout_from_toml
+from .files import check_file_urls, files_from_toml
 from .system import Health, OperatingSystem, health_from_toml, os_from_toml
 
 T = TypeVar("T")
@@ -46,6 +48,7 @@ class Profile:
     deploy: Deployment | None = None  # files, configs, certificates and units put on the node
     os: OperatingSystem | None = None  # installed onto the disk, which the machine then boots
     health: Health | None = None  # when the installed OS counts as running
+    files: dict[str, Path] = field(default_factory=dict)  # installer files by name: jinja2 templates
 
 
 def read_assets(raw: Table, where: str, *, data_dir: Path) -> dict[str, Path]:
@@ -65,7 +68,8 @@ def read_profiles(raw: Table, where: str, *, data_dir: Path) -> dict[str, Profil
 
 
 def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
-    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy", "os", "health"}, where)
+    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy", "os", "health", "files"},
+              where)
     profile = Profile(
         name=key,
         kernel=string(raw, "kernel", where, default=None),
@@ -76,8 +80,10 @@ def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
         deploy=_subtable(raw, "deploy", where, partial(deployment_from_toml, data_dir=data_dir)),
         os=_subtable(raw, "os", where, os_from_toml),
         health=_subtable(raw, "health", where, health_from_toml),
+        files=_subtable(raw, "files", where, partial(files_from_toml, data_dir=data_dir)) or {},
     )
     _check_system(profile, where)
+    check_file_urls(profile.cmdline, set(profile.files), f"{where} cmdline")
     return profile
 
 

@@ -15,6 +15,7 @@ from .wire import Address
 
 _MACHINE_SCRIPT = re.compile(r"boot/([^/]+)\.ipxe")
 _MACHINE_SCRIPT_WITH_FACTS = re.compile(r"boot/([^/]+)/([^/]*)/([^/]*)\.ipxe")  # mac/platform/arch
+_INSTALLER_FILE = re.compile(r"boot/([^/]+)/files/([^/]+)")
 _BOOT_FILE = re.compile(r"boot/([^/]+)/([^/]+)")
 _OVERLAY = re.compile(r"boot/([^/]+)/([^/]+)/" + re.escape(OVERLAY_NAME))  # mac/token
 
@@ -23,6 +24,7 @@ class Routes:
     """The same boot paths HTTP serves, for firmware that speaks only TFTP, then the TFTP root.
 
         boot.ipxe, boot/{mac}.ipxe, boot/{mac}/{platform}/{arch}.ipxe, boot/{mac}/{asset},
+        boot/{mac}/files/{name} (an installer file: before the scripts, whose {platform} is never "files"),
         boot/{mac}/{token}/bootserver.cpio,
         iPXE binaries by name, then files under data_dir/tftp
 
@@ -39,6 +41,8 @@ class Routes:
         path, _, query = filename.lstrip("/").partition("?")
         if path == "boot.ipxe":
             return self.booter.bootstrap(self._urls(peer))
+        if match := _INSTALLER_FILE.fullmatch(path):
+            return self.booter.installer_file(match[1], match[2], self._urls(peer), "tftp", client_ip=peer[0])
         if match := _MACHINE_SCRIPT.fullmatch(path):
             facts = {k: v[-1] for k, v in parse_qs(query).items()}
             return self.booter.machine_script(match[1], facts, self._urls(peer), "tftp", client_ip=peer[0])

@@ -3,6 +3,7 @@
     GET  /boot.ipxe                 the bootstrap script every machine chains to first
     GET  /boot/{mac}.ipxe           one machine's script (firmware facts in the query string)
     GET  /boot/{mac}/{asset}        a kernel or initrd for that machine (Range, sendfile)
+    GET  /boot/{mac}/files/{name}   one of its installer files ([profiles.X.files]), rendered for it
     GET  /boot/{mac}/{token}/config.json       the node's SSH keys and phone-home settings
     GET  /boot/{mac}/{token}/bootserver.cpio   the same, as an initrd overlay
     POST /boot/{mac}/phone-home     the booted node calling back with its token and host key (202)
@@ -36,6 +37,7 @@ def add_routes(app: web.Application) -> None:
     get(app, "/boot.ipxe", bootstrap)
     get(app, "/boot/{mac}.ipxe", machine_script)
     get(app, "/boot/{mac}/{name}", boot_file)
+    get(app, "/boot/{mac}/files/{name}", installer_file)  # before the token routes: a file may be "config.json"
     get(app, "/boot/{mac}/{token}/config.json", node_config)
     get(app, "/boot/{mac}/{token}/" + OVERLAY_NAME, overlay)
     post(app, "/boot/{mac}/phone-home", phone_home)
@@ -107,6 +109,19 @@ async def machine_script(request: web.Request) -> web.Response:
 async def boot_file(request: web.Request) -> web.StreamResponse:
     payload = request.app[BOOTER].boot_file(request.match_info["mac"], request.match_info["name"])
     return await _send_file(request, payload)
+
+
+async def installer_file(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    payload = booter.installer_file(request.match_info["mac"], request.match_info["name"], urls(request), "http",
+                                    client_ip=client_address(request))
+    started = time.monotonic()
+    response = _text(payload)
+    await response.prepare(request)
+    await response.write_eof()
+    if request.method == "GET":
+        booter.file_sent(payload, "http", payload.size, time.monotonic() - started)
+    return response
 
 
 async def ipxe_binary(request: web.Request) -> web.StreamResponse:

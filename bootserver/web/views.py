@@ -149,7 +149,8 @@ def _file(d: dict[str, Any]) -> str:
     rate = f", {size(d.get('bytes', 0) / seconds)}/s" if seconds and isinstance(d.get("bytes"), int) else ""
     whole = "" if d.get("bytes") == d.get("size") else f" of {size(d.get('size'))}"
     failed = f" — {d['error']}" if d.get("error") else ""
-    return f"{d.get('file')}: {size(d.get('bytes'))}{whole} over {d.get('protocol')} in {seconds} s{rate}{failed}"
+    to = f" to {d['from']}" if d.get("from") else ""  # installer files: only to the address that booted
+    return f"{d.get('file')}: {size(d.get('bytes'))}{whole} over {d.get('protocol')}{to} in {seconds} s{rate}{failed}"
 
 
 def _phoned_home(d: dict[str, Any]) -> str:
