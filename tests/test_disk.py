@@ -28,6 +28,7 @@ EXAMPLE: dict[str, Any] = {
 
 GOLDEN = """\
 if ! [ -b /dev/vda ]; then echo 'refusing to partition /dev/vda: it is not a block device on this machine' >&2; exit 1; fi; if sfdisk -d /dev/vda >/dev/null 2>&1; then echo 'refusing to repartition /dev/vda: it holds partitions (set wipe = true in the profile or mark the machine for re-provisioning)' >&2; exit 1; fi; if [ -n "$(blkid /dev/vda 2>/dev/null)" ]; then echo 'refusing to repartition /dev/vda: it holds a filesystem or other data (set wipe = true in the profile or mark the machine for re-provisioning)' >&2; exit 1; fi
+if sectors=$(cat "/sys/class/block/$(basename "$(readlink -f /dev/vda)")/size" 2>/dev/null); then have=$((sectors / 2048)); if [ "$have" -lt 515 ]; then echo "refusing to partition /dev/vda: the layout needs at least 515 MiB and the disk holds only $have MiB" >&2; exit 1; fi; fi
 printf '%s\\n' 'label: gpt' 'size=512MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="boot"' 'type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name="nixos"' | sfdisk --wipe always --wipe-partitions always /dev/vda
 partprobe /dev/vda
 n=0; until [ -b /dev/vda1 ] && [ -b /dev/vda2 ]; do n=$((n+1)); if [ $n -gt 10 ]; then echo 'the partitions of /dev/vda did not appear under /dev within 10 seconds (can this kernel read GPT partition tables?)' >&2; exit 1; fi; sleep 1; done
@@ -172,8 +173,9 @@ def test_golden_dry_run_with_wipe():
     lines = text.splitlines()
     assert lines[0] == ("if ! [ -b /dev/vda ]; then echo 'refusing to partition /dev/vda: it is not a block "
                         "device on this machine' >&2; exit 1; fi")
-    assert lines[1] == GOLDEN_WIPE_RELEASE
-    assert lines[2:] == GOLDEN.splitlines()[1:]
+    assert lines[1] == GOLDEN.splitlines()[1]  # the size check
+    assert lines[2] == GOLDEN_WIPE_RELEASE
+    assert lines[3:] == GOLDEN.splitlines()[2:]
 
 
 def test_mounts_go_parents_first_under_the_target():

@@ -4,14 +4,13 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-import os
 import re
-import stat
 import time
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from support.disk import loop_device
 from support.machines import admit
 from support.sshd import ssh_server
 from support.wait import until_async
@@ -187,18 +186,20 @@ async def boot_and_phone_home(http: aiohttp.ClientSession, base: str, host_key: 
 
 
 async def test_node_that_dies_mid_disk_setup_is_interrupted_and_not_rerun_blindly(config, keys, tmp_path):
-    # A block-device node of an unattached loop device: `[ -b ]` holds, and nothing can write to it. The
-    # test sshd freezes (keep-alives unanswered, like a dead machine) at the first command naming sfdisk,
-    # before running it.
-    device = tmp_path / "fakedisk"
-    os.mknod(device, stat.S_IFBLK | 0o600, os.makedev(7, 250))
-    async with ssh_server(keys.ssh_public, hang_on="sfdisk") as node:
-        app = init_app(with_disk(config, device, node.port),
-                       ssh_options={"keepalive_interval": 0.5, "keepalive_count_max": 2})
-        async with running(app):
-            base = f"http://127.0.0.1:{http_address(app)[1]}"
-            async with aiohttp.ClientSession() as http:
-                await _dies_then_waits_for_its_phone_home(app, http, base, node)
+    # A read-only loop device over a sparse file: a real disk of 64 MiB that nothing can write to. The test
+    # sshd freezes (keep-alives unanswered, like a dead machine) at the first command naming sfdisk, before
+    # running it.
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    with loop_device(image, 0, 64 << 20) as device:
+        async with ssh_server(keys.ssh_public, hang_on="sfdisk") as node:
+            app = init_app(with_disk(config, Path(device), node.port),
+                           ssh_options={"keepalive_interval": 0.5, "keepalive_count_max": 2})
+            async with running(app):
+                base = f"http://127.0.0.1:{http_address(app)[1]}"
+                async with aiohttp.ClientSession() as http:
+                    await _dies_then_waits_for_its_phone_home(app, http, base, node)
 
 
 async def _dies_then_waits_for_its_phone_home(app: web.Application, http: aiohttp.ClientSession, base: str,

@@ -666,3 +666,13 @@ async def test_a_disk_that_will_not_unmount_fails_the_finish_step(sshd, keys, tm
         busy.wait()
         subprocess.run(["umount", "-R", str(target)], capture_output=True)
 
+
+async def test_disk_step_refuses_a_disk_smaller_than_the_layout_before_writing(sshd, keys, tmp_path, loop_device):
+    layout = DiskLayout(loop_device, (Partition("ESP", "64MiB", "esp", "vfat"),
+                                      Partition("root", "80MiB", "linux", "ext4", "/")))  # 146 MiB on 128 MiB
+    events = Events()
+    with pytest.raises(StepFailed, match="the layout needs at least 146 MiB and the disk holds only 128 MiB"):
+        await provision(job(sshd, disk=layout), keys, events, render=render, reboot=False,
+                        target_root=str(tmp_path / "mnt"))
+    assert events.of("step-failed")[0]["step"] == "disk"
+    assert not any("sfdisk" in c["command"] and "label" in c["command"] for c in events.of("command"))

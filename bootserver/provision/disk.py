@@ -32,7 +32,7 @@ def disk_commands(layout: DiskLayout, *, wipe: bool, target: str = TARGET_ROOT) 
         raise ValueError(f"target {target!r} must be an absolute path")
     target = posixpath.normpath(target)
     numbered = list(enumerate(layout.partitions, start=1))
-    commands = [guard(layout.device, wipe)]
+    commands = [guard(layout.device, wipe), _fits(layout)]
     if wipe:
         commands.append(release(layout.device))
     commands += [
@@ -68,6 +68,24 @@ def guard(device: str, wipe: bool) -> str:
     # for a blank disk; it also catches a filesystem made on the whole disk, without a table.
     return (f"{command}; if sfdisk -d {dev} >/dev/null 2>&1; then echo {partitions} >&2; exit 1; fi; "
             f"if [ -n \"$(blkid {dev} 2>/dev/null)\" ]; then echo {data} >&2; exit 1; fi")
+
+
+def _fits(layout: DiskLayout) -> str:
+    """Refuse, before anything is written, a disk too small for the layout: the sum of its sizes, 1 MiB for
+    the GPT and alignment in front, 1 MiB for the backup GPT, and at least 1 MiB for a "rest" partition.
+    The size is the kernel's (sysfs, in 512-byte sectors; a /dev/disk/by-* name is followed to its disk); a
+    device the kernel does not list there is left to sfdisk, which then says what is wrong with it."""
+    need = 2 + sum(1 if p.size == "rest" else _mib(p.size) for p in layout.partitions)
+    dev = shlex.quote(layout.device)
+    message = (f"refusing to partition {layout.device}: the layout needs at least {need} MiB and the disk holds "
+               f"only $have MiB")
+    return (f"if sectors=$(cat \"/sys/class/block/$(basename \"$(readlink -f {dev})\")/size\" 2>/dev/null); "
+            f"then have=$((sectors / 2048)); if [ \"$have\" -lt {need} ]; then echo \"{message}\" >&2; exit 1; fi; fi")
+
+
+def _mib(size: str) -> int:
+    units = {"MiB": 1, "GiB": 1024, "TiB": 1024 * 1024}
+    return int(size[:-3]) * units[size[-3:]]
 
 
 def release(device: str) -> str:
