@@ -303,7 +303,7 @@ class Lab:
             "-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0,bootindex=2",
         ]  # fmt: skip
         if firmware == "uefi":
-            command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd")
+            command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd", firmware_netboot=native_pxe)
         bmc = self.bmc(index)
         command += bmc.qemu_args()
         script = self.dir / f"vm{index}.start"
@@ -426,12 +426,21 @@ class Lab:
         self.save()
 
 
-def uefi_flash(vars_file: Path) -> list[str]:
-    """QEMU's arguments for OVMF with `vars_file` as its variable store (a copy of the template, made once)."""
+def uefi_flash(vars_file: Path, *, firmware_netboot: bool = False) -> list[str]:
+    """QEMU's arguments for OVMF with `vars_file` as its variable store (a copy of the template, made once).
+
+    Unless the firmware itself is to netboot (`firmware_netboot`: a NIC without iPXE's ROM), OVMF's own PXE
+    and IPv6 stacks are switched off: after iPXE's `exit` they would each try the network again and wait about
+    a minute apiece before the firmware reaches the disk.
+    """
     if not vars_file.exists():
         shutil.copyfile(OVMF_VARS, vars_file)
-    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
+    flash = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+             "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
+    if firmware_netboot:
+        return flash
+    return flash + ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
+                    "-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no"]
 
 
 def check_tools(uefi: bool = False) -> None:

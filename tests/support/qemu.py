@@ -133,7 +133,8 @@ class Vm:
             cmd += ["-drive", f"file={self.disk},if=none,id=disk0,format=raw",
                     "-device", "virtio-blk-pci,drive=disk0,bootindex=2"]
         if self.firmware == "uefi":
-            cmd += uefi_flash(self.workdir / f"ovmf-vars-{self.serial_path.stem.removeprefix('serial-')}.fd")
+            cmd += uefi_flash(self.workdir / f"ovmf-vars-{self.serial_path.stem.removeprefix('serial-')}.fd",
+                              firmware_netboot="romfile=" in self.nic)
         if self.kernel is not None:
             cmd += ["-kernel", str(self.kernel)]
             if self.initrd is not None:
