@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.qemu import DEFAULT_MAC, Vm
-from support.site import empty_disk, install_golden, vm_site
+from support.site import IMAGE_PROFILE, empty_disk, install_golden, vm_site
 from support.vm import events, wait_for_state
 
 from bootserver.app import STORE
@@ -23,20 +23,6 @@ from bootserver.tools.image import AgentImage
 pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
-IMAGE_PROFILE = """
-[profiles.golden]
-kernel = "agent-kernel"
-initrd = ["agent-initrd"]
-cmdline = "console=ttyS0"
-
-[profiles.golden.os]
-image = "golden"
-device = "/dev/vda"
-{digest}
-[profiles.golden.health]
-commands = ["systemctl is-active ssh", "test \\"$(hostname)\\" = node2",
-            "test $(df -B1 --output=size / | tail -1) -gt 2500000000"]
-"""
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,23 @@ rootfs = "debian"
 commands = ["systemctl is-active ssh", "test \\"$(hostname)\\" = node1"]
 """
 
+# A whole-disk image (the asset "golden") onto /dev/vda, made the machine node2 (vm_site(hostname="node2")):
+# `digest` is a `sha256 = "..."` line, or "" for the image's .sha256 file.
+IMAGE_PROFILE = """
+[profiles.golden]
+kernel = "agent-kernel"
+initrd = ["agent-initrd"]
+cmdline = "console=ttyS0"
+
+[profiles.golden.os]
+image = "golden"
+device = "/dev/vda"
+{digest}
+[profiles.golden.health]
+commands = ["systemctl is-active ssh", "test \\"$(hostname)\\" = node2",
+            "test $(df -B1 --output=size / | tail -1) -gt 2500000000"]
+"""
+
 
 @dataclasses.dataclass
 class Site:
