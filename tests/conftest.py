@@ -189,34 +189,11 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def agent_image():
-    """The agent image, built once into a directory that survives runs.
+    """The agent image, built once into $BOOTSERVER_TEST_IMAGE_DIR or ~/.cache/bootserver/test-image and rebuilt
+    only when its sources change (tests/support/agent_image.py)."""
+    from support.agent_image import build_test_agent_image
 
-    $BOOTSERVER_TEST_IMAGE_DIR, or ~/.cache/bootserver/test-image. Rebuilt only when a file is
-    missing or the sources changed since it was built (the image build's modules in bootserver/tools/ and
-    every file under bootserver/tools/agent/: one SHA256 of them all is kept beside the image), so that
-    editing /init is never tested against a stale initrd.
-    """
-    import hashlib
-    import os
-
-    from bootserver.tools import apt, contents, image, initramfs
-
-    out = Path(os.environ.get("BOOTSERVER_TEST_IMAGE_DIR") or Path.home() / ".cache/bootserver/test-image")
-    agent_dir = initramfs.AGENT_DIR
-    modules = [Path(m.__file__) for m in (image, apt, contents, initramfs)]
-    sources = [*modules, *sorted(p for p in agent_dir.rglob("*") if p.is_file())]
-    digest = hashlib.sha256()
-    for path in sources:  # names too: a renamed script is a change
-        digest.update(f"{path.relative_to(agent_dir.parent)}\0{path.stat().st_size}\0".encode())
-        digest.update(path.read_bytes())
-    source = digest.hexdigest()
-    stamp = out / "image.py.sha256"
-    files = [out / "vmlinuz", out / "initrd.img", out / "version"]
-    if all(f.is_file() for f in files) and stamp.is_file() and stamp.read_text().strip() == source:
-        return image.AgentImage(kernel=files[0], initrd=files[1], version=files[2].read_text().strip())
-    built = image.build_agent_image(out)
-    stamp.write_text(source + "\n")
-    return built
+    return build_test_agent_image()
 
 
 @pytest.fixture(scope="session")

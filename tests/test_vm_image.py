@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.qemu import DEFAULT_MAC, Vm
-from support.site import ROOTFS_PROFILE, empty_disk, vm_site
+from support.site import IMAGE_PROFILE, empty_disk, install_golden, vm_site
 from support.vm import events, wait_for_state
 
 from bootserver.app import STORE
@@ -23,37 +23,13 @@ from bootserver.tools.image import AgentImage
 pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
-IMAGE_PROFILE = """
-[profiles.golden]
-kernel = "agent-kernel"
-initrd = ["agent-initrd"]
-cmdline = "console=ttyS0"
-
-[profiles.golden.os]
-image = "golden"
-device = "/dev/vda"
-{digest}
-[profiles.golden.health]
-commands = ["systemctl is-active ssh", "test \\"$(hostname)\\" = node2",
-            "test $(df -B1 --output=size / | tail -1) -gt 2500000000"]
-"""
 
 
 @pytest.fixture(scope="module")
 def golden(agent_image: AgentImage, os_image, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A raw disk image holding an installed Debian, as a site would capture its golden machine's disk."""
     workdir = tmp_path_factory.mktemp("golden")
-    return asyncio.run(_install_golden(agent_image, os_image.tarball, workdir))
-
-
-async def _install_golden(agent_image: AgentImage, tarball: Path, workdir: Path) -> Path:
-    disk = empty_disk(workdir / "golden.raw", 1 << 30)
-    async with (vm_site(workdir, agent_image, ROOTFS_PROFILE, {"debian": tarball}) as site,
-                Vm(workdir=workdir, bootfile=site.bootfile, memory=1024, disk=disk,
-                   hostfwd={site.ssh_port: 22}) as vm):
-        await wait_for_state(site.app, vm, "rebooting", timeout=600, exit_ok=True)
-        await vm.wait_for_exit(60)  # -no-reboot: QEMU exits as the agent reboots into the disk
-    return disk
+    return asyncio.run(install_golden(agent_image, os_image.tarball, workdir))
 
 
 def sha256(path: Path) -> str:

@@ -15,7 +15,8 @@ from bootserver import config as configuration
 from bootserver.app import http_address, init_app, running
 from bootserver.tools.image import AgentImage
 from support.net import free_port
-from support.qemu import DEFAULT_MAC
+from support.qemu import DEFAULT_MAC, Vm
+from support.vm import wait_for_state
 
 # Debian (`bootserver image os debian`, the asset "debian") onto a disk that boots on BIOS and UEFI.
 ROOTFS_PROFILE = """
@@ -45,6 +46,23 @@ rootfs = "debian"
 
 [profiles.cluster.health]
 commands = ["systemctl is-active ssh", "test \\"$(hostname)\\" = node1"]
+"""
+
+# A whole-disk image (the asset "golden") onto /dev/vda, made the machine node2 (vm_site(hostname="node2")):
+# `digest` is a `sha256 = "..."` line, or "" for the image's .sha256 file.
+IMAGE_PROFILE = """
+[profiles.golden]
+kernel = "agent-kernel"
+initrd = ["agent-initrd"]
+cmdline = "console=ttyS0"
+
+[profiles.golden.os]
+image = "golden"
+device = "/dev/vda"
+{digest}
+[profiles.golden.health]
+commands = ["systemctl is-active ssh", "test \\"$(hostname)\\" = node2",
+            "test $(df -B1 --output=size / | tail -1) -gt 2500000000"]
 """
 
 
@@ -96,3 +114,15 @@ def empty_disk(path: Path, size: int) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
     return path
+
+
+async def install_golden(agent_image: AgentImage, tarball: Path, workdir: Path, size: int = 1 << 30) -> Path:
+    """A raw disk image of `size` bytes holding an installed Debian (the rootfs path, BIOS and UEFI boot loaders),
+    as a site would capture its golden machine's disk: one VM run up to `rebooting`."""
+    disk = empty_disk(workdir / "golden.raw", size)
+    async with (vm_site(workdir, agent_image, ROOTFS_PROFILE, {"debian": tarball}) as site,
+                Vm(workdir=workdir, bootfile=site.bootfile, memory=1024, disk=disk,
+                   hostfwd={site.ssh_port: 22}) as vm):
+        await wait_for_state(site.app, vm, "rebooting", timeout=600, exit_ok=True)
+        await vm.wait_for_exit(60)  # -no-reboot: QEMU exits as the agent reboots into the disk
+    return disk
