@@ -23,6 +23,7 @@ from common import (
     parse_args,
     peak_rss_mib,
     percentile,
+    pinning_note,
     random_file,
     table,
     verdict,
@@ -142,7 +143,8 @@ async def burst(count: int, quick: bool) -> str:
            f"{CURL_PROCESSES} curl processes in parallel mode, each POST on a new connection from its own 127/8 "
            f"address; latency is curl's time_total per POST. Provisioning: the "
            f"deploy check (64 KiB written and hashed in a scratch directory + 0.2 s) on a real SSH server per "
-           f"machine ({len(pools.processes)} processes of tests/support/sshd.py servers).\n",
+           f"machine ({len(pools.processes)} processes of tests/support/sshd.py servers). {pinning_note(brief=True)}: "
+           f"the curl processes and SSH servers are the clients.\n",
            table(["", "result"], rows), "\nTargets:\n",
            "\n".join(f"- {verdict(ok)}: {what}" for what, ok in checks)]
     return "\n".join(out) + "\n"

@@ -27,9 +27,11 @@ from common import (
     med,
     nginx,
     parse_args,
+    pinning_note,
     process_tree_cpu,
     py_spy,
     random_file,
+    server_workers,
     spread,
     summarize_profile,
     table,
@@ -100,8 +102,9 @@ def main() -> None:
     targets = file_targets + script_targets
     mode = f"{rounds} round{'s' * (rounds > 1)}{', --quick' if args.quick else ''}"
     out = [f"## HTTP: bootserver vs nginx 1.22 ({mode})\n",
-           "wrk 4.1 on the same machine; nginx with Debian's defaults (sendfile on, worker_processes auto = 2, "
-           "access_log off); ours is one process. Median (min-max) over rounds, servers alternated per round.\n",
+           f"wrk 4.1 on the same machine ({pinning_note(brief=True)}); nginx with Debian's defaults (sendfile on, "
+           f"access_log off) but worker_processes {server_workers()} (one per server CPU when pinned; auto "
+           f"without pinning); ours is one process. Median (min-max) over rounds, servers alternated per round.\n",
            file_text, script_text,
            "\n### HTTP targets\n", "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets) + "\n"]
     write_section("http", "\n".join(out))

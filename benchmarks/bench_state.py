@@ -16,7 +16,19 @@ import time
 from pathlib import Path
 
 import asyncssh
-from common import Ours, free_port, parse_args, py_spy, summarize_profile, table, verdict, workdir, write_section, wrk
+from common import (
+    Ours,
+    free_port,
+    parse_args,
+    pinning_note,
+    py_spy,
+    summarize_profile,
+    table,
+    verdict,
+    workdir,
+    write_section,
+    wrk,
+)
 
 from bootserver import tokens
 from bootserver.store import Store
@@ -125,7 +137,7 @@ def main() -> None:
                                     + summarize_profile(raw, spent, top=10))
     out = [f"## Scale of state: {machines:,} machines x {events} events{' (--quick)' if args.quick else ''}\n",
            f"Store generated through Store's API in {took:.0f} s on tmpfs ({size_mb:.0f} MB), then served from the "
-           f"real disk. wrk, {seconds} s per line; p99 over every request of the run.\n",
+           f"real disk ({pinning_note(brief=True)}). wrk, {seconds} s per line; p99 over every request of the run.\n",
            table(["page", "connections", "requests", "req/s", "p50 ms", "p99 ms", "response", "errors",
                   "target p99 < 100 ms"], rows),
            "\nTargets:\n", "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets),

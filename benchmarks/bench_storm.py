@@ -23,6 +23,7 @@ from common import (
     free_port,
     parse_args,
     peak_rss_mib,
+    pinning_note,
     random_file,
     table,
     verdict,
@@ -156,8 +157,8 @@ async def storm(count: int, quick: bool) -> str:
            f"blksize 1468, lock-step), iPXE script, kernel 8 MiB, initrd 40 MiB, overlay, phone-home, SSH "
            f"provisioning by the server (`provision_concurrency = {CONCURRENCY}`; a real SSH server per machine "
            f"running the deploy check: 1 MiB written and hashed in a scratch directory + 0.2 s). All machines "
-           f"start at t=0 from one driver process (the driver, {len(pools.processes)} SSH-server processes and "
-           f"the server share the 2 cores).\n",
+           f"start at t=0 from one driver process ({pinning_note(brief=True)}: the driver and its "
+           f"{len(pools.processes)} SSH-server processes are the clients).\n",
            table(["", "result"], [
                ["complete", f"{deployed}/{count} deployed ({100 * deployed / count:.0f}%): {verdict(complete)}"],
                ["final states", ", ".join(f"{k} {v}" for k, v in sorted(final.items()))],

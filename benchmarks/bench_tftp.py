@@ -29,12 +29,15 @@ from common import (
     Ours,
     TreeCpu,
     alternate,
+    check_pinned,
     cpu_seconds,
     free_port,
     med,
     parse_args,
+    pinning_note,
     py_spy,
     random_file,
+    server_command,
     spread,
     stop,
     summarize_profile,
@@ -105,20 +108,21 @@ def start_servers(scratch: Path) -> tuple[dict[str, Server], Ours]:
                          f'data_dir = "{data}"\n', http_port).start()
     servers = {OURS: Server(OURS, tftp_port, ours.pid, ours.process)}
     # dnsmasq: TFTP only (--port=0: no DNS); its default cap of 50 transfers would fail 64 clients, so 512.
-    dnsmasq = subprocess.Popen(
+    dnsmasq = subprocess.Popen(server_command(
         ["dnsmasq", "--keep-in-foreground", "--port=0", "--enable-tftp", f"--tftp-root={root}",
          "--listen-address=127.0.0.1", "--bind-interfaces", "--tftp-max=512", "--quiet-tftp", "--user=root",
-         f"--pid-file={scratch / 'dnsmasq.pid'}", f"--log-facility={scratch / 'dnsmasq.log'}"],
+         f"--pid-file={scratch / 'dnsmasq.pid'}", f"--log-facility={scratch / 'dnsmasq.log'}"]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     servers[DNSMASQ] = Server(DNSMASQ, 69, dnsmasq.pid, dnsmasq)
     # tftpd-hpa: -L stays in the foreground and forks a child per transfer (counted via cutime/cstime).
     # `-a 127.0.0.1:PORT` fails in a loopback-only namespace; `-a :PORT` works.
     hpa_port = 6970
-    hpa = subprocess.Popen(["in.tftpd", "-L", "-u", "root", "-s", str(root), "-a", f":{hpa_port}"],
+    hpa = subprocess.Popen(server_command(["in.tftpd", "-L", "-u", "root", "-s", str(root), "-a", f":{hpa_port}"]),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     servers[HPA] = Server(HPA, hpa_port, hpa.pid, hpa, TreeCpu(hpa.pid, "tftpd-hpa"))
     time.sleep(0.5)
     for server in servers.values():
+        check_pinned(server.pid)
         fetch = curl_clients(server.port, FILES["1 MiB"][0], 1, 1, 1468)
         if fetch.failures:
             raise RuntimeError(f"{server.name} on port {server.port} does not serve TFTP")
@@ -272,9 +276,10 @@ def report(results: dict[tuple[Case, str], list[Run]], window: dict[str, list[Ru
            profile_text: str) -> str:
     out = [f"## TFTP: bootserver vs dnsmasq 2.90 and tftpd-hpa 5.2 ({rounds} round{'s' * (rounds > 1)}"
            f"{', --quick' if quick else ''})\n",
-           "curl 7.88 clients (lock-step), all servers on one private loopback; MB/s = 10^6 bytes/s aggregate over "
-           "all clients; median (min-max) over rounds; ratio = ours / peer, per round. dnsmasq runs with "
-           "`--tftp-max=512` (its default cap of 50 fails 64 clients). Failures are summed over all rounds.\n"]
+           f"curl 7.88 clients (lock-step), all servers on one private loopback; {pinning_note(brief=True)}; "
+           "MB/s = 10^6 bytes/s aggregate over all clients; median (min-max) over rounds; ratio = ours / peer, "
+           "per round. dnsmasq runs with `--tftp-max=512` (its default cap of 50 fails 64 clients). Failures are "
+           "summed over all rounds.\n"]
     targets: list[tuple[str, bool]] = []
     ours_bytes = ours_cpu = 0.0
     for blksize in (1468, 512):

@@ -38,10 +38,82 @@ sys.path.insert(0, str(ROOT))  # `import bootserver` from the working tree, inst
 
 
 def parse_args(doc: str | None) -> argparse.Namespace:
+    """Every section's arguments; also pins this driver (and so every client it starts) to the client CPUs."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--quick", action="store_true", help="a smoke version: fewer rounds, shorter runs")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
-    return parser.parse_args()
+    args = parser.parse_args()
+    pin_clients()
+    return args
+
+
+# -- CPU pinning -------------------------------------------------------------------------------------------
+# With two CPUs or more, every server under test runs on the first CPU and everything else (the section's own
+# driver, curl, atftp, wrk, the SSH servers of emulated machines, py-spy) on the others, so that a server's
+# throughput is not what its clients left it. Servers are started through `taskset` (server_command): their
+# threads and forked workers inherit the mask. The driver pins itself in parse_args; its children inherit that.
+
+
+def cpu_split() -> tuple[list[int], list[int]] | None:
+    """(server CPUs, client CPUs), or None with one CPU. The CPUs are those this run was given, remembered in
+    $BENCH_CPUS across re-executions (bench_tftp re-runs itself in a namespace after pinning itself)."""
+    text = os.environ.get("BENCH_CPUS")
+    cpus = [int(c) for c in text.split(",")] if text else sorted(os.sched_getaffinity(0))
+    os.environ["BENCH_CPUS"] = ",".join(map(str, cpus))
+    if len(cpus) < 2:
+        return None
+    return cpus[:1], cpus[1:]
+
+
+def _cpu_list(cpus: Sequence[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def pin_clients() -> None:
+    split = cpu_split()
+    if split is not None:
+        os.sched_setaffinity(0, split[1])
+
+
+def server_command(argv: Sequence[str]) -> list[str]:
+    """`argv` started on the server CPU (taskset execs it: the same pid), or as is with one CPU."""
+    split = cpu_split()
+    return list(argv) if split is None else ["taskset", "--cpu-list", _cpu_list(split[0]), *argv]
+
+
+def server_workers() -> str:
+    """nginx's worker_processes: one per server CPU when pinned (more on one core would only take turns)."""
+    split = cpu_split()
+    return "auto" if split is None else str(len(split[0]))
+
+
+def check_pinned(pid: int) -> None:
+    """Raise unless every thread of `pid` and of its live children is allowed only the server CPUs."""
+    split = cpu_split()
+    if split is None:
+        return
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        for task in Path(f"/proc/{p}/task").iterdir():
+            with contextlib.suppress(OSError):
+                allowed = sorted(os.sched_getaffinity(int(task.name)))
+                if allowed != split[0]:
+                    raise RuntimeError(f"server task {task.name} of pid {p} may run on CPUs {allowed}, "
+                                       f"not only {split[0]}")
+
+
+def pinning_note(brief: bool = False) -> str:
+    """How this run is pinned: for the machine table, or `brief` for a section's text."""
+    split = cpu_split()
+    if split is None:
+        return "no pinning (one CPU)" if brief else "one CPU: no pinning, every server shares it with its clients"
+    if brief:
+        return f"server on CPU {_cpu_list(split[0])}, clients on CPU {_cpu_list(split[1])}"
+    return (f"servers under test (ours, dnsmasq, tftpd-hpa, nginx and its workers) on CPU {_cpu_list(split[0])}; "
+            f"clients and drivers (curl, atftp, wrk, the open-loop driver, the storm and burst drivers with their "
+            f"SSH servers, py-spy) on CPU {_cpu_list(split[1])}")
 
 
 # -- processes -----------------------------------------------------------------------------------------
@@ -159,13 +231,15 @@ class Ours:
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bootserver", "--config", str(config), "--log-level", "warning", "serve"],
+                server_command([sys.executable, "-m", "bootserver", "--config", str(config), "--log-level",
+                                "warning", "serve"]),
                 stdout=log, stderr=log, env=env, cwd=self.workdir)
         try:
             wait_http(f"{self.url}/healthz", 30, self.process)
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"bootserver did not start:\n{self.log.read_text()[-3000:]}") from None
+        check_pinned(self.process.pid)
         return self
 
     @property
@@ -212,14 +286,15 @@ def random_file(path: Path, size: int) -> Path:
 
 @contextlib.contextmanager
 def nginx(root: Path, scratch: Path) -> Iterator[tuple[int, subprocess.Popen]]:
-    """nginx serving `root` on 127.0.0.1:<free port>, Debian's defaults otherwise (sendfile, auto workers)."""
+    """nginx serving `root` on 127.0.0.1:<free port>, Debian's defaults otherwise (sendfile), one worker per
+    server CPU when pinned (server_workers)."""
     port = free_port()
     prefix = scratch / "nginx"
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
 user root;
-worker_processes auto;
+worker_processes {server_workers()};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -242,10 +317,12 @@ http {{
     }}
 }}
 """)
-    process = subprocess.Popen(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
+    process = subprocess.Popen(server_command(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
+                                               "-c", str(conf)]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/", 10, process)
+        check_pinned(process.pid)
         yield port, process
     finally:
         stop(process)
