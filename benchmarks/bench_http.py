@@ -59,7 +59,9 @@ end
 
 
 def site(data: Path, http_port: int) -> str:
+    # new_machines_per_minute: the crowd row's new MAC per request all come from 127.0.0.1
     return (f'[server]\nhttp = "127.0.0.1:{http_port}"\ntftp = "off"\ndata_dir = "{data}"\n'
+            'new_machines_per_minute = 1000000\n'
             '[assets]\nvmlinuz = "images/vmlinuz"\nbig = "images/big64.bin"\n'
             '[profiles.linux]\nkernel = "vmlinuz"\ninitrd = ["big"]\ncmdline = "console=ttyS0 quiet"\n'
             '[groups.all]\nprofile = "linux"\n'
