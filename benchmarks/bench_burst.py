@@ -13,7 +13,6 @@ import asyncio
 import collections
 import json
 import time
-from pathlib import Path
 
 from common import (
     MIB,
@@ -27,6 +26,7 @@ from common import (
     random_file,
     table,
     verdict,
+    wait_reading_stdin,
     workdir,
     write_section,
 )
@@ -38,12 +38,14 @@ CONCURRENCY = 8
 CURL_PROCESSES = 4  # curl's --parallel-max is at most 300 transfers per process
 
 
-async def curl_burst(base: str, tokens: dict[int, str], host_keys: dict[int, str],
-                     scratch: Path) -> tuple[list[float], collections.Counter[str]]:
-    """Every machine's POST at once: curl in parallel mode, CURL_PROCESSES processes started together, each
-    transfer on its own connection from its machine's address. C clients, so that the driver's own CPU (a
-    Python client spent ~1 ms per request) is not measured as the server's latency. Returns each POST's
-    time_total (connect to last byte, as curl saw it) and the status codes."""
+async def curl_burst(base: str, tokens: dict[int, str], host_keys: dict[int, str]
+                     ) -> tuple[list[float], collections.Counter[str], float]:
+    """Every machine's POST at once: curl in parallel mode, CURL_PROCESSES processes, each transfer on its own
+    connection from its machine's address. C clients, so that the driver's own CPU (a Python client spent ~1 ms
+    per request) is not measured as the server's latency. The processes are started first and wait for their
+    transfers on their standard input (`--config -`); the clock starts when those are written. Returns each
+    POST's time_total (connect to last byte, as curl saw it), the status codes and the seconds from the start
+    to the last curl's exit."""
     count = len(tokens)
     configs = []
     for p in range(CURL_PROCESSES):
@@ -56,23 +58,28 @@ async def curl_burst(base: str, tokens: dict[int, str], host_keys: dict[int, str
                       'header = "Content-Type: application/json"', f"data-binary = {json.dumps(body)}",
                       'output = "/dev/null"', "silent", 'max-time = 120',
                       'write-out = "%{http_code} %{time_total}\\n"', "next"]
-        config = scratch / f"burst-{p}.curl"
-        config.write_text("\n".join(lines[:-1]) + "\n")
-        configs.append(config)
+        configs.append(("\n".join(lines[:-1]) + "\n").encode())
     # --next separates transfers in the config: every option but the global ones is given per transfer.
-    argv = ["curl", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max", "300"]
-    procs = [await asyncio.create_subprocess_exec(*argv, "--config", str(c), stdout=asyncio.subprocess.PIPE)
-             for c in configs]
+    argv = ["curl", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max", "300",
+            "--config", "-"]
+    procs = [await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                  stdout=asyncio.subprocess.PIPE) for _ in configs]
+    wait_reading_stdin([proc.pid for proc in procs])
+    t0 = time.monotonic()
+    for proc, config in zip(procs, configs, strict=True):
+        proc.stdin.write(config)
+        proc.stdin.close()
     outputs = await asyncio.gather(*(proc.communicate() for proc in procs))
+    seconds = time.monotonic() - t0
     latency: list[float] = []
     statuses: collections.Counter[str] = collections.Counter()
     for out, _ in outputs:
         for line in out.decode().splitlines():
-            code, seconds = line.split()
+            code, seconds_text = line.split()
             statuses["connection failed" if code == "000" else code] += 1
-            latency.append(float(seconds))
+            latency.append(float(seconds_text))
     statuses["no answer"] += count - len(latency)
-    return latency, +statuses
+    return latency, +statuses, seconds
 
 
 async def burst(count: int, quick: bool) -> str:
@@ -105,8 +112,7 @@ async def burst(count: int, quick: bool) -> str:
             cpu0 = cpu_seconds(server.pid)
             wall0 = time.time()
             t0 = time.monotonic()
-            latency, statuses = await curl_burst(server.url, tokens, pools.host_keys, scratch)
-            burst_seconds = time.monotonic() - t0
+            latency, statuses, burst_seconds = await curl_burst(server.url, tokens, pools.host_keys)
             states = await wait_terminal(server.url, count, time.monotonic() + (240 if quick else 400))
             terminal_at = time.monotonic() - t0
             cpu = cpu_seconds(server.pid) - cpu0
@@ -141,10 +147,11 @@ async def burst(count: int, quick: bool) -> str:
     out = [f"## Phone-home burst: {count} machines at once{' (--quick)' if quick else ''}\n",
            f"Tokens from {count} script GETs first (50 at a time); then all {count} POSTs sent together by "
            f"{CURL_PROCESSES} curl processes in parallel mode, each POST on a new connection from its own 127/8 "
-           f"address; latency is curl's time_total per POST. Provisioning: the "
-           f"deploy check (64 KiB written and hashed in a scratch directory + 0.2 s) on a real SSH server per "
-           f"machine ({len(pools.processes)} processes of tests/support/sshd.py servers). {pinning_note(brief=True)}: "
-           f"the curl processes and SSH servers are the clients.\n",
+           f"address; latency is curl's time_total per POST. The curl processes are started first and wait for "
+           f"their POSTs on standard input; \"all answered after\" runs from when those are handed over. "
+           f"Provisioning: the deploy check (64 KiB written and hashed in a scratch directory + 0.2 s) on a real "
+           f"SSH server per machine ({len(pools.processes)} processes of tests/support/sshd.py servers). "
+           f"{pinning_note(brief=True)}: the curl processes and SSH servers are the clients.\n",
            table(["", "result"], rows), "\nTargets:\n",
            "\n".join(f"- {verdict(ok)}: {what}" for what, ok in checks)]
     return "\n".join(out) + "\n"

@@ -4,7 +4,8 @@ Runs in a private network namespace (re-executes itself under `unshare --net`): 
 69, and there it is free. Every server and client shares that namespace's loopback; nothing else sees it.
 
 Clients are curl (`tftp://`, lock-step, --tftp-blksize 1468 and 512) and atftp (RFC 7440 `windowsize 16`).
-Per case: aggregate MB/s (all bytes / wall time from the first client's start to the last one's end),
+Per case: aggregate MB/s (all bytes / wall time from the moment every client has started and waits for its
+URLs on its standard input, so that process start-up is not timed, to the last one's exit),
 failures (non-zero exit or a short file), and MB per server CPU-second (utime+stime from /proc).
 Servers alternate within every round, in rotated order; ratios are ours / peer per round.
 """
@@ -43,6 +44,7 @@ from common import (
     summarize_profile,
     table,
     verdict,
+    wait_reading_stdin,
     workdir,
     write_section,
 )
@@ -140,32 +142,38 @@ class Fetch:
 
 
 def curl_clients(port: int, name: str, clients: int, reps: int, blksize: int) -> Fetch:
-    """`clients` curl processes at once, each fetching `name` `reps` times in a row."""
+    """`clients` curl processes at once, each fetching `name` `reps` times in a row. Timed from the moment all
+    of them have started and wait for their URLs (`curl -K -` reads them from its standard input) to the last
+    one's exit: process start-up stays outside the clock."""
     url = f"tftp://127.0.0.1:{port}/{name}"
     size = next(s for n, s in FILES.values() if n == name)
     command = ["curl", "-s", "--tftp-blksize", str(blksize), "--max-time", "120",
-               "-w", "%{exitcode} %{size_download}\\n"]
-    for _ in range(reps):
-        command += ["-o", "/dev/null", url]
-    started = time.monotonic()
+               "-w", "%{exitcode} %{size_download}\\n", "-K", "-"]
+    urls = f'url = "{url}"\noutput = "/dev/null"\n' * reps
     # Each client is a machine of its own: its own source address (all of 127/8 is loopback), as servers
     # that cap transfers per client address (ours does) would see a rack booting.
-    procs = [subprocess.Popen([*command, "--interface", client_address(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+    procs = [subprocess.Popen([*command, "--interface", client_address(i)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for i in range(clients)]
+    wait_reading_stdin([proc.pid for proc in procs])
+    started = time.monotonic()
+    for proc in procs:
+        proc.stdin.write(urls)
+        proc.stdin.close()
     good = 0
     for proc in procs:
         try:
-            out, _ = proc.communicate(timeout=max(1.0, RUN_TIMEOUT - (time.monotonic() - started)))
+            proc.wait(max(1.0, RUN_TIMEOUT - (time.monotonic() - started)))
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, _ = proc.communicate()
-        for line in out.splitlines()[:reps]:
+            proc.wait()
+        for line in proc.stdout.read().splitlines()[:reps]:  # a few short lines: never fills the pipe
             parts = line.split()
             good += len(parts) == 2 and parts[0] == "0" and parts[1].isdigit() and int(parts[1]) == size
-    failures = clients * reps - good
     seconds = time.monotonic() - started
-    return Fetch(good * size, seconds, failures)
+    for proc in procs:
+        proc.stdout.close()
+    return Fetch(good * size, seconds, clients * reps - good)
 
 
 def client_address(i: int) -> str:
@@ -173,14 +181,20 @@ def client_address(i: int) -> str:
 
 
 def atftp_client(port: int, name: str, out: Path) -> Fetch:
+    """One atftp at its prompt (commands on its standard input), timed from when it waits there to its exit."""
     size = next(s for n, s in FILES.values() if n == name)
+    proc = subprocess.Popen(["atftp", "127.0.0.1", str(port)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True)
+    wait_reading_stdin([proc.pid])
     started = time.monotonic()
+    proc.stdin.write(f"option blksize 1468\noption windowsize 16\nget {name} {out}\nquit\n")
+    proc.stdin.close()
     try:
-        result = subprocess.run(["atftp", "-g", "-r", name, "-l", str(out), "--option", "blksize 1468",
-                                 "--option", "windowsize 16", "127.0.0.1", str(port)],
-                                capture_output=True, timeout=120)
-        ok = result.returncode == 0 and out.stat().st_size == size
+        proc.wait(120)
+        ok = proc.returncode == 0 and out.stat().st_size == size
     except (subprocess.TimeoutExpired, OSError):
+        proc.kill()
+        proc.wait()
         ok = False
     seconds = time.monotonic() - started
     out.unlink(missing_ok=True)
@@ -277,9 +291,10 @@ def report(results: dict[tuple[Case, str], list[Run]], window: dict[str, list[Ru
     out = [f"## TFTP: bootserver vs dnsmasq 2.90 and tftpd-hpa 5.2 ({rounds} round{'s' * (rounds > 1)}"
            f"{', --quick' if quick else ''})\n",
            f"curl 7.88 clients (lock-step), all servers on one private loopback; {pinning_note(brief=True)}; "
-           "MB/s = 10^6 bytes/s aggregate over all clients; median (min-max) over rounds; ratio = ours / peer, "
-           "per round. dnsmasq runs with `--tftp-max=512` (its default cap of 50 fails 64 clients). Failures are "
-           "summed over all rounds.\n"]
+           "MB/s = 10^6 bytes/s aggregate over all clients, timed from the moment every curl has started and "
+           "waits for its URLs on standard input (`-K -`: process start-up is not timed) to the last one's exit; "
+           "median (min-max) over rounds; ratio = ours / peer, per round. dnsmasq runs with `--tftp-max=512` (its "
+           "default cap of 50 fails 64 clients). Failures are summed over all rounds.\n"]
     targets: list[tuple[str, bool]] = []
     ours_bytes = ours_cpu = 0.0
     for blksize in (1468, 512):

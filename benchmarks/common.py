@@ -171,6 +171,38 @@ class TreeCpu:
             self.path.rmdir()
 
 
+# System calls a client idles in while it waits for its input, by number as /proc/PID/syscall shows them:
+# read(2) on fd 0 (curl -K -), and select/poll (atftp's prompt).
+_WAITING = {"x86_64": ("0 0x0 ", "7 ", "23 ", "270 ", "271 "),
+            "aarch64": ("63 0x0 ", "72 ", "73 ")}.get(os.uname().machine)
+
+
+def wait_reading_stdin(pids: Sequence[int], timeout: float = 30.0) -> None:
+    """Return once every process in `pids` is blocked waiting for its standard input: exec'd, linked and
+    initialised, waiting for its work. The start gate of clients spawned per transfer (curl -K -, atftp's
+    prompt): the clock starts after this, when the work is written to them, so their start-up is not timed.
+    Where /proc/PID/syscall cannot say (another architecture), waits until each sleeps, then 0.5 s more."""
+    deadline = time.monotonic() + timeout
+    waiting = set(pids)
+    while waiting and time.monotonic() < deadline:
+        for pid in list(waiting):
+            try:
+                if _WAITING is None:
+                    ready = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+                else:
+                    ready = Path(f"/proc/{pid}/syscall").read_text().startswith(_WAITING)
+            except OSError:
+                ready = True  # it has exited: nothing to wait for (its output tells what went wrong)
+            if ready:
+                waiting.discard(pid)
+        if waiting:
+            time.sleep(0.002)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} clients were not waiting on their input after {timeout:g} s")
+    if _WAITING is None:
+        time.sleep(0.5)
+
+
 def peak_rss_mib(pid: int) -> float:
     """VmHWM: the peak resident set size of `pid`, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
