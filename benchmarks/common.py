@@ -424,6 +424,39 @@ def wrk(url: str, connections: int, seconds: float, *, threads: int | None = Non
                      r["p99_us"] / 1000, r["max_us"] / 1000)
 
 
+# -- open loop ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenLoopResult:
+    """benchmarks/openloop.py's report: latency from each request's due time at a constant arrival rate."""
+
+    rate: float
+    scheduled: int
+    completed: int
+    errors: int
+    achieved_rps: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    service_p99_ms: float  # from the actual send: what a closed-loop tool would have timed
+    lag_p99_ms: float  # send delay: sent this late after due (timers, or a busy connection); in the latency
+
+
+def open_loop(url: str, rate: float, seconds: float, connections: int = 50, drain: float = 10.0) -> OpenLoopResult:
+    """Run benchmarks/openloop.py (its own process, on the client CPUs like every client) against `url`."""
+    command = [sys.executable, str(BENCH / "openloop.py"), url, "--rate", f"{rate:g}", "--seconds", f"{seconds:g}",
+               "--connections", str(connections), "--drain", f"{drain:g}"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + drain + 60).stdout
+    line = next((line for line in out.splitlines() if line.startswith("OPENLOOP ")), None)
+    if line is None:
+        raise RuntimeError(f"openloop.py printed no summary:\n{out}")
+    r = {k: float("inf") if v is None else v for k, v in json.loads(line.removeprefix("OPENLOOP ")).items()}
+    return OpenLoopResult(r["rate"], r["scheduled"], r["completed"], r["errors"], r["achieved_rps"], r["p50_ms"],
+                          r["p99_ms"], r["p999_ms"], r["max_ms"], r["service_p99_ms"], r["lag_p99_ms"])
+
+
 # -- statistics and tables --------------------------------------------------------------------------------
 
 
