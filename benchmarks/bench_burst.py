@@ -27,9 +27,10 @@ from common import (
     percentile,
     pinning_note,
     random_file,
+    run_label,
     spread,
     table,
-    verdict,
+    target_lines,
     wait_reading_stdin,
     workdir,
     write_section,
@@ -187,7 +188,7 @@ def report(rounds: list[Round], quick: bool) -> str:
         ["server CPU from the burst to the end", spread([r.cpu for r in rounds]) + " s"],
         ["server peak RSS (VmHWM)", spread([r.rss for r in rounds], "{:.0f}") + " MiB"],
     ]
-    out = [f"## Phone-home burst: {count} machines at once ({n} round{'s' * (n > 1)}{', --quick' if quick else ''})\n",
+    out = [f"## Phone-home burst: {count} machines at once ({run_label(n, quick)})\n",
            f"Tokens from {count} script GETs first (50 at a time); then all {count} POSTs sent together by "
            f"{CURL_PROCESSES} curl processes in parallel mode, each POST on a new connection from its own 127/8 "
            f"address; latency is curl's time_total per POST. The curl processes are started first and wait for "
@@ -198,7 +199,7 @@ def report(rounds: list[Round], quick: bool) -> str:
            f"round is a new server, store and fleet; median (min-max) over rounds, the verdicts on the median (5xx "
            f"and the SSH cap: on every round).\n",
            table(["", "result"], rows), "\nTargets:\n",
-           "\n".join(f"- {verdict(ok)}: {what}" for what, ok in checks)]
+           target_lines(checks)]
     return "\n".join(out) + "\n"
 
 

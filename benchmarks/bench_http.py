@@ -34,10 +34,12 @@ from common import (
     process_tree_cpu,
     py_spy,
     random_file,
+    run_label,
     server_workers,
     spread,
     summarize_profile,
     table,
+    target_lines,
     verdict,
     workdir,
     write_section,
@@ -105,13 +107,13 @@ def main() -> None:
                 file_text, file_targets = big_file(files, rounds, file_seconds)
                 script_text, script_targets = script_route(scripts, rounds, script_seconds, len(script), args.quick)
     targets = file_targets + script_targets
-    mode = f"{rounds} round{'s' * (rounds > 1)}{', --quick' if args.quick else ''}"
+    mode = run_label(rounds, args.quick)
     out = [f"## HTTP: bootserver vs nginx 1.22 ({mode})\n",
            f"wrk 4.1 on the same machine ({pinning_note(brief=True)}); nginx with Debian's defaults (sendfile on, "
            f"access_log off) but worker_processes {server_workers()} (one per server CPU when pinned; auto "
            f"without pinning); ours is one process. Median (min-max) over rounds, servers alternated per round.\n",
            file_text, script_text,
-           "\n### HTTP targets\n", "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets) + "\n"]
+           "\n### HTTP targets\n", target_lines(targets)]
     write_section("http", "\n".join(out))
 
 

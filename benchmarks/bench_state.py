@@ -23,9 +23,11 @@ from common import (
     parse_args,
     pinning_note,
     py_spy,
+    run_label,
     spread,
     summarize_profile,
     table,
+    target_lines,
     verdict,
     workdir,
     write_section,
@@ -147,7 +149,7 @@ def main() -> None:
                                                                               timeout=30))
                     profiles.append(f"\n#### `{path}` ({result.requests} requests under the profiler)\n\n"
                                     + summarize_profile(raw, spent, top=10))
-    mode = f"{rounds} round{'s' * (rounds > 1)}{', --quick' if args.quick else ''}"
+    mode = run_label(rounds, args.quick)
     out = [f"## Scale of state: {machines:,} machines x {events} events ({mode})\n",
            f"Store generated through Store's API in {took:.0f} s on tmpfs ({size_mb:.0f} MB), then served from the "
            f"real disk ({pinning_note(brief=True)}). wrk, {seconds} s per line, every line once a round on the same "
@@ -155,7 +157,7 @@ def main() -> None:
            f"median p99 (and no error in any round).\n",
            table(["page", "connections", "requests", "req/s", "p50 ms", "p99 ms", "response", "errors",
                   "target p99 < 100 ms"], rows),
-           "\nTargets:\n", "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets),
+           "\nTargets:\n", target_lines(targets),
            "\n### Profile of the machine list (py-spy, one connection)\n", *profiles]
     write_section("state", "\n".join(out) + "\n")
 

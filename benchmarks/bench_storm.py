@@ -29,8 +29,10 @@ from common import (
     percentile,
     pinning_note,
     random_file,
+    run_label,
     spread,
     table,
+    target_lines,
     verdict,
     workdir,
     write_section,
@@ -192,7 +194,7 @@ def report(rounds: list[Round], quick: bool) -> str:
                for stat in (lambda v: percentile(v, 50), lambda v: percentile(v, 99), max))]
             for name in first.phases]
     n = len(rounds)
-    out = [f"## Boot storm: {count} machines at once ({n} round{'s' * (n > 1)}{', --quick' if quick else ''})\n",
+    out = [f"## Boot storm: {count} machines at once ({run_label(n, quick)})\n",
            f"Each: TFTP undionly.kpxe ({first.kpxe_size // 1024} KiB, "
            f"blksize 1468, lock-step), iPXE script, kernel 8 MiB, initrd 40 MiB, overlay, phone-home, SSH "
            f"provisioning by the server (`provision_concurrency = {CONCURRENCY}`; a real SSH server per machine "
@@ -219,7 +221,10 @@ def report(rounds: list[Round], quick: bool) -> str:
            ]),
            "\nPer phase, milliseconds (nearest-rank percentiles over the machines that got there, in each round; "
            "median (min-max) over rounds):\n",
-           table(["phase", "n", "p50 ms", "p99 ms", "max ms"], rows)]
+           table(["phase", "n", "p50 ms", "p99 ms", "max ms"], rows),
+           "\nTargets:\n", target_lines([(f"storm of {count}: every machine deployed, no driver error "
+                                          f"({spread([r.deployed for r in rounds], '{:.0f}')}/{count}, rounds "
+                                          f"complete {sum(r.complete for r in rounds)}/{n})", complete)])]
     return "\n".join(out) + "\n"
 
 

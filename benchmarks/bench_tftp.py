@@ -39,11 +39,13 @@ from common import (
     pinning_note,
     py_spy,
     random_file,
+    run_label,
     server_command,
     spread,
     stop,
     summarize_profile,
     table,
+    target_lines,
     verdict,
     wait_reading_stdin,
     workdir,
@@ -294,8 +296,7 @@ def run_all(servers: dict[str, Server], rounds: int, quick: bool, scratch: Path)
 
 def report(results: dict[tuple[Case, str], list[Run]], window: dict[str, list[Run]], rounds: int, quick: bool,
            profile_text: str) -> str:
-    out = [f"## TFTP: bootserver vs dnsmasq 2.90 and tftpd-hpa 5.2 ({rounds} round{'s' * (rounds > 1)}"
-           f"{', --quick' if quick else ''})\n",
+    out = [f"## TFTP: bootserver vs dnsmasq 2.90 and tftpd-hpa 5.2 ({run_label(rounds, quick)})\n",
            f"curl 7.88 clients (lock-step), all servers on one private loopback; {pinning_note(brief=True)}; "
            "MB/s = 10^6 bytes/s aggregate over all clients, timed from the moment every curl has started and "
            "waits for its URLs on standard input (`-K -`: process start-up is not timed) to the last one's exit; "
@@ -362,7 +363,7 @@ def report(results: dict[tuple[Case, str], list[Run]], window: dict[str, list[Ru
     out.append(f"\nTarget >= 80 MB/s for ours: {verdict(ok)}. (dnsmasq and tftpd-hpa do not implement RFC 7440 "
                f"windowsize; atftp falls back to lock-step with them.)\n")
     out.append("\n### Profile of our TFTP hot path\n\n" + profile_text)
-    out.append("\n### TFTP targets\n\n" + "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets) + "\n")
+    out.append("\n### TFTP targets\n\n" + target_lines(targets))
     return "\n".join(out)
 
 

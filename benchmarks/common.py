@@ -33,6 +33,7 @@ RESULTS = BENCH / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000  # throughput is in MB/s of 10^6 bytes, as iperf and curl report it
 MIB = 1 << 20
+SMOKE = False  # --quick (set by parse_args): smaller work than the targets are set for, so no verdict at all
 
 sys.path.insert(0, str(ROOT))  # `import bootserver` from the working tree, installed or not
 
@@ -43,6 +44,8 @@ def parse_args(doc: str | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke version: fewer rounds, shorter runs")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.quick
     pin_clients()
     return args
 
@@ -483,7 +486,21 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def verdict(ok: bool) -> str:
+    """PASS or MISS; in a --quick run, which does smaller work than the targets name, neither."""
+    if SMOKE:
+        return "SMOKE (no verdict)"
     return "PASS" if ok else "MISS"
+
+
+def target_lines(targets: Sequence[tuple[str, bool]]) -> str:
+    """A section's targets, one `- VERDICT: what` line each (benchmarks/run gathers them into the summary)."""
+    return "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets) + "\n"
+
+
+def run_label(rounds: int, quick: bool) -> str:
+    """For a section's title: "3 rounds", or "smoke, no verdict: --quick, 1 round"."""
+    label = f"{rounds} round{'s' * (rounds != 1)}"
+    return f"smoke, no verdict: --quick, {label}" if quick else label
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
