@@ -12,20 +12,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 from common import (
     MIB,
     Ours,
     cpu_seconds,
     free_port,
+    med,
     parse_args,
     peak_rss_mib,
     percentile,
+    pinning_note,
     random_file,
+    run_label,
+    spread,
     table,
-    verdict,
+    target_lines,
+    wait_reading_stdin,
     workdir,
     write_section,
 )
@@ -37,12 +43,14 @@ CONCURRENCY = 8
 CURL_PROCESSES = 4  # curl's --parallel-max is at most 300 transfers per process
 
 
-async def curl_burst(base: str, tokens: dict[int, str], host_keys: dict[int, str],
-                     scratch: Path) -> tuple[list[float], collections.Counter[str]]:
-    """Every machine's POST at once: curl in parallel mode, CURL_PROCESSES processes started together, each
-    transfer on its own connection from its machine's address. C clients, so that the driver's own CPU (a
-    Python client spent ~1 ms per request) is not measured as the server's latency. Returns each POST's
-    time_total (connect to last byte, as curl saw it) and the status codes."""
+async def curl_burst(base: str, tokens: dict[int, str], host_keys: dict[int, str]
+                     ) -> tuple[list[float], collections.Counter[str], float]:
+    """Every machine's POST at once: curl in parallel mode, CURL_PROCESSES processes, each transfer on its own
+    connection from its machine's address. C clients, so that the driver's own CPU (a Python client spent ~1 ms
+    per request) is not measured as the server's latency. The processes are started first and wait for their
+    transfers on their standard input (`--config -`); the clock starts when those are written. Returns each
+    POST's time_total (connect to last byte, as curl saw it), the status codes and the seconds from the start
+    to the last curl's exit."""
     count = len(tokens)
     configs = []
     for p in range(CURL_PROCESSES):
@@ -55,26 +63,59 @@ async def curl_burst(base: str, tokens: dict[int, str], host_keys: dict[int, str
                       'header = "Content-Type: application/json"', f"data-binary = {json.dumps(body)}",
                       'output = "/dev/null"', "silent", 'max-time = 120',
                       'write-out = "%{http_code} %{time_total}\\n"', "next"]
-        config = scratch / f"burst-{p}.curl"
-        config.write_text("\n".join(lines[:-1]) + "\n")
-        configs.append(config)
+        configs.append(("\n".join(lines[:-1]) + "\n").encode())
     # --next separates transfers in the config: every option but the global ones is given per transfer.
-    argv = ["curl", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max", "300"]
-    procs = [await asyncio.create_subprocess_exec(*argv, "--config", str(c), stdout=asyncio.subprocess.PIPE)
-             for c in configs]
+    argv = ["curl", "--no-progress-meter", "--parallel", "--parallel-immediate", "--parallel-max", "300",
+            "--config", "-"]
+    procs = [await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                  stdout=asyncio.subprocess.PIPE) for _ in configs]
+    wait_reading_stdin([proc.pid for proc in procs])
+    t0 = time.monotonic()
+    for proc, config in zip(procs, configs, strict=True):
+        proc.stdin.write(config)
+        proc.stdin.close()
     outputs = await asyncio.gather(*(proc.communicate() for proc in procs))
+    seconds = time.monotonic() - t0
     latency: list[float] = []
     statuses: collections.Counter[str] = collections.Counter()
     for out, _ in outputs:
         for line in out.decode().splitlines():
-            code, seconds = line.split()
+            code, seconds_text = line.split()
             statuses["connection failed" if code == "000" else code] += 1
-            latency.append(float(seconds))
+            latency.append(float(seconds_text))
     statuses["no answer"] += count - len(latency)
-    return latency, +statuses
+    return latency, +statuses, seconds
 
 
-async def burst(count: int, quick: bool) -> str:
+@dataclass
+class Round:
+    """One burst on a new server, store and fleet."""
+
+    count: int
+    latency: list[float]  # seconds, one per answered POST
+    statuses: collections.Counter[str]
+    burst_seconds: float  # all answered after
+    terminal_at: float  # burst -> every machine deployed or failed
+    last_finish: float
+    states: dict[str, int]
+    max_ssh: int
+    cpu: float
+    rss: float
+    pool_processes: int
+
+    @property
+    def terminal(self) -> int:
+        return sum(self.states.get(s, 0) for s in ("deployed", "failed"))
+
+    @property
+    def five(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s.isdigit() and s.startswith("5"))
+
+    def ms(self, p: float) -> float:
+        return 1000 * (percentile(self.latency, p) if p < 100 else max(self.latency, default=float("nan")))
+
+
+async def burst(count: int, quick: bool) -> Round:
     with workdir("bench-burst-") as scratch:
         data = scratch / "data"
         random_file(data / "images" / "vmlinuz", MIB)
@@ -104,8 +145,7 @@ async def burst(count: int, quick: bool) -> str:
             cpu0 = cpu_seconds(server.pid)
             wall0 = time.time()
             t0 = time.monotonic()
-            latency, statuses = await curl_burst(server.url, tokens, pools.host_keys, scratch)
-            burst_seconds = time.monotonic() - t0
+            latency, statuses, burst_seconds = await curl_burst(server.url, tokens, pools.host_keys)
             states = await wait_terminal(server.url, count, time.monotonic() + (240 if quick else 400))
             terminal_at = time.monotonic() - t0
             cpu = cpu_seconds(server.pid) - cpu0
@@ -116,42 +156,62 @@ async def burst(count: int, quick: bool) -> str:
             server.stop()
             await pools.stop()
         last_finish = max(pools.finished.values()) - wall0 if pools.finished else float("nan")
-    terminal = sum(states.get(s, 0) for s in ("deployed", "failed"))
-    p99 = percentile(latency, 99)
-    five = sum(n for s, n in statuses.items() if s.isdigit() and s.startswith("5"))
-    not_202 = sum(n for s, n in statuses.items() if s != "202")
-    peak = pools.max_concurrent()
-    checks = [(f"phone-home p99 < 500 ms ({p99 * 1000:.0f} ms)", p99 < 0.5),
-              (f"no 5xx ({five})", five == 0),
-              (f"every machine deployed or failed ({terminal}/{count})", terminal == count),
-              (f"SSH sessions at once <= provision_concurrency ({peak} <= {CONCURRENCY})", peak <= CONCURRENCY)]
+    return Round(count, latency, statuses, burst_seconds, terminal_at, last_finish, states, pools.max_concurrent(),
+                 cpu, rss, len(pools.processes))
+
+
+def report(rounds: list[Round], quick: bool) -> str:
+    count, n = rounds[0].count, len(rounds)
+    p99 = med([r.ms(99) for r in rounds])
+    five = sum(r.five for r in rounds)
+    terminal = med([r.terminal for r in rounds])
+    peak = max(r.max_ssh for r in rounds)
+    checks = [(f"phone-home p99 < 500 ms ({spread([r.ms(99) for r in rounds], '{:.0f}')} ms)", p99 < 500),
+              (f"no 5xx ({five} over {n} round{'s' * (n > 1)})", five == 0),
+              (f"every machine deployed or failed ({spread([r.terminal for r in rounds], '{:.0f}')}/{count})",
+               terminal == count),
+              (f"SSH sessions at once <= provision_concurrency (at most {peak} <= {CONCURRENCY})",
+               peak <= CONCURRENCY)]
+    statuses: collections.Counter[str] = sum((r.statuses for r in rounds), collections.Counter())
+    not_202 = sum(v for k, v in statuses.items() if k != "202")
     rows = [
-        ["phone-home latency p50 / p99 / max", f"{percentile(latency, 50) * 1000:.0f} / {p99 * 1000:.0f} / "
-                                              f"{max(latency) * 1000:.0f} ms"],
-        ["all answered after", f"{burst_seconds:.2f} s"],
-        ["status codes", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) + f" (not 202: {not_202})"],
-        ["states at the end", ", ".join(f"{k} {v}" for k, v in sorted(states.items()))],
-        ["burst -> every machine terminal", f"{terminal_at:.1f} s (last finish step seen by an SSH server at "
-                                            f"{last_finish:.1f} s)"],
-        ["max concurrent SSH sessions (seen by the SSH servers)", f"{peak} (cap {CONCURRENCY})"],
-        ["server CPU from the burst to the end", f"{cpu:.1f} s"],
-        ["server peak RSS (VmHWM)", f"{rss:.0f} MiB"],
+        ["phone-home latency p50 / p99 / max", " / ".join(spread([r.ms(p) for r in rounds], "{:.0f}")
+                                                          for p in (50, 99, 100)) + " ms"],
+        ["all answered after", spread([r.burst_seconds for r in rounds], "{:.2f}") + " s"],
+        ["status codes, all rounds", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
+         + f" (not 202: {not_202})"],
+        ["states at the end", " | ".join(", ".join(f"{k} {v}" for k, v in sorted(r.states.items())) for r in rounds)],
+        ["burst -> every machine terminal", f"{spread([r.terminal_at for r in rounds])} s (last finish step seen by "
+                                            f"an SSH server at {spread([r.last_finish for r in rounds])} s)"],
+        ["max concurrent SSH sessions (seen by the SSH servers)",
+         f"{spread([r.max_ssh for r in rounds], '{:.0f}')} (cap {CONCURRENCY})"],
+        ["server CPU from the burst to the end", spread([r.cpu for r in rounds]) + " s"],
+        ["server peak RSS (VmHWM)", spread([r.rss for r in rounds], "{:.0f}") + " MiB"],
     ]
-    out = [f"## Phone-home burst: {count} machines at once{' (--quick)' if quick else ''}\n",
+    out = [f"## Phone-home burst: {count} machines at once ({run_label(n, quick)})\n",
            f"Tokens from {count} script GETs first (50 at a time); then all {count} POSTs sent together by "
            f"{CURL_PROCESSES} curl processes in parallel mode, each POST on a new connection from its own 127/8 "
-           f"address; latency is curl's time_total per POST. Provisioning: the "
-           f"deploy check (64 KiB written and hashed in a scratch directory + 0.2 s) on a real SSH server per "
-           f"machine ({len(pools.processes)} processes of tests/support/sshd.py servers).\n",
+           f"address; latency is curl's time_total per POST. The curl processes are started first and wait for "
+           f"their POSTs on standard input; \"all answered after\" runs from when those are handed over. "
+           f"Provisioning: the deploy check (64 KiB written and hashed in a scratch directory + 0.2 s) on a real "
+           f"SSH server per machine ({rounds[0].pool_processes} processes of tests/support/sshd.py servers). "
+           f"Pinning: {pinning_note(brief=True)}; the curl processes and SSH servers are the clients. Every "
+           f"round is a new server, store and fleet; median (min-max) over rounds, the verdicts on the median (5xx "
+           f"and the SSH cap: on every round).\n",
            table(["", "result"], rows), "\nTargets:\n",
-           "\n".join(f"- {verdict(ok)}: {what}" for what, ok in checks)]
+           target_lines(checks)]
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     args = parse_args(__doc__)
     count = 250 if args.quick else 1000
-    write_section("burst", asyncio.run(burst(count, args.quick)))
+    rounds = []
+    for r in range(args.rounds or (1 if args.quick else 3)):
+        rounds.append(asyncio.run(burst(count, args.quick)))
+        print(f"  burst round {r + 1}: p99 {rounds[-1].ms(99):.0f} ms, {rounds[-1].terminal}/{count} terminal",
+              file=sys.stderr, flush=True)
+    write_section("burst", report(rounds, args.quick))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
@@ -21,10 +23,16 @@ from common import (
     Ours,
     cpu_seconds,
     free_port,
+    med,
     parse_args,
     peak_rss_mib,
+    percentile,
+    pinning_note,
     random_file,
+    run_label,
+    spread,
     table,
+    target_lines,
     verdict,
     workdir,
     write_section,
@@ -35,7 +43,6 @@ from fleet import (
     download,
     get_script,
     mac,
-    phase_row,
     phone_home,
     script_urls,
     session,
@@ -49,6 +56,11 @@ from bootserver.store import Store
 
 KERNEL, INITRD = 8 * MIB, 40 * MIB
 CONCURRENCY = 8  # provision_concurrency, the default, written out
+QUEUE = "server: phoned-home -> SSH step started (queue + connect)"
+SSH = "server: SSH steps -> deployed"
+TOTAL = "power-on -> deployed (server event)"
+PHASES = ("tftp undionly.kpxe", "script", "kernel 8 MiB", "initrd 40 MiB", "overlay cpio", "phone-home",
+          "provisioned (driver: 202 -> reboot)")
 
 
 async def machine(i: int, base: str, tftp: tuple[str, int], pools: Pools, phases: dict[str, list[float]],
@@ -82,7 +94,31 @@ async def machine(i: int, base: str, tftp: tuple[str, int], pools: Pools, phases
         errors.append(f"{mac(i)}: {type(exc).__name__}: {exc}")
 
 
-async def storm(count: int, quick: bool) -> str:
+@dataclass
+class Round:
+    """One storm: what the driver, the server's event log and the SSH servers saw."""
+
+    count: int
+    deployed: int
+    final: dict[str, int]
+    errors: list[str]
+    all_done: float  # seconds from power-on to the last machine deployed
+    checks_ran: int
+    cpu: float
+    elapsed: float
+    rss: float
+    max_ssh: int
+    states: dict[str, int]
+    phases: dict[str, list[float]]
+    kpxe_size: int
+    pool_processes: int
+
+    @property
+    def complete(self) -> bool:
+        return self.deployed == self.count and not self.errors
+
+
+async def storm(count: int, quick: bool) -> Round:
     timeout = 300 if quick else 600
     with workdir("bench-storm-") as scratch:
         data = scratch / "data"
@@ -106,9 +142,7 @@ async def storm(count: int, quick: bool) -> str:
         server = Ours(scratch, toml, http_port).start()
         try:
             cpu0 = cpu_seconds(server.pid)
-            phases: dict[str, list[float]] = {k: [] for k in (
-                "tftp undionly.kpxe", "script", "kernel 8 MiB", "initrd 40 MiB", "overlay cpio", "phone-home",
-                "provisioned (driver: 202 -> reboot)")}
+            phases: dict[str, list[float]] = {k: [] for k in PHASES}
             errors: list[str] = []
             done_at: dict[int, float] = {}
             t0 = time.monotonic()
@@ -143,44 +177,66 @@ async def storm(count: int, quick: bool) -> str:
                     deployed_times.append(at["deployed"])
         finally:
             store.close()
-        nodes_done = sum(1 for _ in nodes.glob("node.*/blob.sha256"))
-    deployed = final.get("deployed", 0)
-    all_done = (max(deployed_times) - wall0) if deployed_times else float("nan")
-    complete = deployed == count and not errors
-    rows = [phase_row(name, values) for name, values in phases.items()]
-    rows += [phase_row("server: phoned-home -> SSH step started (queue + connect)", queue),
-             phase_row("server: SSH steps -> deployed", ssh),
-             phase_row("power-on -> deployed (server event)", total)]
-    out = [f"## Boot storm: {count} machines at once{' (--quick)' if quick else ''}\n",
-           f"Each: TFTP undionly.kpxe ({kpxe_size // 1024} KiB, "
+        phases[QUEUE], phases[SSH], phases[TOTAL] = queue, ssh, total
+        checks_ran = sum(1 for _ in nodes.glob("node.*/blob.sha256"))
+    return Round(count, final.get("deployed", 0), final, errors,
+                 (max(deployed_times) - wall0) if deployed_times else float("nan"), checks_ran, cpu,
+                 elapsed_driver, rss, pools.max_concurrent(), states, phases, kpxe_size, len(pools.processes))
+
+
+def report(rounds: list[Round], quick: bool) -> str:
+    first, count = rounds[0], rounds[0].count
+    deployed = med([r.deployed for r in rounds])
+    complete = med([float(r.complete) for r in rounds]) == 1  # the verdict on the median round
+    errors = [e for r in rounds for e in r.errors]
+    rows = [[name, spread([len(r.phases[name]) for r in rounds], "{:.0f}"),
+             *(spread([1000 * stat(r.phases[name]) for r in rounds if r.phases[name]], "{:.0f}")
+               for stat in (lambda v: percentile(v, 50), lambda v: percentile(v, 99), max))]
+            for name in first.phases]
+    n = len(rounds)
+    out = [f"## Boot storm: {count} machines at once ({run_label(n, quick)})\n",
+           f"Each: TFTP undionly.kpxe ({first.kpxe_size // 1024} KiB, "
            f"blksize 1468, lock-step), iPXE script, kernel 8 MiB, initrd 40 MiB, overlay, phone-home, SSH "
            f"provisioning by the server (`provision_concurrency = {CONCURRENCY}`; a real SSH server per machine "
            f"running the deploy check: 1 MiB written and hashed in a scratch directory + 0.2 s). All machines "
-           f"start at t=0 from one driver process (the driver, {len(pools.processes)} SSH-server processes and "
-           f"the server share the 2 cores).\n",
+           f"start at t=0 from one driver process ({pinning_note(brief=True)}: the driver and its "
+           f"{first.pool_processes} SSH-server processes are the clients). Every round is a new server, store and "
+           f"fleet; figures are the median (min-max) over rounds, the verdict on the median.\n",
            table(["", "result"], [
-               ["complete", f"{deployed}/{count} deployed ({100 * deployed / count:.0f}%): {verdict(complete)}"],
-               ["final states", ", ".join(f"{k} {v}" for k, v in sorted(final.items()))],
+               ["complete", f"{spread([r.deployed for r in rounds], '{:.0f}')}/{count} deployed "
+                            f"({100 * deployed / count:.0f}% median; rounds complete "
+                            f"{sum(r.complete for r in rounds)}/{n}): {verdict(complete)}"],
+               ["final states", " | ".join(", ".join(f"{k} {v}" for k, v in sorted(r.final.items())) for r in rounds)],
                ["driver errors", f"{len(errors)}" + (f" (first: {errors[0]})" if errors else "")],
-               ["time to all deployed", f"{all_done:.1f} s"],
-               ["deploy checks that ran (blob.sha256 files)", str(nodes_done)],
-               ["server CPU", f"{cpu:.1f} s ({100 * cpu / elapsed_driver:.0f}% of one core over "
-                              f"{elapsed_driver:.1f} s)"],
-               ["server peak RSS (VmHWM)", f"{rss:.0f} MiB"],
+               ["time to all deployed", spread([r.all_done for r in rounds]) + " s"],
+               ["deploy checks that ran (blob.sha256 files)", spread([r.checks_ran for r in rounds], "{:.0f}")],
+               ["server CPU", spread([r.cpu for r in rounds]) + " s (" + spread(
+                   [100 * r.cpu / r.elapsed for r in rounds], "{:.0f}") + "% of one core over "
+                   + spread([r.elapsed for r in rounds]) + " s)"],
+               ["server peak RSS (VmHWM)", spread([r.rss for r in rounds], "{:.0f}") + " MiB"],
                ["max concurrent SSH sessions (seen by the SSH servers)",
-                f"{pools.max_concurrent()} (cap {CONCURRENCY})"],
-               ["states at the end (metrics)", ", ".join(f"{k} {v}" for k, v in sorted(states.items()))],
+                f"{spread([r.max_ssh for r in rounds], '{:.0f}')} (cap {CONCURRENCY})"],
+               ["states at the end (metrics)",
+                " | ".join(", ".join(f"{k} {v}" for k, v in sorted(r.states.items())) for r in rounds)],
            ]),
-           "\nPer phase, milliseconds (nearest-rank percentiles over the machines that got there):\n",
-           table(["phase", "n", "p50 ms", "p99 ms", "max ms"], rows)]
+           "\nPer phase, milliseconds (nearest-rank percentiles over the machines that got there, in each round; "
+           "median (min-max) over rounds):\n",
+           table(["phase", "n", "p50 ms", "p99 ms", "max ms"], rows),
+           "\nTargets:\n", target_lines([(f"storm of {count}: every machine deployed, no driver error "
+                                          f"({spread([r.deployed for r in rounds], '{:.0f}')}/{count}, rounds "
+                                          f"complete {sum(r.complete for r in rounds)}/{n})", complete)])]
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     args = parse_args(__doc__)
     count = 60 if args.quick else 250
-    text = asyncio.run(storm(count, args.quick))
-    write_section("storm", text)
+    rounds = []
+    for r in range(args.rounds or (1 if args.quick else 3)):
+        rounds.append(asyncio.run(storm(count, args.quick)))
+        print(f"  storm round {r + 1}: {rounds[-1].deployed}/{count} deployed in {rounds[-1].all_done:.1f} s",
+              file=sys.stderr, flush=True)
+    write_section("storm", report(rounds, args.quick))
 
 
 if __name__ == "__main__":

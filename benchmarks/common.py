@@ -33,15 +33,90 @@ RESULTS = BENCH / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000  # throughput is in MB/s of 10^6 bytes, as iperf and curl report it
 MIB = 1 << 20
+SMOKE = False  # --quick (set by parse_args): smaller work than the targets are set for, so no verdict at all
 
 sys.path.insert(0, str(ROOT))  # `import bootserver` from the working tree, installed or not
 
 
 def parse_args(doc: str | None) -> argparse.Namespace:
+    """Every section's arguments; also pins this driver (and so every client it starts) to the client CPUs."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--quick", action="store_true", help="a smoke version: fewer rounds, shorter runs")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
-    return parser.parse_args()
+    args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.quick
+    pin_clients()
+    return args
+
+
+# -- CPU pinning -------------------------------------------------------------------------------------------
+# With two CPUs or more, every server under test runs on the first CPU and everything else (the section's own
+# driver, curl, atftp, wrk, the SSH servers of emulated machines, py-spy) on the others, so that a server's
+# throughput is not what its clients left it. Servers are started through `taskset` (server_command): their
+# threads and forked workers inherit the mask. The driver pins itself in parse_args; its children inherit that.
+
+
+def cpu_split() -> tuple[list[int], list[int]] | None:
+    """(server CPUs, client CPUs), or None with one CPU. The CPUs are those this run was given, remembered in
+    $BENCH_CPUS across re-executions (bench_tftp re-runs itself in a namespace after pinning itself)."""
+    text = os.environ.get("BENCH_CPUS")
+    cpus = [int(c) for c in text.split(",")] if text else sorted(os.sched_getaffinity(0))
+    os.environ["BENCH_CPUS"] = ",".join(map(str, cpus))
+    if len(cpus) < 2:
+        return None
+    return cpus[:1], cpus[1:]
+
+
+def _cpu_list(cpus: Sequence[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def pin_clients() -> None:
+    split = cpu_split()
+    if split is not None:
+        os.sched_setaffinity(0, split[1])
+
+
+def server_command(argv: Sequence[str]) -> list[str]:
+    """`argv` started on the server CPU (taskset execs it: the same pid), or as is with one CPU."""
+    split = cpu_split()
+    return list(argv) if split is None else ["taskset", "--cpu-list", _cpu_list(split[0]), *argv]
+
+
+def server_workers() -> str:
+    """nginx's worker_processes: one per server CPU when pinned (more on one core would only take turns)."""
+    split = cpu_split()
+    return "auto" if split is None else str(len(split[0]))
+
+
+def check_pinned(pid: int) -> None:
+    """Raise unless every thread of `pid` and of its live children is allowed only the server CPUs."""
+    split = cpu_split()
+    if split is None:
+        return
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        for task in Path(f"/proc/{p}/task").iterdir():
+            with contextlib.suppress(OSError):
+                allowed = sorted(os.sched_getaffinity(int(task.name)))
+                if allowed != split[0]:
+                    raise RuntimeError(f"server task {task.name} of pid {p} may run on CPUs {allowed}, "
+                                       f"not only {split[0]}")
+
+
+def pinning_note(brief: bool = False) -> str:
+    """How this run is pinned: for the machine table, or `brief` for a section's text."""
+    split = cpu_split()
+    if split is None:
+        return "no pinning (one CPU)" if brief else "one CPU: no pinning, every server shares it with its clients"
+    if brief:
+        return f"server on CPU {_cpu_list(split[0])}, clients on CPU {_cpu_list(split[1])}"
+    return (f"servers under test (ours, dnsmasq, tftpd-hpa, nginx and its workers) on CPU {_cpu_list(split[0])}; "
+            f"clients and drivers (curl, atftp, wrk, the open-loop driver, the storm and burst drivers with their "
+            f"SSH servers, py-spy) on CPU {_cpu_list(split[1])}")
 
 
 # -- processes -----------------------------------------------------------------------------------------
@@ -97,6 +172,38 @@ class TreeCpu:
                 (self.path.parent / "cgroup.procs").write_text(pid)
         with contextlib.suppress(OSError):
             self.path.rmdir()
+
+
+# System calls a client idles in while it waits for its input, by number as /proc/PID/syscall shows them:
+# read(2) on fd 0 (curl -K -), and select/poll (atftp's prompt).
+_WAITING = {"x86_64": ("0 0x0 ", "7 ", "23 ", "270 ", "271 "),
+            "aarch64": ("63 0x0 ", "72 ", "73 ")}.get(os.uname().machine)
+
+
+def wait_reading_stdin(pids: Sequence[int], timeout: float = 30.0) -> None:
+    """Return once every process in `pids` is blocked waiting for its standard input: exec'd, linked and
+    initialised, waiting for its work. The start gate of clients spawned per transfer (curl -K -, atftp's
+    prompt): the clock starts after this, when the work is written to them, so their start-up is not timed.
+    Where /proc/PID/syscall cannot say (another architecture), waits until each sleeps, then 0.5 s more."""
+    deadline = time.monotonic() + timeout
+    waiting = set(pids)
+    while waiting and time.monotonic() < deadline:
+        for pid in list(waiting):
+            try:
+                if _WAITING is None:
+                    ready = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+                else:
+                    ready = Path(f"/proc/{pid}/syscall").read_text().startswith(_WAITING)
+            except OSError:
+                ready = True  # it has exited: nothing to wait for (its output tells what went wrong)
+            if ready:
+                waiting.discard(pid)
+        if waiting:
+            time.sleep(0.002)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} clients were not waiting on their input after {timeout:g} s")
+    if _WAITING is None:
+        time.sleep(0.5)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -159,13 +266,15 @@ class Ours:
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bootserver", "--config", str(config), "--log-level", "warning", "serve"],
+                server_command([sys.executable, "-m", "bootserver", "--config", str(config), "--log-level",
+                                "warning", "serve"]),
                 stdout=log, stderr=log, env=env, cwd=self.workdir)
         try:
             wait_http(f"{self.url}/healthz", 30, self.process)
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"bootserver did not start:\n{self.log.read_text()[-3000:]}") from None
+        check_pinned(self.process.pid)
         return self
 
     @property
@@ -212,14 +321,15 @@ def random_file(path: Path, size: int) -> Path:
 
 @contextlib.contextmanager
 def nginx(root: Path, scratch: Path) -> Iterator[tuple[int, subprocess.Popen]]:
-    """nginx serving `root` on 127.0.0.1:<free port>, Debian's defaults otherwise (sendfile, auto workers)."""
+    """nginx serving `root` on 127.0.0.1:<free port>, Debian's defaults otherwise (sendfile), one worker per
+    server CPU when pinned (server_workers)."""
     port = free_port()
     prefix = scratch / "nginx"
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
 user root;
-worker_processes auto;
+worker_processes {server_workers()};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -242,10 +352,12 @@ http {{
     }}
 }}
 """)
-    process = subprocess.Popen(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
+    process = subprocess.Popen(server_command(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
+                                               "-c", str(conf)]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/", 10, process)
+        check_pinned(process.pid)
         yield port, process
     finally:
         stop(process)
@@ -315,6 +427,39 @@ def wrk(url: str, connections: int, seconds: float, *, threads: int | None = Non
                      r["p99_us"] / 1000, r["max_us"] / 1000)
 
 
+# -- open loop ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenLoopResult:
+    """benchmarks/openloop.py's report: latency from each request's due time at a constant arrival rate."""
+
+    rate: float
+    scheduled: int
+    completed: int
+    errors: int
+    achieved_rps: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    service_p99_ms: float  # from the actual send: what a closed-loop tool would have timed
+    lag_p99_ms: float  # send delay: sent this late after due (timers, or a busy connection); in the latency
+
+
+def open_loop(url: str, rate: float, seconds: float, connections: int = 50, drain: float = 10.0) -> OpenLoopResult:
+    """Run benchmarks/openloop.py (its own process, on the client CPUs like every client) against `url`."""
+    command = [sys.executable, str(BENCH / "openloop.py"), url, "--rate", f"{rate:g}", "--seconds", f"{seconds:g}",
+               "--connections", str(connections), "--drain", f"{drain:g}"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + drain + 60).stdout
+    line = next((line for line in out.splitlines() if line.startswith("OPENLOOP ")), None)
+    if line is None:
+        raise RuntimeError(f"openloop.py printed no summary:\n{out}")
+    r = {k: float("inf") if v is None else v for k, v in json.loads(line.removeprefix("OPENLOOP ")).items()}
+    return OpenLoopResult(r["rate"], r["scheduled"], r["completed"], r["errors"], r["achieved_rps"], r["p50_ms"],
+                          r["p99_ms"], r["p999_ms"], r["max_ms"], r["service_p99_ms"], r["lag_p99_ms"])
+
+
 # -- statistics and tables --------------------------------------------------------------------------------
 
 
@@ -341,7 +486,21 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def verdict(ok: bool) -> str:
+    """PASS or MISS; in a --quick run, which does smaller work than the targets name, neither."""
+    if SMOKE:
+        return "SMOKE (no verdict)"
     return "PASS" if ok else "MISS"
+
+
+def target_lines(targets: Sequence[tuple[str, bool]]) -> str:
+    """A section's targets, one `- VERDICT: what` line each (benchmarks/run gathers them into the summary)."""
+    return "\n".join(f"- {verdict(ok)}: {what}" for what, ok in targets) + "\n"
+
+
+def run_label(rounds: int, quick: bool) -> str:
+    """For a section's title: "3 rounds", or "smoke, no verdict: --quick, 1 round"."""
+    label = f"{rounds} round{'s' * (rounds != 1)}"
+    return f"smoke, no verdict: --quick, {label}" if quick else label
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

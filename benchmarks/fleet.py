@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from common import BENCH, percentile
+from common import BENCH
 
 CHUNK = 1 << 20
 
@@ -252,9 +252,3 @@ async def wait_terminal(base: str, count: int, deadline: float) -> dict[str, int
             await asyncio.sleep(1.0)
     return states
 
-
-def phase_row(name: str, seconds: list[float]) -> list[str]:
-    if not seconds:
-        return [name, "0", "-", "-", "-"]
-    return [name, str(len(seconds)), f"{percentile(seconds, 50) * 1000:.0f}", f"{percentile(seconds, 99) * 1000:.0f}",
-            f"{max(seconds) * 1000:.0f}"]
