@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -33,13 +34,15 @@ class Emulator:
 
 @contextlib.asynccontextmanager
 async def redfish_emulator(workdir: Path) -> AsyncIterator[Emulator]:
-    if shutil.which(EMULATOR) is None:
+    # The emulator is a console script of the test venv, which CI runs without putting on PATH.
+    emulator = shutil.which(EMULATOR, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if emulator is None:
         pytest.fail(f"missing: {EMULATOR} (pip install sushy-tools: the test extra, ./setup test installs it)")
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = (workdir / "sushy-emulator.log").open("wb")
     # TMPDIR: the emulator keeps its systems' state in TMPDIR/sushy-emulator, across runs: one of its own a test.
-    process = subprocess.Popen([EMULATOR, "--fake", "-i", "127.0.0.1", "-p", str(port)], stdin=subprocess.DEVNULL,
+    process = subprocess.Popen([emulator, "--fake", "-i", "127.0.0.1", "-p", str(port)], stdin=subprocess.DEVNULL,
                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(workdir)})
     url = f"http://127.0.0.1:{port}"
     try:
