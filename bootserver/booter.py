@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import installer, tokens
+from . import grubcfg, installer, tokens
 from .admission import RateLimit
 from .config import Bmc, Config, Profile
 from .enrollment import Enrollment
 from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, TooManyRequests
 from .facts import clean_facts, firmware_uuid, selector_facts
-from .firmware import DhcpBoot, dhcp_answer, ipxe_binary
+from .firmware import DhcpBoot, dhcp_answer, ipxe_binary, secure_boot_binary
 from .groups import BootSpec, Groups
 from .history import History
 from .lifecycle import FROM_DISK, KERNEL_FROM, RUNS_INSTALLED_OS, State
@@ -44,6 +46,28 @@ from .store import Node, Store
 from .templates import Templates
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loader:
+    """What a machine's own script is written for: iPXE, or GRUB on the Secure Boot chain (the same decisions,
+    templates of the same kinds: ipxe/KIND.ipxe.j2 and grub/KIND.cfg.j2)."""
+
+    name: str
+    suffix: str
+
+    def template(self, kind: str) -> str:
+        return f"{kind}{self.suffix}.j2"
+
+    def profile_template(self, profile: Profile) -> str:
+        if self is not GRUB:
+            return profile.template
+        # A profile that boots no kernel (its iPXE template hands over to the disk) does the same from GRUB.
+        return profile.grub_template or self.template("linux" if profile.kernel else "localdisk")
+
+
+IPXE = Loader("ipxe", ".ipxe")
+GRUB = Loader("grub", ".cfg")
 
 
 @dataclass(frozen=True)
@@ -150,7 +174,7 @@ class Booter:
         if self._config.dhcp.answer == "known" and mac not in self._config.machines:
             reason = "not answered: not in [machines] and [dhcp] answer is \"known\""
         else:
-            answer = dhcp_answer(client_arch, is_ipxe, http_client, urls.api)
+            answer = dhcp_answer(client_arch, is_ipxe, http_client, urls.api, self.boot_spec(mac).secure_boot)
             reason = answer.reason
         if record:
             self._store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,
@@ -186,9 +210,14 @@ class Booter:
         text = self._templates.render("bootstrap.ipxe.j2", files_url=urls.files, api_url=urls.api)
         return Payload("boot.ipxe", data=text.encode())
 
+    def grub_bootstrap(self) -> Payload:
+        """What every Secure Boot machine's GRUB reads first ($prefix/grub.cfg): on to its own configuration."""
+        return Payload("grub.cfg", data=self._templates.render(GRUB.template("bootstrap")).encode())
+
     def machine_script(self, mac_text: str, reported: dict[str, str], urls: Urls,
-                       transport: str, client_ip: str | None = None) -> Payload:
-        """The iPXE script for one machine, recorded as an event whatever it says; its writes commit one by one.
+                       transport: str, client_ip: str | None = None, loader: Loader = IPXE) -> Payload:
+        """The iPXE script for one machine (or its GRUB configuration, `loader` GRUB), recorded as an event whatever
+        it says; its writes commit one by one.
 
         `client_ip`: the address asking, which the boot's phone-home token is bound to. A token is issued only
         when enrollment allows it (Enrollment.token_refusal); otherwise the machine is told to wait or why not.
@@ -199,7 +228,7 @@ class Booter:
         if node is None:
             self._admit_new(mac, client_ip)
         if node is not None and node.state in FROM_DISK and not node.reprovision:
-            return self._local_disk(mac, facts, transport)
+            return self._local_disk(mac, facts, transport, loader)
         spec = self.boot_spec(mac, selector_facts(facts))
         missing = self._missing_assets(spec.profile)
         if spec.profile is None or missing:
@@ -209,28 +238,30 @@ class Booter:
             self._store.record(mac, "no-boot", {"reason": reason, "transport": transport}, facts=facts)
             # The machine itself is told the same whether or not we know it: the event log says why.
             told = f"no profile for {mac}" if spec.profile is None else reason
-            return self._script(mac, "noboot.ipxe.j2", reason=told)
+            return self._script(mac, loader, "noboot", reason=told)
         detail = {"profile": spec.profile.name, "group": spec.group, "reason": spec.reason, "transport": transport}
+        if loader is GRUB:
+            detail["loader"] = GRUB.name
         token = record = None
         if spec.profile.kernel:  # a booting OS may phone home: give this boot its own one-time token
             refusal = self._enrollment.token_refusal(mac, node, facts, transport, client_ip)
             if refusal is not None and refusal.wait:
-                return self._script(mac, "wait.ipxe.j2", reason=refusal.reason, files_url=urls.files)
+                return self._script(mac, loader, "wait", reason=refusal.reason, files_url=urls.files)
             if refusal is not None:
-                return self._script(mac, "noboot.ipxe.j2", reason=refusal.reason)
+                return self._script(mac, loader, "noboot", reason=refusal.reason)
             token, record = tokens.new_token(mac, self._config.server.token_minutes, client_ip,
                                              uuid=firmware_uuid(facts))
             detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
         self._store.record(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts, token=record)
-        text = self.render_profile(spec, urls, token)
-        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+        text = self.render_profile(spec, urls, token, loader)
+        return Payload(f"{hyphenated(mac)}{loader.suffix}", data=text.encode(), mac=mac)
 
     async def machine_script_kept(self, mac_text: str, reported: dict[str, str], urls: Urls, transport: str,
-                                  client_ip: str | None = None) -> Payload:
+                                  client_ip: str | None = None, loader: Loader = IPXE) -> Payload:
         """machine_script, returned once the store has kept what it recorded (the token it carries): it shares one
         COMMIT with the other requests of this event-loop turn (Store.group_commit), for the servers that can wait."""
         with self._store.group_commit() as committed:
-            payload = self.machine_script(mac_text, reported, urls, transport, client_ip)
+            payload = self.machine_script(mac_text, reported, urls, transport, client_ip, loader)
         await committed
         return payload
 
@@ -240,22 +271,24 @@ class Booter:
             raise TooManyRequests(f"{client_ip} introduced more than {self._config.server.new_machines_per_minute} "
                                   f"new machines in a minute ([server] new_machines_per_minute): try again later")
 
-    def _script(self, mac: str, template: str, **context: Any) -> Payload:
+    def _script(self, mac: str, loader: Loader, kind: str, **context: Any) -> Payload:
         """A machine's own script from one of our templates: no-boot (why not), wait, local disk."""
-        text = self._templates.render(template, mac=mac, **context)
-        return Payload(f"{hyphenated(mac)}.ipxe", data=text.encode(), mac=mac)
+        text = self._templates.render(loader.template(kind), mac=mac, **context)
+        return Payload(f"{hyphenated(mac)}{loader.suffix}", data=text.encode(), mac=mac)
 
-    def _local_disk(self, mac: str, facts: dict[str, str], transport: str) -> Payload:
+    def _local_disk(self, mac: str, facts: dict[str, str], transport: str, loader: Loader) -> Payload:
         reason = "deployed: boots its local disk (bootserver reprovision MAC to run the flow again)"
-        self._store.record(mac, "script-served", {"profile": "local-disk", "reason": reason, "transport": transport},
+        detail = {"profile": "local-disk", "reason": reason, "transport": transport}
+        self._store.record(mac, "script-served", detail | ({"loader": GRUB.name} if loader is GRUB else {}),
                            facts=facts)
-        return self._script(mac, "localdisk.ipxe.j2", platform=facts.get("platform", ""))
+        return self._script(mac, loader, "localdisk", platform=facts.get("platform", ""))
 
-    def render_profile(self, spec: BootSpec, urls: Urls, token: str | None = None) -> str:
+    def render_profile(self, spec: BootSpec, urls: Urls, token: str | None = None, loader: Loader = IPXE) -> str:
         assert spec.profile is not None
-        context = {**self._machine_context(spec, urls), "token": token or "TOKEN", "overlay_name": OVERLAY_NAME}
+        context = {**self._machine_context(spec, urls), "token": token or "TOKEN", "overlay_name": OVERLAY_NAME,
+                   "grub_root": grubcfg.root(urls.files)}
         cmdline = self._templates.render_string(spec.profile.cmdline, **context)
-        return self._templates.render(spec.profile.template, cmdline=cmdline, **context)
+        return self._templates.render(loader.profile_template(spec.profile), cmdline=cmdline, **context)
 
     def _machine_context(self, spec: BootSpec, urls: Urls) -> dict[str, Any]:
         """What a machine's script, command line and installer files are rendered with."""
@@ -324,9 +357,24 @@ class Booter:
             raise NotFound(f"asset {name!r} is configured as {path}, which does not exist")
         return Payload(name, path=path, mac=mac)
 
-    def ipxe_binary(self, name: str) -> Payload:
-        """An iPXE binary for chainloading, from the configured iPXE directory."""
-        return ipxe_binary(name, self._config.server.ipxe_dir)
+    def ipxe_binary(self, name: str, client_ip: str | None = None) -> Payload:
+        """An iPXE binary for chainloading, from the configured iPXE directory; recorded as the machine's when
+        `client_ip` holds one of our leases (full DHCP mode): where a firmware's chain stopped shows then."""
+        payload = ipxe_binary(name, self._config.server.ipxe_dir)
+        return dataclasses.replace(payload, mac=self._leased_to(client_ip))
+
+    def secure_boot_binary(self, name: str, client_ip: str | None = None) -> Payload:
+        """The signed shim or GRUB of the Secure Boot chain; recorded as ipxe_binary is."""
+        payload = secure_boot_binary(name, self._config.server.secure_boot_files)
+        return dataclasses.replace(payload, mac=self._leased_to(client_ip))
+
+    def _leased_to(self, client_ip: str | None) -> str | None:
+        """The MAC our DHCP bound `client_ip` to, if it is bound now: firmware fetching its first file has no other
+        name. Without our leases (proxy mode) there is none."""
+        if client_ip is None or self._config.dhcp.mode != "full":
+            return None
+        lease = self._store.lease_at(client_ip)
+        return lease.mac if lease and lease.state == "bound" and lease.expires > time.time() else None
 
     def tftp_file(self, path: str) -> Payload:
         """A file under the TFTP root (data_dir/tftp), by its path there; never one outside it."""

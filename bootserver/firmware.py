@@ -27,6 +27,13 @@ HTTP_BOOT_ARCHES = {15: 6, 16: 7, 19: 11}
 # Every iPXE binary we hand out by name, over TFTP or HTTP, from server.ipxe_dir.
 IPXE_BINARIES = frozenset(FIRMWARE_BINARIES.values()) | {"snponly.efi", "undionly.kkpxe", "ipxe.pxe"}
 
+# The signed chain for Secure Boot machines, whose firmware refuses Debian's unsigned iPXE: Debian's shim
+# (shim-signed, signed by Microsoft's UEFI CA), which loads "grubx64.efi" from the directory it came from: Debian's
+# signed network GRUB (grub-efi-amd64-signed's grubnetx64.efi) under that name. From server.secure_boot_files.
+SHIM = "shimx64.efi"
+SECURE_BOOT_BINARIES = frozenset({SHIM, "grubx64.efi"})
+SECURE_BOOT_ARCHES = frozenset({7, 9, 16})  # x86-64 UEFI, PXE and HTTP boot: what Debian's shim and GRUB run on
+
 
 @dataclass(frozen=True)
 class DhcpBoot:
@@ -45,15 +52,23 @@ def firmware_binary(client_arch: int) -> str:
         raise NotFound(f"no iPXE binary for client architecture {client_arch}") from None
 
 
-def dhcp_answer(client_arch: int | None, is_ipxe: bool, http_client: bool, api_url: str) -> DhcpBoot:
+def dhcp_answer(client_arch: int | None, is_ipxe: bool, http_client: bool, api_url: str,
+                secure_boot: bool = False) -> DhcpBoot:
     """What a DHCP client we answer is told to boot: firmware gets an iPXE binary by name over TFTP, a UEFI
     HTTP-boot client gets it as a URL, iPXE itself gets the bootstrap script (or it would chainload itself
-    forever). `client_arch` None: not a PXE client (an OS's own DHCP client), which gets an address only."""
+    forever). `client_arch` None: not a PXE client (an OS's own DHCP client), which gets an address only.
+    `secure_boot`: an x86-64 UEFI firmware gets the signed shim instead of iPXE (others have no such chain)."""
     if is_ipxe:
         return DhcpBoot(f"{api_url}/boot.ipxe", reason="iPXE: the bootstrap script")
     if client_arch is None:
         return DhcpBoot(None, reason="not a PXE client: an address only")
     http = http_client or client_arch in HTTP_BOOT_ARCHES
+    if secure_boot and client_arch in SECURE_BOOT_ARCHES:
+        if http:
+            return DhcpBoot(f"{api_url}/secureboot/{SHIM}", http=True,
+                            reason=f"UEFI HTTP boot, Secure Boot: {SHIM} (signed) over HTTP")
+        return DhcpBoot(SHIM, reason=f"PXE firmware, architecture {client_arch}, Secure Boot: {SHIM} (signed) "
+                                     "over TFTP")
     try:
         name = firmware_binary(HTTP_BOOT_ARCHES.get(client_arch, client_arch))
     except NotFound as exc:
@@ -70,4 +85,14 @@ def ipxe_binary(name: str, ipxe_dir: Path) -> Payload:
     path = ipxe_dir / name
     if not path.is_file():
         raise NotFound(f"{path} is missing: install Debian's ipxe package or set server.ipxe_dir")
+    return Payload(name, path=path)
+
+
+def secure_boot_binary(name: str, directory: Path) -> Payload:
+    """The signed shim or GRUB, from the Secure Boot directory."""
+    if name not in SECURE_BOOT_BINARIES:
+        raise NotFound(f"{name!r} is not a file of the Secure Boot chain")
+    path = directory / name
+    if not path.is_file():
+        raise NotFound(f"{path} is missing: run `bootserver image secureboot` (Debian's signed shim and GRUB)")
     return Payload(name, path=path)

@@ -24,6 +24,7 @@ class BootSpec:
     reason: str
     machine: Machine | None = None
     facts: dict[str, str] = field(default_factory=dict)
+    secure_boot: bool = False  # the signed shim and GRUB for its UEFI firmware: its machine, group or profile says so
 
 
 class Groups:
@@ -38,13 +39,16 @@ class Groups:
         matching = self._matching(mac, facts)
         if not matching:
             known = "a configured machine" if machine else "an unknown machine"
-            return BootSpec(mac, None, None, f"{mac} is {known} and no group matches it", machine, facts)
+            return BootSpec(mac, None, None, f"{mac} is {known} and no group matches it", machine, facts,
+                            bool(machine and machine.secure_boot))
         best = _most_specific(matching)
         why = (", ".join(f"{k}={v}" for k, v in sorted(best.selector.items())) or "no selector: matches all")
         others = [g.name for g in matching if g is not best]
         reason = f"group {best.name} ({why})" + (f"; also matched, less specific: {', '.join(others)}"
                                                  if others else "")
-        return BootSpec(mac, self._config.profiles[best.profile], best.name, reason, machine, facts)
+        profile = self._config.profiles[best.profile]
+        secure_boot = bool(machine and machine.secure_boot) or best.secure_boot or profile.secure_boot
+        return BootSpec(mac, profile, best.name, reason, machine, facts, secure_boot)
 
     def group_of(self, mac: str, arch: str | None, platform: str | None) -> str | None:
         """spec(...).group for these facts, remembered: a job lists its group's members, which asks this of

@@ -1,4 +1,5 @@
-"""iPXE scripts are jinja2 templates in `ipxe/`; this module is the one place that renders them."""
+"""iPXE scripts are jinja2 templates in `ipxe/`, their GRUB twins (the Secure Boot chain) in `grub/`; this module is
+the one place that renders them."""
 
 from __future__ import annotations
 
@@ -7,30 +8,35 @@ from typing import Any
 
 import jinja2
 
+from . import grubcfg
 from .errors import BootserverError
 
 
-def builtin_templates_dir() -> Path:
-    """`ipxe/` in a source checkout, or the copy packed into the wheel next to this module."""
+def builtin_templates_dir(name: str = "ipxe") -> Path:
+    """`ipxe/` (or `grub/`) in a source checkout, or the copy packed into the wheel next to this module."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "ipxe", here.parent / "ipxe"):
+    for candidate in (here / name, here.parent / name):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"bootserver's iPXE templates are missing (looked in {here}/ipxe and "
-                            f"{here.parent}/ipxe): reinstall bootserver")
+    raise FileNotFoundError(f"bootserver's {name} templates are missing (looked in {here}/{name} and "
+                            f"{here.parent}/{name}): reinstall bootserver")
 
 
 class Templates:
     """The operator's templates (if any) first, then ours. Undefined variables are errors, not blanks."""
 
     def __init__(self, extra_dir: Path | None = None) -> None:
-        dirs = [str(d) for d in (extra_dir, builtin_templates_dir()) if d is not None]
+        builtin = (builtin_templates_dir("ipxe"), builtin_templates_dir("grub"))
+        dirs = [str(d) for d in (extra_dir, *builtin) if d is not None]
         self._env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(dirs),
             undefined=jinja2.StrictUndefined,
             autoescape=False,  # iPXE scripts, not HTML; values are checked before they get here
             keep_trailing_newline=True,
         )
+        # GRUB expands `$` and splits on blanks and `;`: every value from a config or a node goes through these.
+        self._env.filters["grub_quote"] = grubcfg.quote
+        self._env.filters["grub_words"] = grubcfg.words
         self._compiled: dict[str, jinja2.Template] = {}  # command lines from the config: a handful
 
     def render(self, name: str, **context: Any) -> str:

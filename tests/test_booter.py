@@ -1,27 +1,13 @@
 """The core: group matching, golden iPXE scripts, events recorded for every decision."""
 
-import os
 import re
 from pathlib import Path
 
 import pytest
+from support.golden import URLS, golden
 
 from bootserver.booter import Booter, Urls
 from bootserver.errors import BadRequest, NotFound
-
-GOLDEN = Path(__file__).parent / "golden"
-URLS = Urls(files="http://192.0.2.1:8080", api="http://192.0.2.1:8080")
-
-
-def golden(name: str, text: str) -> None:
-    """Compare with tests/golden/NAME; BOOTSERVER_UPDATE_GOLDEN=1 rewrites it (review the diff!)."""
-    path = GOLDEN / name
-    token = re.search(r"bootserver\.token=(\S+)", text)
-    if token:  # a fresh random token on every render
-        text = text.replace(token[1], "TOKEN")
-    if os.environ.get("BOOTSERVER_UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text()
 
 
 def test_most_specific_group_wins(booter: Booter):

@@ -53,6 +53,7 @@ class Group:
     name: str
     profile: str
     selector: dict[str, str] = field(default_factory=dict)
+    secure_boot: bool = False  # its UEFI machines boot through the signed shim and GRUB instead of iPXE
 
 
 BMC_DRIVERS = ("ipmi", "redfish")
@@ -88,6 +89,7 @@ class Machine:
     ip: IPv4Address | None = None  # its reserved address when bootserver is the DHCP server ([dhcp] mode = "full")
     uuid: str | None = None  # its SMBIOS UUID: a boot that reports another is refused
     bmc: Bmc | None = None  # its BMC: power control and one-time network boot
+    secure_boot: bool = False  # boots through the signed shim and GRUB instead of iPXE (its firmware checks)
 
 
 def read_groups(raw: Table, where: str) -> tuple[Group, ...]:
@@ -96,11 +98,11 @@ def read_groups(raw: Table, where: str) -> tuple[Group, ...]:
 
 
 def _group(name: str, raw: Table, where: str) -> Group:
-    only_keys(raw, {"profile", "selector"}, where)
+    only_keys(raw, {"profile", "selector", "secure_boot"}, where)
     selector = string_table(raw, "selector", where, default={})
     if "mac" in selector:
         selector["mac"] = mac(selector["mac"], f"{where} selector.mac")
-    return Group(name, string(raw, "profile", where), selector)
+    return Group(name, string(raw, "profile", where), selector, boolean(raw, "secure_boot", where, default=False))
 
 
 def read_machines(raw: Table, where: str) -> dict[str, Machine]:
@@ -116,7 +118,7 @@ def read_machines(raw: Table, where: str) -> dict[str, Machine]:
 
 
 def _machine(canonical_mac: str, raw: Table, where: str) -> Machine:
-    only_keys(raw, {"hostname", "labels", "ssh", "ip", "uuid", "bmc"}, where)
+    only_keys(raw, {"hostname", "labels", "ssh", "ip", "uuid", "bmc", "secure_boot"}, where)
     labels = string_table(raw, "labels", where, default={})
     clash = set(labels) & set(FACT_KEYS)
     if clash:
@@ -129,6 +131,7 @@ def _machine(canonical_mac: str, raw: Table, where: str) -> Machine:
         ip=ipv4(raw, "ip", where, default=None),
         uuid=uuid(raw, "uuid", where, default=None),
         bmc=_bmc(raw, where),
+        secure_boot=boolean(raw, "secure_boot", where, default=False),
     )
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import ConfigError
-from .check import Table, name, only_keys, sections, string, strings, subtable_where, table
+from .check import Table, boolean, name, only_keys, sections, string, strings, subtable_where, table
 from .deploy import Deployment, deployment_from_toml
 from .disk import DiskLayout, layout_from_toml
 from .files import check_file_urls, files_from_toml
@@ -49,6 +49,8 @@ class Profile:
     os: OperatingSystem | None = None  # installed onto the disk, which the machine then boots
     health: Health | None = None  # when the installed OS counts as running
     files: dict[str, Path] = field(default_factory=dict)  # installer files by name: jinja2 templates
+    secure_boot: bool = False  # its UEFI machines boot through the signed shim and GRUB instead of iPXE
+    grub_template: str | None = None  # the GRUB twin of `template` for those machines; default by kernel or none
 
 
 def read_assets(raw: Table, where: str, *, data_dir: Path) -> dict[str, Path]:
@@ -68,8 +70,8 @@ def read_profiles(raw: Table, where: str, *, data_dir: Path) -> dict[str, Profil
 
 
 def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
-    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy", "os", "health", "files"},
-              where)
+    only_keys(raw, {"kernel", "initrd", "cmdline", "template", "disk", "deploy", "os", "health", "files",
+                    "secure_boot", "grub_template"}, where)
     profile = Profile(
         name=key,
         kernel=string(raw, "kernel", where, default=None),
@@ -81,6 +83,8 @@ def _profile(key: str, raw: Table, where: str, data_dir: Path) -> Profile:
         os=_subtable(raw, "os", where, os_from_toml),
         health=_subtable(raw, "health", where, health_from_toml),
         files=_subtable(raw, "files", where, partial(files_from_toml, data_dir=data_dir)) or {},
+        secure_boot=boolean(raw, "secure_boot", where, default=False),
+        grub_template=string(raw, "grub_template", where, default=None),
     )
     _check_system(profile, where)
     check_file_urls(profile.cmdline, set(profile.files), f"{where} cmdline")

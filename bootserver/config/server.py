@@ -69,6 +69,7 @@ class ServerConfig:
     data_dir: Path
     public_address: str | None = None  # None: answer with the address the machine asked us on
     ipxe_dir: Path = Path("/usr/lib/ipxe")  # iPXE binaries served over TFTP for chainloading
+    secure_boot_dir: Path | None = None  # shimx64.efi and grubx64.efi (Debian's signed ones); default data_dir
     templates_dir: Path | None = None  # the operator's own iPXE templates, searched before ours
     ssh_keys: tuple[str, ...] = ()  # operators' public keys, put on every node beside the server's own
     token_minutes: int = 30  # a boot's phone-home token expires after this
@@ -105,6 +106,11 @@ class ServerConfig:
         return self.data_dir / "tftp"
 
     @property
+    def secure_boot_files(self) -> Path:
+        """Where the signed shim and GRUB are (`bootserver image secureboot` puts them there)."""
+        return self.secure_boot_dir or self.data_dir / "secureboot"
+
+    @property
     def database(self) -> Path | str:
         """Where the store is: a postgresql:// URL, or the SQLite file."""
         return self.database_url or self.database_file or self.data_dir / "bootserver.sqlite3"
@@ -138,6 +144,7 @@ def read_server(raw: Table, where: str) -> ServerConfig:
         data_dir=data_dir,
         public_address=string(raw, "public_address", where, default=None),
         ipxe_dir=Path(string(raw, "ipxe_dir", where, default="/usr/lib/ipxe")),
+        secure_boot_dir=_optional_path(raw, "secure_boot_dir", where),
         templates_dir=_path(raw, "templates_dir", where),
         ssh_keys=strings(raw, "ssh_keys", where, expected="a list of OpenSSH public key lines (ssh-ed25519 AAAA...)",
                          accept=lambda key: key.startswith("ssh-")),
@@ -174,7 +181,8 @@ def read_server(raw: Table, where: str) -> ServerConfig:
 
 def _server(raw: Table, where: str) -> None:
     """The keys [server] has (named for its table: tests/test_settings.py finds them by this name)."""
-    only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "templates_dir", "ssh_keys",
+    only_keys(raw, {"http", "tftp", "data_dir", "public_address", "ipxe_dir", "secure_boot_dir", "templates_dir",
+                    "ssh_keys",
                      "token_minutes", "phone_home_minutes", "provision_concurrency", "api_token", "database",
                      "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days", "enroll",
                      "window_minutes", "trusted_proxies", "new_machines_per_minute", "provision_per_source",
@@ -262,3 +270,8 @@ def _api_token(raw: Table, key: str, where: str) -> str | None:
         raise ConfigError(f"{where} {key}: expected at least 16 printable ASCII characters without spaces "
                           f"(e.g. from `openssl rand -hex 24`)")
     return token
+
+
+def _optional_path(raw: Table, key: str, where: str) -> Path | None:
+    text = string(raw, key, where, default=None, nonempty=True)
+    return None if text is None else Path(text).expanduser()

@@ -562,6 +562,10 @@ class Store:
         row = self._row("SELECT * FROM leases WHERE mac = ?", (mac,))
         return records.lease(row) if row else None
 
+    def lease_at(self, ip: str) -> Lease | None:
+        row = self._row("SELECT * FROM leases WHERE ip = ?", (ip,))
+        return records.lease(row) if row else None
+
     def leases(self) -> list[Lease]:
         return [records.lease(row) for row in self._rows("SELECT * FROM leases ORDER BY ip")]
 

@@ -6,8 +6,8 @@ import re
 import socket
 from urllib.parse import parse_qs
 
-from ..booter import Booter, Urls
-from ..firmware import IPXE_BINARIES
+from ..booter import GRUB, Booter, Urls
+from ..firmware import IPXE_BINARIES, SECURE_BOOT_BINARIES
 from ..overlay import OVERLAY_NAME
 from ..payload import Payload
 from .session import Transfer
@@ -18,6 +18,7 @@ _MACHINE_SCRIPT_WITH_FACTS = re.compile(r"boot/([^/]+)/([^/]*)/([^/]*)\.ipxe")  
 _INSTALLER_FILE = re.compile(r"boot/([^/]+)/files/([^/]+)")
 _BOOT_FILE = re.compile(r"boot/([^/]+)/([^/]+)")
 _OVERLAY = re.compile(r"boot/([^/]+)/([^/]+)/" + re.escape(OVERLAY_NAME))  # mac/token
+_GRUB_CONFIG = re.compile(r"grub/([^/]+)\.cfg")  # a Secure Boot machine's own, by the MAC GRUB knows it by
 
 
 class Routes:
@@ -26,7 +27,8 @@ class Routes:
         boot.ipxe, boot/{mac}.ipxe, boot/{mac}/{platform}/{arch}.ipxe, boot/{mac}/{asset},
         boot/{mac}/files/{name} (an installer file: before the scripts, whose {platform} is never "files"),
         boot/{mac}/{token}/bootserver.cpio,
-        iPXE binaries by name, then files under data_dir/tftp
+        iPXE binaries by name; the Secure Boot chain: shimx64.efi, grubx64.efi, grub/grub.cfg, grub/{mac}.cfg;
+        then files under data_dir/tftp
 
     iPXE drops the query string of tftp:// URIs, so the bootstrap puts the facts in the path.
     """
@@ -54,7 +56,14 @@ class Routes:
         if match := _OVERLAY.fullmatch(path):
             return self.booter.overlay(match[1], match[2], self._urls(peer))
         if path in IPXE_BINARIES:
-            return self.booter.ipxe_binary(path)
+            return self.booter.ipxe_binary(path, client_ip=peer[0])
+        if path in SECURE_BOOT_BINARIES:
+            return self.booter.secure_boot_binary(path, client_ip=peer[0])
+        if path == "grub/grub.cfg":
+            return self.booter.grub_bootstrap()
+        if match := _GRUB_CONFIG.fullmatch(path):
+            return self.booter.machine_script(match[1], {"platform": "efi"}, self._urls(peer), "tftp",
+                                              client_ip=peer[0], loader=GRUB)
         return self.booter.tftp_file(path)
 
     def record(self, transfer: Transfer) -> None:

@@ -8,6 +8,8 @@
     GET  /boot/{mac}/{token}/bootserver.cpio   the same, as an initrd overlay
     POST /boot/{mac}/phone-home     the booted node calling back with its token and host key (202)
     GET  /ipxe/{binary}             iPXE binaries, for UEFI HTTP boot
+    GET  /secureboot/{binary}       the signed shim and GRUB, for Secure Boot machines' UEFI HTTP boot
+    GET  /grub/grub.cfg             what their GRUB reads first; /grub/{mac}.cfg: one machine's (as its script)
     GET  /healthz                   what works and what is missing (`problems`: what needs a person)
 
 Status pages are in pages.py and stream.py, the JSON API (/api/v1) and /metrics in api.py.
@@ -25,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from ..booter import OVERLAY_NAME, Booter, Urls
+from ..booter import GRUB, OVERLAY_NAME, Booter, Urls
 from ..errors import BadRequest
 from ..payload import Payload
 from .routes import BOOTER, PUBLIC_ADDRESS, get, post
@@ -43,6 +45,9 @@ def add_routes(app: web.Application) -> None:
     post(app, "/boot/{mac}/phone-home", phone_home)
     post(app, "/boot/{mac}/booted", os_booted)
     get(app, "/ipxe/{name}", ipxe_binary)
+    get(app, "/secureboot/{name}", secure_boot_binary)
+    get(app, "/grub/grub.cfg", grub_bootstrap)
+    get(app, "/grub/{mac}.cfg", grub_config)
     get(app, "/healthz", healthz)
 
 
@@ -125,7 +130,24 @@ async def installer_file(request: web.Request) -> web.Response:
 
 
 async def ipxe_binary(request: web.Request) -> web.StreamResponse:
-    return await _send_file(request, request.app[BOOTER].ipxe_binary(request.match_info["name"]))
+    return await _send_file(request, request.app[BOOTER].ipxe_binary(request.match_info["name"],
+                                                                     client_ip=client_address(request)))
+
+
+async def secure_boot_binary(request: web.Request) -> web.StreamResponse:
+    return await _send_file(request, request.app[BOOTER].secure_boot_binary(request.match_info["name"],
+                                                                           client_ip=client_address(request)))
+
+
+async def grub_bootstrap(request: web.Request) -> web.Response:
+    return _text(request.app[BOOTER].grub_bootstrap())
+
+
+async def grub_config(request: web.Request) -> web.Response:
+    payload = await request.app[BOOTER].machine_script_kept(request.match_info["mac"], {"platform": "efi"},
+                                                           urls(request), "http", client_ip=client_address(request),
+                                                           loader=GRUB)
+    return _text(payload)
 
 
 async def _send_file(request: web.Request, payload: Payload) -> web.StreamResponse:

@@ -1,0 +1,38 @@
+"""GRUB's side of the Secure Boot chain: how its configuration names our files, and how values are quoted in it.
+
+A Secure Boot machine runs Debian's signed shim, which loads Debian's signed network GRUB (grubnetx64.efi, served
+as grubx64.efi beside shim); that GRUB reads `$prefix/grub.cfg` from where it came from, which sends it on to
+`$prefix/MAC.cfg`: the machine's own configuration, the twin of its iPXE script (templates in `grub/`).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+# A kernel command line's words as the kernel splits them: on blanks, except inside double quotes.
+_WORD = re.compile(r'(?:[^\s"]|"[^"]*")+')
+
+
+def quote(value: object) -> str:
+    """One GRUB word holding `value` literally: single quotes, in which GRUB expands nothing."""
+    return "'" + str(value).replace("'", "'\\''") + "'"
+
+
+def words(cmdline: str) -> str:
+    """A kernel command line as GRUB words, each quoted: GRUB joins a `linux` command's arguments with spaces, so
+    the kernel gets the line back as written, and no `$`, `;` or quote in it is GRUB's."""
+    return " ".join(quote(word) for word in _WORD.findall(cmdline))
+
+
+def root(files_url: str) -> str:
+    """The GRUB device our files are read from: (http,HOST) when our HTTP is on port 80, else (tftp,HOST).
+
+    Debian's GRUB 2.06 takes no port in a device name, so HTTP on another port cannot be reached from GRUB:
+    its files then come over TFTP (port 69)."""
+    parts = urlsplit(files_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    if parts.scheme == "http" and (parts.port or 80) == 80:
+        return f"(http,{host})"
+    return f"(tftp,{host})"
