@@ -23,7 +23,7 @@ from .provision.disk import TARGET_ROOT, dry_run
 from .provision.pki import encrypt_secret
 from .store import Store
 from .tools.lab import ADDRESS as LAB_ADDRESS
-from .tools.lab import Lab
+from .tools.lab import FIRMWARES, Lab
 from .web.views import clock, machine_view, summarize
 
 
@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="security mirror (default: the host's, if its apt sources have one)")
     os_image.add_argument("--out", type=Path, help="output directory (default: DATA_DIR/images/os)")
     os_image.set_defaults(command=cmd_image_os)
+    secure = image_commands.add_parser("secureboot", help="the signed shim and GRUB for Secure Boot machines")
+    secure.add_argument("--out", type=Path, help="output directory (default: [server] secure_boot_dir, else "
+                                                 "DATA_DIR/secureboot)")
+    secure.set_defaults(command=cmd_image_secureboot)
 
     db = commands.add_parser("db", help="the store's schema, and moving from SQLite to PostgreSQL")
     db_commands = db.add_subparsers(required=True, metavar="ACTION")
@@ -144,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     lab_commands = lab.add_subparsers(required=True, metavar="ACTION")
     up = lab_commands.add_parser("up", help="namespace, switch, bootserver as full DHCP server, N VMs")
     up.add_argument("--vms", type=int, default=2, help="how many VMs (default 2)")
-    up.add_argument("--firmware", choices=["bios", "uefi"], default="bios")
+    up.add_argument("--firmware", choices=FIRMWARES, default="bios")
     up.add_argument("--timeout", type=float, default=1200, help="seconds to wait for every VM to be running")
     up.add_argument("--address", default=str(LAB_ADDRESS), help=f"our address on the lab's switch ({LAB_ADDRESS})")
     up.add_argument("--image-dir", type=Path, help="the agent image (default: DATA_DIR/images/agent)")
@@ -357,6 +361,16 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     out = args.out or config.server.data_dir / "images" / "agent"
     image = build_agent_image(out)
     print(f"agent image {image.version}: {image.kernel}, {image.initrd}")
+    return 0
+
+
+def cmd_image_secureboot(args: argparse.Namespace) -> int:
+    from .tools.image import default_cache_dir
+    from .tools.secureboot import fetch_secure_boot_files
+
+    config = configuration.load(args.config)
+    fetch_secure_boot_files(args.out or config.server.secure_boot_files, default_cache_dir(),
+                            lambda line: print(line, flush=True))
     return 0
 
 

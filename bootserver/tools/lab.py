@@ -1,6 +1,6 @@
 """A boot lab on one machine: QEMU VMs on a VDE switch, netbooting from bootserver as their DHCP server.
 
-    bootserver lab up --vms 3 [--firmware bios|uefi]    # network, server, VMs; returns once all are running
+    bootserver lab up --vms 3 [--firmware bios|uefi|uefi-secureboot]   # network, server, VMs; until all run
     bootserver lab status [--json]                      # processes, machine states, the peer matrix
     bootserver lab down                                 # stop everything, remove the namespace
 
@@ -37,7 +37,9 @@ from pathlib import Path
 from ..errors import BootserverError
 from ..provision.pki import encrypt_secret
 from . import labnode
+from .image import default_cache_dir
 from .labbmc import IPMI_SIM, SimBmc
+from .secureboot import fetch_secure_boot_files
 
 NAMESPACE = "bootserver-lab"
 TAP = "lab0"
@@ -47,6 +49,11 @@ QEMU = "qemu-system-x86_64"
 # persists across reboots and runs, made from the template on first use.
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# OVMF's Secure Boot build, and a variable store with Microsoft's keys enrolled (as machines ship): it runs
+# Debian's shim (signed by Microsoft's UEFI CA) and refuses anything unsigned, such as Debian's iPXE.
+OVMF_SECBOOT_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_MS_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+FIRMWARES = ("bios", "uefi", "uefi-secureboot")
 VM_MAC = "52:54:00:00:10:{:02x}"
 VM_DISK_BYTES = 2 << 30  # sparse: costs nothing until written
 TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl": "curl", IPMI_SIM: "openipmi"}
@@ -160,10 +167,10 @@ class Lab:
         """Network, server and `vms` VMs; on any failure, whatever was started is stopped again."""
         if self.state_path.exists():
             raise LabError(f"a lab is recorded in {self.state_path} already: `bootserver lab down` first")
-        check_tools(uefi=firmware == "uefi")
+        check_tools(uefi=firmware != "bios")
         try:
             self.start_network()
-            self.write_config(image_dir, machines=vms)
+            self.write_config(image_dir, machines=vms, secure_boot=firmware == "uefi-secureboot")
             self.start_server()
             for index in range(1, vms + 1):
                 self.start_vm(index, firmware)
@@ -191,7 +198,7 @@ class Lab:
                    marker=f"bootserver.tools.advertise {self.tap}", namespace=self.namespace)
 
     def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True,
-                     os_image: Path | None = None) -> Path:
+                     os_image: Path | None = None, secure_boot: bool = False) -> Path:
         """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap.
 
         With `provision`, every lab machine is then made a member of a small cluster: its disk partitioned (GPT
@@ -199,6 +206,8 @@ class Lab:
         `bootserver image os debian` writes it), and the demo peer service deployed with a peer list of the
         whole group, a TLS certificate and an enabled unit; `lab up` ends when every machine is running it.
         Without `provision` machines stop at phone-home. Full mode reserves lab N's address (.10+N).
+        With `secure_boot`, every machine boots through the signed shim and GRUB (fetched into the data directory
+        by `bootserver image secureboot`'s code when missing).
         """
         kernel, initrd = image_dir / "vmlinuz", image_dir / "initrd.img"
         for path in (kernel, initrd):
@@ -220,7 +229,7 @@ class Lab:
             "[profiles.agent]", 'kernel = "agent-kernel"', 'initrd = ["agent-initrd"]',
             'cmdline = "console=tty0 console=ttyS0"',
             *(self._demo_cluster() if provision else []),
-            "[groups.default]", 'profile = "agent"',
+            "[groups.default]", 'profile = "agent"', *(["secure_boot = true"] if secure_boot else []),
             "[dhcp]", *dhcp,
         ]
         for index in range(1, machines + 1):
@@ -230,6 +239,8 @@ class Lab:
             lines += self._bmc_section(index)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
+        if secure_boot and not (self.data_dir / "secureboot" / "shimx64.efi").is_file():
+            fetch_secure_boot_files(self.data_dir / "secureboot", default_cache_dir(), lambda line: None)
         return self.config_path
 
     def bmc(self, index: int) -> SimBmc:
@@ -282,8 +293,13 @@ class Lab:
         Returns the BMC's pid (QEMU's changes with every power-on).
 
         native_pxe: no iPXE option ROM on the NIC (`romfile=`): UEFI firmware uses its own PXE client.
+        firmware "uefi-secureboot": OVMF with Secure Boot on and Microsoft's keys, always its own PXE client (the
+        ROM's unsigned iPXE would run first otherwise), on a q35 machine with SMM as that OVMF build needs.
         """
-        if native_pxe and firmware != "uefi":
+        if firmware not in FIRMWARES:
+            raise LabError(f"firmware {firmware!r}: one of {', '.join(FIRMWARES)}")
+        native_pxe = native_pxe or firmware == "uefi-secureboot"
+        if native_pxe and firmware == "bios":
             raise LabError("native_pxe needs UEFI: SeaBIOS has no PXE client of its own")
         disk = self.dir / f"vm{index}.img"
         if not disk.exists():
@@ -304,6 +320,8 @@ class Lab:
         ]  # fmt: skip
         if firmware == "uefi":
             command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd", firmware_netboot=native_pxe)
+        if firmware == "uefi-secureboot":
+            command += secure_boot_flash(self.dir / f"vm{index}.ovmf-ms-vars.fd")
         bmc = self.bmc(index)
         command += bmc.qemu_args()
         script = self.dir / f"vm{index}.start"
@@ -443,12 +461,22 @@ def uefi_flash(vars_file: Path, *, firmware_netboot: bool = False) -> list[str]:
                     "-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no"]
 
 
+def secure_boot_flash(vars_file: Path) -> list[str]:
+    """QEMU's arguments for OVMF's Secure Boot build with Microsoft's keys in `vars_file` (a copy, made once):
+    a q35 machine with SMM, and flash writable only from SMM, without which that build does not start."""
+    if not vars_file.exists():
+        shutil.copyfile(OVMF_MS_VARS, vars_file)
+    return ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_SECBOOT_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
+
+
 def check_tools(uefi: bool = False) -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root: it creates a network namespace and a tap interface")
     missing = [f"{tool} (apt-get install {package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
-    if uefi and not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
-        missing.append(f"{OVMF_CODE} and {OVMF_VARS.name} (apt-get install ovmf)")
+    if uefi and not all(f.is_file() for f in (OVMF_CODE, OVMF_VARS, OVMF_SECBOOT_CODE, OVMF_MS_VARS)):
+        missing.append(f"{OVMF_CODE} and its Secure Boot build (apt-get install ovmf)")
     if missing:
         raise LabError(f"missing: {', '.join(missing)}")
 
