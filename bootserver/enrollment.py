@@ -16,7 +16,7 @@ from . import tokens
 from .admission import canonical_uuid, same_uuid, strict_ip, window
 from .config import Config
 from .errors import BadRequest, Forbidden, NotFound, Unauthorized
-from .facts import boot_report, disks, host_key, kernel
+from .facts import boot_report, disks, host_key, kernel, secure_boot
 from .lifecycle import FROM_DISK, IN_PROGRESS, State
 from .store import Node, Store
 
@@ -102,7 +102,8 @@ class Enrollment:
                 self.store.record(mac, "refused", {"what": "phone-home", "reason": str(exc), "from": client_ip})
             raise
         detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
-                  "kernel": kernel(report.get("kernel", "")), "disks": disks(report.get("disks"))}
+                  "kernel": kernel(report.get("kernel", "")), "disks": disks(report.get("disks")),
+                  "secure_boot": secure_boot(report.get("secure_boot"))}
         if not self.store.phoned_home(token_id, mac, peer, key, detail):
             reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
             self.store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})

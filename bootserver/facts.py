@@ -79,6 +79,11 @@ def disks(value: object) -> list[dict[str, Any]]:
     return kept
 
 
+def secure_boot(value: object) -> bool | None:
+    """Whether the agent found Secure Boot on (the firmware's SecureBoot variable); None: not UEFI, or not said."""
+    return value if isinstance(value, bool) else None
+
+
 def boot_report(report: dict[str, Any]) -> dict[str, Any]:
     """What an installed OS reported of its first boot, kept small and typed for the event log."""
     failed = report.get("failed_units")

@@ -4,7 +4,7 @@ import asyncssh
 import pytest
 
 from bootserver.errors import BadRequest
-from bootserver.facts import clean_facts, disks, firmware_uuid, host_key, selector_facts
+from bootserver.facts import clean_facts, disks, firmware_uuid, host_key, secure_boot, selector_facts
 
 
 def test_hostile_facts_are_refused():
@@ -35,3 +35,9 @@ def test_phone_home_reports_are_checked_and_cut_to_size():
     kept = disks(reported)
     assert len(kept) == 11 and kept[0] == {"name": "vda", "size_bytes": 1 << 30, "partitions": 0}
     assert disks("vda") == []
+
+
+def test_secure_boot_is_a_boolean_or_nothing():
+    assert secure_boot(True) is True and secure_boot(False) is False
+    for said in (None, "true", 1, [], {"on": True}):
+        assert secure_boot(said) is None

@@ -34,6 +34,7 @@ AGENT_MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_net", "e1000",
     "virtio_blk", "ahci", "sd_mod", "nvme",
     "crc32c_generic", "ext4", "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1", "nls_utf8",
+    "efivarfs",  # the firmware's variables: whether Secure Boot is on
 )  # fmt: skip
 
 # The programs the agent carries besides busybox: package -> {path in the package: names in

@@ -155,7 +155,8 @@ def _file(d: dict[str, Any]) -> str:
 
 def _phoned_home(d: dict[str, Any]) -> str:
     disks = ", ".join(f"{x.get('name')} {size(x.get('size_bytes'))}" for x in d.get("disks", [])) or "no disks"
-    return f"from {d.get('ip')}, host key {d.get('fingerprint')}, kernel {d.get('kernel') or '?'}, {disks}"
+    secure = {True: ", Secure Boot on", False: ", Secure Boot off"}.get(d.get("secure_boot"), "")
+    return f"from {d.get('ip')}, host key {d.get('fingerprint')}, kernel {d.get('kernel') or '?'}, {disks}{secure}"
 
 
 def _command(d: dict[str, Any]) -> str:

@@ -209,6 +209,18 @@ phone_home() {  # POST what the server needs to provision us, to it or else its 
     done
 }
 
+secure_boot_json() {  # true/false from the firmware's SecureBoot variable (4 attribute bytes, then 0 or 1); null: no UEFI
+    var=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+    [ -d /sys/firmware/efi ] || { echo null; return; }
+    [ -e "$var" ] || mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
+    # its last byte (busybox od ignores -j: tail instead)
+    case "$(tail -c 1 "$var" 2>/dev/null | od -An -t u1 | tr -d ' ')" in
+        1) echo true ;;
+        0) echo false ;;
+        *) echo null ;;
+    esac
+}
+
 phone_home_to() {  # phone_home_to URL: one try; sets REFUSED=1 when the server will never accept us
     target=$1
     REFUSED=0
@@ -217,7 +229,7 @@ phone_home_to() {  # phone_home_to URL: one try; sets REFUSED=1 when the server 
     body="$body \"token\": $(json_string "$TOKEN"), \"kernel\": \"$(uname -r)\","
     # the SMBIOS UUID the firmware reported with our script: the server checks they are one machine
     body="$body \"uuid\": $(json_string "$(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"),"
-    body="$body \"disks\": $(disks_json)}"
+    body="$body \"secure_boot\": $(secure_boot_json), \"disks\": $(disks_json)}"
     # not wget -T: busybox 1.35's wget crashes with it (SIGSEGV, every time)
     if timeout 20 wget -q -O /tmp/phone-home.out --header 'Content-Type: application/json' \
             --post-data "$body" "$target" 2>/tmp/phone-home.err; then
