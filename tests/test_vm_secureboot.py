@@ -1,0 +1,79 @@
+"""Secure Boot on real firmware: OVMF's Secure Boot build with Microsoft's keys enrolled, on the lab's VDE switch,
+netboots through Debian's signed shim and GRUB (`bootserver image secureboot`) to the agent's phone-home.
+
+Needs root, vde2, qemu-system-x86, ovmf and Debian's package lists (the signed binaries are downloaded with
+apt-get download, as the agent image's packages are); a missing one fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from support.lab import lab_network, report, wait_phoned_home
+
+from bootserver.store import Store
+from bootserver.tools.image import AgentImage
+from bootserver.tools.lab import VM_MAC
+
+pytestmark = pytest.mark.vm
+
+
+async def test_a_secure_boot_vm_netboots_through_shim_and_grub(tmp_path: Path, agent_image: AgentImage, timing):
+    with lab_network(tmp_path) as lab:
+        lab.write_config(agent_image.kernel.parent, provision=False, secure_boot=True)
+        lab.start_server()
+        started = time.monotonic()
+        lab.start_vm(1, firmware="uefi-secureboot")
+        took = await wait_phoned_home(lab, 1, started, timeout=300)
+        timing("OVMF with Secure Boot, its own PXE -> shim -> GRUB -> signed kernel (VDE): QEMU start to phone-home",
+               took)
+        mac = VM_MAC.format(1)
+        store = Store(lab.data_dir / "bootserver.sqlite3")
+        try:
+            events = store.events(mac)
+        finally:
+            store.close()
+        dhcp = [e.detail for e in events if e.kind == "dhcp"]
+        assert dhcp[0]["bootfile"] == "shimx64.efi" and "Secure Boot" in dhcp[0]["answer"], dhcp
+        script = next(e.detail for e in events if e.kind == "script-served")
+        assert script["loader"] == "grub" and script["transport"] == "tftp", script
+        # The chain's files, each served in full to this machine (known by its lease), in order.
+        served = [(e.detail["file"], e.detail["bytes"] == e.detail["size"]) for e in events if e.kind == "file-served"]
+        assert served[:2] == [("shimx64.efi", True), ("grubx64.efi", True)], served
+        phoned = next(e.detail for e in events if e.kind == "phoned-home")
+        assert phoned["secure_boot"] is True, phoned  # what the agent read from the firmware's SecureBoot variable
+        serial = lab.serial_log(1).read_text(errors="replace")
+        assert "Secure boot enabled" in serial, report(lab, 1)
+
+
+async def test_the_firmware_refuses_unsigned_ipxe_and_the_events_show_where_the_chain_stopped(
+        tmp_path: Path, agent_image: AgentImage, timing):
+    """The same Secure Boot VM, its machine not marked secure_boot: it is told to boot Debian's unsigned ipxe.efi,
+    which the firmware refuses to run. Its last event is that file, served in full; no script is ever asked for."""
+    with lab_network(tmp_path) as lab:
+        lab.write_config(agent_image.kernel.parent, provision=False)
+        lab.start_server()
+        started = time.monotonic()
+        lab.start_vm(1, firmware="uefi-secureboot")
+        serial = lab.serial_log(1)
+        deadline = time.monotonic() + 180
+        while "Access Denied" not in serial.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"no refusal from the firmware in 180 s{report(lab, 1)}"
+            await asyncio.sleep(0.5)
+        timing("OVMF with Secure Boot given unsigned ipxe.efi (VDE): QEMU start to the firmware's refusal",
+               time.monotonic() - started)
+        mac = VM_MAC.format(1)
+        store = Store(lab.data_dir / "bootserver.sqlite3")
+        try:
+            events = store.events(mac)
+        finally:
+            store.close()
+        served = [e.detail for e in events if e.kind == "file-served"]
+        # (The firmware may go on to try the network again: then it gets the same file again.)
+        assert served and {(f["file"], f["protocol"], f["bytes"] == f["size"]) for f in served} == \
+            {("ipxe.efi", "tftp", True)}, served
+        assert not [e for e in events if e.kind == "script-served"], "the refused binary asked for a script"
+        assert [e.kind for e in events if e.kind != "dhcp"][-1] == "file-served", [e.kind for e in events]
