@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     up = lab_commands.add_parser("up", help="namespace, switch, bootserver as full DHCP server, N VMs")
     up.add_argument("--vms", type=int, default=2, help="how many VMs (default 2)")
     up.add_argument("--firmware", choices=FIRMWARES, default="bios")
+    up.add_argument("--bmc", choices=["ipmi", "redfish"], default="ipmi",
+                    help="the VMs' BMCs: an ipmi_sim each (default), or libvirt domains behind one sushy-tools "
+                         "Redfish emulator (libvirt-daemon, libvirt-daemon-driver-qemu, sushy-tools, libvirt-python)")
     up.add_argument("--timeout", type=float, default=1200, help="seconds to wait for every VM to be running")
     up.add_argument("--address", default=str(LAB_ADDRESS), help=f"our address on the lab's switch ({LAB_ADDRESS})")
     up.add_argument("--image-dir", type=Path, help="the agent image (default: DATA_DIR/images/agent)")
@@ -394,7 +397,7 @@ def _lab_dir(args: argparse.Namespace) -> Path:
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
     config = configuration.load(args.config)
-    lab = Lab(_lab_dir(args), address=IPv4Interface(args.address))
+    lab = Lab(_lab_dir(args), address=IPv4Interface(args.address), bmc_driver=args.bmc)
     lab.up(args.vms, args.firmware, args.image_dir or config.server.data_dir / "images" / "agent")
     print(f"{args.vms} VMs started; waiting until each runs its installed OS and service (or fails)...", flush=True)
     lab.wait_running(args.vms, timeout=args.timeout, progress=lambda line: print(line, flush=True))

@@ -1,12 +1,13 @@
 """The Redfish driver (sushy) against sushy-tools' emulator with its fake driver (tests/support/redfish.py):
-power, the one-time network boot read back, the inventory into the machine's facts. The lab's VMs have no
-Redfish BMC: the emulator's libvirt driver needs a libvirtd, which these machines do not run (README, "Power
-control")."""
+power, the one-time network boot read back, the inventory into the machine's facts. The lab's Redfish BMCs
+(`lab up --bmc redfish`: the emulator's libvirt driver) are powered for real in tests/test_vm_power_redfish.py;
+here only the config and domains the lab writes for them are read back."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from bootserver import config as configuration
 from bootserver.booter import Booter
 from bootserver.opening import open_core
 from bootserver.store import Store
+from bootserver.tools import labredfish
+from bootserver.tools.lab import OVMF_CODE, OVMF_VARS, VM_MAC, Lab
 
 MAC = "52:54:00:00:00:01"
 
@@ -82,3 +85,30 @@ async def test_a_legacy_boot_reads_back_in_legacy_mode(config_file: Path, emulat
     finally:
         booter.close()
     assert (read.device, read.uefi) == ("network", False)
+
+
+def test_the_redfish_lab_config_gives_each_vm_the_emulator_and_its_domain(tmp_path: Path):
+    """`lab up --bmc redfish` writes [machines."MAC".bmc] that the config takes (the one emulator, the domain's UUID
+    as the system, the firmware's mode) and a domain whose UUID, MAC and UDP ports are the ones it names."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("vmlinuz", "initrd.img"):
+        (images / name).write_bytes(b"x")
+    lab = Lab(tmp_path / "lab", bmc_driver="redfish")
+    config = configuration.load(lab.write_config(images, machines=2, provision=False, firmware="uefi"))
+    bmcs = [config.machines[VM_MAC.format(index)].bmc for index in (1, 2)]
+    assert [(b.driver, b.address, b.firmware) for b in bmcs] == [("redfish", "http://10.100.0.200:8000", "uefi")] * 2
+    assert bmcs[0].system != bmcs[1].system and bmcs[0].system == lab.bmcs["1"]["system"]
+    assert set(lab.bmcs["1"]) == {"driver", "address", "port", "username", "password", "system"}
+
+    domain = ET.fromstring(labredfish.domain_xml(
+        name="lab-vm1", uuid=str(bmcs[0].system), memory=1024, disk=tmp_path / "vm1.img", serial=tmp_path / "s.log",
+        mac=VM_MAC.format(1), firmware="uefi", vars_file=tmp_path / "vars.fd", ovmf_code=OVMF_CODE,
+        ovmf_vars=OVMF_VARS, plug_port=9201, vm_port=9301, qemu="qemu-system-x86_64"))
+    assert domain.get("type") == "qemu" and domain.findtext("uuid") == bmcs[0].system
+    nic = domain.find("devices/interface")
+    assert (nic.get("type"), nic.find("mac").get("address")) == ("udp", VM_MAC.format(1))
+    assert (nic.find("source").get("port"), nic.find("source/local").get("port")) == ("9201", "9301")
+    assert "udp://127.0.0.1:9201->127.0.0.1:9301" in labredfish.plug_command(tmp_path / "switch", 9201, 9301)
+    assert domain.find("os/loader").get("type") == "pflash"
+    assert domain.find("os/nvram").text == str(tmp_path / "vars.fd")

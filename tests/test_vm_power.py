@@ -16,90 +16,31 @@ Needs root, vde2, qemu-system-x86, openipmi, ipxe and curl; a missing one fails 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from support.lab import (
+    MAC,
+    bootserver_cli,
+    lab_for_test,
+    qemu_running,
+    report,
+    timeline,
+    until_phoned_home,
+    until_state,
+)
 
-import bootserver
-from bootserver.store import Store
 from bootserver.tools.image import AgentImage
-from bootserver.tools.lab import VM_MAC, Lab, namespaces
+from bootserver.tools.lab import Lab
 
 pytestmark = pytest.mark.vm
-
-TOOLS = {"ip": "iproute2", "vde_switch": "vde2", "qemu-system-x86_64": "qemu-system-x86", "ipmi_sim": "openipmi",
-         "curl": "curl"}
-MAC = VM_MAC.format(1)
 
 
 @pytest.fixture
 def lab(tmp_path: Path):
-    if os.geteuid() != 0:
-        pytest.fail("the lab needs root (network namespaces, taps)")
-    missing = [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"missing: {', '.join(missing)}: apt-get install them (./setup test does)")
-    lab = Lab(tmp_path / "lab", namespace=f"bsp-{os.getpid()}-{tmp_path.name[-12:]}")
-    try:
-        lab.start_network()
-        yield lab
-    finally:
-        lab.down()
-        assert lab.namespace not in namespaces()
-
-
-def bootserver_cli(lab: Lab, *args: str) -> subprocess.CompletedProcess:
-    """`bootserver --config LAB ...` inside the lab's namespace, where the BMCs are, as an operator runs it."""
-    env = {**os.environ, "PYTHONPATH": str(Path(bootserver.__file__).resolve().parents[1])}
-    return subprocess.run(["ip", "netns", "exec", lab.namespace, sys.executable, "-m", "bootserver", "--config",
-                           str(lab.config_path), *args], capture_output=True, text=True, env=env, timeout=120)
-
-
-def machine(lab: Lab) -> dict:
-    result = subprocess.run(["ip", "netns", "exec", lab.namespace, "curl", "-s", "--max-time", "5",
-                             f"http://{lab.address.ip}/api/v1/machines/{MAC}"], capture_output=True, text=True)
-    try:
-        return json.loads(result.stdout)
-    except json.JSONDecodeError:
-        return {}
-
-
-def timeline(lab: Lab) -> list:
-    store = Store(lab.data_dir / "bootserver.sqlite3")
-    try:
-        return store.events(MAC)
-    finally:
-        store.close()
-
-
-def qemu_running(lab: Lab) -> bool:
-    return any(entry["running"] for name, entry in lab.status_json()["processes"].items() if name == "vm1")
-
-
-async def until_phoned_home(lab: Lab, count: int, started: float, timeout: float = 150) -> float:
-    """Seconds from `started` until the VM has phoned home `count` times."""
-    deadline = time.monotonic() + timeout
-    while sum(e.kind == "phoned-home" for e in timeline(lab)) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{MAC} is {machine(lab).get('state')!r}: not phoned home {count} times after "
-                                 f"{time.monotonic() - started:.0f} s{report(lab)}")
-        await asyncio.sleep(0.5)
-    return time.monotonic() - started
-
-
-def report(lab: Lab) -> str:
-    parts = []
-    for name in ("server.log", "bmc1.log", "vm1.qemu.log", "vm1.serial.log"):
-        path = lab.dir / name
-        if path.exists():
-            parts.append(f"\n--- {name}:\n{path.read_text(errors='replace')[-3000:]}")
-    return "".join(parts)
+    with lab_for_test(tmp_path) as running:
+        yield running
 
 
 async def test_deploy_now_powers_a_vm_on_through_ipmi_and_reprovision_now_resets_it(lab: Lab,
@@ -153,11 +94,8 @@ async def test_reprovision_now_sends_a_vm_running_debian_through_the_flow_again(
     started = time.monotonic()
     deployed = bootserver_cli(lab, "deploy", MAC, "--now")
     assert deployed.returncode == 0, f"{deployed.stdout}{deployed.stderr}{report(lab)}"
-    deadline = time.monotonic() + 300
-    while (state := machine(lab).get("state")) != "running":
-        assert state not in ("failed", "interrupted") and time.monotonic() < deadline, f"{state}{report(lab)}"
-        await asyncio.sleep(1)
-    timing("lab VM powered off: deploy --now over IPMI to running Debian (BIOS, VDE)", time.monotonic() - started)
+    took = await until_state(lab, "running", started)
+    timing("lab VM powered off: deploy --now over IPMI to running Debian (BIOS, VDE)", took)
 
     started = time.monotonic()
     again = bootserver_cli(lab, "reprovision", MAC, "--now")

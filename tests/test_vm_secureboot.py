@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.lab import lab_network, report, wait_phoned_home
+from support.lab import lab_for_test, report, wait_phoned_home
 
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.vm
 
 
 async def test_a_secure_boot_vm_netboots_through_shim_and_grub(tmp_path: Path, agent_image: AgentImage, timing):
-    with lab_network(tmp_path) as lab:
-        lab.write_config(agent_image.kernel.parent, provision=False, secure_boot=True)
+    with lab_for_test(tmp_path) as lab:
+        lab.write_config(agent_image.kernel.parent, provision=False, firmware="uefi-secureboot")
         lab.start_server()
         started = time.monotonic()
         lab.start_vm(1, firmware="uefi-secureboot")
@@ -53,7 +53,7 @@ async def test_the_firmware_refuses_unsigned_ipxe_and_the_events_show_where_the_
         tmp_path: Path, agent_image: AgentImage, timing):
     """The same Secure Boot VM, its machine not marked secure_boot: it is told to boot Debian's unsigned ipxe.efi,
     which the firmware refuses to run. Its last event is that file, served in full; no script is ever asked for."""
-    with lab_network(tmp_path) as lab:
+    with lab_for_test(tmp_path) as lab:
         lab.write_config(agent_image.kernel.parent, provision=False)
         lab.start_server()
         started = time.monotonic()

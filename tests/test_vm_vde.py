@@ -24,7 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from support.lab import dhcp_events, lab_network, phone_home_ip, report, wait_phoned_home
+from support.lab import dhcp_events, lab_for_test, phone_home_ip, report, wait_phoned_home
 
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture
 def lab(tmp_path: Path):
-    with lab_network(tmp_path) as lab:
+    with lab_for_test(tmp_path) as lab:
         yield lab
 
 

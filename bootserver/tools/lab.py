@@ -1,6 +1,6 @@
 """A boot lab on one machine: QEMU VMs on a VDE switch, netbooting from bootserver as their DHCP server.
 
-    bootserver lab up --vms 3 [--firmware bios|uefi|uefi-secureboot]   # network, server, VMs; until all run
+    bootserver lab up --vms 3 [--firmware bios|uefi|uefi-secureboot] [--bmc ipmi|redfish]   # until all run
     bootserver lab status [--json]                      # processes, machine states, the peer matrix
     bootserver lab down                                 # stop everything, remove the namespace
 
@@ -9,8 +9,9 @@ Layout: a network namespace (nothing in it can reach the host's real interfaces)
 small router-advertisement sender (tools/advertise.py: iPXE would wait ~16 s for a router). Each VM has a
 real BMC inside it too: OpenIPMI's ipmi_sim (tools/labbmc.py) at 10.100.0.(200+N):623 on the tap, which runs
 the VM's QEMU (plugged into the switch by its socket) and powers it off and resets it through QEMU's
-ipmi-bmc-extern device; the config gives bootserver each one as [machines."MAC".bmc]. Each VM installs
-Debian and runs tools/labnode.py.
+ipmi-bmc-extern device; the config gives bootserver each one as [machines."MAC".bmc]. With `--bmc redfish`
+each VM is instead a libvirt domain of the lab's own libvirtd, powered through one sushy-tools Redfish emulator
+at 10.100.0.200:8000 (tools/labredfish.py). Each VM installs Debian and runs tools/labnode.py.
 
 Everything the lab started is recorded in `DIR/lab.json` (pids, with the command-line text that
 identifies each, so `down` never signals a recycled pid); logs, disks and serial consoles stay in DIR.
@@ -23,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
@@ -36,9 +39,10 @@ from pathlib import Path
 
 from ..errors import BootserverError
 from ..provision.pki import encrypt_secret
-from . import labnode
+from . import labnode, labredfish
 from .image import default_cache_dir
 from .labbmc import IPMI_SIM, SimBmc
+from .labredfish import LabLibvirt, RedfishBmc
 from .secureboot import fetch_secure_boot_files
 
 NAMESPACE = "bootserver-lab"
@@ -60,6 +64,9 @@ TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl"
 BMC_HOST = 200  # lab N's BMC answers IPMI at the switch network's .(200+N), port 623
 BMC_VM_PORT = 9100  # ... and listens for its VM's ipmi-bmc-extern link on the namespace's 127.0.0.1:(9100+N)
 STOP_SECONDS = 10.0
+REDFISH_PORT = 8000  # --bmc redfish: the lab's one emulator at the switch network's .200, port 8000
+REDFISH_PLUG_PORT = 9200  # lab N's vde_plug listens on the namespace's 127.0.0.1:(9200+N) (UDP) ...
+REDFISH_VM_PORT = 9300  # ... and its domain's NIC on 127.0.0.1:(9300+N)
 
 
 # What `lab up` provisions onto every VM: Debian from `bootserver image os debian` on a GPT disk that boots on
@@ -121,7 +128,9 @@ class Lab:
     address: IPv4Interface = ADDRESS
     tap: str = TAP
     processes: dict[str, dict[str, object]] = field(default_factory=dict)  # name -> {pid, marker[, by_marker]}
-    bmcs: dict[str, dict[str, object]] = field(default_factory=dict)  # "N" -> lab N's BMC (SimBmc.status_json)
+    bmcs: dict[str, dict[str, object]] = field(default_factory=dict)  # "N" -> lab N's BMC (its status_json)
+    bmc_driver: str = "ipmi"  # ipmi: an ipmi_sim per VM; redfish: libvirt domains and one sushy-emulator
+    redfish: dict[str, object] = field(default_factory=dict)  # its credentials, the mount points it made
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -153,12 +162,13 @@ class Lab:
         except FileNotFoundError:
             raise LabError(f"no lab in {dir} (no lab.json): start one with `bootserver lab up`") from None
         return cls(Path(state["dir"]), state["namespace"], IPv4Interface(state["address"]), state["tap"],
-                   state["processes"], state.get("bmcs", {}))
+                   state["processes"], state.get("bmcs", {}), state.get("bmc_driver", "ipmi"), state.get("redfish", {}))
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = {"dir": str(self.dir), "namespace": self.namespace, "address": str(self.address), "tap": self.tap,
-                 "processes": self.processes, "bmcs": self.bmcs}
+                 "processes": self.processes, "bmcs": self.bmcs, "bmc_driver": self.bmc_driver,
+                 "redfish": self.redfish}
         self.state_path.write_text(json.dumps(state, indent=2) + "\n")
 
     # -- bringing it up -------------------------------------------------------------------------
@@ -167,10 +177,10 @@ class Lab:
         """Network, server and `vms` VMs; on any failure, whatever was started is stopped again."""
         if self.state_path.exists():
             raise LabError(f"a lab is recorded in {self.state_path} already: `bootserver lab down` first")
-        check_tools(uefi=firmware != "bios")
+        check_tools(uefi=firmware != "bios", redfish=self.bmc_driver == "redfish")
         try:
             self.start_network()
-            self.write_config(image_dir, machines=vms, secure_boot=firmware == "uefi-secureboot")
+            self.write_config(image_dir, machines=vms, firmware=firmware)
             self.start_server()
             for index in range(1, vms + 1):
                 self.start_vm(index, firmware)
@@ -198,16 +208,17 @@ class Lab:
                    marker=f"bootserver.tools.advertise {self.tap}", namespace=self.namespace)
 
     def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True,
-                     os_image: Path | None = None, secure_boot: bool = False) -> Path:
+                     os_image: Path | None = None, firmware: str = "bios") -> Path:
         """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap.
 
         With `provision`, every lab machine is then made a member of a small cluster: its disk partitioned (GPT
         that boots on BIOS and UEFI), Debian installed from `os_image` (default: beside the agent image, as
         `bootserver image os debian` writes it), and the demo peer service deployed with a peer list of the
         whole group, a TLS certificate and an enabled unit; `lab up` ends when every machine is running it.
-        Without `provision` machines stop at phone-home. Full mode reserves lab N's address (.10+N).
-        With `secure_boot`, every machine boots through the signed shim and GRUB (fetched into the data directory
-        by `bootserver image secureboot`'s code when missing).
+        Without `provision` machines stop at phone-home. Full mode reserves lab N's address (.10+N). `firmware`:
+        the VMs' (bios, uefi or uefi-secureboot), the mode of a Redfish BMC's one-time network boot; with
+        uefi-secureboot every machine boots through the signed shim and GRUB (fetched into the data directory by
+        `bootserver image secureboot`'s code when missing).
         """
         kernel, initrd = image_dir / "vmlinuz", image_dir / "initrd.img"
         for path in (kernel, initrd):
@@ -229,22 +240,25 @@ class Lab:
             "[profiles.agent]", 'kernel = "agent-kernel"', 'initrd = ["agent-initrd"]',
             'cmdline = "console=tty0 console=ttyS0"',
             *(self._demo_cluster() if provision else []),
-            "[groups.default]", 'profile = "agent"', *(["secure_boot = true"] if secure_boot else []),
+            "[groups.default]", 'profile = "agent"',
+            *(["secure_boot = true"] if firmware == "uefi-secureboot" else []),
             "[dhcp]", *dhcp,
         ]
         for index in range(1, machines + 1):
             lines += [f'[machines."{VM_MAC.format(index)}"]', f'hostname = "lab{index}"']
             if mode == "full":
                 lines.append(f'ip = "{self.reserved_ip(index)}"')
-            lines += self._bmc_section(index)
+            lines += self._bmc_section(index, firmware)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
-        if secure_boot and not (self.data_dir / "secureboot" / "shimx64.efi").is_file():
+        if firmware == "uefi-secureboot" and not (self.data_dir / "secureboot" / "shimx64.efi").is_file():
             fetch_secure_boot_files(self.data_dir / "secureboot", default_cache_dir(), lambda line: None)
         return self.config_path
 
-    def bmc(self, index: int) -> SimBmc:
+    def bmc(self, index: int) -> SimBmc | RedfishBmc:
         """Lab N's BMC: its address and port, and credentials made once (kept in lab.json)."""
+        if self.bmc_driver == "redfish":
+            return self.redfish_bmc(index)
         known = self.bmcs.get(str(index))
         address = str(self.address.network.network_address + BMC_HOST + index)
         bmc = SimBmc(self.dir / f"bmc{index}", address, 623, vm_port=BMC_VM_PORT + index,
@@ -254,12 +268,38 @@ class Lab:
             self.save()
         return bmc
 
-    def _bmc_section(self, index: int) -> list[str]:
+    def redfish_bmc(self, index: int) -> RedfishBmc:
+        """Lab N's Redfish BMC: the lab's one emulator (one password for the lab) and N's domain's UUID."""
+        known = self.bmcs.get(str(index))
+        username, password = self._redfish_credentials()
+        bmc = RedfishBmc(self.redfish_url, REDFISH_PORT, str(known["system"]) if known else str(uuid.uuid4()),
+                         username, password)
+        if not known:
+            self.bmcs[str(index)] = bmc.status_json()
+            self.save()
+        return bmc
+
+    @property
+    def redfish_url(self) -> str:
+        return f"http://{self.address.network.network_address + BMC_HOST}:{REDFISH_PORT}"
+
+    def _redfish_credentials(self) -> tuple[str, str]:
+        """The lab's one emulator's username and password, made once (kept in lab.json)."""
+        if not self.redfish.get("password"):
+            self.redfish.update(username=labredfish.USERNAME, password=secrets.token_urlsafe(12))
+            self.save()
+        return str(self.redfish["username"]), str(self.redfish["password"])
+
+    def _bmc_section(self, index: int, firmware: str = "bios") -> list[str]:
         """[machines."MAC".bmc] of lab N, its password encrypted with the server's secret key (data_dir's)."""
         bmc = self.bmc(index)
         password = encrypt_secret(self.data_dir / "secret.key", bmc.password)
-        return [f'[machines."{VM_MAC.format(index)}".bmc]', 'driver = "ipmi"', f'address = "{bmc.address}"',
-                f"port = {bmc.port}", f'username = "{bmc.username}"', f'password = "{password}"']
+        lines = [f'[machines."{VM_MAC.format(index)}".bmc]', f'driver = "{bmc.status_json()["driver"]}"',
+                 f'address = "{bmc.address}"', f"port = {bmc.port}", f'username = "{bmc.username}"',
+                 f'password = "{password}"']
+        if isinstance(bmc, RedfishBmc):  # the emulator switches the domain's firmware to the mode asked
+            lines += [f'system = "{bmc.system}"', f'firmware = "{"bios" if firmware == "bios" else "uefi"}"']
+        return lines
 
     def reserved_ip(self, index: int) -> IPv4Address:
         return self.address.network.network_address + 10 + index
@@ -301,6 +341,10 @@ class Lab:
         native_pxe = native_pxe or firmware == "uefi-secureboot"
         if native_pxe and firmware == "bios":
             raise LabError("native_pxe needs UEFI: SeaBIOS has no PXE client of its own")
+        if self.bmc_driver == "redfish":
+            if native_pxe:
+                raise LabError("native_pxe (and uefi-secureboot) is for the IPMI lab's VMs only")
+            return self.start_domain(index, firmware, memory, powered)
         disk = self.dir / f"vm{index}.img"
         if not disk.exists():
             with open(disk, "wb") as f:
@@ -336,6 +380,81 @@ class Lab:
         self.save()
         return pid
 
+    # -- --bmc redfish: libvirt domains, one emulator -----------------------------------------------
+
+    @property
+    def libvirt(self) -> LabLibvirt:
+        return LabLibvirt(self.dir / "libvirt")
+
+    def domain_name(self, index: int) -> str:
+        return f"{self.namespace}-vm{index}"
+
+    def start_domain(self, index: int, firmware: str, memory: int, powered: bool) -> int:
+        """VM N as a libvirt domain of the lab's libvirtd (started with the first), its NIC plugged into the
+        switch by a vde_plug; powered on now or when asked over Redfish. Returns the vde_plug's pid."""
+        if "libvirtd" not in self.processes:
+            self.start_libvirt()
+        bmc = self.redfish_bmc(index)
+        disk = self.dir / f"vm{index}.img"
+        if not disk.exists():
+            with open(disk, "wb") as f:
+                f.truncate(VM_DISK_BYTES)
+        plug_port, vm_port = REDFISH_PLUG_PORT + index, REDFISH_VM_PORT + index
+        pid = self.spawn(f"plug{index}", labredfish.plug_command(self.switch_socket, plug_port, vm_port),
+                         marker=f"->127.0.0.1:{vm_port}", namespace=self.namespace)
+        self.serial_log(index).write_bytes(b"")
+        name = self.domain_name(index)
+        xml = self.dir / f"vm{index}.xml"
+        xml.write_text(labredfish.domain_xml(
+            name=name, uuid=bmc.system, memory=memory, disk=disk, serial=self.serial_log(index),
+            mac=VM_MAC.format(index), firmware=firmware, vars_file=self.dir / f"vm{index}.ovmf-vars.fd",
+            ovmf_code=OVMF_CODE, ovmf_vars=OVMF_VARS, plug_port=plug_port, vm_port=vm_port,
+            qemu=shutil.which(QEMU) or QEMU))
+        self.libvirt.define(xml)
+        self.redfish["domains"] = sorted({*self.redfish.get("domains", []), name})
+        # QEMU itself, whatever its pid is now (libvirtd starts it anew at every power-on): `down` destroys it.
+        self.processes[f"vm{index}"] = {"pid": 0, "marker": f"guest={name},", "by_marker": True}
+        self.save()
+        if powered:
+            self.libvirt.virsh("start", name)
+        return pid
+
+    def start_libvirt(self, timeout: float = 60.0) -> None:
+        """The lab's own libvirtd (in its namespace, with its own directories), then the Redfish emulator."""
+        libvirt = self.libvirt
+        self.redfish["made"] = [*self.redfish.get("made", []), *libvirt.prepare()]
+        log = self.dir / "libvirtd.log"
+        pid = self.spawn("libvirtd", libvirt.daemon_command(), marker=str(libvirt.config), namespace=self.namespace,
+                         log=log)
+
+        def answering() -> bool:
+            if not _alive(pid):
+                raise LabError(f"libvirtd exited at start-up; its log ({log}):\n{log.read_text()[-3000:]}")
+            return libvirt.answering()
+
+        _wait_for(answering, timeout, f"libvirtd to answer (log: {log})")
+        username, password = self._redfish_credentials()
+        address = str(self.address.network.network_address + BMC_HOST)
+        self._in_namespace("ip", "addr", "add", f"{address}/{self.address.network.prefixlen}", "dev", self.tap)
+        emulator = labredfish.emulator_path()
+        if emulator is None:
+            raise LabError(f"missing: {labredfish.EMULATOR} (pip install sushy-tools libvirt-python)")
+        workdir = self.dir / "redfish"
+        config = labredfish.emulator_files(workdir, libvirt.uri, username, password, OVMF_CODE, OVMF_VARS)
+        log = self.dir / "redfish.log"
+        # TMPDIR: where the emulator keeps state of its own between requests.
+        pid = self.spawn("redfish", ["env", f"TMPDIR={workdir}", emulator, "--config", str(config), "--libvirt-uri",
+                                     libvirt.uri, "-i", address, "-p", str(REDFISH_PORT)],
+                         marker=str(config), namespace=self.namespace, log=log)
+
+        def emulator_answering() -> bool:
+            if not _alive(pid):
+                raise LabError(f"{labredfish.EMULATOR} exited at start-up; its log ({log}):\n{log.read_text()[-3000:]}")
+            systems = self._get(f"{self.redfish_url}/redfish/v1/Systems", auth=(username, password))
+            return systems is not None and "Members" in systems  # answering, and to these credentials
+
+        _wait_for(emulator_answering, 30, f"{labredfish.EMULATOR} to answer (log: {log})")
+
     def spawn(self, name: str, command: list[str], *, marker: str, namespace: str | None = None,
               log: Path | None = None) -> int:
         """Start a process that outlives this one (its own session), in `namespace` if given, and record it."""
@@ -355,6 +474,9 @@ class Lab:
     def down(self) -> list[str]:
         """Stop every recorded process (newest first), remove the namespace; what was done, as lines."""
         done = []
+        if "libvirtd" in self.processes and _pids(self.processes["libvirtd"]):
+            for name in self.redfish.get("domains", []):
+                done += self.libvirt.remove(str(name))
         for name in reversed(list(self.processes)):
             for pid in _pids(self.processes[name]):
                 _stop(pid)
@@ -363,6 +485,10 @@ class Lab:
         if self.namespace in namespaces():
             run("ip", "netns", "del", self.namespace)
             done.append(f"removed network namespace {self.namespace}")
+        for made in reversed(self.redfish.get("made", [])):  # libvirtd's mount points, empty on the host
+            with contextlib.suppress(OSError):
+                Path(str(made)).rmdir()
+                done.append(f"removed {made} (made for the lab's libvirtd)")
         self.state_path.unlink(missing_ok=True)
         return done
 
@@ -423,11 +549,12 @@ class Lab:
             machines.append(entry)
         return machines
 
-    def _get(self, url: str) -> dict | None:
+    def _get(self, url: str, auth: tuple[str, str] | None = None) -> dict | None:
         """GET `url` from inside the lab's namespace; its JSON, or None when nothing usable answered."""
         if self.namespace not in namespaces():
             return None
-        result = subprocess.run(["ip", "netns", "exec", self.namespace, "curl", "-s", "--max-time", "5", url],
+        user = ["--user", f"{auth[0]}:{auth[1]}"] if auth else []
+        result = subprocess.run(["ip", "netns", "exec", self.namespace, "curl", "-s", "--max-time", "5", *user, url],
                                 capture_output=True, text=True)
         try:
             return json.loads(result.stdout)
@@ -471,10 +598,12 @@ def secure_boot_flash(vars_file: Path) -> list[str]:
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
 
 
-def check_tools(uefi: bool = False) -> None:
+def check_tools(uefi: bool = False, redfish: bool = False) -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root: it creates a network namespace and a tap interface")
     missing = [f"{tool} (apt-get install {package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
+    if redfish:
+        missing += labredfish.missing_tools()
     if uefi and not all(f.is_file() for f in (OVMF_CODE, OVMF_VARS, OVMF_SECBOOT_CODE, OVMF_MS_VARS)):
         missing.append(f"{OVMF_CODE} and its Secure Boot build (apt-get install ovmf)")
     if missing:

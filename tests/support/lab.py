@@ -1,7 +1,13 @@
-"""A boot lab of a test's own (bootserver/tools/lab.py) and reading it as an operator would: the server's API over
-HTTP from inside the lab's namespace (curl), and its store file. For the VM tests on a VDE switch.
+"""A boot lab of a test's own (bootserver/tools/lab.py: its network namespace, VDE switch, server and BMCs), and
+looking at it as an operator does: `bootserver` commands inside the namespace (where the BMCs are), the server's
+API over HTTP from inside the namespace (curl), its store file.
 
-    with lab_network(tmp_path) as lab:
+    with lab_for_test(tmp_path, bmc_driver="redfish") as lab:   # the namespace and switch; down() at the end
+        lab.write_config(...); lab.start_server(); lab.start_vm(1, powered=False)
+        bootserver_cli(lab, "deploy", MAC, "--now")
+        await until_phoned_home(lab, 1, started)
+
+    with lab_for_test(tmp_path) as lab:
         lab.write_config(agent_image.kernel.parent, provision=False)
         lab.start_server()
         lab.start_vm(1, firmware="uefi", native_pxe=True)
@@ -14,8 +20,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -23,32 +29,91 @@ from pathlib import Path
 
 import pytest
 
+import bootserver
 from bootserver.store import Store
-from bootserver.tools.lab import OVMF_CODE, OVMF_VARS, VM_MAC, Lab, namespaces
+from bootserver.tools import labredfish
+from bootserver.tools.lab import OVMF_CODE, OVMF_MS_VARS, OVMF_SECBOOT_CODE, OVMF_VARS, VM_MAC, Lab, namespaces
+from support.require import require, require_root
 
-TOOLS = {"ip": "iproute2", "vde_switch": "vde2", "vde_plug2tap": "vde2", "qemu-system-x86_64": "qemu-system-x86",
-         "dnsmasq": "dnsmasq-base", "curl": "curl"}
-FILES = {OVMF_CODE: "ovmf", OVMF_VARS: "ovmf", Path("/usr/lib/ipxe/ipxe.efi"): "ipxe",
-         Path("/usr/lib/ipxe/undionly.kpxe"): "ipxe"}
+MAC = VM_MAC.format(1)
+TOOLS = {"ipmi": ("ip", "vde_switch", "vde_plug2tap", "qemu-system-x86_64", "ipmi_sim", "curl", "dnsmasq"),
+         "redfish": ("ip", "vde_switch", "qemu-system-x86_64", "curl", "libvirtd", "virsh", "vde_plug", "unshare")}
+FILES = {OVMF_CODE: "ovmf", OVMF_VARS: "ovmf", OVMF_SECBOOT_CODE: "ovmf", OVMF_MS_VARS: "ovmf",
+         Path("/usr/lib/ipxe/ipxe.efi"): "ipxe", Path("/usr/lib/ipxe/undionly.kpxe"): "ipxe"}
 
 
 @contextlib.contextmanager
-def lab_network(tmp_path: Path) -> Iterator[Lab]:
-    """A lab of the test's own (tmp_path/lab, a namespace named for the test) with its network up; torn down after,
-    its namespace shown gone."""
-    if os.geteuid() != 0:
-        pytest.fail("the VDE lab tests need root (network namespaces, taps)")
-    missing = [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
+def lab_for_test(tmp_path: Path, bmc_driver: str = "ipmi") -> Iterator[Lab]:
+    """A lab in a namespace named for this test, its network up; everything it started stopped at the end."""
+    require_root("the lab needs network namespaces and taps")
+    require(*TOOLS[bmc_driver])
+    missing = labredfish.missing_tools() if bmc_driver == "redfish" else []
     missing += [f"{path} ({package})" for path, package in FILES.items() if not path.is_file()]
     if missing:
         pytest.fail(f"missing: {', '.join(missing)}: apt-get install them (./setup test does)")
-    lab = Lab(tmp_path / "lab", namespace=f"bst-{os.getpid()}-{tmp_path.name[-12:]}")
+    lab = Lab(tmp_path / "lab", namespace=f"bsp-{os.getpid()}-{tmp_path.name[-12:]}", bmc_driver=bmc_driver)
     try:
         lab.start_network()
         yield lab
     finally:
         lab.down()
         assert lab.namespace not in namespaces()
+
+
+def bootserver_cli(lab: Lab, *args: str) -> subprocess.CompletedProcess:
+    """`bootserver --config LAB ...` inside the lab's namespace, where the BMCs are, as an operator runs it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(bootserver.__file__).resolve().parents[1])}
+    return subprocess.run(["ip", "netns", "exec", lab.namespace, sys.executable, "-m", "bootserver", "--config",
+                           str(lab.config_path), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def machine(lab: Lab) -> dict:
+    return api(lab, MAC)
+
+
+def timeline(lab: Lab) -> list:
+    store = Store(lab.data_dir / "bootserver.sqlite3")
+    try:
+        return store.events(MAC)
+    finally:
+        store.close()
+
+
+def qemu_running(lab: Lab) -> bool:
+    return any(entry["running"] for name, entry in lab.status_json()["processes"].items() if name == "vm1")
+
+
+async def until_phoned_home(lab: Lab, count: int, started: float, timeout: float = 150) -> float:
+    """Seconds from `started` until the VM has phoned home `count` times."""
+    deadline = time.monotonic() + timeout
+    while sum(e.kind == "phoned-home" for e in timeline(lab)) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{MAC} is {machine(lab).get('state')!r}: not phoned home {count} times after "
+                                 f"{time.monotonic() - started:.0f} s{report(lab)}")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+async def until_state(lab: Lab, wanted: str, started: float, timeout: float = 300) -> float:
+    """Seconds from `started` until the VM is `wanted`; fails at once if it failed."""
+    deadline = time.monotonic() + timeout
+    while (state := machine(lab).get("state")) != wanted:
+        assert state not in ("failed", "interrupted") and time.monotonic() < deadline, f"{state}{report(lab)}"
+        await asyncio.sleep(1)
+    return time.monotonic() - started
+
+
+def report(lab: Lab, index: int = 1) -> str:
+    """The logs of the lab's server, VM `index`'s BMC (ipmi_sim, or libvirtd, the emulator and the vde_plug), QEMU's
+    own output, VM `index`'s serial console and dnsmasq's (the proxy test's): what to attach to a failed assertion."""
+    parts = []
+    for name in ("server.log", f"bmc{index}.log", f"vm{index}.qemu.log", "libvirtd.log", "redfish.log",
+                 f"plug{index}.log", f"libvirt/log/qemu/{lab.domain_name(index)}.log", f"vm{index}.serial.log",
+                 "dnsmasq.log"):
+        path = lab.dir / name
+        if path.exists():
+            parts.append(f"\n--- {name}:\n{path.read_text(errors='replace')[-3000:]}")
+    return "".join(parts)
 
 
 def api(lab: Lab, mac: str) -> dict:
@@ -72,15 +137,6 @@ async def wait_phoned_home(lab: Lab, index: int, started: float, timeout: float 
                                  f"{report(lab, index)}")
         await asyncio.sleep(0.5)
     return time.monotonic() - started
-
-
-def report(lab: Lab, index: int) -> str:
-    parts = []
-    for name in ("server.log", f"vm{index}.qemu.log", f"vm{index}.serial.log", "dnsmasq.log"):
-        path = lab.dir / name
-        if path.exists():
-            parts.append(f"\n--- {name}:\n{path.read_text(errors='replace')[-4000:]}")
-    return "".join(parts)
 
 
 def dhcp_events(lab: Lab, mac: str) -> list[dict]:

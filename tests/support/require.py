@@ -19,7 +19,8 @@ PACKAGES = {"readelf": "binutils", "chroot": "coreutils", "losetup": "util-linux
             "unshare": "util-linux", "nsenter": "util-linux", "mount": "mount", "mkfs.ext4": "e2fsprogs",
             "e2fsck": "e2fsprogs", "chattr": "e2fsprogs", "shellcheck": "shellcheck", "curl": "curl",
             "atftp": "atftp", "ip": "iproute2", "dnsmasq": "dnsmasq-base",
-            "ipmi_sim": "openipmi", "ipmitool": "ipmitool"}
+            "ipmi_sim": "openipmi", "ipmitool": "ipmitool", "vde_switch": "vde2", "vde_plug": "vde2",
+            "qemu-system-x86_64": "qemu-system-x86", "libvirtd": "libvirt-daemon", "virsh": "libvirt-clients"}
 
 
 def require(*tools: str) -> None:

@@ -1,0 +1,110 @@
+"""A lab VM powered by bootserver through a Redfish BMC: a libvirt domain (TCG) of the lab's own libvirtd, driven
+by sushy-tools' emulator with its libvirt driver, both inside the lab's namespace (bootserver/tools/labredfish.py);
+the domain's NIC is a UDP socket on the namespace's loopback, joined to the lab's VDE switch by a vde_plug.
+
+    the domain is defined and off; `bootserver deploy MAC --now` asks the emulator for the power state, sets a
+    one-time network boot (legacy: the machine was never seen) and reads it back, and powers the domain on; it
+    netboots over the lab's switch and phones home. Then `bootserver reprovision MAC --now` resets it through
+    the emulator (libvirt: destroy and start) and it goes through the flow again; `bootserver power MAC off`
+    ends QEMU.
+
+    The same from power-off to `running` Debian (the lab's demo profile), then reprovision --now of the running
+    machine: reset through its BMC (not rebooted over SSH), it netboots into the flow again.
+
+Needs root, vde2, qemu-system-x86, libvirt-daemon with its QEMU driver, libvirt-clients, ipxe, curl, sushy-tools
+and libvirt-python (the test extra) and the libvirt-qemu user (./setup test adds it); a missing one fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from support.lab import (
+    MAC,
+    bootserver_cli,
+    lab_for_test,
+    qemu_running,
+    report,
+    timeline,
+    until_phoned_home,
+    until_state,
+)
+
+from bootserver.tools.image import AgentImage
+from bootserver.tools.lab import Lab
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    with lab_for_test(tmp_path, bmc_driver="redfish") as running:
+        yield running
+
+
+async def test_deploy_now_powers_a_libvirt_vm_on_through_redfish_and_reprovision_now_resets_it(
+        lab: Lab, agent_image: AgentImage, timing):
+    lab.write_config(agent_image.kernel.parent, machines=1, provision=False)
+    lab.start_server()
+    lab.start_vm(1, powered=False)
+    await asyncio.sleep(1)
+    assert not qemu_running(lab), "the domain is off until its BMC is told to power it on"
+    bmc = lab.bmcs["1"]
+    assert (bmc["driver"], bmc["address"]) == ("redfish", "http://10.100.0.200:8000")
+
+    started = time.monotonic()
+    deployed = bootserver_cli(lab, "deploy", MAC, "--now")
+    assert deployed.returncode == 0, f"{deployed.stdout}{deployed.stderr}{report(lab)}"
+    assert f"{MAC}: power cycled" in deployed.stdout, deployed.stdout
+    assert qemu_running(lab), "libvirt started QEMU on the Redfish power-on"
+    took = await until_phoned_home(lab, 1, started)
+    timing("lab VM powered off: deploy --now over Redfish (sushy-tools, libvirt) to phone-home (BIOS, VDE)", took)
+
+    events = timeline(lab)
+    kinds = [e.kind for e in events]
+    assert kinds[:2] == ["power-status", "approved"] and "power-failed" not in kinds, kinds
+    kept = next(e for e in events if e.kind == "boot-override-set")
+    assert kept.detail["read_back"]["device"] == "network" and kept.detail["read_back"]["uefi"] is False, kept.detail
+    assert kinds.index("boot-override-set") < kinds.index("power-cycle")
+    status = next(m for m in lab.status_json()["machines"] if m["mac"] == MAC)
+    assert set(status["bmc"]) == {"driver", "address", "port", "username", "password", "system"}
+
+    started = time.monotonic()
+    again = bootserver_cli(lab, "reprovision", MAC, "--now")
+    assert again.returncode == 0, f"{again.stdout}{again.stderr}{report(lab)}"
+    took = await until_phoned_home(lab, 2, started)
+    timing("lab VM: reprovision --now (Redfish ForceRestart: libvirt destroy, start) to phone-home again", took)
+    assert [e.kind for e in timeline(lab)].count("power-cycle") == 2
+
+    off = bootserver_cli(lab, "power", MAC, "off")
+    assert off.returncode == 0, off.stderr
+    deadline = time.monotonic() + 10
+    while qemu_running(lab):
+        assert time.monotonic() < deadline, f"QEMU still runs 10 s after power off{report(lab)}"
+        await asyncio.sleep(0.2)
+    assert bootserver_cli(lab, "power", MAC, "status").stdout.strip() == f"{MAC}: power is off"
+
+
+async def test_reprovision_now_over_redfish_sends_a_vm_running_debian_through_the_flow_again(
+        lab: Lab, agent_image: AgentImage, os_image, timing):
+    """Powered off; deploy --now installs Debian and the lab's demo service to `running`; reprovision --now resets
+    the running machine through the emulator, and it netboots into the flow again: nobody touches libvirt."""
+    lab.write_config(agent_image.kernel.parent, machines=1, os_image=os_image.tarball)
+    lab.start_server()
+    lab.start_vm(1, powered=False)
+    started = time.monotonic()
+    deployed = bootserver_cli(lab, "deploy", MAC, "--now")
+    assert deployed.returncode == 0, f"{deployed.stdout}{deployed.stderr}{report(lab)}"
+    took = await until_state(lab, "running", started)
+    timing("lab VM powered off: deploy --now over Redfish (sushy-tools, libvirt) to running Debian (BIOS, VDE)", took)
+
+    started = time.monotonic()
+    again = bootserver_cli(lab, "reprovision", MAC, "--now")
+    assert again.returncode == 0, f"{again.stdout}{again.stderr}{report(lab)}"
+    took = await until_phoned_home(lab, 2, started)
+    timing("lab VM running Debian: reprovision --now (Redfish ForceRestart) to phone-home again", took)
+    kinds = [e.kind for e in timeline(lab)]
+    assert kinds.count("power-cycle") == 2 and "reboot-sent" not in kinds, "reset by its BMC, not over SSH"
