@@ -169,12 +169,18 @@ class Booter:
         mac = canonical_mac(mac)
         # DHCP's sender is no address (0.0.0.0, or the relay): every unseen MAC draws on one budget. Over it
         # the client is still answered, only not recorded: a flood of invented MACs must not stop real boots.
-        record = self._store.node(mac) is not None or self._new_machines.allow("dhcp")
+        node = self._store.node(mac)
+        record = node is not None or self._new_machines.allow("dhcp")
         answer = None
         if self._config.dhcp.answer == "known" and mac not in self._config.machines:
             reason = "not answered: not in [machines] and [dhcp] answer is \"known\""
         else:
             answer = dhcp_answer(client_arch, is_ipxe, http_client, urls.api, self.boot_spec(mac).secure_boot)
+            if answer.http and node is not None and node.state in FROM_DISK and not node.reprovision:
+                # UEFI firmware tries its HTTP boot after the NIC's iPXE left for the disk: given a boot file it
+                # would run iPXE again, and again, and end in its setup menu instead of on the disk.
+                answer = DhcpBoot(None, http=True, reason="UEFI HTTP boot of a machine that boots its disk: an "
+                                                          "address only, so that its firmware goes on to the disk")
             reason = answer.reason
         if record:
             self._store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,

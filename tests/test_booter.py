@@ -93,3 +93,18 @@ def test_the_overlay_is_aligned_after_initrds_only_where_they_are_joined_unpadde
     zeros = len(overlay) - len(overlay.lstrip(b"\0"))
     assert zeros == (1 if padding else 0) and (before + zeros) % 4 == (0 if padding else 3)
     assert overlay[zeros:].startswith(b"070701")  # the first newc header
+
+
+def test_uefi_http_boot_of_a_machine_that_boots_its_disk_gets_no_boot_file(booter: Booter, store):
+    """After iPXE leaves a deployed UEFI machine for its disk, the firmware tries its own HTTP boot: given iPXE again
+    it would loop and end in its setup menu (seen in the lab). PXE and iPXE itself are answered as always."""
+    mac = "52:54:00:00:00:03"
+    assert booter.dhcp_boot(mac, 16, False, True, URLS).bootfile == f"{URLS.api}/ipxe/ipxe.efi"
+    store.record(mac, "deployed", {}, state="deployed")
+    http = booter.dhcp_boot(mac, 16, False, True, URLS)
+    assert http.bootfile is None and "goes on to the disk" in http.reason
+    assert store.events(mac)[-1].detail["answer"] == http.reason
+    assert booter.dhcp_boot(mac, 7, False, False, URLS).bootfile == "ipxe.efi"
+    assert booter.dhcp_boot(mac, 16, True, True, URLS).bootfile == f"{URLS.api}/boot.ipxe"
+    booter.reprovision(mac)
+    assert booter.dhcp_boot(mac, 16, False, True, URLS).bootfile == f"{URLS.api}/ipxe/ipxe.efi"

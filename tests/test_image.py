@@ -393,7 +393,8 @@ def check_phone_home(server: PhoneHomeServer, vm: Vm, version: str) -> dict:
     request = server.requests[-1]
     assert request["mac_path"] == DEFAULT_MAC.replace(":", "-"), vm.report()
     body = request["body"]
-    assert set(body) == {"mac", "ip", "host_key", "token", "kernel", "disks", "uuid"}, body
+    assert set(body) == {"mac", "ip", "host_key", "token", "kernel", "disks", "uuid", "secure_boot"}, body
+    assert body["secure_boot"] is None, body  # direct -kernel on SeaBIOS: no UEFI, so nothing to say
     assert body["mac"] == DEFAULT_MAC, (body, vm.report())
     assert ipaddress.ip_address(body["ip"]) in ipaddress.ip_network("10.0.2.0/24"), (body, vm.report())
     assert body["kernel"] == version, body

@@ -78,6 +78,22 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
     assert f"-> lab2 {lab.reserved_ip(2)}: reachable" in lab.status()
 
 
+async def test_a_uefi_lab_vm_runs_its_installed_os(lab: Lab, agent_image: AgentImage, os_image, timing):
+    """`bootserver lab up --firmware uefi`: after install, iPXE leaves for the disk and OVMF tries its own HTTP boot
+    on our DHCP, which gives a machine that boots its disk an address only; OVMF then boots the disk."""
+    lab.write_config(agent_image.kernel.parent, machines=1, os_image=os_image.tarball, firmware="uefi")
+    lab.start_server()
+    started = time.monotonic()
+    lab.start_vm(1, firmware="uefi")
+    try:
+        await asyncio.to_thread(lab.wait_running, 1, 600)
+    except Exception as exc:
+        raise AssertionError(f"{exc}{report(lab, 1)}") from exc
+    timing("lab, 1 OVMF VM, our full DHCP, VDE: QEMU start to running", time.monotonic() - started)
+    answers = [e["answer"] for e in dhcp_events(lab, VM_MAC.format(1))]
+    assert any("goes on to the disk" in answer for answer in answers), answers
+
+
 async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage, timing):
     lab.write_config(agent_image.kernel.parent, mode="proxy", provision=False)
     lab.start_server()
