@@ -80,19 +80,21 @@ def dhcp_answer(client_arch: int | None, is_ipxe: bool, http_client: bool, api_u
 
 def ipxe_binary(name: str, ipxe_dir: Path) -> Payload:
     """An iPXE binary for chainloading, from the configured iPXE directory."""
-    if name not in IPXE_BINARIES:
-        raise NotFound(f"{name!r} is not an iPXE binary bootserver serves")
-    path = ipxe_dir / name
-    if not path.is_file():
-        raise NotFound(f"{path} is missing: install Debian's ipxe package or set server.ipxe_dir")
-    return Payload(name, path=path)
+    return _firmware_file(name, ipxe_dir, IPXE_BINARIES, "an iPXE binary bootserver serves",
+                          "install Debian's ipxe package or set server.ipxe_dir")
 
 
 def secure_boot_binary(name: str, directory: Path) -> Payload:
     """The signed shim or GRUB, from the Secure Boot directory."""
-    if name not in SECURE_BOOT_BINARIES:
-        raise NotFound(f"{name!r} is not a file of the Secure Boot chain")
+    return _firmware_file(name, directory, SECURE_BOOT_BINARIES, "a file of the Secure Boot chain",
+                          "run `bootserver image secureboot` (Debian's signed shim and GRUB)")
+
+
+def _firmware_file(name: str, directory: Path, names: frozenset[str], what: str, remedy: str) -> Payload:
+    """One of `names` from `directory`; any other name is not ours, whatever the directory holds."""
+    if name not in names:
+        raise NotFound(f"{name!r} is not {what}")
     path = directory / name
     if not path.is_file():
-        raise NotFound(f"{path} is missing: run `bootserver image secureboot` (Debian's signed shim and GRUB)")
+        raise NotFound(f"{path} is missing: {remedy}")
     return Payload(name, path=path)

@@ -29,6 +29,7 @@ from support.lab import (
     lab_for_test,
     qemu_running,
     report,
+    reprovision_now_then_power_off,
     timeline,
     until_phoned_home,
 )
@@ -72,17 +73,4 @@ async def test_deploy_now_powers_a_libvirt_vm_on_through_redfish_and_reprovision
     status = next(m for m in lab.status_json()["machines"] if m["mac"] == MAC)
     assert set(status["bmc"]) == {"driver", "address", "port", "username", "password", "system"}
 
-    started = time.monotonic()
-    again = bootserver_cli(lab, "reprovision", MAC, "--now")
-    assert again.returncode == 0, f"{again.stdout}{again.stderr}{report(lab)}"
-    took = await until_phoned_home(lab, 2, started)
-    timing("lab VM: reprovision --now (Redfish ForceRestart: libvirt destroy, start) to phone-home again", took)
-    assert [e.kind for e in timeline(lab)].count("power-cycle") == 2
-
-    off = bootserver_cli(lab, "power", MAC, "off")
-    assert off.returncode == 0, off.stderr
-    deadline = time.monotonic() + 10
-    while qemu_running(lab):
-        assert time.monotonic() < deadline, f"QEMU still runs 10 s after power off{report(lab)}"
-        await asyncio.sleep(0.2)
-    assert bootserver_cli(lab, "power", MAC, "status").stdout.strip() == f"{MAC}: power is off"
+    await reprovision_now_then_power_off(lab, timing, "Redfish ForceRestart: libvirt destroy, start")

@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from support.lab import lab_for_test, report, wait_phoned_home
+from support.lab import lab_for_test, report, timeline, wait_phoned_home
 
-from bootserver.store import Store
 from bootserver.tools.image import AgentImage
-from bootserver.tools.lab import VM_MAC
 
 pytestmark = pytest.mark.vm
 
@@ -30,12 +28,7 @@ async def test_a_secure_boot_vm_netboots_through_shim_and_grub(tmp_path: Path, a
         took = await wait_phoned_home(lab, 1, started, timeout=300)
         timing("OVMF with Secure Boot, its own PXE -> shim -> GRUB -> signed kernel (VDE): QEMU start to phone-home",
                took)
-        mac = VM_MAC.format(1)
-        store = Store(lab.data_dir / "bootserver.sqlite3")
-        try:
-            events = store.events(mac)
-        finally:
-            store.close()
+        events = timeline(lab)
         dhcp = [e.detail for e in events if e.kind == "dhcp"]
         assert dhcp[0]["bootfile"] == "shimx64.efi" and "Secure Boot" in dhcp[0]["answer"], dhcp
         script = next(e.detail for e in events if e.kind == "script-served")
@@ -65,12 +58,7 @@ async def test_the_firmware_refuses_unsigned_ipxe_and_the_events_show_where_the_
             await asyncio.sleep(0.5)
         timing("OVMF with Secure Boot given unsigned ipxe.efi (VDE): QEMU start to the firmware's refusal",
                time.monotonic() - started)
-        mac = VM_MAC.format(1)
-        store = Store(lab.data_dir / "bootserver.sqlite3")
-        try:
-            events = store.events(mac)
-        finally:
-            store.close()
+        events = timeline(lab)
         served = [e.detail for e in events if e.kind == "file-served"]
         # (The firmware may go on to try the network again: then it gets the same file again.)
         assert served and {(f["file"], f["protocol"], f["bytes"] == f["size"]) for f in served} == \

@@ -24,7 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from support.lab import dhcp_events, lab_for_test, phone_home_ip, report, wait_phoned_home
+from support.lab import dhcp_events, lab_for_test, phone_home_ip, report, timeline, wait_phoned_home
 
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage
@@ -158,9 +158,5 @@ async def test_uefi_native_pxe_gets_ipxe_over_tftp(lab: Lab, agent_image: AgentI
     assert firmware["bootfile"] == "ipxe.efi" and "ipxe" not in firmware
     ipxe = next(e for e in events if e.get("ipxe"))  # ipxe.efi ran and asked again: it got there over TFTP
     assert ipxe["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
-    store = Store(lab.data_dir / "bootserver.sqlite3")
-    try:
-        phoned = next(e.detail for e in store.events(VM_MAC.format(1)) if e.kind == "phoned-home")
-    finally:
-        store.close()
+    phoned = next(e.detail for e in timeline(lab, VM_MAC.format(1)) if e.kind == "phoned-home")
     assert phoned["secure_boot"] is False, phoned  # OVMF's plain build: the agent read SecureBoot = 0

@@ -71,10 +71,11 @@ def machine(lab: Lab) -> dict:
     return api(lab, MAC)
 
 
-def timeline(lab: Lab) -> list:
+def timeline(lab: Lab, mac: str = MAC) -> list:
+    """The machine's events, read from the lab server's store file."""
     store = Store(lab.data_dir / "bootserver.sqlite3")
     try:
-        return store.events(MAC)
+        return store.events(mac)
     finally:
         store.close()
 
@@ -92,6 +93,25 @@ async def until_phoned_home(lab: Lab, count: int, started: float, timeout: float
                                  f"{time.monotonic() - started:.0f} s{report(lab)}")
         await asyncio.sleep(0.5)
     return time.monotonic() - started
+
+
+async def reprovision_now_then_power_off(lab: Lab, timing, bmc: str) -> None:  # noqa: ANN001
+    """`reprovision --now` of VM 1 through its BMC (`bmc`: how it resets, for the timing) back to phone-home, then
+    `power off` ends its QEMU and the BMC reports it off."""
+    started = time.monotonic()
+    again = bootserver_cli(lab, "reprovision", MAC, "--now")
+    assert again.returncode == 0, f"{again.stdout}{again.stderr}{report(lab)}"
+    took = await until_phoned_home(lab, 2, started)
+    timing(f"lab VM: reprovision --now ({bmc}) to phone-home again", took)
+    assert [e.kind for e in timeline(lab)].count("power-cycle") == 2
+
+    off = bootserver_cli(lab, "power", MAC, "off")
+    assert off.returncode == 0, off.stderr
+    deadline = time.monotonic() + 10
+    while qemu_running(lab):
+        assert time.monotonic() < deadline, f"QEMU still runs 10 s after power off{report(lab)}"
+        await asyncio.sleep(0.2)
+    assert bootserver_cli(lab, "power", MAC, "status").stdout.strip() == f"{MAC}: power is off"
 
 
 async def until_state(lab: Lab, wanted: str, started: float, timeout: float = 300) -> float:
@@ -140,11 +160,7 @@ async def wait_phoned_home(lab: Lab, index: int, started: float, timeout: float 
 
 
 def dhcp_events(lab: Lab, mac: str) -> list[dict]:
-    store = Store(lab.data_dir / "bootserver.sqlite3")
-    try:
-        return [e.detail for e in store.events(mac) if e.kind == "dhcp"]
-    finally:
-        store.close()
+    return [e.detail for e in timeline(lab, mac) if e.kind == "dhcp"]
 
 
 def phone_home_ip(lab: Lab, mac: str) -> IPv4Address:
