@@ -6,12 +6,21 @@ here only the config and domains the lab writes for them are read back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.net import free_port
 from support.redfish import Emulator, redfish_emulator
+from support.require import require
+from support.wait import until
 
 from bootserver import config as configuration
 from bootserver.booter import Booter
@@ -109,6 +118,51 @@ def test_the_redfish_lab_config_gives_each_vm_the_emulator_and_its_domain(tmp_pa
     nic = domain.find("devices/interface")
     assert (nic.get("type"), nic.find("mac").get("address")) == ("udp", VM_MAC.format(1))
     assert (nic.find("source").get("port"), nic.find("source/local").get("port")) == ("9201", "9301")
-    assert "udp://127.0.0.1:9201->127.0.0.1:9301" in labredfish.plug_command(tmp_path / "switch", 9201, 9301)
+    assert "udp://127.0.0.1:9201->127.0.0.1:9301" in " ".join(labredfish.plug_command(tmp_path / "switch", 9201, 9301))
     assert domain.find("os/loader").get("type") == "pflash"
     assert domain.find("os/nvram").text == str(tmp_path / "vars.fd")
+
+
+def test_a_domains_plug_is_started_again_when_it_exits(tmp_path: Path):
+    """A lab domain's vde_plug was seen to have exited after its domain was reset, leaving the domain off the
+    switch: it runs under a loop that starts it again. A real switch and real vde_plugs; vde_plug is killed; the
+    NIC is a UDP socket of the test's, where QEMU's would be, and frames from the switch reach it again."""
+    require("vde_switch", "vde_plug", "pgrep")
+    switch = tmp_path / "switch"
+    frame = bytes.fromhex("ffffffffffff" "525400000099" "0800") + bytes(46)  # a broadcast: flooded to every port
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(spawned(["vde_switch", "--sock", str(switch)], stdin=subprocess.PIPE))
+        until(lambda: (switch / "ctl").exists(), 5, "the switch's control socket")
+        sender = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        sender.bind(("127.0.0.1", 0))
+        inject = free_port(socket.SOCK_DGRAM)
+        stack.enter_context(spawned(["vde_plug", f"vde://{switch}",
+                                     f"udp://127.0.0.1:{inject}->127.0.0.1:{sender.getsockname()[1]}"]))
+        nic = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        nic.bind(("127.0.0.1", 0))
+        nic.settimeout(0.2)
+        plug = stack.enter_context(spawned(labredfish.plug_command(switch, free_port(socket.SOCK_DGRAM),
+                                                                   nic.getsockname()[1])))
+
+        def relayed() -> bool:
+            sender.sendto(frame, ("127.0.0.1", inject))
+            with contextlib.suppress(TimeoutError):
+                return nic.recv(2048) == frame
+            return False
+
+        until(relayed, 10, "a frame from the switch to reach the NIC")
+        child = int(until(lambda: subprocess.run(["pgrep", "-P", str(plug.pid), "vde_plug"], capture_output=True,
+                                                 text=True).stdout.strip(), 5, "the plug's vde_plug"))
+        os.kill(child, signal.SIGKILL)
+        until(relayed, 10, "a frame to reach the NIC after vde_plug was killed")
+        assert plug.poll() is None
+
+
+@contextlib.contextmanager
+def spawned(command: list[str], **popen) -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(5)

@@ -193,8 +193,12 @@ def domain_xml(*, name: str, uuid: str, memory: int, disk: Path, serial: Path, m
 
 
 def plug_command(switch: Path, plug_port: int, vm_port: int) -> list[str]:
-    """vde_plug joining the lab's switch to a domain's UDP NIC: it listens at plug_port, sends to vm_port."""
-    return [VDE_PLUG, f"vde://{switch}", f"udp://127.0.0.1:{plug_port}->127.0.0.1:{vm_port}"]
+    """vde_plug joining the lab's switch to a domain's UDP NIC (it listens at plug_port, sends to vm_port), started
+    again whenever it exits, each exit noted in its log. A vde_plug was seen to have exited after its domain was
+    reset (a zombie, and the domain never reached DHCP again): whatever ends it, the domain stays on the switch."""
+    plug = shlex.join([VDE_PLUG, f"vde://{switch}", f"udp://127.0.0.1:{plug_port}->127.0.0.1:{vm_port}"])
+    return ["sh", "-c", f"trap 'kill $plug; exit 0' TERM; while :; do {plug} & plug=$!; wait $plug; "
+                        f"echo \"vde_plug exited (status $?): starting it again\"; sleep 0.2; done"]
 
 
 def emulator_path() -> str | None:
