@@ -104,7 +104,7 @@ class Enrollment:
         detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
                   "kernel": kernel(report.get("kernel", "")), "disks": disks(report.get("disks")),
                   "secure_boot": secure_boot(report.get("secure_boot"))}
-        if not self.store.phoned_home(token_id, mac, peer, key, detail):
+        if not self.store.phoned_home(token_id, mac, peer, key, detail, _read_facts(detail)):
             reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
             self.store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})
             raise Forbidden(reason)
@@ -126,7 +126,8 @@ class Enrollment:
             if node is not None:
                 self.store.record(mac, "refused", {"what": "boot report", "reason": str(exc), "from": client_ip})
             raise
-        if not self.store.os_reported(token_id, mac, peer, {"ip": peer, **boot_report(report)}):
+        detail = {"ip": peer, **boot_report(report)}
+        if not self.store.os_reported(token_id, mac, peer, detail, _read_facts(detail)):
             reason = "this report token was used already (a concurrent report won)"
             self.store.record(mac, "refused", {"what": "boot report", "reason": reason, "from": client_ip})
             raise Forbidden(reason)
@@ -183,3 +184,9 @@ class Enrollment:
 
     def _window_detail(self) -> dict[str, Any]:
         return {"window_minutes": self.config.server.window_minutes}
+
+
+def _read_facts(detail: dict[str, Any]) -> dict[str, str]:
+    """What the agent or the installed OS read on the machine that becomes one of its facts (shown on its page,
+    in the API and `lab status --json`): Secure Boot on or off, when the firmware said."""
+    return {} if detail.get("secure_boot") is None else {"secure_boot": str(detail["secure_boot"]).lower()}

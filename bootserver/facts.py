@@ -89,7 +89,8 @@ def boot_report(report: dict[str, Any]) -> dict[str, Any]:
     failed = report.get("failed_units")
     units = [str(u)[:MAX_FACT_LENGTH] for u in failed[:MAX_UNITS]] if isinstance(failed, list) else []
     return {"kernel": kernel(report.get("kernel", "")), "boot_id": str(report.get("boot_id", ""))[:MAX_FACT_LENGTH],
-            "system_state": str(report.get("system_state", ""))[:MAX_FACT_LENGTH], "failed_units": units}
+            "system_state": str(report.get("system_state", ""))[:MAX_FACT_LENGTH], "failed_units": units,
+            "secure_boot": secure_boot(report.get("secure_boot"))}
 
 
 def _count(value: object) -> int:

@@ -13,6 +13,7 @@ from support.wait import until_async
 
 from bootserver.booter import Booter
 from bootserver.config import Config, Machine
+from bootserver.tokens import new_token
 from bootserver.web import create_app
 from bootserver.web.routes import BOOTER
 from bootserver.web.stream import STREAMS
@@ -94,8 +95,9 @@ async def test_overview_lists_and_filters_by_state(client, booter, store):
 async def test_machine_page_explains_and_shows_the_timeline(client, booter, store):
     await boot(client)
     token = await boot_token(client)
-    assert (await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))).status == 202
+    assert (await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token, secure_boot=True))).status == 202
     fingerprint = store.events(MAC)[-1].detail["fingerprint"]
+    assert store.node(MAC).facts["secure_boot"] == "true"  # what the agent read, kept as the machine's fact
     for spelling in ("52-54-00-00-00-01", "525400000001", "5254.0000.0001", "52:54:00:00:00:01"):
         response = await client.get(f"/machines/{spelling}")
         assert response.status == 200 and response.content_type == "text/html"
@@ -106,7 +108,25 @@ async def test_machine_page_explains_and_shows_the_timeline(client, booter, stor
     assert 'action="/machines/52:54:00:00:00:01/reprovision"' in html
     body = await (await client.get("/api/v1/machines/52-54-00-00-00-01")).json()
     assert body["host_key_fingerprint"] == fingerprint and body["reason"].startswith("group raft-efi")
+    assert body["facts"]["secure_boot"] == "true" and 'secure_boot=<span class="mono">true</span>' in html
     assert [e["kind"] for e in body["events"]][-1] == "phoned-home"
+
+
+async def test_the_installed_os_reports_its_first_boot_and_secure_boot_becomes_a_fact(client, store):
+    store.record(MAC, "script-served", {}, state="finishing")
+    presented, token = new_token(MAC, 5, purpose="report")
+    store.installed(MAC, "ssh-ed25519 AAAA", token, {})
+    booted = {"token": presented, "kernel": "6.1.0-28-cloud-amd64", "boot_id": "b", "system_state": "running",
+              "failed_units": [], "secure_boot": True}
+    assert (await client.post(f"/boot/{MAC}/booted", json=booted)).status == 202
+    assert store.node(MAC).state == "booted" and store.node(MAC).facts["secure_boot"] == "true"
+    assert store.events(MAC)[-1].detail["secure_boot"] is True
+    # Not UEFI (no such variable): nothing is said, and nothing earlier is overwritten.
+    presented, token = new_token(MAC, 5, purpose="report")
+    store.installed(MAC, "ssh-ed25519 AAAA", token, {})
+    assert (await client.post(f"/boot/{MAC}/booted", json={**booted, "token": presented,
+                                                            "secure_boot": None})).status == 202
+    assert store.events(MAC)[-1].detail["secure_boot"] is None and store.node(MAC).facts["secure_boot"] == "true"
 
 
 async def test_machine_page_lists_the_certificates_issued(client, booter, store, keys):

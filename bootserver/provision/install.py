@@ -160,12 +160,20 @@ def _root(layout: DiskLayout) -> str:
     raise InstallError("the disk layout mounts nothing at /: an OS needs a root partition (mount = \"/\")")
 
 
+SIGNED_SHIM = "/usr/lib/shim/shimx64.efi.signed"  # Debian's shim-signed
+SIGNED_GRUB_DIR = "/usr/lib/grub/x86_64-efi-signed"  # Debian's grub-efi-amd64-signed
+
+
 def _grub_install(platform: str, layout: DiskLayout) -> str:
     if platform == "pcbios":
         return f"grub-install --target=i386-pc {shlex.quote(layout.device)}"
     # --removable: \EFI\BOOT\BOOTX64.EFI, found by firmware without an NVRAM entry (which we do not write).
-    return (f"grub-install --target=x86_64-efi --efi-directory={shlex.quote(_esp(layout) or '/boot/efi')} "
-            f"--removable --no-nvram")
+    efi = (f"grub-install --target=x86_64-efi --efi-directory={shlex.quote(_esp(layout) or '/boot/efi')} "
+           f"--removable --no-nvram")
+    # A rootfs with Debian's signed shim and GRUB boots with Secure Boot on or off: shim as BOOTX64.EFI, then the
+    # signed GRUB, then the signed kernel (shim runs GRUB also where Secure Boot is off).
+    return (f"if [ -f {SIGNED_SHIM} ] && [ -d {SIGNED_GRUB_DIR} ]; then {efi} --uefi-secure-boot; "
+            f"else {efi} --no-uefi-secure-boot; fi")
 
 
 async def find_kernel(runner: Runner, target: str) -> str:
@@ -297,12 +305,18 @@ config = json.load(open(CONFIG))
 state = subprocess.run(["systemctl", "is-system-running", "--wait"], capture_output=True, text=True).stdout.strip()
 failed = subprocess.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"],
                         capture_output=True, text=True).stdout.splitlines()
+try:  # UEFI's SecureBoot variable: attributes, then one byte (1: on); none without UEFI
+    with open("/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c", "rb") as f:
+        secure_boot = f.read()[-1:] == b"\x01"
+except OSError:
+    secure_boot = None
 body = json.dumps({
     "token": config["token"],
     "kernel": os.uname().release,
     "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
     "system_state": state,
     "failed_units": [line.split()[0] for line in failed if line.strip()],
+    "secure_boot": secure_boot,
 }).encode()
 request = urllib.request.Request(config["url"], data=body, headers={"Content-Type": "application/json"})
 for attempt in range(30):

@@ -286,8 +286,10 @@ class Store:
                         "ORDER BY issued DESC LIMIT 1", (mac, now or time.time()))
         return records.token(row) if row else None
 
-    def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any]) -> bool:
-        """Spend the token, pin the node's host key and queue its provisioning job, in one transaction.
+    def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any],
+                    facts: dict[str, str] | None = None) -> bool:
+        """Spend the token, pin the node's host key, merge `facts` (what the agent read on the machine) into its
+        facts and queue its provisioning job, in one transaction.
 
         False if the token was spent meanwhile (by a concurrent phone-home, to this replica or another):
         exactly one caller wins, so exactly one job is queued.
@@ -307,6 +309,7 @@ class Store:
             # The provisioning window closes at the first accepted phone-home.
             db.execute("UPDATE machines SET host_key = ?, ip = ?, state = 'phoned-home', last_seen = ?, "
                        "window_until = NULL WHERE mac = ?", (host_key, ip, now, mac))
+            _seen(db, mac, now, facts)
             self._queue_job(db, mac, now)
             self._insert_event(db, mac, now, "phoned-home", detail)
         return True
@@ -321,9 +324,11 @@ class Store:
             event_id = self._insert_event(db, mac, now, "installed", detail)
         return Event(event_id, mac, now, "installed", detail, self.replica)
 
-    def os_reported(self, token_id: str, mac: str, ip: str, detail: dict[str, Any]) -> bool:
-        """The installed OS reported its first boot: spend its report token, note its address, move it to
-        booted and queue the job that runs its health checks. False if the token was spent meanwhile."""
+    def os_reported(self, token_id: str, mac: str, ip: str, detail: dict[str, Any],
+                    facts: dict[str, str] | None = None) -> bool:
+        """The installed OS reported its first boot: spend its report token, note its address, merge `facts` into
+        its facts, move it to booted and queue the job that runs its health checks. False if the token was
+        spent meanwhile."""
         now = time.time()
         with self._transaction() as db:
             db.execute("SELECT mac FROM machines WHERE mac = ?" + db.row_lock, (mac,))
@@ -332,6 +337,7 @@ class Store:
             if spent != 1:
                 return False
             db.execute("UPDATE machines SET ip = ?, state = 'booted', last_seen = ? WHERE mac = ?", (ip, now, mac))
+            _seen(db, mac, now, facts)
             self._queue_job(db, mac, now)
             self._insert_event(db, mac, now, "booted", detail)
         return True
