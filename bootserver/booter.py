@@ -29,6 +29,7 @@ from .enrollment import Enrollment
 from .errors import BadRequest, BootserverError, Forbidden, NotFound, StoreUnavailable, TooManyRequests
 from .facts import clean_facts, firmware_uuid, selector_facts
 from .firmware import DhcpBoot, dhcp_answer, ipxe_binary, secure_boot_binary
+from .fleet import Fleet
 from .groups import BootSpec, Groups
 from .history import History
 from .lifecycle import FROM_DISK, KERNEL_FROM, RUNS_INSTALLED_OS, State
@@ -95,6 +96,7 @@ class Booter:
         self._store = store
         self._keys = keys
         self._history = History(store)
+        self._fleet = Fleet(self._history)  # every machine's latest boot, read from the history
         # Called with a MAC once its node has phoned home and may be provisioned (set by provisioner()).
         self._on_phoned_home: Callable[[str], None] = lambda mac: None
         self._on_reprovision: Callable[[str], None] = lambda mac: None  # reboots an installed OS (provisioner())
@@ -135,6 +137,11 @@ class Booter:
     def history(self) -> History:
         """Every machine and event, read-only: for the pages, the API, the streams, /metrics and the CLI."""
         return self._history
+
+    def fleet(self) -> Fleet:
+        """Every machine's latest boot, in phases (phases.py): for the waterfall, the fleet page, /metrics, the CLI.
+        Call its refresh() to read what was recorded since."""
+        return self._fleet
 
     def web_settings(self) -> WebSettings:
         return self._web_settings
