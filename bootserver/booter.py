@@ -159,6 +159,23 @@ class Booter:
         """What a machine we have seen boots now, by what it last reported."""
         return self._groups.spec(node.mac, selector_facts(node.facts))
 
+    def matching(self, group: str | None = None, profile: str | None = None) -> set[str] | None:
+        """MACs of the machines seen whose group and profile are these now (None: no filter given). A name the
+        config does not have is refused, with the names it has."""
+        if group is None and profile is None:
+            return None
+        for what, name, known in (("group", group, [g.name for g in self._config.groups]),
+                                  ("profile", profile, list(self._config.profiles))):
+            if name is not None and name not in known:
+                raise BadRequest(f"no {what} {name[:64]!r} in the config; it has: {', '.join(sorted(known)) or 'none'}")
+        found = set()
+        for node in self._store.nodes():
+            spec = self.spec_of(node)
+            if (group is None or spec.group == group) and (profile is None or (
+                    spec.profile is not None and spec.profile.name == profile)):
+                found.add(node.mac)
+        return found
+
     def hostname(self, mac: str) -> str:
         """The machine's name everywhere (its script, its node config, its deployment, the pages): the one under
         [machines], else one made from its MAC."""
