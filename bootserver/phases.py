@@ -217,8 +217,9 @@ def _count(phase: Phase, event: Event) -> None:
 def reason(event: Event) -> str:
     """Why a boot failed, in one line: what failure groups are keyed by."""
     detail = event.detail
-    text = str(detail.get("reason") or detail.get("error") or event.kind)
-    return " ".join(text.split())[:200]
+    text = " ".join(str(detail.get("reason") or detail.get("error") or event.kind).split())
+    # Printable only: `bootserver show` prints it to a terminal as it is.
+    return "".join(c if c.isprintable() else "\N{REPLACEMENT CHARACTER}" for c in text)[:200]
 
 
 def slim(event: Event) -> Event:
