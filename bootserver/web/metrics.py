@@ -20,6 +20,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..fleet import BUCKETS, Fleet
 from ..history import History
@@ -105,7 +106,7 @@ class PhaseCollector(Collector):
             cumulative, buckets = 0, []
             for bound, count in zip(BUCKETS, counts, strict=True):
                 cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
+                buckets.append((floatToGoString(bound), cumulative))  # "60.0", "+Inf": as the client library writes
             phases.add_metric([phase], buckets, sum_value=total)
         yield phases
 

@@ -190,18 +190,17 @@ async def machine_page(request: web.Request) -> web.Response:
 
 
 def boot_context(request: web.Request, mac: str, recent: list[Event]) -> dict[str, Any]:
-    """What the waterfall shows: the boot ?boot= names (its first event's id), else the latest in `recent`."""
+    """What the waterfall shows: the boot ?boot= names (its first event's id), else the latest in `recent` (a boot
+    older than those is in the events API)."""
     found, _ = boots(recent)
     wanted = request.query.get("boot")
     boot = found[-1] if found else None
     if wanted:
         first = number(wanted, "boot must be a boot's id (its first event's id)")
         boot = next((b for b in found if b.id == first), None)
-        if boot is None:  # older than the newest events: read it from its first event on
-            boot = next((b for b in boots(request.app[BOOTER].history().events(mac, first - 1, 1000))[0]
-                         if b.id == first), None)
         if boot is None:
-            raise NotFound(f"{mac} has no boot starting at event {first}: its boots are listed on its page")
+            raise NotFound(f"{mac} has no boot starting at event {first} among its newest {PAGE_EVENTS} events: "
+                           f"those are listed on its page")
     now = time.time()
     return {"boot": boot, "bars": waterfall(boot, now) if boot else [], "boots": list(reversed(found)), "now": now,
             "latest": boot is None or not found or boot.id == found[-1].id}
