@@ -114,6 +114,9 @@ class Booter:
         self._web_settings = WebSettings.of(config)
         self._groups = Groups(config)
         self._plans = Plans(config, self._store, self._groups, self.hostname)
+        # matching()'s answers, by filter, with the newest event id they were computed at: facts change only with
+        # an event, and going over every machine's facts takes a 10,000-machine site a few hundred ms.
+        self._matched: dict[tuple[str | None, str | None], tuple[int, set[str]]] = {}
 
     def reload(self, config: Config) -> None:
         """Decide from `config` from the next request on (what needs a restart was kept by the caller)."""
@@ -168,12 +171,17 @@ class Booter:
                                   ("profile", profile, list(self._config.profiles))):
             if name is not None and name not in known:
                 raise BadRequest(f"no {what} {name[:64]!r} in the config; it has: {', '.join(sorted(known)) or 'none'}")
+        newest = self._store.last_event_id()
+        cached = self._matched.get((group, profile))
+        if cached is not None and cached[0] == newest:
+            return cached[1]
         found = set()
         for node in self._store.nodes():
             spec = self.spec_of(node)
             if (group is None or spec.group == group) and (profile is None or (
                     spec.profile is not None and spec.profile.name == profile)):
                 found.add(node.mac)
+        self._matched[(group, profile)] = (newest, found)
         return found
 
     def hostname(self, mac: str) -> str:

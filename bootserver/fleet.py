@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -115,6 +115,9 @@ class Fleet:
         self._series: dict[int, dict[str, int]] = {}  # minute -> machines by where, at its end
         # Every finished phase read, for /metrics: phase -> (count per bucket, sum of seconds)
         self._histogram: dict[str, tuple[list[int], float]] = {}
+        # view()'s spreads and failures by its key, computed after reading up to event `_cached_at`
+        self._cached_at = -1
+        self._cached: dict[Hashable, tuple[list[Spread], list[Failure]]] = {}
 
     # -- reading the log ------------------------------------------------------------------------------
 
@@ -195,14 +198,19 @@ class Fleet:
         """Finished phases read since the start, by phase: (count per BUCKETS bucket, sum of seconds)."""
         return {name: (list(buckets), total) for name, (buckets, total) in self._histogram.items()}
 
-    def view(self, now: float, macs: Iterable[str] | None = None) -> FleetView:
+    def view(self, now: float, macs: Iterable[str] | None = None, key: Hashable = None) -> FleetView:
         """The fleet's figures over `macs` (None: every machine): each phase's spread across their latest boots,
-        those stuck, the failures by reason; the chart is of every machine."""
+        those stuck, the failures by reason; the chart is of every machine. `key` names `macs` (a filter): the
+        spreads and failures of a key are computed once per new event read, not once per page view."""
         chosen = [t for t in (self._machines.values() if macs is None else
                               (self._machines[m] for m in macs if m in self._machines)) if t.boot is not None]
-        spreads = _spreads(chosen)
+        if self._cached_at != self._after:
+            self._cached_at, self._cached = self._after, {}
+        if key not in self._cached:
+            self._cached[key] = (_spreads(chosen), _failures(chosen))
+        spreads, failures = self._cached[key]
         limits = {s.phase: s.p90 * STUCK_FACTOR for s in spreads if s.p90 > 0}
-        return FleetView(len(chosen), spreads, _stuck(chosen, limits, now), _failures(chosen),
+        return FleetView(len(chosen), spreads, _stuck(chosen, limits, now), failures,
                          [(minute * 60.0, counts) for minute, counts in sorted(self._series.items())], self.behind())
 
     def stuck(self, now: float) -> list[Stuck]:

@@ -124,7 +124,7 @@ async def api_fleet(request: web.Request) -> web.Response:
     fleet = booter.fleet()
     fleet.refresh()
     group, profile = filters(request)
-    view = fleet.view(time.time(), booter.matching(group, profile))
+    view = fleet.view(time.time(), booter.matching(group, profile), key=(group, profile))
     return _json({"group": group, "profile": profile, **view.to_json()})
 
 

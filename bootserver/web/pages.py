@@ -32,7 +32,7 @@ from ..booter import Booter
 from ..errors import BadRequest, BootserverError, NotFound
 from ..fleet import STUCK_FACTOR
 from ..phases import LABELS, Boot, boots
-from ..store import Event, Node
+from ..store import Event, Listed
 from .auth import bearer, check_read, check_same_origin, check_token, token_query
 from .query import PAGE_EVENTS, choice, filters, machine, number, page_of_nodes, states
 from .routes import BOOTER, Handler, get, post, status_of
@@ -56,10 +56,16 @@ PAGES_DIR = Path(__file__).resolve().parent / "html"
 PAGE_ROWS = 250
 
 PAGES = web.AppKey("pages", jinja2.Environment)
+# Sorted lists' orders of MACs by their query, with the newest event id and the time they were sorted at: paging
+# through a sorted list of 10,000 machines sorts them once, not once a page (or once a live refresh).
+ORDERS = web.AppKey("orders", dict)
+ORDER_SECONDS = 5.0  # a sort by time in phase or boot length ages: sorted again after this long
+ORDERS_KEPT = 16
 
 
 def add_routes(app: web.Application) -> None:
     app[PAGES] = _environment()
+    app[ORDERS] = {}
     get(app, "/", page(index))
     get(app, "/machines/{mac}", page(machine_page))
     get(app, "/fleet", page(fleet_page))
@@ -141,38 +147,50 @@ def _sorted_page(request: web.Request, wanted: list[str], chosen: set[str] | Non
                  query: dict[str, str]) -> tuple[list[MachineView], str | None, str | None]:
     """One page of every machine in `wanted` states (and in `chosen`), sorted by ?sort= in ?order=."""
     booter = request.app[BOOTER]
-    fleet, now = booter.fleet(), time.time()
-    nodes = [n for n in booter.history().nodes(states=wanted) if chosen is None or n.mac in chosen]
-    key = _SORT_KEYS[query["sort"]]
-    known = [(value, n) for n in nodes if (value := key(n, fleet.boot(n.mac), fleet.last_event(n.mac), now))
-             is not None]
-    known.sort(key=lambda pair: pair[0], reverse=query["order"] == "desc")
-    unknown = [n for n in nodes if key(n, fleet.boot(n.mac), fleet.last_event(n.mac), now) is None]
-    ordered = [n for _, n in known] + unknown
-    number_of = number(request.query.get("page") or "1", "page must be a page number")
-    start = (max(number_of, 1) - 1) * PAGE_ROWS
-    views = [machine_view(booter, n) for n in ordered[start:start + PAGE_ROWS]]
+    history, now = booter.history(), time.time()
+    orders, newest, cache_key = request.app[ORDERS], history.last_event_id(), tuple(sorted(query.items()))
+    cached = orders.get(cache_key)
+    if cached is not None and cached[0] == newest and now - cached[1] < ORDER_SECONDS:
+        ordered = cached[2]
+    else:
+        ordered = _order(booter, wanted, chosen, query["sort"], query["order"] == "desc", now)
+        while len(orders) >= ORDERS_KEPT:
+            del orders[next(iter(orders))]
+        orders[cache_key] = (newest, now, ordered)
+    page_number = max(number(request.query.get("page") or "1", "page must be a page number"), 1)
+    start = (page_number - 1) * PAGE_ROWS
+    views = [machine_view(booter, n) for n in history.nodes_of(ordered[start:start + PAGE_ROWS])]
     first_url = f"/?{urlencode(query)}" if start else None
     more = len(ordered) > start + PAGE_ROWS
-    next_url = f"/?{urlencode({**query, 'page': max(number_of, 1) + 1})}" if more else None
+    next_url = f"/?{urlencode({**query, 'page': page_number + 1})}" if more else None
     return views, first_url, next_url
 
 
-def _ip(node: Node) -> tuple[int, ...] | None:
+def _order(booter: Booter, wanted: list[str], chosen: set[str] | None, sort: str, descending: bool,
+           now: float) -> list[str]:
+    """The MACs of every machine listed, sorted; those without a value for the column last, by MAC."""
+    fleet, key = booter.fleet(), _SORT_KEYS[sort]
+    keyed = [(key(m, fleet.boot(m.mac), fleet.last_event(m.mac), now), m.mac)
+             for m in booter.history().listing(wanted) if chosen is None or m.mac in chosen]
+    known = sorted(((value, mac) for value, mac in keyed if value is not None), reverse=descending)
+    return [mac for _, mac in known] + sorted(mac for value, mac in keyed if value is None)
+
+
+def _ip(m: Listed) -> tuple[int, ...] | None:
     try:
-        return tuple(int(part) for part in node.ip.split(".")) if node.ip else None
+        return tuple(int(part) for part in m.ip.split(".")) if m.ip else None
     except ValueError:  # not IPv4: by its text, after every IPv4 address
-        return (256, *map(ord, node.ip or ""))
+        return (256, *map(ord, m.ip or ""))
 
 
-_SORT_KEYS: dict[str, Callable[[Node, Boot | None, Event | None, float], Any]] = {
-    "mac": lambda n, b, e, now: n.mac,
-    "state": lambda n, b, e, now: n.state,
-    "ip": lambda n, b, e, now: _ip(n),
-    "since": lambda n, b, e, now: None if (started := since(b)) is None else now - started,
-    "boot": lambda n, b, e, now: b.seconds(now) if b else None,
-    "last": lambda n, b, e, now: e.time if e else None,
-    "seen": lambda n, b, e, now: n.last_seen,
+_SORT_KEYS: dict[str, Callable[[Listed, Boot | None, Event | None, float], Any]] = {
+    "mac": lambda m, b, e, now: m.mac,
+    "state": lambda m, b, e, now: m.state,
+    "ip": lambda m, b, e, now: _ip(m),
+    "since": lambda m, b, e, now: None if (started := since(b)) is None else now - started,
+    "boot": lambda m, b, e, now: b.seconds(now) if b else None,
+    "last": lambda m, b, e, now: e.time if e else None,
+    "seen": lambda m, b, e, now: m.last_seen,
 }
 
 
@@ -211,7 +229,7 @@ async def fleet_page(request: web.Request) -> web.Response:
     fleet = booter.fleet()
     fleet.refresh()
     group, profile = filters(request)
-    view = fleet.view(time.time(), booter.matching(group, profile))
+    view = fleet.view(time.time(), booter.matching(group, profile), key=(group, profile))
     latest = view.series[-1][1] if view.series else {}
     return render(request, "fleet.html.j2", fleet=view, columns=chart(view), group=group, profile=profile,
                   hostname=booter.hostname, last_id=booter.history().last_event_id(), latest=latest,
