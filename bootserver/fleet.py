@@ -23,6 +23,7 @@ from .store import Event
 
 BATCH = 5000  # events read per query
 SLOWEST = 5  # machines named per phase
+NAMED = 20  # machines named per failure reason (10,000 may share one: a server that stopped mid-deploy)
 STUCK_FACTOR = 3  # stuck: in a phase longer than its p90 across the fleet x this
 SERIES_MINUTES = 24 * 60  # the chart of machines by phase: the last day, a point a minute
 # Phase durations for /metrics, in seconds: DHCP takes a second, an OS install many minutes.
@@ -85,7 +86,7 @@ class Failure:
     phases: dict[str, int]  # how many failed in each phase
 
     def to_json(self) -> dict[str, Any]:
-        return {"reason": self.reason, "count": len(self.macs), "macs": self.macs, "phases": self.phases}
+        return {"reason": self.reason, "count": len(self.macs), "macs": self.macs[:NAMED], "phases": self.phases}
 
 
 @dataclass(frozen=True)

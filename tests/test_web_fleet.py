@@ -5,16 +5,14 @@ import re
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.boots import FULL_BOOT, FULL_PHASES, failing_boot, record
+from support.boots import FULL_BOOT, FULL_PHASES, SLOW, STUCK, TWICE, fill_fleet, record
 from support.http import read_event
 
 from bootserver.phases import PHASES
 from bootserver.web import create_app
 
 T0 = 1_700_000_000.0
-RAFT = "52:54:00:00:00:01"  # node1: group raft, profile raft (conftest)
-SLOW = "52:54:00:00:01:09"
-STUCK = "52:54:00:00:02:01"
+RAFT = TWICE  # node1: group raft, profile raft (conftest)
 HOSTILE = "<script>alert('owned')</script>"
 
 
@@ -24,18 +22,7 @@ async def client(aiohttp_client, booter):
 
 
 def fill(store) -> None:
-    """Ten machines that reached running (the install of the last the slowest), one stuck in its OS install, three
-    that failed after rebooting, one that failed in its disk step for a reason full of markup, and node1 (group
-    raft) that booted twice, the second time failing."""
-    for i in range(10):
-        steps = [(at + (i * 10 if at >= 81 else 0), kind, detail) for at, kind, detail in FULL_BOOT]
-        record(store, f"52:54:00:00:01:{i:02x}", steps, T0)
-    record(store, STUCK, FULL_BOOT[:11], T0)
-    for n in range(3):
-        record(store, f"52:54:00:00:03:{n:02x}", failing_boot("no first-boot report within 10 minutes", at=19), T0)
-    record(store, "52:54:00:00:03:09", failing_boot(f"step disk failed: {HOSTILE}", at=9), T0)
-    record(store, RAFT, FULL_BOOT, T0)
-    record(store, RAFT, failing_boot("did not phone home", at=6), T0 + 1000)
+    fill_fleet(store, T0, HOSTILE)
 
 
 async def test_the_waterfall_has_every_phase_in_order_with_the_events_durations(client, store):

@@ -277,7 +277,7 @@ def _schemas() -> dict[str, Any]:
                 "limit": {"type": "number"}}}},
             "failures": {"type": "array", "items": {"type": "object", "properties": {
                 "reason": {"type": "string"}, "count": {"type": "integer"},
-                "macs": {"type": "array", "items": {"type": "string"}},
+                "macs": {"type": "array", "items": {"type": "string"}, "description": "the first 20, by MAC"},
                 "phases": {"type": "object", "additionalProperties": {"type": "integer"}}}}},
             "series": {"type": "array", "description": "every machine, by phase or outcome, at the end of each minute",
                        "items": {"type": "object", "properties": {

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bootserver.lifecycle import STEP_STATES
 from bootserver.store import Event, Store
 
 # (seconds after the boot's start, kind, detail) of a boot that installs an OS and reaches running.
@@ -51,9 +52,39 @@ def failing_boot(reason: str, *, at: int = 7) -> list[tuple[float, str, dict[str
     return [*FULL_BOOT[:at], (last + 5, "failed", {"reason": reason})]
 
 
+# The state an event's kind moves a machine to, as the core records them (a local-disk script moves none).
+STATES = {"script-served": "script-served", "phoned-home": "phoned-home", "rebooting": "rebooting",
+          "booted": "booted", "running": "running", "failed": "failed"}
+
+
 def record(store: Store, mac: str, steps: list[tuple[float, str, dict[str, Any]]], start: float) -> None:
-    """`steps` recorded through the store as if at `start` + their seconds (the clock set for each write)."""
+    """`steps` recorded through the store as if at `start` + their seconds (the clock set for each write), each
+    moving the machine to the state the core would."""
     for at, kind, detail in steps:
+        state = STATES.get(kind) if detail.get("profile") != "local-disk" else None
+        if kind == "step-started":
+            state = STEP_STATES[detail["step"]]
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(time, "time", lambda at=at: start + at)
-            store.record(mac, kind, detail)
+            store.record(mac, kind, detail, state=state)
+
+
+# The machines fill_fleet() writes, by what the views should say of them.
+SLOW = "52:54:00:00:01:09"  # the slowest OS install
+STUCK = "52:54:00:00:02:01"  # in its OS install ever since
+TWICE = "52:54:00:00:00:01"  # node1 in the tests' config (group raft): running, then a boot that failed
+
+
+def fill_fleet(store: Store, start: float, hostile: str = "<script>alert('owned')</script>") -> None:
+    """Ten machines that reached running (each install 10 s longer than the one before: the last is the slowest),
+    one stuck in its OS install, three that failed after rebooting, one that failed in its disk step for a reason
+    full of markup (`hostile`), and TWICE, whose second boot failed."""
+    for i in range(10):
+        steps = [(at + (i * 10 if at >= 81 else 0), kind, detail) for at, kind, detail in FULL_BOOT]
+        record(store, f"52:54:00:00:01:{i:02x}", steps, start)
+    record(store, STUCK, FULL_BOOT[:11], start)
+    for n in range(3):
+        record(store, f"52:54:00:00:03:{n:02x}", failing_boot("no first-boot report within 10 minutes", at=19), start)
+    record(store, "52:54:00:00:03:09", failing_boot(f"step disk failed: {hostile}", at=9), start)
+    record(store, TWICE, FULL_BOOT, start)
+    record(store, TWICE, failing_boot("did not phone home", at=6), start + 1000)
