@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import resource
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,7 +75,8 @@ def init_app(config: Config, ssh_options: dict[str, float] | None = None) -> web
     app[CONFIG] = config
     app[LIVE_CONFIG] = LiveConfig(config)
     app[SSH_OPTIONS] = ssh_options or {}
-    app.cleanup_ctx.extend([_store_and_core, _provisioner, _power_poll, _http_site, _tftp_server, _dhcp_server])
+    app.cleanup_ctx.extend([_store_and_core, _fleet_reader, _provisioner, _power_poll, _http_site, _tftp_server,
+                            _dhcp_server])
     return app
 
 
@@ -89,6 +91,24 @@ async def _store_and_core(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         core.close()
+
+
+async def _fleet_reader(app: web.Application) -> AsyncIterator[None]:
+    """Read the event log into the fleet (fleet.py) once, a batch per turn of the event loop, so that the server
+    answers meanwhile; from then on each view reads what is new."""
+    async def read() -> None:
+        started, fleet = time.monotonic(), app[CORE].fleet()
+        while fleet.refresh():
+            await asyncio.sleep(0)
+        log.info("fleet: the event log read in %.1f s", time.monotonic() - started)
+
+    task = asyncio.create_task(read(), name="fleet-reader")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _provisioner(app: web.Application) -> AsyncIterator[None]:

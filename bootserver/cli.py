@@ -14,17 +14,19 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 from . import config as configuration
-from .booter import Netboot, Urls
+from .booter import Booter, Netboot, Urls
 from .errors import BootserverError, NotFound
+from .fleet import STUCK_FACTOR
 from .mac import canonical_mac
 from .opening import open_core, open_store
+from .phases import LABELS, Boot, latest
 from .power import POWER_ACTIONS
 from .provision.disk import TARGET_ROOT, dry_run
 from .provision.pki import encrypt_secret
 from .store import Store
 from .tools.lab import ADDRESS as LAB_ADDRESS
 from .tools.lab import FIRMWARES, Lab
-from .web.views import clock, machine_view, summarize
+from .web.views import clock, duration, machine_view, size, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     render.set_defaults(command=cmd_render)
 
     nodes = commands.add_parser("nodes", help="list the machines this server has seen")
+    nodes.add_argument("--stuck", action="store_true", help="only machines in a phase of their boot for longer than "
+                                                            "that phase's p90 across the fleet x 3")
     nodes.set_defaults(command=cmd_nodes)
 
-    show = commands.add_parser("show", help="a machine's timeline, what it boots and why, its pinned host key")
+    show = commands.add_parser("show", help="a machine's timeline, its latest boot's waterfall, what it boots and "
+                                            "why, its pinned host key")
     show.add_argument("mac")
     show.add_argument("--limit", type=int, default=200, help="show this many of the newest events (default 200)")
     show.set_defaults(command=cmd_show)
@@ -204,14 +209,53 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"no machines yet (store: {where})")
         return 0
     booter = open_core(config)  # after the check: it makes the server's keys, which `nodes` alone should not
+    if args.stuck:
+        return _print_stuck(booter)
     views = [machine_view(booter, n) for n in booter.history().nodes()]
     rows = [(v.node.mac, v.hostname or "-", v.node.state, v.profile or "-", v.node.facts.get("platform", "-"),
              _ago(v.node.last_seen)) for v in views]
-    header = ("MAC", "HOSTNAME", "STATE", "PROFILE", "PLATFORM", "LAST SEEN")
+    _print_table(("MAC", "HOSTNAME", "STATE", "PROFILE", "PLATFORM", "LAST SEEN"), rows)
+    return 0
+
+
+def _print_stuck(booter: Booter) -> int:
+    """Machines stuck in a phase (fleet.py), the most overdue first; 1 when there is one (for scripts)."""
+    fleet = booter.fleet()
+    fleet.refresh(limit=None)
+    stuck = fleet.stuck(time.time())
+    if not stuck:
+        print(f"no machine is stuck: none is in a phase for longer than its p90 across the fleet x {STUCK_FACTOR}")
+        return 0
+    rows = [(s.mac, booter.hostname(s.mac), LABELS[s.phase], duration(s.seconds), duration(s.limit)) for s in stuck]
+    _print_table(("MAC", "HOSTNAME", "PHASE", "IN IT FOR", f"P90 x {STUCK_FACTOR}"), rows)
+    return 1
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+
+
+def waterfall_text(boot: Boot, now: float, width: int = 40) -> list[str]:
+    """A boot's phases as lines of text: name, a bar on the boot's time scale, duration, bytes and rate."""
+    span = max(boot.seconds(now), 1e-9)
+    outcome = boot.outcome or "under way"
+    lines = [f"boot of {clock(boot.start)}: {outcome}, {duration(boot.seconds(now))}"
+             f"{'' if boot.over else ' so far'}"]
+    label_width = max(len(p.label) for p in boot.phases)
+    for phase in boot.phases:
+        seconds = phase.seconds(now)
+        start = min(int((phase.start - boot.start) / span * width), width - 1)
+        length = max(round(seconds / span * width), 1)
+        bar = (" " * start + ("x" if phase.failure else "#") * length)[:width].ljust(width)
+        moved = f"  {size(phase.bytes)}" if phase.bytes else ""
+        rate = f" at {size(phase.rate)}/s" if phase.rate else ""
+        ongoing = "" if phase.done else " so far"
+        lines.append(f"  {phase.label.ljust(label_width)}  |{bar}|  {duration(seconds)}{ongoing}{moved}{rate}")
+        if phase.failure:
+            lines.append(f"  {''.ljust(label_width)}   failed here: {phase.failure}")
+    return lines
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -234,6 +278,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"profile:  {view.profile or 'none: boots nothing from us'}{f' (group {view.group})' if view.group else ''}")
     print(f"why:      {view.reason}")
     print(f"host key: {view.fingerprint or 'not pinned yet (pinned when the node phones home)'}")
+    boot = latest(events)
+    print()
+    print("\n".join(waterfall_text(boot, time.time())) if boot else "no boot yet")
     return 0
 
 
@@ -421,9 +468,9 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
 
 def _ago(when: float) -> str:
     seconds = int(time.time() - when)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
+    for unit, scale in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= scale:
+            return f"{seconds // scale}{unit} ago"
     return f"{seconds}s ago"
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .store import Event, Node, Store
+from .store import Event, Listed, Node, Store
 
 
 class History:
@@ -28,6 +28,14 @@ class History:
     def nodes(self, after: str | None = None, limit: int | None = None, states: Iterable[str] = ()) -> list[Node]:
         """Machines by MAC: those after `after`, at most `limit`, only in `states` when given."""
         return self._store.nodes(after=after, limit=limit, states=states)
+
+    def listing(self, states: Iterable[str] = ()) -> list[Listed]:
+        """Every machine (in `states`, when given): MAC, state, IP and last seen only."""
+        return self._store.listing(states)
+
+    def nodes_of(self, macs: Iterable[str]) -> list[Node]:
+        """These machines (those that exist), in the order given."""
+        return self._store.nodes_of(macs)
 
     def counts(self) -> dict[str, int]:
         """How many machines are in each state."""

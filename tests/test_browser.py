@@ -5,14 +5,18 @@ installs both. Playwright's own browser downloads are never used (executable_pat
 """
 
 import re
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from support.boots import FULL_PHASES, SLOW, STUCK, fill_fleet
 from support.http import api_token, report
 
 from bootserver.app import CONFIG, STORE, http_address
+from bootserver.phases import LABELS, PHASES
+from bootserver.web.views import duration
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -91,3 +95,57 @@ async def test_status_page_updates_live_and_reprovisions(app: web.Application, b
         await expect(page.locator("tbody")).to_contain_text("node1")
         await page.screenshot(path=str(REPO / "artifacts" / "status-index.png"), full_page=True)
 
+
+
+async def test_the_operators_views_in_a_browser(app: web.Application, browser):
+    """The waterfall has every phase in order with the durations the events make; the fleet page names the slowest
+    machine; both follow new events live; readable on a phone. Screenshots of each view go to artifacts/ (docs/
+    holds copies made by hand)."""
+    from playwright.async_api import expect
+
+    base = f"http://127.0.0.1:{http_address(app)[1]}"
+    store = app[STORE]
+    fill_fleet(store, time.time() - 3600)
+    shots = REPO / "artifacts"
+    shots.mkdir(exist_ok=True)
+    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+
+    await page.goto(f"{base}/machines/{SLOW}")
+    rows = page.locator("#waterfall tr[data-phase]")
+    await expect(rows).to_have_count(len(PHASES))
+    expected = [(name, seconds + (90 if name == "install" else 0)) for name, seconds in FULL_PHASES]
+    assert [(await row.get_attribute("data-phase"), float(await row.get_attribute("data-seconds")))
+            for row in await rows.all()] == expected
+    took = [(await row.locator("th").inner_text(), await row.locator("td.num").first.inner_text())
+            for row in await rows.all()]
+    assert took == [(LABELS[name], duration(seconds)) for name, seconds in expected]
+    await page.screenshot(path=str(shots / "waterfall.png"), full_page=True)
+
+    await page.goto(f"{base}/fleet")
+    slowest = page.locator('table.spreads tr[data-phase="install"] td.slowest a').first
+    await expect(slowest).to_have_text(SLOW)
+    await expect(page.locator("table.stuck")).to_contain_text(STUCK)
+    await expect(page.locator("table.failures")).to_contain_text("no first-boot report within 10 minutes")
+    await page.screenshot(path=str(shots / "fleet.png"), full_page=True)
+    await slowest.click()
+    await expect(page.locator("h1")).to_contain_text(SLOW)
+
+    await page.goto(f"{base}/?sort=boot&order=desc")
+    await expect(page.locator("tbody tr").first).to_contain_text(STUCK)  # the stuck boot: the longest of all
+    await page.screenshot(path=str(shots / "machines.png"), full_page=True)
+
+    # Live: the stuck machine's install finishes and its deploy starts while its page is open.
+    await page.goto(f"{base}/machines/{STUCK}")
+    await expect(page.locator("#live")).to_have_text("live")
+    await expect(page.locator("#waterfall tr.current")).to_have_attribute("data-phase", "install")
+    store.record(STUCK, "step-done", {"step": "install", "seconds": 60})
+    store.record(STUCK, "step-started", {"step": "deploy"})
+    await expect(page.locator("#waterfall tr.current")).to_have_attribute("data-phase", "deploy")
+
+    # A phone: nothing wider than the screen but the list's own scrolling table.
+    await page.set_viewport_size({"width": 390, "height": 844})
+    for path in (f"/machines/{SLOW}", "/fleet"):
+        await page.goto(base + path)
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 390, path
+    await page.goto(f"{base}/machines/{SLOW}")
+    await page.screenshot(path=str(shots / "waterfall-phone.png"), full_page=True)

@@ -5,11 +5,13 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from support.boots import FULL_BOOT, FULL_PHASES, failing_boot, record
 from support.config import section, server_section
 from support.net import free_port
 from support.serve import answers, serve_command
 from support.wait import until
 
+from bootserver.phases import LABELS
 from bootserver.store import Store
 
 
@@ -128,3 +130,37 @@ def test_reprovision_marks_a_known_machine(config_file: Path, config):
     node = store.node("52:54:00:00:00:01")
     assert node.reprovision and node.state == "reprovision"
     store.close()
+
+
+def test_show_prints_the_latest_boot_as_a_waterfall(config_file: Path, config):
+    store = Store(config.server.database)
+    record(store, "52:54:00:00:00:01", FULL_BOOT, 1_700_000_000.0)
+    record(store, "52:54:00:00:00:01", failing_boot("step disk failed: \x1b[2Jno disk", at=9), 1_700_001_000.0)
+    store.close()
+    result = bootserver("--config", str(config_file), "show", "52:54:00:00:00:01")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("boot of ")))
+    assert lines[start].endswith(": failed, 25.0 s")  # the newest boot, from its DHCP to its failure
+    phases = lines[start + 1:]
+    assert [line.split("|")[0].strip() for line in phases[:6]] == [LABELS[p] for p, _ in FULL_PHASES[:6]]
+    assert phases[3].split("|")[2].strip() == "11.0 s  40.0 MiB at 6.7 MiB/s"  # kernel: its files' bytes and rate
+    assert "x" in phases[5].split("|")[1]  # the failed phase's bar
+    replaced = "\N{REPLACEMENT CHARACTER}"
+    assert phases[6].strip() == f"failed here: step disk failed: {replaced}[2Jno disk"  # no escape reaches the terminal
+
+
+def test_nodes_stuck_lists_the_machines_in_a_phase_too_long(config_file: Path, config):
+    store = Store(config.server.database)
+    for i in range(5):
+        record(store, f"52:54:00:00:01:{i:02x}", FULL_BOOT, 1_700_000_000.0)
+    result = bootserver("--config", str(config_file), "nodes", "--stuck")
+    assert result.returncode == 0 and "no machine is stuck" in result.stdout
+    record(store, "52:54:00:00:02:01", FULL_BOOT[:11], 1_700_000_000.0)  # in its OS install ever since
+    store.close()
+    result = bootserver("--config", str(config_file), "nodes", "--stuck")
+    assert result.returncode == 1, result.stderr
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["MAC", "HOSTNAME", "PHASE", "IN", "IT", "FOR", "P90", "x", "3"]
+    assert row.split()[:4] == ["52:54:00:00:02:01", "node-525400000201", "OS", "install"]
+    assert row.endswith("3 min 0 s")  # the install took every other machine 60 s

@@ -183,7 +183,7 @@ async def test_everything_from_machines_is_escaped(aiohttp_client, booter, store
     for html in pages:
         assert "<script>alert" not in html and "<img src=x" not in html
     escaped = "&lt;script&gt;alert(&#39;owned&#39;)&lt;/script&gt;"
-    assert pages[0].count(escaped) == 1  # the hostname
+    assert pages[0].count(escaped) == 3  # the hostname, the last event's summary (its text and its title)
     assert pages[1].count(escaped) >= 5  # title, heading, summary, command and its output, DHCP
     assert escaped in pages[2] and escaped in pages[3]  # the live event and the live summary
 

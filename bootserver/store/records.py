@@ -38,6 +38,16 @@ class Committed:
 
 
 @dataclass(frozen=True)
+class Listed:
+    """A machine as a sorted list needs it, before the page is cut: what it sorts by."""
+
+    mac: str
+    state: str
+    ip: str | None
+    last_seen: float
+
+
+@dataclass(frozen=True)
 class Member:
     """A machine as a group's member list needs it: where it is, and the facts that pick its group."""
 

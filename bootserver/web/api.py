@@ -3,18 +3,21 @@
     GET  /api/v1/machines[?state=]           every machine, a page at a time
     GET  /api/v1/machines/{mac}
     GET  /api/v1/machines/{mac}/events?after=
+    GET  /api/v1/machines/{mac}/waterfall[?boot=]   a boot's phases (the latest, else the one starting at event ID)
+    GET  /api/v1/fleet[?group=&profile=]     phases' spreads, stuck machines, failures, machines by phase a minute
     POST /api/v1/machines/{mac}/reprovision[?now=true], /api/v1/machines/{mac}/boot-from-disk,
          /api/v1/machines/{mac}/approve
     GET  /api/v1/machines/{mac}/power        its power state, read from its BMC now
     POST /api/v1/machines/{mac}/power        {"action": "on" | "off" | "soft-off" | "cycle"}
     POST /api/v1/deploy                      {"targets": [GROUP or MAC, ...], "now": true}
     GET  /api/v1/openapi.json                OpenAPI 3 description of /api/v1
-    GET  /metrics                            Prometheus: machines by state, bytes served, step durations
+    GET  /metrics                            Prometheus: machines by state, bytes served, step and phase durations
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -25,7 +28,8 @@ from ..errors import BadRequest, BootserverError
 from ..mac import canonical_mac
 from . import metrics, openapi
 from .auth import bearer, check_read, check_same_origin, check_token
-from .query import PAGE_EVENTS, machine, number, page_of_nodes, states
+from .pages import boot_context
+from .query import PAGE_EVENTS, filters, machine, number, page_of_nodes, states
 from .routes import BOOTER, Handler, get, post, status_of
 from .views import event_json, machine_view
 
@@ -35,10 +39,13 @@ METRICS = web.AppKey("metrics", CollectorRegistry)
 
 
 def add_routes(app: web.Application) -> None:
-    app[METRICS] = metrics.registry(app[BOOTER].history(), app[BOOTER].power_control().state_counts)
+    app[METRICS] = metrics.registry(app[BOOTER].history(), app[BOOTER].power_control().state_counts,
+                                    app[BOOTER].fleet())
     get(app, "/api/v1/machines", _api(api_machines))
     get(app, "/api/v1/machines/{mac}", _api(api_machine))
     get(app, "/api/v1/machines/{mac}/events", _api(api_events))
+    get(app, "/api/v1/machines/{mac}/waterfall", _api(api_waterfall))
+    get(app, "/api/v1/fleet", _api(api_fleet))
     post(app, "/api/v1/machines/{mac}/reprovision", _api(api_reprovision))
     get(app, "/api/v1/machines/{mac}/power", _api(api_power_status))
     post(app, "/api/v1/machines/{mac}/power", _api(api_power))
@@ -86,6 +93,7 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 async def api_machines(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
+    booter.fleet().refresh()
     limit = min(_whole(request, "limit", PAGE_MACHINES), 1000) or 1
     nodes, next_after = page_of_nodes(request, states(request), limit)
     views = [machine_view(booter, n).to_json() for n in nodes]
@@ -95,9 +103,29 @@ async def api_machines(request: web.Request) -> web.Response:
 async def api_machine(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
     history = booter.history()
+    booter.fleet().refresh()
     node = machine(history, request.match_info["mac"])
     events = [event_json(e) for e in history.recent_events(node.mac, PAGE_EVENTS)]
     return _json({**machine_view(booter, node).to_json(), "events": events})
+
+
+async def api_waterfall(request: web.Request) -> web.Response:
+    history = request.app[BOOTER].history()
+    node = machine(history, request.match_info["mac"])
+    shown = boot_context(request, node.mac, history.recent_events(node.mac, PAGE_EVENTS))
+    boot, now = shown["boot"], shown["now"]
+    return _json({"mac": node.mac, "boot": boot.to_json(now) if boot else None,
+                  "boots": [{"id": b.id, "start": b.start, "seconds": round(b.seconds(now), 3), "outcome": b.outcome,
+                             "failure": b.failure} for b in shown["boots"]]})
+
+
+async def api_fleet(request: web.Request) -> web.Response:
+    booter = request.app[BOOTER]
+    fleet = booter.fleet()
+    fleet.refresh()
+    group, profile = filters(request)
+    view = fleet.view(time.time(), booter.matching(group, profile), key=(group, profile))
+    return _json({"group": group, "profile": profile, **view.to_json()})
 
 
 async def api_events(request: web.Request) -> web.Response:

@@ -11,9 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from ..fleet import BUCKETS, Fleet
 from ..history import History
 from ..lifecycle import State
 
@@ -81,11 +90,34 @@ class HistoryCollector(Collector):
                                 "since the server started", value=largest)
 
 
-def registry(history: History, power_counts: Callable[[], dict[str, int]] = dict) -> CollectorRegistry:
+class PhaseCollector(Collector):
+    """How long each phase of a boot took (phases.py), over every boot the fleet has read since the server started:
+    it reads the whole event log at start, so after a restart the counts start again from what the log holds."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        self._fleet.refresh()
+        phases = HistogramMetricFamily("bootserver_boot_phase_seconds", "Durations of finished boot phases (dhcp, "
+                                       "tftp, script, kernel, phone-home, disk, install, deploy, reboot, booted, "
+                                       "running), by phase", labels=["phase"])
+        for phase, (counts, total) in sorted(self._fleet.histogram().items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(BUCKETS, counts, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))  # "60.0", "+Inf": as the client library writes
+            phases.add_metric([phase], buckets, sum_value=total)
+        yield phases
+
+
+def registry(history: History, power_counts: Callable[[], dict[str, int]] = dict,
+             fleet: Fleet | None = None) -> CollectorRegistry:
     """A registry of our own (not the process-wide default), so that several apps can live in one process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HistoryCollector(history))
     registry.register(PowerCollector(power_counts))
+    registry.register(PhaseCollector(fleet or Fleet(history)))
     return registry
 
 

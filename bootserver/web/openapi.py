@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
+from ..phases import PHASES
 
 _MAC = {"name": "mac", "in": "path", "required": True, "description": "MAC address in any common spelling "
         "(52:54:00:12:34:56, 52-54-00-12-34-56, 5254.0012.3456, 525400123456)", "schema": {"type": "string"}}
@@ -103,6 +104,25 @@ def spec() -> dict[str, Any]:
                                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}}],
                 "responses": {"200": _json("EventPage", "the events"), **_ERRORS, **_NOT_FOUND},
             }},
+            "/api/v1/machines/{mac}/waterfall": {"get": {
+                "summary": "A boot of the machine in phases (DHCP, TFTP, script, kernel, phone-home, disk, install, "
+                           "deploy, reboot, booted, running): the latest, or the one `boot` names; and its other boots "
+                           "among its newest events",
+                "parameters": [_MAC, {"name": "boot", "in": "query", "required": False,
+                                      "description": "a boot's id (its first event's id), from `boots`",
+                                      "schema": {"type": "integer", "minimum": 0}}],
+                "responses": {"200": _json("Waterfall", "the boot's phases"), **_ERRORS, **_NOT_FOUND},
+            }},
+            "/api/v1/fleet": {"get": {
+                "summary": "Every machine's latest boot: each phase's median, p90 and max with the slowest machines, "
+                           "machines stuck in a phase for longer than its p90 x 3, failures by reason, and machines "
+                           "by phase at the end of each minute of the last day",
+                "parameters": [{"name": "group", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "only machines this [groups] entry picks now"},
+                               {"name": "profile", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "only machines that boot this profile now"}],
+                "responses": {"200": _json("Fleet", "the fleet's figures"), **_ERRORS},
+            }},
             "/api/v1/machines/{mac}/reprovision": _reprovision(),
             "/api/v1/machines/{mac}/power": _power(),
             "/api/v1/deploy": {"post": {
@@ -173,6 +193,14 @@ def _schemas() -> dict[str, Any]:
                         "power": {"allOf": [{"$ref": "#/components/schemas/Power"}], "nullable": True,
                                   "description": "its last-seen power state; null without a BMC or before the "
                                                  "first poll"},
+                        "phase": {"type": "string", "nullable": True,
+                                  "description": "the phase its latest boot is in, or how that boot ended"},
+                        "since": {"type": "number", "nullable": True, "description": "Unix time it got there"},
+                        "boot_seconds": {"type": "number", "nullable": True,
+                                         "description": "its latest boot's length (so far, while under way)"},
+                        "last_event": {"type": "object", "nullable": True, "description": "its newest event",
+                                       "properties": {"id": {"type": "integer"}, "kind": {"type": "string"},
+                                                      "time": {"type": "number"}, "summary": {"type": "string"}}},
                     }},
         "Power": {"type": "object", "required": ["state", "checked"], "properties": {
             "state": {"type": "string", "enum": ["on", "off", "unknown"]},
@@ -205,6 +233,59 @@ def _schemas() -> dict[str, Any]:
         }},
         "MachineWithEvents": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {"type": "object", "properties": {
             "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}}}}]},
+        "Phase": {"type": "object", "required": ["phase", "start", "seconds"], "properties": {
+            "phase": {"type": "string", "enum": list(PHASES)},
+            "label": {"type": "string"},
+            "start": {"type": "number", "description": "Unix time of its first event"},
+            "seconds": {"type": "number", "description": "until the next phase started (so far, while under way)"},
+            "events": {"type": "integer"},
+            "bytes": {"type": "integer", "nullable": True, "description": "files served (OS written, install)"},
+            "rate": {"type": "number", "nullable": True, "description": "bytes a second"},
+            "failure": {"type": "string", "nullable": True, "description": "why the boot failed here"},
+            "done": {"type": "boolean"},
+        }},
+        "Boot": {"type": "object", "required": ["id", "start", "seconds", "phases"], "properties": {
+            "id": {"type": "integer", "description": "its first event's id"},
+            "mac": {"type": "string"},
+            "start": {"type": "number"},
+            "seconds": {"type": "number"},
+            "outcome": {"type": "string", "nullable": True, "enum": ["running", "deployed", "failed", "interrupted"],
+                        "description": "null while under way"},
+            "failure": {"type": "string", "nullable": True},
+            "failed_in": {"type": "string", "nullable": True},
+            "phases": {"type": "array", "items": {"$ref": "#/components/schemas/Phase"}},
+        }},
+        "Waterfall": {"type": "object", "required": ["mac", "boot", "boots"], "properties": {
+            "mac": {"type": "string"},
+            "boot": {"allOf": [{"$ref": "#/components/schemas/Boot"}], "nullable": True},
+            "boots": {"type": "array", "description": "its boots among its newest events, newest first",
+                      "items": {"type": "object", "properties": {
+                          "id": {"type": "integer"}, "start": {"type": "number"}, "seconds": {"type": "number"},
+                          "outcome": nullable_string, "failure": nullable_string}}},
+        }},
+        "Fleet": {"type": "object", "required": ["machines", "phases", "stuck", "failures", "series"], "properties": {
+            "group": nullable_string,
+            "profile": nullable_string,
+            "machines": {"type": "integer", "description": "machines with a boot, among those asked for"},
+            "phases": {"type": "array", "items": {"type": "object", "properties": {
+                "phase": {"type": "string"}, "count": {"type": "integer"}, "median": {"type": "number"},
+                "p90": {"type": "number"}, "max": {"type": "number"},
+                "slowest": {"type": "array", "items": {"type": "object", "properties": {
+                    "mac": {"type": "string"}, "seconds": {"type": "number"}}}}}}},
+            "stuck": {"type": "array", "items": {"type": "object", "properties": {
+                "mac": {"type": "string"}, "phase": {"type": "string"}, "seconds": {"type": "number"},
+                "limit": {"type": "number"}}}},
+            "failures": {"type": "array", "items": {"type": "object", "properties": {
+                "reason": {"type": "string"}, "count": {"type": "integer"},
+                "macs": {"type": "array", "items": {"type": "string"}, "description": "the first 20, by MAC"},
+                "phases": {"type": "object", "additionalProperties": {"type": "integer"}}}}},
+            "series": {"type": "array", "description": "every machine, by phase or outcome, at the end of each minute",
+                       "items": {"type": "object", "properties": {
+                           "time": {"type": "number"},
+                           "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}}},
+            "behind": {"type": "integer", "description": "events not read yet (the server is still reading its log)"},
+            "stuck_factor": {"type": "integer"},
+        }},
         "EventPage": {"type": "object", "required": ["mac", "events", "last_id"], "properties": {
             "mac": {"type": "string"},
             "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},

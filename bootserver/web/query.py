@@ -44,3 +44,16 @@ def number(value: str, what: str) -> int:
     if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_ID:
         raise BadRequest(f"{what}, at most {MAX_ID}, not {value[:32]!r}")
     return int(value)
+
+
+def choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str:
+    """?name= one of `allowed` (the first when not given)."""
+    value = request.query.get(name) or allowed[0]
+    if value not in allowed:
+        raise BadRequest(f"{name} must be one of {', '.join(allowed)}, not {value[:32]!r}")
+    return value
+
+
+def filters(request: web.Request) -> tuple[str | None, str | None]:
+    """?group= and ?profile=: names the config has (Booter.matching checks them)."""
+    return request.query.get("group") or None, request.query.get("profile") or None

@@ -1,7 +1,7 @@
 """Live updates of the status pages: server-sent events, and their caps.
 
     GET  /stream                             something happened (the overview refreshes)
-    GET  /machines/{mac}/stream              that machine's new events, rendered
+    GET  /machines/{mac}/stream              that machine's new events, rendered, with its summary and waterfall
 
 Live updates poll the store (every POLL_SECONDS) rather than listen in memory, so that events
 recorded by another process (`bootserver reprovision` from a shell) show up too.
@@ -21,8 +21,8 @@ import jinja2
 from aiohttp import web
 
 from ..store import Event
-from .pages import PAGES, page
-from .query import machine, number
+from .pages import PAGES, boot_context, page
+from .query import PAGE_EVENTS, machine, number
 from .routes import BOOTER, get
 from .views import event_json, machine_view
 
@@ -74,15 +74,19 @@ async def machine_stream(request: web.Request) -> web.StreamResponse:
         events = history.events(node.mac, after, BATCH)
         if not events:
             return []
+        booter.fleet().refresh()
         summary = pages.get_template("summary.html.j2").render(m=machine_view(booter, machine(history, node.mac)))
-        return [(e.id, _event_message(pages, e, summary)) for e in events]
+        waterfall = pages.get_template("waterfall.html.j2").render(
+            **boot_context(request, node.mac, history.recent_events(node.mac, PAGE_EVENTS)))
+        return [(e.id, _event_message(pages, e, summary, waterfall)) for e in events]
 
     return await _stream(request, after, messages)
 
 
-def _event_message(pages: jinja2.Environment, event: Event, summary: str) -> dict[str, Any]:
+def _event_message(pages: jinja2.Environment, event: Event, summary: str, waterfall: str) -> dict[str, Any]:
     data = event_json(event)
-    return {**data, "html": pages.get_template("event.html.j2").render(e=data), "summary_html": summary}
+    return {**data, "html": pages.get_template("event.html.j2").render(e=data), "summary_html": summary,
+            "waterfall_html": waterfall}
 
 
 async def _stream(request: web.Request, after: int,

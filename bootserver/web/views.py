@@ -16,7 +16,9 @@ from typing import Any
 import asyncssh
 
 from ..booter import Booter
+from ..fleet import FleetView
 from ..lifecycle import BAD_KINDS, GOOD_KINDS, OFF_PATH, PROGRESS, EventKind, State
+from ..phases import PHASES, Boot, Phase
 from ..power import PowerState
 from ..store import Event, Node
 
@@ -59,6 +61,19 @@ class MachineView:
     installing: dict[str, Any] | None = None  # the newest install-progress event's detail, while installing
     has_bmc: bool = False  # configured with [machines."MAC".bmc]: its power can be read and driven
     power: PowerState | None = None  # its last-seen power state (None: no BMC, or not read since the start)
+    boot: Boot | None = None  # its latest boot, as far as the fleet has read (fleet.py)
+    last_event: dict[str, Any] | None = None  # its newest event: kind, time, summary
+
+    @property
+    def since(self) -> float | None:
+        return since(self.boot)
+
+    @property
+    def place(self) -> str | None:
+        """Where its latest boot is: its phase, or how it ended."""
+        if self.boot is None or self.boot.phase is None:
+            return None
+        return self.boot.outcome or self.boot.phase.name
 
     def to_json(self) -> dict[str, Any]:
         # Fingerprints are enough to check a key by.
@@ -66,15 +81,100 @@ class MachineView:
         return {**node, "hostname": self.hostname, "profile": self.profile, "group": self.group,
                 "reason": self.reason, "host_key_fingerprint": self.fingerprint,
                 "progress": self.progress.to_json(), "installing": self.installing,
-                "power": self.power.to_json() if self.power else None}
+                "power": self.power.to_json() if self.power else None, "phase": self.place, "since": self.since,
+                "boot_seconds": round(self.boot.seconds(time.time()), 3) if self.boot else None,
+                "last_event": self.last_event}
 
 
 def machine_view(booter: Booter, node: Node) -> MachineView:
+    """Its boot and newest event as far as the fleet has read: refresh the fleet once per request, before."""
     spec = booter.spec_of(node)
     power = booter.power_control()
+    fleet = booter.fleet()
+    last = fleet.last_event(node.mac)
     return MachineView(node, booter.hostname(node.mac), spec.profile.name if spec.profile else None,
                        spec.group, spec.reason, fingerprint(node.host_key), progress(node.state),
-                       _installing(booter, node), power.has_bmc(node.mac), booter.power_state(node.mac))
+                       _installing(booter, node), power.has_bmc(node.mac), booter.power_state(node.mac),
+                       fleet.boot(node.mac), None if last is None else {
+                           "id": last.id, "kind": last.kind, "time": last.time, "summary": summarize(last)})
+
+
+def since(boot: Boot | None) -> float | None:
+    """When a machine got where it is: its latest boot's outcome, else the start of the phase it is in."""
+    if boot is None or boot.phase is None:
+        return None
+    return boot.events[-1].time if boot.over else boot.phase.start
+
+
+# -- the waterfall and the fleet's chart: geometry for the templates' SVG ---------------------------------
+
+@dataclass(frozen=True)
+class Bar:
+    """One phase of a boot on the waterfall: where its bar starts and how wide it is, in % of the boot."""
+
+    phase: Phase
+    x: float
+    width: float
+    seconds: float
+
+
+def waterfall(boot: Boot, now: float) -> list[Bar]:
+    span = max(boot.seconds(now), 1e-9)
+    bars = []
+    for phase in boot.phases:
+        seconds = phase.seconds(now)
+        x = min((phase.start - boot.start) / span * 100, 99.5)
+        bars.append(Bar(phase, round(x, 2), round(max(min(seconds / span * 100, 100 - x), 0.5), 2), seconds))
+    return bars
+
+
+@dataclass(frozen=True)
+class Column:
+    """One point of the fleet chart: its x, and its stacked blocks (place, y, height), in the chart's units."""
+
+    time: float
+    x: float
+    blocks: list[tuple[str, float, float]]
+    total: int
+
+
+CHART_POINTS = 120  # columns at most: a day of minutes would be thousands of rectangles
+CHART_HEIGHT = 100.0
+PLACES = (*PHASES, "deployed", "failed", "interrupted")  # the chart's stack, bottom up
+
+
+def chart(fleet: FleetView) -> list[Column]:
+    series = fleet.series
+    if not series:
+        return []
+    step = max(len(series) // CHART_POINTS + (len(series) % CHART_POINTS > 0), 1)
+    points = series[step - 1::step] if len(series) > step else series[-1:]
+    if points[-1] is not series[-1]:
+        points.append(series[-1])
+    most = max(sum(counts.values()) for _, counts in points) or 1
+    width = 1000 / len(points)
+    columns = []
+    for i, (when, counts) in enumerate(points):
+        y, blocks = CHART_HEIGHT, []
+        for place in sorted(counts, key=lambda p: PLACES.index(p) if p in PLACES else len(PLACES)):
+            height = counts[place] / most * CHART_HEIGHT
+            y -= height
+            blocks.append((place, round(y, 2), round(height, 2)))
+        columns.append(Column(when, round(i * width, 2), blocks, sum(counts.values())))
+    return columns
+
+
+def duration(seconds: object) -> str:
+    """Seconds as a person reads them: 850 ms, 4.2 s, 3 min 5 s, 2 h 10 min."""
+    if not isinstance(seconds, int | float):
+        return "—"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
 def _installing(booter: Booter, node: Node) -> dict[str, Any] | None:
