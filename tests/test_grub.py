@@ -128,6 +128,7 @@ def test_raft_grub_config_golden_and_event(booter: Booter, store):
 def test_grub_noboot_and_local_disk(booter: Booter, store):
     text = booter.machine_script("52:54:00:00:00:99", {"platform": "efi"}, URLS, "http", loader=GRUB).data.decode()
     assert "exit 1" in text and "local disk" in text and "linux" not in text
+    assert "chainloader $loader" in text and "--set=root $loader" in text  # not `exit` alone: see the template
 
 
 def test_a_config_value_cannot_escape_its_quotes(tmp_path: Path, store, keys):

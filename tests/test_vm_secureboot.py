@@ -1,5 +1,6 @@
 """Secure Boot on real firmware: OVMF's Secure Boot build with Microsoft's keys enrolled, on the lab's VDE switch,
-netboots through Debian's signed shim and GRUB (`bootserver image secureboot`) to the agent's phone-home.
+netboots through Debian's signed shim and GRUB (`bootserver image secureboot`) to the agent's phone-home, and
+to `running`: the installed Debian boots with Secure Boot on, through the shim and signed GRUB on its own ESP.
 
 Needs root, vde2, qemu-system-x86, ovmf and Debian's package lists (the signed binaries are downloaded with
 apt-get download, as the agent image's packages are); a missing one fails the test.
@@ -12,34 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from support.lab import lab_for_test, report, timeline, wait_phoned_home
+from support.lab import MAC, lab_for_test, report, timeline, wait_phoned_home
 
 from bootserver.tools.image import AgentImage
 
 pytestmark = pytest.mark.vm
-
-
-async def test_a_secure_boot_vm_netboots_through_shim_and_grub(tmp_path: Path, agent_image: AgentImage, timing):
-    with lab_for_test(tmp_path) as lab:
-        lab.write_config(agent_image.kernel.parent, provision=False, firmware="uefi-secureboot")
-        lab.start_server()
-        started = time.monotonic()
-        lab.start_vm(1, firmware="uefi-secureboot")
-        took = await wait_phoned_home(lab, 1, started, timeout=300)
-        timing("OVMF with Secure Boot, its own PXE -> shim -> GRUB -> signed kernel (VDE): QEMU start to phone-home",
-               took)
-        events = timeline(lab)
-        dhcp = [e.detail for e in events if e.kind == "dhcp"]
-        assert dhcp[0]["bootfile"] == "shimx64.efi" and "Secure Boot" in dhcp[0]["answer"], dhcp
-        script = next(e.detail for e in events if e.kind == "script-served")
-        assert script["loader"] == "grub" and script["transport"] == "tftp", script
-        # The chain's files, each served in full to this machine (known by its lease), in order.
-        served = [(e.detail["file"], e.detail["bytes"] == e.detail["size"]) for e in events if e.kind == "file-served"]
-        assert served[:2] == [("shimx64.efi", True), ("grubx64.efi", True)], served
-        phoned = next(e.detail for e in events if e.kind == "phoned-home")
-        assert phoned["secure_boot"] is True, phoned  # what the agent read from the firmware's SecureBoot variable
-        serial = lab.serial_log(1).read_text(errors="replace")
-        assert "Secure boot enabled" in serial, report(lab, 1)
 
 
 async def test_the_firmware_refuses_unsigned_ipxe_and_the_events_show_where_the_chain_stopped(
@@ -65,3 +43,46 @@ async def test_the_firmware_refuses_unsigned_ipxe_and_the_events_show_where_the_
             {("ipxe.efi", "tftp", True)}, served
         assert not [e for e in events if e.kind == "script-served"], "the refused binary asked for a script"
         assert [e.kind for e in events if e.kind != "dhcp"][-1] == "file-served", [e.kind for e in events]
+
+
+async def test_a_secure_boot_lab_vm_netboots_through_shim_and_grub_and_runs_its_installed_os(
+        tmp_path: Path, agent_image: AgentImage, os_image, timing):
+    """`bootserver lab up --firmware uefi-secureboot`: the firmware's own PXE -> shim -> GRUB -> signed kernel to the
+    agent, which reports Secure Boot on and installs Debian with shim (as BOOTX64.EFI) and its signed GRUB on the
+    ESP. After the reboot the firmware's network boot is sent on to the disk (the network GRUB starts the disk's
+    signed GRUB), and the installed system boots with Secure Boot on (the firmware would refuse an unsigned
+    piece), reports it, and runs the lab's service."""
+    with lab_for_test(tmp_path) as lab:
+        lab.write_config(agent_image.kernel.parent, machines=1, os_image=os_image.tarball,
+                         firmware="uefi-secureboot")
+        lab.start_server()
+        started = time.monotonic()
+        lab.start_vm(1, firmware="uefi-secureboot")
+        took = await wait_phoned_home(lab, 1, started, timeout=300)
+        timing("OVMF with Secure Boot, its own PXE -> shim -> GRUB -> signed kernel (VDE): QEMU start to phone-home",
+               took)
+        events = timeline(lab)
+        dhcp = [e.detail for e in events if e.kind == "dhcp"]
+        assert dhcp[0]["bootfile"] == "shimx64.efi" and "Secure Boot" in dhcp[0]["answer"], dhcp
+        script = next(e.detail for e in events if e.kind == "script-served")
+        assert script["loader"] == "grub" and script["transport"] == "tftp", script
+        # The chain's files, each served in full to this machine (known by its lease), in order.
+        served = [(e.detail["file"], e.detail["bytes"] == e.detail["size"]) for e in events if e.kind == "file-served"]
+        assert served[:2] == [("shimx64.efi", True), ("grubx64.efi", True)], served
+        phoned = next(e.detail for e in events if e.kind == "phoned-home")
+        assert phoned["secure_boot"] is True, phoned  # what the agent read from the firmware's SecureBoot variable
+
+        try:
+            await asyncio.to_thread(lab.wait_running, 1, 600)
+        except Exception as exc:
+            raise AssertionError(f"{exc}{report(lab, 1)}") from exc
+        timing("lab, 1 OVMF VM with Secure Boot, our full DHCP, VDE: QEMU start to running",
+               time.monotonic() - started)
+        events = timeline(lab)
+        assert next(e.detail for e in events if e.kind == "installed")["platform"] == "efi"
+        booted = next(e.detail for e in events if e.kind == "booted")
+        assert booted["secure_boot"] is True, booted  # the installed OS read its firmware's SecureBoot variable
+        machine = next(m for m in lab.status_json()["machines"] if m["mac"] == MAC)
+        assert machine["facts"]["secure_boot"] == "true", machine
+        serial = lab.serial_log(1).read_text(errors="replace")
+        assert serial.count("Secure boot enabled") >= 2, report(lab, 1)  # the agent's kernel, then the disk's

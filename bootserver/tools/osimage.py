@@ -43,6 +43,8 @@ from ..errors import BootserverError
 OS_PACKAGES: tuple[str, ...] = (
     "linux-image-cloud-amd64", "systemd-sysv", "systemd-resolved", "udev", "dbus", "openssh-server",
     "grub-pc-bin", "grub-efi-amd64-bin", "grub2-common", "iproute2", "ca-certificates", "curl", "python3", "zstd",
+    # Secure Boot: Debian's Microsoft-signed shim and its signed GRUB, installed to the ESP by the install step
+    "shim-signed", "grub-efi-amd64-signed",
 )  # fmt: skip
 # Documentation and translations nobody reads on a server (~65 MB unpacked); copyright files stay.
 DPKG_OPTIONS: tuple[str, ...] = (
