@@ -11,6 +11,7 @@ over HTTP from inside the namespace (curl), and from the store file.
            hands out the boot file
     uefi   OVMF's own PXE client (no iPXE ROM on the NIC) gets ipxe.efi over TFTP on port 69, then iPXE
            asks again and gets our HTTP bootstrap
+    http   OVMF's own UEFI HTTP boot client gets ipxe.efi's URL from our DHCP; the server has no TFTP at all
 
 Needs root, vde2, qemu-system-x86, ovmf, ipxe, dnsmasq and curl; a missing one fails the test.
 """
@@ -76,22 +77,6 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
     expected = {(f"lab{a}", f"lab{b}") for a in (1, 2, 3) for b in (1, 2, 3) if a != b}
     assert set(pairs) == expected and all(pairs.values()), pairs
     assert f"-> lab2 {lab.reserved_ip(2)}: reachable" in lab.status()
-
-
-async def test_a_uefi_lab_vm_runs_its_installed_os(lab: Lab, agent_image: AgentImage, os_image, timing):
-    """`bootserver lab up --firmware uefi`: after install, iPXE leaves for the disk and OVMF tries its own HTTP boot
-    on our DHCP, which gives a machine that boots its disk an address only; OVMF then boots the disk."""
-    lab.write_config(agent_image.kernel.parent, machines=1, os_image=os_image.tarball, firmware="uefi")
-    lab.start_server()
-    started = time.monotonic()
-    lab.start_vm(1, firmware="uefi")
-    try:
-        await asyncio.to_thread(lab.wait_running, 1, 600)
-    except Exception as exc:
-        raise AssertionError(f"{exc}{report(lab, 1)}") from exc
-    timing("lab, 1 OVMF VM, our full DHCP, VDE: QEMU start to running", time.monotonic() - started)
-    answers = [e["answer"] for e in dhcp_events(lab, VM_MAC.format(1))]
-    assert any("goes on to the disk" in answer for answer in answers), answers
 
 
 async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage, timing):
@@ -160,3 +145,25 @@ async def test_uefi_native_pxe_gets_ipxe_over_tftp(lab: Lab, agent_image: AgentI
     assert ipxe["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
     phoned = next(e.detail for e in timeline(lab, VM_MAC.format(1)) if e.kind == "phoned-home")
     assert phoned["secure_boot"] is False, phoned  # OVMF's plain build: the agent read SecureBoot = 0
+
+
+async def test_uefi_http_boot_reaches_phone_home_without_tftp(lab: Lab, agent_image: AgentImage, timing):
+    """OVMF's own UEFI HTTP boot client (`lab up --firmware uefi-http`: no iPXE ROM, its PXE off) asks our DHCP as an
+    HTTPClient, gets ipxe.efi's URL with the HTTPClient vendor class, and the whole flow runs over HTTP: the server
+    has no TFTP at all (nothing listens on port 69)."""
+    lab.write_config(agent_image.kernel.parent, provision=False, tftp=False)
+    lab.start_server()
+    started = time.monotonic()
+    lab.start_vm(1, firmware="uefi-http")
+    took = await wait_phoned_home(lab, 1, started, timeout=180)
+    timing("OVMF's own UEFI HTTP boot -> ipxe.efi over HTTP -> HTTP (VDE): QEMU start to phone-home", took)
+
+    mac = VM_MAC.format(1)
+    firmware = dhcp_events(lab, mac)[0]
+    assert firmware["client_arch"] == [16] and firmware["vendor_class"].startswith("HTTPClient:Arch:00016"), firmware
+    assert firmware["bootfile"] == "http://10.100.0.1:80/ipxe/ipxe.efi", firmware
+    events = timeline(lab, mac)
+    served = [(e.detail["file"], e.detail["protocol"]) for e in events if e.kind == "file-served"]
+    assert served and all(protocol == "http" for _, protocol in served), served
+    assert ("ipxe.efi", "http") in served, served
+    assert "TFTP on (off)" in (lab.dir / "server.log").read_text(), "the server ran without TFTP"

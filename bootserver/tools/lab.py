@@ -1,6 +1,6 @@
 """A boot lab on one machine: QEMU VMs on a VDE switch, netbooting from bootserver as their DHCP server.
 
-    bootserver lab up --vms 3 [--firmware bios|uefi|uefi-secureboot] [--bmc ipmi|redfish]   # until all run
+    bootserver lab up --vms 3 [--firmware bios|uefi|uefi-http|uefi-secureboot] [--bmc ipmi|redfish]
     bootserver lab status [--json]                      # processes, machine states, the peer matrix
     bootserver lab down                                 # stop everything, remove the namespace
 
@@ -57,7 +57,7 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # Debian's shim (signed by Microsoft's UEFI CA) and refuses anything unsigned, such as Debian's iPXE.
 OVMF_SECBOOT_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_MS_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
-FIRMWARES = ("bios", "uefi", "uefi-secureboot")
+FIRMWARES = ("bios", "uefi", "uefi-http", "uefi-secureboot")
 VM_MAC = "52:54:00:00:10:{:02x}"
 VM_DISK_BYTES = 2 << 30  # sparse: costs nothing until written
 TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl": "curl", IPMI_SIM: "openipmi"}
@@ -208,7 +208,7 @@ class Lab:
                    marker=f"bootserver.tools.advertise {self.tap}", namespace=self.namespace)
 
     def write_config(self, image_dir: Path, mode: str = "full", machines: int = 8, provision: bool = True,
-                     os_image: Path | None = None, firmware: str = "bios") -> Path:
+                     os_image: Path | None = None, firmware: str = "bios", tftp: bool = True) -> Path:
         """A config that boots the agent image to every machine; DHCP `mode` full or proxy on the tap.
 
         With `provision`, every lab machine is then made a member of a small cluster: its disk partitioned (GPT
@@ -218,7 +218,8 @@ class Lab:
         Without `provision` machines stop at phone-home. Full mode reserves lab N's address (.10+N). `firmware`:
         the VMs' (bios, uefi or uefi-secureboot), the mode of a Redfish BMC's one-time network boot; with
         uefi-secureboot every machine boots through the signed shim and GRUB (fetched into the data directory by
-        `bootserver image secureboot`'s code when missing).
+        `bootserver image secureboot`'s code when missing). Without `tftp` the server has no TFTP at all (for
+        firmware that boots over HTTP only).
         """
         kernel, initrd = image_dir / "vmlinuz", image_dir / "initrd.img"
         for path in (kernel, initrd):
@@ -234,7 +235,8 @@ class Lab:
             dhcp += [f'pool = "{pool[0]}-{pool[-1]}"', f'netmask = "{self.address.netmask}"', "lease_seconds = 600"]
         lines = [
             "# Written by `bootserver lab up`.",
-            "[server]", 'http = "0.0.0.0:80"', 'tftp = "0.0.0.0:69"', f'data_dir = "{self.data_dir}"',
+            "[server]", 'http = "0.0.0.0:80"', f'tftp = "{"0.0.0.0:69" if tftp else "off"}"',
+            f'data_dir = "{self.data_dir}"',
             "[assets]", f'agent-kernel = "{kernel}"', f'agent-initrd = "{initrd}"',
             *([f'debian = "{os_image}"'] if provision else []),
             "[profiles.agent]", 'kernel = "agent-kernel"', 'initrd = ["agent-initrd"]',
@@ -333,17 +335,19 @@ class Lab:
         Returns the BMC's pid (QEMU's changes with every power-on).
 
         native_pxe: no iPXE option ROM on the NIC (`romfile=`): UEFI firmware uses its own PXE client.
+        firmware "uefi-http": OVMF's own UEFI HTTP boot client (no iPXE ROM, its PXE and IPv6 stacks off): it
+        asks our DHCP as an `HTTPClient` and fetches its boot file over HTTP; nothing goes over TFTP.
         firmware "uefi-secureboot": OVMF with Secure Boot on and Microsoft's keys, always its own PXE client (the
         ROM's unsigned iPXE would run first otherwise), on a q35 machine with SMM as that OVMF build needs.
         """
         if firmware not in FIRMWARES:
             raise LabError(f"firmware {firmware!r}: one of {', '.join(FIRMWARES)}")
-        native_pxe = native_pxe or firmware == "uefi-secureboot"
+        native_pxe = native_pxe or firmware in ("uefi-http", "uefi-secureboot")
         if native_pxe and firmware == "bios":
             raise LabError("native_pxe needs UEFI: SeaBIOS has no PXE client of its own")
         if self.bmc_driver == "redfish":
             if native_pxe:
-                raise LabError("native_pxe (and uefi-secureboot) is for the IPMI lab's VMs only")
+                raise LabError("native_pxe (and uefi-http, uefi-secureboot) is for the IPMI lab's VMs only")
             return self.start_domain(index, firmware, memory, powered)
         disk = self.dir / f"vm{index}.img"
         if not disk.exists():
@@ -362,8 +366,9 @@ class Lab:
             # After the NIC in the boot order: a machine told to boot its disk (iPXE `exit`) falls through to it.
             "-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0,bootindex=2",
         ]  # fmt: skip
-        if firmware == "uefi":
-            command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd", firmware_netboot=native_pxe)
+        if firmware in ("uefi", "uefi-http"):
+            netboot = "http" if firmware == "uefi-http" else "pxe" if native_pxe else "ipxe"
+            command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd", netboot=netboot)
         if firmware == "uefi-secureboot":
             command += secure_boot_flash(self.dir / f"vm{index}.ovmf-ms-vars.fd")
         bmc = self.bmc(index)
@@ -571,19 +576,21 @@ class Lab:
         self.save()
 
 
-def uefi_flash(vars_file: Path, *, firmware_netboot: bool = False) -> list[str]:
+def uefi_flash(vars_file: Path, *, netboot: str = "ipxe") -> list[str]:
     """QEMU's arguments for OVMF with `vars_file` as its variable store (a copy of the template, made once).
 
-    Unless the firmware itself is to netboot (`firmware_netboot`: a NIC without iPXE's ROM), OVMF's own PXE
-    and IPv6 stacks are switched off: after iPXE's `exit` they would each try the network again and wait about
-    a minute apiece before the firmware reaches the disk.
+    `netboot`: who boots from the network. "ipxe", the NIC's iPXE ROM: OVMF's own PXE and IPv6 stacks are
+    switched off, as after iPXE's `exit` they would each try the network again and wait about a minute apiece
+    before the firmware reaches the disk. "pxe": OVMF's own PXE client (a NIC without iPXE's ROM). "http": OVMF's
+    own HTTP boot client over IPv4, its PXE and IPv6 stacks off, so that HTTP boot is the only network boot.
     """
     if not vars_file.exists():
         shutil.copyfile(OVMF_VARS, vars_file)
     flash = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
              "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
-    if firmware_netboot:
+    if netboot == "pxe":
         return flash
+    # Its HTTP boot over IPv4 stays on in both other cases (after iPXE's `exit` our DHCP sends it on to the disk).
     return flash + ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
                     "-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no"]
 

@@ -134,7 +134,7 @@ class Vm:
                     "-device", "virtio-blk-pci,drive=disk0,bootindex=2"]
         if self.firmware == "uefi":
             cmd += uefi_flash(self.workdir / f"ovmf-vars-{self.serial_path.stem.removeprefix('serial-')}.fd",
-                              firmware_netboot="romfile=" in self.nic)
+                              netboot="pxe" if "romfile=" in self.nic else "ipxe")
         if self.kernel is not None:
             cmd += ["-kernel", str(self.kernel)]
             if self.initrd is not None:
