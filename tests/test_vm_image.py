@@ -1,14 +1,14 @@
 """Whole-disk images onto real VMs, from power-on to `running`: a golden disk is made once by the rootfs path
-(Debian with GRUB for BIOS and UEFI, on a 1 GiB disk), taken as a raw image and as qcow2+zstd, and each is
-streamed onto a 3 GiB disk, verified, grown, made another machine (its own hostname and host key) and booted
-by real firmware. One flipped byte: `failed` with both digests, and the disk has no boot sectors left."""
+(Debian with GRUB for BIOS and UEFI, on a 1 GiB disk), taken as qcow2+zstd, streamed onto a 3 GiB disk,
+verified, grown, made another machine (its own hostname and host key) and booted by real firmware (OVMF).
+A flipped byte (`failed` with both digests, no boot sectors left on the disk) and the other forms are shown on a
+real disk by tests/test_diskimage.py, through a real sshd as the agent's."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -40,19 +40,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize(("firmware", "form"), [("bios", "raw"), ("uefi", "qcow2.zst")])
-async def test_an_image_is_streamed_verified_grown_and_boots_to_running(golden, agent_image, tmp_path, timing,
-                                                                         firmware, form):
-    if form == "raw":
-        image = golden
-        digest = f'sha256 = "{sha256(image)}"'
-    else:  # the digest from the .sha256 file beside it, as `sha256sum` writes it
-        qcow2 = tmp_path / "golden.qcow2"
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(golden), str(qcow2)], check=True)
-        subprocess.run(["zstd", "-q", "--rm", str(qcow2)], check=True)
-        image = tmp_path / "golden.qcow2.zst"
-        (tmp_path / "golden.qcow2.zst.sha256").write_text(f"{sha256(image)}  golden.qcow2.zst\n")
-        digest = ""
+async def test_an_image_is_streamed_verified_grown_and_boots_to_running(golden, agent_image, tmp_path, timing):
+    """A qcow2+zstd image on OVMF: converted, its digest from the .sha256 file beside it (as `sha256sum` writes
+    it). The raw form is the same stream without the conversion: tests/test_diskimage.py writes each form to a
+    real disk, so one VM to running is enough here."""
+    firmware, form = "uefi", "qcow2.zst"
+    qcow2 = tmp_path / "golden.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(golden), str(qcow2)], check=True)
+    subprocess.run(["zstd", "-q", "--rm", str(qcow2)], check=True)
+    image = tmp_path / "golden.qcow2.zst"
+    (tmp_path / "golden.qcow2.zst.sha256").write_text(f"{sha256(image)}  golden.qcow2.zst\n")
+    digest = ""
     disk = empty_disk(tmp_path / "disk.img", 3 << 30)
     async with (vm_site(tmp_path, agent_image, IMAGE_PROFILE.format(digest=digest), {"golden": image},
                         hostname="node2") as site,
@@ -74,29 +72,3 @@ async def test_an_image_is_streamed_verified_grown_and_boots_to_running(golden, 
     timing(f"{firmware}, {form} image: install step (stream, verify, grow, personalize)", installed["seconds"])
     assert "node2 login:" in serial, serial[-3000:]  # the image, made this machine
 
-
-async def test_a_flipped_byte_fails_with_both_digests_and_leaves_no_boot_sectors(golden, agent_image, tmp_path):
-    good = sha256(golden)
-    image = tmp_path / "golden.raw"
-    shutil.copy(golden, image)
-    with image.open("r+b") as f:  # one byte inside the root filesystem's area
-        f.seek(700 * MIB)
-        byte = f.read(1)
-        f.seek(700 * MIB)
-        f.write(bytes([byte[0] ^ 1]))
-    bad = sha256(image)
-    disk = empty_disk(tmp_path / "disk.img", 3 << 30)
-    async with (vm_site(tmp_path, agent_image, IMAGE_PROFILE.format(digest=f'sha256 = "{good}"'),
-                        {"golden": image}, hostname="node2") as site,
-                Vm(workdir=tmp_path, bootfile=site.bootfile, memory=1024, disk=disk,
-                   hostfwd={site.ssh_port: 22}) as vm):
-        with pytest.raises(AssertionError, match="is failed"):
-            await wait_for_state(site.app, vm, "running", timeout=600)
-        failed = next(e.detail for e in site.app[STORE].events(DEFAULT_MAC) if e.kind == "failed")
-    assert good in failed["reason"] and bad in failed["reason"], failed
-    with disk.open("rb") as f:
-        head = f.read(MIB)
-        f.seek(-MIB, 2)
-        tail = f.read(MIB)
-    assert head == tail == bytes(MIB)  # no MBR, no GPT, no backup GPT: nothing boots
-    assert subprocess.run(["sfdisk", "-d", str(disk)], capture_output=True).returncode != 0
