@@ -127,6 +127,15 @@ def booter(config: configuration.Config, store: Store, keys: ServerKeys) -> Boot
     return Booter(config, store, Templates(), keys)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`./setup test` runs two workers, --dist loadgroup) every real-firmware test and every
+    test of the images runs in one worker, one after another: a booting VM keeps a core busy, and the images are
+    built once into one cache directory. The other worker takes the rest meanwhile."""
+    for item in items:
+        if item.get_closest_marker("vm") or {"agent_image", "os_image"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("vm"))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI ($CI set, as every CI service does) a skipped test is a failed one: a test that needs a missing tool
