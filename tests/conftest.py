@@ -127,6 +127,7 @@ def booter(config: configuration.Config, store: Store, keys: ServerKeys) -> Boot
     return Booter(config, store, Templates(), keys)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`./setup test` runs two workers, --dist loadgroup) every real-firmware test and every
     test of the images runs in one worker, one after another: a booting VM keeps a core busy, and the images are
@@ -158,7 +159,7 @@ def timing(request):
     to benchmarks/results/vm-timings-latest.md when the session ends (the README quotes a committed copy)."""
     def record(what: str, seconds: float) -> None:
         print(f"{what}: {seconds:.1f} s")
-        _TIMINGS.append((request.node.nodeid, what, seconds))
+        _TIMINGS.append((request.node.nodeid.split("@")[0], what, seconds))  # without xdist's "@vm" group
     return record
 
 
