@@ -161,3 +161,27 @@ def test_the_boot_nic_gets_dhcp_or_its_reserved_static_address():
         "10.100.0.11/24", "10.100.0.1", ("10.100.0.1", "192.0.2.53"))))
     assert static.endswith("[Network]\nAddress=10.100.0.11/24\nGateway=10.100.0.1\nDNS=10.100.0.1\nDNS=192.0.2.53\n")
     assert "DHCP" not in static
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_uefi_grub_install_takes_the_signed_chain_when_the_rootfs_has_it(tmp_path: Path, signed: bool):
+    """The EFI boot loader command, run by sh with a grub-install of the test's that prints its arguments and the
+    signed files' paths moved under tmp_path: shim and signed GRUB present -> --uefi-secure-boot; absent (and
+    Secure Boot off here: no such EFI variable on this machine) -> --no-uefi-secure-boot."""
+    command = install._grub_install("efi", DiskLayout("/dev/vda", (BIOS, ESP, ROOT)))
+    shim, grub = tmp_path / "shimx64.efi.signed", tmp_path / "x86_64-efi-signed"
+    command = command.replace(install.SIGNED_SHIM, str(shim)).replace(install.SIGNED_GRUB_DIR, str(grub))
+    if signed:
+        shim.write_bytes(b"MZ")
+        grub.mkdir()
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "grub-install"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    assert not Path(install.SECURE_BOOT_VARIABLE).exists()
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    flag = "--uefi-secure-boot" if signed else "--no-uefi-secure-boot"
+    assert result.stdout.split() == ["--target=x86_64-efi", "--efi-directory=/boot/efi", "--removable", "--no-nvram",
+                                     flag], result.stdout

@@ -162,6 +162,7 @@ def _root(layout: DiskLayout) -> str:
 
 SIGNED_SHIM = "/usr/lib/shim/shimx64.efi.signed"  # Debian's shim-signed
 SIGNED_GRUB_DIR = "/usr/lib/grub/x86_64-efi-signed"  # Debian's grub-efi-amd64-signed
+SECURE_BOOT_VARIABLE = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
 
 def _grub_install(platform: str, layout: DiskLayout) -> str:
@@ -172,8 +173,13 @@ def _grub_install(platform: str, layout: DiskLayout) -> str:
            f"--removable --no-nvram")
     # A rootfs with Debian's signed shim and GRUB boots with Secure Boot on or off: shim as BOOTX64.EFI, then the
     # signed GRUB, then the signed kernel (shim runs GRUB also where Secure Boot is off).
+    # Without them, a machine running with Secure Boot on would be left with a disk its firmware refuses: say so.
+    refuse = (f"if [ \"$(tail -c 1 {SECURE_BOOT_VARIABLE} 2>/dev/null | od -An -tu1 | tr -d ' ')\" = 1 ]; then "
+              f"echo 'this machine runs with Secure Boot on, but the rootfs has no signed shim and GRUB "
+              f"(Debian: shim-signed, grub-efi-amd64-signed, which bootserver image os debian includes): "
+              f"its firmware would refuse the disk' >&2; exit 1; fi")
     return (f"if [ -f {SIGNED_SHIM} ] && [ -d {SIGNED_GRUB_DIR} ]; then {efi} --uefi-secure-boot; "
-            f"else {efi} --no-uefi-secure-boot; fi")
+            f"else {refuse}; {efi} --no-uefi-secure-boot; fi")
 
 
 async def find_kernel(runner: Runner, target: str) -> str:
