@@ -34,9 +34,15 @@ from bootserver.tools.lab import Lab
 pytestmark = pytest.mark.vm
 
 ROOT = Path(__file__).resolve().parent.parent
-# ./setup's PODMAN and PODMAN_LIMITS: what podman needs on hosts like CI's (the setup script says why)
-PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
-LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+
+
+def setup_array(name: str) -> list[str]:
+    """A bash array of ./setup, as words."""
+    return shlex.split(re.search(rf"^{name}=\((.*)\)$", (ROOT / "setup").read_text(), re.M)[1])
+
+
+# what podman needs on hosts like CI's (./setup says why), as ./setup passes it
+PODMAN, LIMITS = setup_array("PODMAN"), setup_array("PODMAN_LIMITS")
 VOLUME = "/var/lib/bootserver"
 AGENT = "/srv/agent"  # where the test mounts the agent image: a real install builds it into the volume
 
