@@ -13,6 +13,7 @@ import time
 from ipaddress import IPv4Interface
 from pathlib import Path
 
+from . import __version__
 from . import config as configuration
 from .booter import Booter, Netboot, Urls
 from .errors import BootserverError, NotFound
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bootserver", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML config file (default: embedded defaults)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP and TFTP servers")

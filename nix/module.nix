@@ -46,7 +46,7 @@ in
           type = lib.types.submodule {
             freeformType = toml.type;
             options = {
-              http = str "0.0.0.0:8080" "HTTP listen address, host:port.";
+              http = str "0.0.0.0:80" "HTTP listen address, host:port (80, as etc/bootserver.toml).";
               tftp = str "0.0.0.0:69" "TFTP listen address, or \"off\"; PXE firmware uses port 69 only.";
               data_dir = str cfg.dataDir "Follows services.bootserver.dataDir; set that instead.";
               ipxe_dir = lib.mkOption {

@@ -5,13 +5,14 @@
 
 python3Packages.buildPythonApplication {
   pname = "bootserver";
-  version = (lib.importTOML ../pyproject.toml).project.version;
+  # written once, in the package (pyproject.toml's version is dynamic: hatch reads it from there too)
+  version = lib.head (builtins.match ''.*__version__ = "([^"]+)".*'' (builtins.readFile ../bootserver/__init__.py));
   pyproject = true;
 
   # Only what the wheel is built from, so that editing tests or nix/ does not rebuild it.
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [ ../pyproject.toml ../README.md ../bootserver ../ipxe ];
+    fileset = lib.fileset.unions [ ../pyproject.toml ../README.md ../bootserver ../ipxe ../grub ];
   };
 
   build-system = [ python3Packages.hatchling ];

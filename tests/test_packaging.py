@@ -8,6 +8,7 @@ A missing tool fails its test, naming the package that provides it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import bootserver
 from bootserver import config as configuration
 from bootserver.cli import _parser
 
@@ -191,23 +193,94 @@ def test_readme_documents_the_images_commands() -> None:
 
 # Nix
 
-def test_nix_package_depends_on_what_pyproject_does() -> None:
-    """nixpkgs names Python packages like PyPI, lower-case with '-' (prometheus_client: prometheus-client)."""
-    import tomllib
+def nix_env(tmp_path: Path) -> dict[str, str]:
+    """A state directory of our own: as non-root, nix cannot set up /nix/var."""
+    (tmp_path / "conf").mkdir(exist_ok=True)
+    (tmp_path / "conf/nix.conf").write_text("build-users-group =\n")
+    return {**os.environ, "NIX_STATE_DIR": str(tmp_path / "state"), "NIX_CONF_DIR": str(tmp_path / "conf")}
 
-    wanted = {re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower().replace("_", "-")
-              for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
-    listed = re.search(r"dependencies = with python3Packages; \[(.*?)\];", (ROOT / "nix" / "package.nix").read_text(),
-                       re.S)[1].split()
-    assert set(listed) == wanted
+
+def nix_eval(tmp_path: Path, expression: str) -> object:
+    """`nix-instantiate --eval --strict --json` of an expression that has `stub` (tests/support/nixpkgs-stub.nix,
+    offering pyproject's dependencies as Python packages) and `root` (the repository) in scope."""
+    nix = tool("nix-instantiate", "apt-get install nix-bin")
+    names = " ".join(f'"{name}"' for name in pyproject_dependencies())
+    prelude = (f"let root = {ROOT}; stub = import {ROOT}/tests/support/nixpkgs-stub.nix "
+               f"{{ pythonNames = [ {names} ]; }}; in ")
+    result = run(nix, "--eval", "--strict", "--json", "-E", prelude + expression, env=nix_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    return resolve_mkif(json.loads(result.stdout))
+
+
+def resolve_mkif(value: object) -> object:
+    """The stub's mkIf records, as NixOS merges them: the content where the condition holds, else left out."""
+    if isinstance(value, dict):
+        if value.get("_type") == "if":
+            return resolve_mkif(value["content"]) if value["condition"] else None
+        return {k: v for k, v in ((k, resolve_mkif(v)) for k, v in value.items()) if v is not None}
+    return [resolve_mkif(v) for v in value] if isinstance(value, list) else value
+
+
+def pyproject_dependencies() -> set[str]:
+    """nixpkgs names Python packages like PyPI, lower-case with '-' (prometheus_client: prometheus-client)."""
+    return {re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+            for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+
+
+def test_nix_package_evaluates_to_what_pyproject_builds(tmp_path: Path) -> None:
+    package = nix_eval(tmp_path, """let p = import (root + "/nix/package.nix") { inherit (stub) lib python3Packages; };
+        in { inherit (p) pname version dependencies build-system; source = map toString p.src.fileset;
+             sourceRoot = toString p.src.root; program = p.meta.mainProgram; }""")
+    assert (package["pname"], package["version"]) == ("bootserver", bootserver.__version__)
+    assert set(package["dependencies"]) == pyproject_dependencies() and package["build-system"] == ["hatchling"]
+    # the source holds everything hatch builds the wheel from: pyproject, the readme, the package, force-includes
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wheel = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]
+    needed = {"pyproject.toml", pyproject["project"]["readme"], *wheel["packages"], *wheel["force-include"]}
+    assert package["sourceRoot"] == str(ROOT)
+    assert needed <= {str(Path(p).relative_to(ROOT)) for p in package["source"]}
+    assert package["program"] in pyproject["project"]["scripts"]
+
+
+def test_nixos_module_evaluates_to_the_units_service(tmp_path: Path) -> None:
+    """The module with `enable` and `openFirewall` and its own defaults: the service is the unit's, its defaults
+    are the packaged config's, and the firewall opens what they listen on."""
+    module = nix_eval(tmp_path, """let
+          options = m.options.services.bootserver;
+          server = options.settings.type.submodule.options.server.type.submodule.options;
+          cfg = { enable = true; openFirewall = true; dataDir = options.dataDir.default;
+                  package = stub.pkgs.callPackage (root + "/nix/package.nix") { };
+                  settings.server = { http = server.http.default; tftp = server.tftp.default; }; };
+          m = import (root + "/nix/module.nix") { config.services.bootserver = cfg; inherit (stub) lib pkgs; };
+        in { inherit (m) config; inherit cfg; }""")
+    config, cfg = module["config"], module["cfg"]
+    packaged = configuration.load(PACKAGED_CONFIG).server
+    assert cfg["dataDir"] == str(packaged.data_dir) and config["users"]["users"]["bootserver"]["home"] == cfg["dataDir"]
+    assert (cfg["settings"]["server"]["http"], cfg["settings"]["server"]["tftp"]) == (
+        f"0.0.0.0:{packaged.http.port}", f"0.0.0.0:{packaged.tftp.port}")
+    firewall = config["networking"]["firewall"]
+    assert firewall == {"allowedTCPPorts": [packaged.http.port], "allowedUDPPorts": [67, 4011, packaged.tftp.port]}
+
+    service = config["systemd"]["services"]["bootserver"]
+    unit = unit_settings(UNIT.read_text())
+    assert (service["wants"], service["after"], service["wantedBy"]) == (unit["Wants"], unit["After"], unit["WantedBy"])
+    program, *args = shlex.split(service["serviceConfig"]["ExecStart"])
+    assert program.endswith("/bin/bootserver") and args[0] == "--config" and args[2:] == ["serve"]
+    # every setting of the unit's [Service], but what a store path changes: the program's path, the reload of a
+    # file edited in place (a store path never is; a new config is a new ExecStart, and a restart)
+    nix = {key: value for key, value in service["serviceConfig"].items() if key != "ExecStart"}
+    words = {key: " ".join(value if isinstance(value, list) else [("yes" if value else "no") if value in (True, False)
+                                                                   else str(value)]).split()
+             for key, value in nix.items()}
+    expected = {key: " ".join(values).split() for key, values in unit.items()
+                if key not in ("Description", "Wants", "After", "WantedBy", "ExecStart", "ExecReload",
+                               "TimeoutStopSec")}
+    assert words == expected
 
 
 def test_nix_files_parse(tmp_path: Path) -> None:
     nix = tool("nix-instantiate", "apt-get install nix-bin")
-    # a state directory of our own: as non-root, nix cannot set up /nix/var
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf/nix.conf").write_text("build-users-group =\n")
-    env = {**os.environ, "NIX_STATE_DIR": str(tmp_path / "state"), "NIX_CONF_DIR": str(tmp_path / "conf")}
+    env = nix_env(tmp_path)
     files = sorted((ROOT / "nix").rglob("*.nix"))
     assert {f.name for f in files} >= {"module.nix", "package.nix", "netboot.nix"}
     for file in files:

@@ -23,11 +23,14 @@ def serve_command(config: Path, *options: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(config: Path, log: Path, prefix: Sequence[str] = (), **popen) -> Iterator[subprocess.Popen]:
-    """The server started (its output in `log`) and listening on HTTP; terminated on leaving."""
+def serving(config: Path, log: Path, prefix: Sequence[str] = (), command: Sequence[str] = (),
+            **popen) -> Iterator[subprocess.Popen]:
+    """The server started (its output in `log`) and listening on HTTP; terminated on leaving. `command`: another
+    `bootserver` than this checkout's (an installed one) to run with its arguments."""
+    popen.setdefault("cwd", ROOT)
+    argv = [*command, "--config", str(config), "serve"] if command else serve_command(config)
     with log.open("ab") as out:
-        process = subprocess.Popen([*prefix, *serve_command(config)], stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=ROOT, **popen)
+        process = subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT, **popen)
     try:
         until(lambda: logged(process, log, "serving HTTP on"), 15, what=lambda: f"the server to listen:\n{tail(log)}")
         yield process
