@@ -86,6 +86,8 @@ def test_the_installed_packages_lookups_find_their_files_in_the_venv(installed, 
         assert Path(path).is_relative_to(site) and Path(path).is_file(), f"{what}: {path}"
 
 
+# With the image builds of the VM tests (tests/conftest.py): it downloads into the same package cache.
+@pytest.mark.xdist_group("vm")
 def test_the_installed_wheel_builds_the_agent_image_and_serves_its_boot(installed, tmp_path: Path, timing) -> None:
     _, venv_bin, _ = installed
     data = tmp_path / "data"
