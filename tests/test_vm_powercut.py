@@ -47,13 +47,23 @@ GUEST_DATA = "/run/vda/data"  # the server's data_dir: the first disk, mounted b
 GUEST_CONTROL = "/run/vdb/control/rows.sqlite3"
 
 CONTROL = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("PRAGMA journal_mode=WAL")
-db.execute("PRAGMA synchronous=OFF")
-db.execute("CREATE TABLE IF NOT EXISTS rows (n INTEGER PRIMARY KEY, pad BLOB)")
+import os, sqlite3, sys, time
+
+def open_rows(path):
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("CREATE TABLE IF NOT EXISTS rows (n INTEGER PRIMARY KEY, pad BLOB)")
+    return db, db.execute("SELECT COALESCE(MAX(n), 0) FROM rows").fetchone()[0]  # what an earlier cut left
+
+try:
+    db, n = open_rows(sys.argv[1])
+except sqlite3.DatabaseError:  # synchronous=OFF may leave a corrupt file after a cut: that is its loss, start over
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(sys.argv[1] + suffix):
+            os.remove(sys.argv[1] + suffix)
+    db, n = open_rows(sys.argv[1])
 console = open("/dev/console", "w")
-n = db.execute("SELECT COALESCE(MAX(n), 0) FROM rows").fetchone()[0]  # what an earlier cut left
 while True:
     n += 1
     db.execute("INSERT INTO rows VALUES (?, randomblob(1000))", (n,))
