@@ -12,15 +12,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from support.boots import FULL_PHASES, SLOW, STUCK, fill_fleet
+from support.browser import chromium
 from support.http import api_token, report
 
 from bootserver.app import CONFIG, STORE, http_address
 from bootserver.phases import LABELS, PHASES
 from bootserver.web.views import duration
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parent.parent
 MAC = "52:54:00:00:00:01"
 URL_MAC = "52-54-00-00-00-01"
@@ -28,16 +26,8 @@ URL_MAC = "52-54-00-00-00-01"
 
 @pytest.fixture
 async def browser():
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.fail("the playwright Python package is missing: pip install playwright (never `playwright install`)")
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    async with chromium() as browser:
         yield browser
-        await browser.close()
 
 
 async def test_status_page_updates_live_and_reprovisions(app: web.Application, browser, tmp_path: Path):

@@ -25,13 +25,16 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from support.lab import dhcp_events, lab_for_test, phone_home_ip, report, timeline, wait_phoned_home
+from support.browser import chromium
+from support.lab import api_get, dhcp_events, lab_for_test, phone_home_ip, report, timeline, wait_phoned_home
 
+from bootserver.phases import PHASES
 from bootserver.store import Store
 from bootserver.tools.image import AgentImage
 from bootserver.tools.lab import VM_MAC, Lab
 
 pytestmark = pytest.mark.vm
+ROOT = Path(__file__).resolve().parent.parent
 
 
 
@@ -42,7 +45,7 @@ def lab(tmp_path: Path):
 
 
 async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, agent_image: AgentImage, os_image,
-                                                                     timing):
+                                                                     timing, tmp_path: Path):
     """`bootserver lab up --vms 3`: three SeaBIOS VMs get their reserved addresses from our DHCP, install Debian,
     boot it from their own disks and run the demo peer service, each reaching the other two over the switch."""
     lab.write_config(agent_image.kernel.parent, machines=3, os_image=os_image.tarball)
@@ -77,6 +80,49 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
     expected = {(f"lab{a}", f"lab{b}") for a in (1, 2, 3) for b in (1, 2, 3) if a != b}
     assert set(pairs) == expected and all(pairs.values()), pairs
     assert f"-> lab2 {lab.reserved_ip(2)}: reachable" in lab.status()
+    await operators_view_of_the_boots(lab, list(machines), tmp_path)
+
+
+async def operators_view_of_the_boots(lab: Lab, macs: list[str], tmp_path: Path) -> None:
+    """The operator's views, filled by this real boot: each machine's waterfall has its phases in order, each
+    starting at the event that opens it and adding up to the boot; the fleet names the slowest OS install; the
+    pages (in chromium, inside the lab's namespace) show the same. Screenshots go to artifacts/lab-*.png."""
+    installs = {}
+    for mac in macs:
+        boot = api_get(lab, f"/api/v1/machines/{mac}/waterfall")["boot"]
+        names = [phase["phase"] for phase in boot["phases"]]
+        assert boot["outcome"] == "running" and names == [p for p in PHASES if p in names], names
+        assert {"dhcp", "script", "kernel", "phone-home", "disk", "install", "deploy", "reboot", "booted",
+                "running"} <= set(names), names  # the NIC's iPXE ROM fetches no loader: no tftp phase
+        events = timeline(lab, mac)
+        starts = {phase["phase"]: phase["start"] for phase in boot["phases"]}
+        step_started = {e.detail["step"]: e.time for e in events if e.kind == "step-started"}
+        assert starts["install"] == step_started["install"] and starts["deploy"] == step_started["deploy"]
+        assert starts["phone-home"] == next(e.time for e in events if e.kind == "phoned-home")
+        assert starts["booted"] == next(e.time for e in events if e.kind == "booted")
+        assert abs(sum(phase["seconds"] for phase in boot["phases"]) - boot["seconds"]) < 0.01
+        installs[mac] = step_started["deploy"] - step_started["install"]
+    slowest = max(installs, key=installs.__getitem__)
+    spreads = {s["phase"]: s for s in api_get(lab, "/api/v1/fleet")["phases"]}
+    assert spreads["install"]["count"] == len(macs) and spreads["install"]["slowest"][0]["mac"] == slowest
+
+    shots = ROOT / "artifacts"
+    shots.mkdir(exist_ok=True)
+    base = f"http://{lab.address.ip}"
+    async with chromium(lab.namespace, tmp_path) as browser:
+        page = await browser.new_page(viewport={"width": 1280, "height": 800})
+        await page.goto(f"{base}/machines/{slowest}")
+        rows = page.locator("#waterfall tr[data-phase]")
+        shown = [await row.get_attribute("data-phase") for row in await rows.all()]
+        boot = api_get(lab, f"/api/v1/machines/{slowest}/waterfall")["boot"]
+        assert shown == [phase["phase"] for phase in boot["phases"]], shown
+        await page.screenshot(path=str(shots / "lab-waterfall.png"), full_page=True)
+        await page.goto(f"{base}/fleet")
+        link = page.locator('table.spreads tr[data-phase="install"] td.slowest a').first
+        assert await link.inner_text() == slowest
+        await page.screenshot(path=str(shots / "lab-fleet.png"), full_page=True)
+        await page.goto(f"{base}/?sort=boot&order=desc")
+        await page.screenshot(path=str(shots / "lab-machines.png"), full_page=True)
 
 
 async def test_proxy_mode_beside_dnsmasq(lab: Lab, agent_image: AgentImage, timing):
