@@ -174,7 +174,12 @@ async def test_the_chain_over_http(tmp_path: Path):
     async with served(site(tmp_path, machine="secure_boot = true\n")) as (app, url):
         status, _ = await http_get(f"{url}/secureboot/shimx64.efi")
         assert status == 200
+        # Shim, fetched over the firmware's HTTP boot, joins its URL's directory and "\\grubx64.efi" (seen in the
+        # lab's OVMF: GRUB then starts).
+        status, body = await http_get(f"{url}/secureboot//grubx64.efi")
+        assert (status, body) == (200, STAND_IN_GRUB.decode())
         assert (await http_get(f"{url}/secureboot/ipxe.efi"))[0] == 404  # only the chain's files
+        assert (await http_get(f"{url}/secureboot//ipxe.efi"))[0] == 404
         assert (await http_get(f"{url}/secureboot/..%2fapi_token"))[0] == 404
         status, text = await http_get(f"{url}/grub/{MAC}.cfg")
         assert status == 200 and "bootserver.token=" in text

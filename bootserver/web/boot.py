@@ -46,6 +46,9 @@ def add_routes(app: web.Application) -> None:
     post(app, "/boot/{mac}/booted", os_booted)
     get(app, "/ipxe/{name}", ipxe_binary)
     get(app, "/secureboot/{name}", secure_boot_binary)
+    # Shim fetched over UEFI HTTP boot asks for GRUB at its own URL's directory joined with its built-in name,
+    # "\\grubx64.efi" with the backslash made a slash: /secureboot//grubx64.efi.
+    get(app, "/secureboot//{name}", secure_boot_binary)
     get(app, "/grub/grub.cfg", grub_bootstrap)
     get(app, "/grub/{mac}.cfg", grub_config)
     get(app, "/healthz", healthz)
