@@ -207,12 +207,15 @@ class Booter:
         if self._config.dhcp.answer == "known" and mac not in self._config.machines:
             reason = "not answered: not in [machines] and [dhcp] answer is \"known\""
         else:
-            answer = dhcp_answer(client_arch, is_ipxe, http_client, urls.api, self.boot_spec(mac).secure_boot)
-            if answer.http and node is not None and node.state in FROM_DISK and not node.reprovision:
-                # UEFI firmware tries its HTTP boot after the NIC's iPXE left for the disk: given a boot file it
-                # would run iPXE again, and again, and end in its setup menu instead of on the disk.
-                answer = DhcpBoot(None, http=True, reason="UEFI HTTP boot of a machine that boots its disk: an "
-                                                          "address only, so that its firmware goes on to the disk")
+            secure_boot = self.boot_spec(mac).secure_boot
+            answer = dhcp_answer(client_arch, is_ipxe, http_client, urls.api, secure_boot)
+            if answer.http and secure_boot and node is not None and node.state in FROM_DISK and not node.reprovision:
+                # The shim's GRUB finds no configuration over HTTP boot (README, Secure Boot): it would stop at its
+                # prompt. An address only sends the firmware on to the disk, after its DHCP retries (~1 minute).
+                # Other UEFI machines get iPXE, whose local-disk script exits with an error: on to the disk at once.
+                answer = DhcpBoot(None, http=True, reason="UEFI HTTP boot of a Secure Boot machine that boots its "
+                                                          "disk: an address only, so that its firmware goes on to "
+                                                          "the disk")
             reason = answer.reason
         if record:
             self._store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,

@@ -95,16 +95,21 @@ def test_the_overlay_is_aligned_after_initrds_only_where_they_are_joined_unpadde
     assert overlay[zeros:].startswith(b"070701")  # the first newc header
 
 
-def test_uefi_http_boot_of_a_machine_that_boots_its_disk_gets_no_boot_file(booter: Booter, store):
-    """After iPXE leaves a deployed UEFI machine for its disk, the firmware tries its own HTTP boot: given iPXE again
-    it would loop and end in its setup menu (seen in the lab). PXE and iPXE itself are answered as always."""
+def test_a_deployed_uefi_machine_leaves_ipxe_for_its_disk_with_an_error_status(booter: Booter, store):
+    """A deployed UEFI machine's network boot, the NIC's iPXE or the firmware's HTTP boot and then ipxe.efi, gets
+    the local-disk script, after which the bootstrap leaves iPXE with an error status: UEFI's boot manager then tries
+    its next entry, the disk. (Answered without a boot file, OVMF's HTTP boot retried for a minute first; an iPXE it
+    fetched over HTTP boot that exited with success sent it to its setup menu; the local-disk script's own `exit 1`
+    made the bootstrap wait 10 s as for a failed chain: all seen in the lab.)"""
     mac = "52:54:00:00:00:03"
-    assert booter.dhcp_boot(mac, 16, False, True, URLS).bootfile == f"{URLS.api}/ipxe/ipxe.efi"
     store.record(mac, "deployed", {}, state="deployed")
     http = booter.dhcp_boot(mac, 16, False, True, URLS)
-    assert http.bootfile is None and "goes on to the disk" in http.reason
+    assert (http.bootfile, http.http) == (f"{URLS.api}/ipxe/ipxe.efi", True)
     assert store.events(mac)[-1].detail["answer"] == http.reason
+    text = booter.machine_script(mac, {"platform": "efi"}, URLS, "http").data.decode()
+    assert "local disk" in text and "\nset bootserver-localdisk 1\nexit 0" in text and "sanboot" not in text
+    bootstrap = booter.bootstrap(URLS).data.decode()
+    assert "|| goto failed\n# A machine sent to its disk" in bootstrap
+    assert "\nisset ${bootserver-localdisk} && exit 1 ||\nexit 0\n" in bootstrap
     assert booter.dhcp_boot(mac, 7, False, False, URLS).bootfile == "ipxe.efi"
     assert booter.dhcp_boot(mac, 16, True, True, URLS).bootfile == f"{URLS.api}/boot.ipxe"
-    booter.reprovision(mac)
-    assert booter.dhcp_boot(mac, 16, False, True, URLS).bootfile == f"{URLS.api}/ipxe/ipxe.efi"

@@ -97,6 +97,19 @@ def test_dhcp_names_the_signed_shim_to_secure_boot_uefi_only():
     assert dhcp_answer(7, True, False, api, secure_boot=True).bootfile == f"{api}/boot.ipxe"
 
 
+def test_the_http_boot_of_a_deployed_secure_boot_machine_gets_an_address_only(tmp_path: Path, store, keys):
+    """Its GRUB would find no configuration over HTTP boot (README, Secure Boot): without a boot file the firmware goes
+    on to the disk, after its DHCP retries. Its PXE gets the shim (GRUB's local-disk configuration), as always."""
+    booter = Booter(site(tmp_path, machine="secure_boot = true\n"), store, Templates(), keys)
+    store.record(MAC, "deployed", {}, state="deployed")
+    http = booter.dhcp_boot(MAC, 16, False, True, URLS)
+    assert (http.bootfile, http.http) == (None, True) and "goes on to the disk" in http.reason
+    assert store.events(MAC)[-1].detail["answer"] == http.reason
+    assert booter.dhcp_boot(MAC, 7, False, False, URLS).bootfile == "shimx64.efi"
+    booter.reprovision(MAC)
+    assert booter.dhcp_boot(MAC, 16, False, True, URLS).bootfile == f"{URLS.api}/secureboot/shimx64.efi"
+
+
 def test_dhcp_answer_for_a_secure_boot_machine_is_recorded(tmp_path: Path, store, keys):
     booter = Booter(site(tmp_path, machine="secure_boot = true\n"), store, Templates(), keys)
     answer = booter.dhcp_boot(MAC, 7, False, False, URLS)

@@ -1,7 +1,7 @@
 """Real firmware, real kernel: QEMU VMs netboot the agent image from a bootserver this test starts.
 
 SeaBIOS and OVMF each run their NIC's stock iPXE ROM (Debian's ipxe-qemu). QEMU's user-mode network
-hands out the bootfile and maps the guest's 10.0.2.2:PORT to our 127.0.0.1:PORT. Over HTTP the
+hands out the bootfile and maps the guest's 10.0.2.2:PORT to our 127.0.0.1:PORT. Over HTTP (SeaBIOS) the
 whole boot is HTTP; over TFTP (iPXE's own tftp:// client, since user-mode networking keeps port 69
 for itself) the scripts, kernel and initrd all come through our TFTP server. The test passes when
 our own event log shows the script, kernel, initrd and overlay served and the booted agent phoning
@@ -51,8 +51,8 @@ async def app(agent_image: AgentImage, tmp_path: Path):
         yield app
 
 
-@pytest.mark.parametrize(("firmware", "transport"), [("bios", "http"), ("uefi", "http"),
-                                                      ("bios", "tftp"), ("uefi", "tftp")])
+# OVMF with its ROM over HTTP boots to `running` in tests/test_vm_vde.py's mixed rack (on our DHCP): not again here.
+@pytest.mark.parametrize(("firmware", "transport"), [("bios", "http"), ("bios", "tftp"), ("uefi", "tftp")])
 async def test_netboot_to_init(app: web.Application, tmp_path: Path, firmware: str, transport: str, timing):
     port = http_address(app)[1] if transport == "http" else tftp_address(app)[1]
     bootfile = f"{transport}://10.0.2.2:{port}/boot.ipxe"

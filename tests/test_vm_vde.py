@@ -5,13 +5,13 @@ bootserver (`serve`, as its own process, on DHCP 67/4011, TFTP 69, HTTP 80) and 
 plug into the switch. Everything is torn down after the test. State is read the way an operator would:
 over HTTP from inside the namespace (curl), and from the store file.
 
-    full   three SeaBIOS VMs at once get their reserved addresses, install Debian, run the demo service and
-           reach each other
+    full   three VMs at once, one of each way a rack's firmware netboots (SeaBIOS with the NIC's iPXE ROM, OVMF
+           with the ROM's ipxe.efi, OVMF's own HTTP boot), get their reserved addresses, install Debian, run the
+           demo service and reach each other, from a server without TFTP
     proxy  dnsmasq in a second namespace on the same switch hands out addresses only; our proxyDHCP
            hands out the boot file
     uefi   OVMF's own PXE client (no iPXE ROM on the NIC) gets ipxe.efi over TFTP on port 69, then iPXE
            asks again and gets our HTTP bootstrap
-    http   OVMF's own UEFI HTTP boot client gets ipxe.efi's URL from our DHCP; the server has no TFTP at all
 
 Needs root, vde2, qemu-system-x86, ovmf, ipxe, dnsmasq and curl; a missing one fails the test.
 """
@@ -35,6 +35,8 @@ from bootserver.tools.lab import VM_MAC, Lab
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parent.parent
+# The full-mode lab's VMs, one of each way a machine netboots.
+FIRMWARES = {1: "bios", 2: "uefi", 3: "uefi-http"}
 
 
 
@@ -46,18 +48,22 @@ def lab(tmp_path: Path):
 
 async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, agent_image: AgentImage, os_image,
                                                                      timing, tmp_path: Path):
-    """`bootserver lab up --vms 3`: three SeaBIOS VMs get their reserved addresses from our DHCP, install Debian,
-    boot it from their own disks and run the demo peer service, each reaching the other two over the switch."""
-    lab.write_config(agent_image.kernel.parent, machines=3, os_image=os_image.tarball)
+    """`bootserver lab up --vms 3`, a rack of mixed firmware: SeaBIOS (the NIC's iPXE ROM), OVMF (the ROM's
+    ipxe.efi) and OVMF's own UEFI HTTP boot get their reserved addresses from our DHCP, install Debian, boot it from
+    their own disks and run the demo peer service, each reaching the other two over the switch. After the install's
+    reboot each is sent on to its disk by its local-disk script (UEFI: iPXE exits with an error status), never by an
+    answer without a boot file (which cost the UEFI machines a minute of DHCP retries)."""
+    lab.write_config(agent_image.kernel.parent, machines=3, os_image=os_image.tarball, tftp=False)
     lab.start_server()
     started = time.monotonic()
-    for index in (1, 2, 3):
-        lab.start_vm(index)
+    for index, firmware in FIRMWARES.items():
+        lab.start_vm(index, firmware=firmware)
     try:
         await asyncio.to_thread(lab.wait_running, 3, 1200)
     except Exception as exc:
         raise AssertionError(f"{exc}{report(lab, 1)}{report(lab, 2)}{report(lab, 3)}") from exc
-    timing("full mode over VDE, 3 BIOS VMs at once: QEMU start to all running", time.monotonic() - started)
+    timing("full mode over VDE, 3 VMs at once (SeaBIOS, OVMF, OVMF HTTP boot): QEMU start to all running",
+           time.monotonic() - started)
 
     machines = {m["mac"]: m for m in lab.machines()}
     store = Store(lab.data_dir / "bootserver.sqlite3")
@@ -70,10 +76,25 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
         assert leases[mac].state == "bound" and IPv4Address(leases[mac].ip) == lab.reserved_ip(index)
         assert machines[mac]["ip"] == str(lab.reserved_ip(index)), "the installed OS got its reservation too"
         events = dhcp_events(lab, mac)
-        firmware = events[0]  # the NIC's iPXE ROM: it gets the bootstrap URL straight away
-        assert (firmware["message"], firmware["mode"], firmware.get("ipxe")) == ("DISCOVER", "full", True)
-        assert firmware["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
+        firmware, ipxe = events[0], next(e for e in events if e.get("ipxe"))
+        assert (firmware["message"], firmware["mode"]) == ("DISCOVER", "full"), firmware
+        if FIRMWARES[index] == "uefi-http":  # the firmware's HTTP client fetches ipxe.efi, which asks again
+            assert firmware["client_arch"] == [16], firmware
+            assert firmware["vendor_class"].startswith("HTTPClient:Arch:00016"), firmware
+            assert firmware["bootfile"] == "http://10.100.0.1:80/ipxe/ipxe.efi", firmware
+            assert ("ipxe.efi", "http") in served(lab, mac)
+        else:  # the NIC's iPXE ROM: it gets the bootstrap URL straight away
+            assert firmware is ipxe, firmware
+        assert ipxe["bootfile"] == "http://10.100.0.1:80/boot.ipxe", ipxe
         assert any(e["answer"] == "not a PXE client: an address only" for e in events), "the agent's udhcpc"
+        assert not [e for e in events if "boots its disk" in e["answer"]], events
+        kinds = [(e.kind, e.detail["profile"] if e.kind == "script-served" else None) for e in timeline(lab, mac)
+                 if e.kind in ("rebooting", "script-served", "booted")]
+        after_reboot = kinds[len(kinds) - kinds[::-1].index(("rebooting", None)):]
+        assert after_reboot[-1] == ("booted", None) and after_reboot[:-1], kinds
+        assert set(after_reboot[:-1]) == {("script-served", "local-disk")}, kinds
+        assert {protocol for _, protocol in served(lab, mac)} == {"http"}
+    assert "TFTP on (off)" in (lab.dir / "server.log").read_text(), "the server ran without TFTP"
     # The peer matrix: every member's lab-node reaches both others over the switch (six pairs).
     pairs = {(machines[mac]["hostname"], peer["hostname"]): peer["reachable"]
              for mac in machines for peer in machines[mac]["peers"]}
@@ -81,6 +102,11 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
     assert set(pairs) == expected and all(pairs.values()), pairs
     assert f"-> lab2 {lab.reserved_ip(2)}: reachable" in lab.status()
     await operators_view_of_the_boots(lab, list(machines), tmp_path)
+
+
+def served(lab: Lab, mac: str) -> list[tuple[str, str]]:
+    """(file, protocol) of each file the machine was served."""
+    return [(e.detail["file"], e.detail["protocol"]) for e in timeline(lab, mac) if e.kind == "file-served"]
 
 
 async def operators_view_of_the_boots(lab: Lab, macs: list[str], tmp_path: Path) -> None:
@@ -191,25 +217,3 @@ async def test_uefi_native_pxe_gets_ipxe_over_tftp(lab: Lab, agent_image: AgentI
     assert ipxe["bootfile"] == "http://10.100.0.1:80/boot.ipxe"
     phoned = next(e.detail for e in timeline(lab, VM_MAC.format(1)) if e.kind == "phoned-home")
     assert phoned["secure_boot"] is False, phoned  # OVMF's plain build: the agent read SecureBoot = 0
-
-
-async def test_uefi_http_boot_reaches_phone_home_without_tftp(lab: Lab, agent_image: AgentImage, timing):
-    """OVMF's own UEFI HTTP boot client (`lab up --firmware uefi-http`: no iPXE ROM, its PXE off) asks our DHCP as an
-    HTTPClient, gets ipxe.efi's URL with the HTTPClient vendor class, and the whole flow runs over HTTP: the server
-    has no TFTP at all (nothing listens on port 69)."""
-    lab.write_config(agent_image.kernel.parent, provision=False, tftp=False)
-    lab.start_server()
-    started = time.monotonic()
-    lab.start_vm(1, firmware="uefi-http")
-    took = await wait_phoned_home(lab, 1, started, timeout=180)
-    timing("OVMF's own UEFI HTTP boot -> ipxe.efi over HTTP -> HTTP (VDE): QEMU start to phone-home", took)
-
-    mac = VM_MAC.format(1)
-    firmware = dhcp_events(lab, mac)[0]
-    assert firmware["client_arch"] == [16] and firmware["vendor_class"].startswith("HTTPClient:Arch:00016"), firmware
-    assert firmware["bootfile"] == "http://10.100.0.1:80/ipxe/ipxe.efi", firmware
-    events = timeline(lab, mac)
-    served = [(e.detail["file"], e.detail["protocol"]) for e in events if e.kind == "file-served"]
-    assert served and all(protocol == "http" for _, protocol in served), served
-    assert ("ipxe.efi", "http") in served, served
-    assert "TFTP on (off)" in (lab.dir / "server.log").read_text(), "the server ran without TFTP"
