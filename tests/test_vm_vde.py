@@ -75,25 +75,26 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
         mac = VM_MAC.format(index)
         assert leases[mac].state == "bound" and IPv4Address(leases[mac].ip) == lab.reserved_ip(index)
         assert machines[mac]["ip"] == str(lab.reserved_ip(index)), "the installed OS got its reservation too"
-        events = dhcp_events(lab, mac)
+        events, log = dhcp_events(lab, mac), timeline(lab, mac)
         firmware, ipxe = events[0], next(e for e in events if e.get("ipxe"))
         assert (firmware["message"], firmware["mode"]) == ("DISCOVER", "full"), firmware
         if FIRMWARES[index] == "uefi-http":  # the firmware's HTTP client fetches ipxe.efi, which asks again
             assert firmware["client_arch"] == [16], firmware
             assert firmware["vendor_class"].startswith("HTTPClient:Arch:00016"), firmware
             assert firmware["bootfile"] == "http://10.100.0.1:80/ipxe/ipxe.efi", firmware
-            assert ("ipxe.efi", "http") in served(lab, mac)
+            assert ("ipxe.efi", "http") in served(log)
         else:  # the NIC's iPXE ROM: it gets the bootstrap URL straight away
             assert firmware is ipxe, firmware
         assert ipxe["bootfile"] == "http://10.100.0.1:80/boot.ipxe", ipxe
         assert any(e["answer"] == "not a PXE client: an address only" for e in events), "the agent's udhcpc"
         assert not [e for e in events if "boots its disk" in e["answer"]], events
-        kinds = [(e.kind, e.detail["profile"] if e.kind == "script-served" else None) for e in timeline(lab, mac)
+        kinds = [(e.kind, e.detail["profile"] if e.kind == "script-served" else None) for e in log
                  if e.kind in ("rebooting", "script-served", "booted")]
-        after_reboot = kinds[len(kinds) - kinds[::-1].index(("rebooting", None)):]
+        last_reboot = max(i for i, (kind, _) in enumerate(kinds) if kind == "rebooting")
+        after_reboot = kinds[last_reboot + 1:]
         assert after_reboot[-1] == ("booted", None) and after_reboot[:-1], kinds
         assert set(after_reboot[:-1]) == {("script-served", "local-disk")}, kinds
-        assert {protocol for _, protocol in served(lab, mac)} == {"http"}
+        assert {protocol for _, protocol in served(log)} == {"http"}
     assert "TFTP on (off)" in (lab.dir / "server.log").read_text(), "the server ran without TFTP"
     # The peer matrix: every member's lab-node reaches both others over the switch (six pairs).
     pairs = {(machines[mac]["hostname"], peer["hostname"]): peer["reachable"]
@@ -104,9 +105,9 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
     await operators_view_of_the_boots(lab, list(machines), tmp_path)
 
 
-def served(lab: Lab, mac: str) -> list[tuple[str, str]]:
-    """(file, protocol) of each file the machine was served."""
-    return [(e.detail["file"], e.detail["protocol"]) for e in timeline(lab, mac) if e.kind == "file-served"]
+def served(log: list) -> list[tuple[str, str]]:
+    """(file, protocol) of each file served, from a machine's events."""
+    return [(e.detail["file"], e.detail["protocol"]) for e in log if e.kind == "file-served"]
 
 
 async def operators_view_of_the_boots(lab: Lab, macs: list[str], tmp_path: Path) -> None:
