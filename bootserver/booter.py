@@ -209,13 +209,6 @@ class Booter:
         else:
             secure_boot = self.boot_spec(mac).secure_boot
             answer = dhcp_answer(client_arch, is_ipxe, http_client, urls.api, secure_boot)
-            if answer.http and secure_boot and node is not None and node.state in FROM_DISK and not node.reprovision:
-                # The shim's GRUB finds no configuration over HTTP boot (README, Secure Boot): it would stop at its
-                # prompt. An address only sends the firmware on to the disk, after its DHCP retries (~1 minute).
-                # Other UEFI machines get iPXE, whose local-disk script exits with an error: on to the disk at once.
-                answer = DhcpBoot(None, http=True, reason="UEFI HTTP boot of a Secure Boot machine that boots its "
-                                                          "disk: an address only, so that its firmware goes on to "
-                                                          "the disk")
             reason = answer.reason
         if record:
             self._store.record(mac, "dhcp", {**(detail or {}), "bootfile": answer.bootfile if answer else None,

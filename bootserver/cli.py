@@ -123,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     secure = image_commands.add_parser("secureboot", help="the signed shim and GRUB for Secure Boot machines")
     secure.add_argument("--out", type=Path, help="output directory (default: [server] secure_boot_dir, else "
                                                  "DATA_DIR/secureboot)")
+    secure.add_argument("--suite", default="trixie",
+                        help="the Debian release whose signed shim and GRUB are taken (default trixie: bookworm's "
+                             "network GRUB cannot boot over the firmware's HTTP boot)")
+    secure.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror URL")
     secure.set_defaults(command=cmd_image_secureboot)
 
     db = commands.add_parser("db", help="the store's schema, and moving from SQLite to PostgreSQL")
@@ -422,7 +426,7 @@ def cmd_image_secureboot(args: argparse.Namespace) -> int:
 
     config = configuration.load(args.config)
     fetch_secure_boot_files(args.out or config.server.secure_boot_files, default_cache_dir(),
-                            lambda line: print(line, flush=True))
+                            lambda line: print(line, flush=True), suite=args.suite, mirror=args.mirror)
     return 0
 
 

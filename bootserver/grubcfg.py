@@ -1,8 +1,9 @@
 """GRUB's side of the Secure Boot chain: how its configuration names our files, and how values are quoted in it.
 
 A Secure Boot machine runs Debian's signed shim, which loads Debian's signed network GRUB (grubnetx64.efi, served
-as grubx64.efi beside shim); that GRUB reads `$prefix/grub.cfg` from where it came from, which sends it on to
-`$prefix/MAC.cfg`: the machine's own configuration, the twin of its iPXE script (templates in `grub/`).
+as grubx64.efi beside shim; Debian 13's, GRUB 2.12: tools/secureboot.py); that GRUB reads `$prefix/grub.cfg` from
+where it came from (TFTP or HTTP), which sends it on to `$prefix/MAC.cfg`: the machine's own configuration, the
+twin of its iPXE script (templates in `grub/`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ def words(cmdline: str) -> str:
 
 
 def root(files_url: str) -> str:
-    """The GRUB device our files are read from: (http,HOST) when our HTTP is on port 80, else (tftp,HOST).
+    """The GRUB device our files are read from: (http,HOST) or (http,HOST:PORT) for our HTTP, else (tftp,HOST).
 
-    Debian's GRUB 2.06 takes no port in a device name, so HTTP on another port cannot be reached from GRUB:
-    its files then come over TFTP (port 69)."""
+    GRUB 2.12 takes a port in a device name (2.06 did not: Debian 12's GRUB reaches our HTTP on port 80 only)."""
     parts = urlsplit(files_url)
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
-    if parts.scheme == "http" and (parts.port or 80) == 80:
-        return f"(http,{host})"
+    if parts.scheme == "http":
+        return f"(http,{host})" if (parts.port or 80) == 80 else f"(http,{host}:{parts.port})"
     return f"(tftp,{host})"

@@ -49,7 +49,7 @@ def test_words_keep_the_kernels_own_split():
 @pytest.mark.parametrize(("files_url", "root"), [
     ("http://10.0.0.1", "(http,10.0.0.1)"),
     ("http://10.0.0.1:80", "(http,10.0.0.1)"),
-    ("http://10.0.0.1:8080", "(tftp,10.0.0.1)"),  # GRUB 2.06 names no port: TFTP on 69 instead
+    ("http://10.0.0.1:8080", "(http,10.0.0.1:8080)"),  # GRUB 2.12 (Debian 13's) takes a port
     ("tftp://10.0.0.1:69", "(tftp,10.0.0.1)"),
     ("http://[fd00::1]", "(http,[fd00::1])"),
 ])
@@ -97,17 +97,16 @@ def test_dhcp_names_the_signed_shim_to_secure_boot_uefi_only():
     assert dhcp_answer(7, True, False, api, secure_boot=True).bootfile == f"{api}/boot.ipxe"
 
 
-def test_the_http_boot_of_a_deployed_secure_boot_machine_gets_an_address_only(tmp_path: Path, store, keys):
-    """Its GRUB would find no configuration over HTTP boot (README, Secure Boot): without a boot file the firmware goes
-    on to the disk, after its DHCP retries. Its PXE gets the shim (GRUB's local-disk configuration), as always."""
+def test_a_deployed_secure_boot_machine_gets_the_shim_and_its_grub_the_local_disk(tmp_path: Path, store, keys):
+    """Over HTTP boot as over PXE: the shim, whose GRUB (2.12 reads over HTTP) gets the local-disk configuration,
+    which starts the disk's own shim."""
     booter = Booter(site(tmp_path, machine="secure_boot = true\n"), store, Templates(), keys)
     store.record(MAC, "deployed", {}, state="deployed")
     http = booter.dhcp_boot(MAC, 16, False, True, URLS)
-    assert (http.bootfile, http.http) == (None, True) and "goes on to the disk" in http.reason
-    assert store.events(MAC)[-1].detail["answer"] == http.reason
+    assert (http.bootfile, http.http) == (f"{URLS.api}/secureboot/shimx64.efi", True)
     assert booter.dhcp_boot(MAC, 7, False, False, URLS).bootfile == "shimx64.efi"
-    booter.reprovision(MAC)
-    assert booter.dhcp_boot(MAC, 16, False, True, URLS).bootfile == f"{URLS.api}/secureboot/shimx64.efi"
+    config = booter.machine_script(MAC, {"platform": "efi"}, URLS, "http", loader=GRUB).data.decode()
+    assert "chainloader" in config and "linux " not in config, config
 
 
 def test_dhcp_answer_for_a_secure_boot_machine_is_recorded(tmp_path: Path, store, keys):
@@ -152,7 +151,7 @@ def test_a_config_value_cannot_escape_its_quotes(tmp_path: Path, store, keys):
     linux = next(line for line in text.splitlines() if line.startswith("if linux "))
     # GRUB's single quotes are the shell's: read back as sh would, the words are the command line's, literally.
     words = shlex.split(linux.removesuffix("; then"))
-    assert words[:7] == ["if", "linux", f"(tftp,192.0.2.1)/boot/{PATH}/kernel", "console=ttyS0", "note=x';",
+    assert words[:7] == ["if", "linux", f"(http,192.0.2.1:8080)/boot/{PATH}/kernel", "console=ttyS0", "note=x';",
                          "reboot;", "echo"]
     assert words[7] == "'$(y)"
 
@@ -196,8 +195,9 @@ async def test_the_chain_over_http(tmp_path: Path):
         assert (await http_get(f"{url}/secureboot/..%2fapi_token"))[0] == 404
         status, text = await http_get(f"{url}/grub/{MAC}.cfg")
         assert status == 200 and "bootserver.token=" in text
-        # Our HTTP is not on port 80 here, which Debian's GRUB cannot name: files come over TFTP.
-        assert f"(tftp,127.0.0.1)/boot/{PATH}/" in text
+        # Our HTTP is not on port 80 here: GRUB 2.12 names the port in the device.
+        port = http_address(app)[1]
+        assert f"(http,127.0.0.1:{port})/boot/{PATH}/" in text
         assert (await http_get(f"{url}/grub/not-a-mac.cfg"))[0] == 400
 
 

@@ -1,6 +1,7 @@
 """Secure Boot on real firmware: OVMF's Secure Boot build with Microsoft's keys enrolled, on the lab's VDE switch,
-netboots through Debian's signed shim and GRUB (`bootserver image secureboot`) to the agent's phone-home, and
-to `running`: the installed Debian boots with Secure Boot on, through the shim and signed GRUB on its own ESP.
+netboots through Debian's signed shim and GRUB (`bootserver image secureboot`) to the agent's phone-home, over its
+own PXE (TFTP) and over its own HTTP boot, and to `running`: the installed Debian boots with Secure Boot on, through
+the shim and signed GRUB on its own ESP.
 
 Needs root, vde2, qemu-system-x86, ovmf and Debian's package lists (the signed binaries are downloaded with
 apt-get download, as the agent image's packages are); a missing one fails the test.
@@ -45,16 +46,12 @@ async def test_the_firmware_refuses_unsigned_ipxe_and_the_events_show_where_the_
         assert [e.kind for e in events if e.kind != "dhcp"][-1] == "file-served", [e.kind for e in events]
 
 
-async def test_a_secure_boot_lab_vm_netboots_through_shim_and_grub_and_runs_its_installed_os(
-        tmp_path: Path, agent_image: AgentImage, os_image, timing):
-    """`bootserver lab up --firmware uefi-secureboot`: the firmware's own PXE -> shim -> GRUB -> signed kernel to the
-    agent, which reports Secure Boot on and installs Debian with shim (as BOOTX64.EFI) and its signed GRUB on the
-    ESP. After the reboot the firmware's network boot is sent on to the disk (the network GRUB starts the disk's
-    signed GRUB), and the installed system boots with Secure Boot on (the firmware would refuse an unsigned
-    piece), reports it, and runs the lab's service."""
+async def test_a_secure_boot_vm_netboots_through_shim_and_grub_over_its_pxe(tmp_path: Path, agent_image: AgentImage,
+                                                                               timing):
+    """`bootserver lab up --firmware uefi-secureboot`: the firmware's own PXE -> shim -> GRUB over TFTP -> signed
+    kernel to the agent, which reports Secure Boot on."""
     with lab_for_test(tmp_path) as lab:
-        lab.write_config(agent_image.kernel.parent, machines=1, os_image=os_image.tarball,
-                         firmware="uefi-secureboot")
+        lab.write_config(agent_image.kernel.parent, machines=1, provision=False, firmware="uefi-secureboot")
         lab.start_server()
         started = time.monotonic()
         lab.start_vm(1, firmware="uefi-secureboot")
@@ -67,8 +64,35 @@ async def test_a_secure_boot_lab_vm_netboots_through_shim_and_grub_and_runs_its_
         script = next(e.detail for e in events if e.kind == "script-served")
         assert script["loader"] == "grub" and script["transport"] == "tftp", script
         # The chain's files, each served in full to this machine (known by its lease), in order.
-        served = [(e.detail["file"], e.detail["bytes"] == e.detail["size"]) for e in events if e.kind == "file-served"]
-        assert served[:2] == [("shimx64.efi", True), ("grubx64.efi", True)], served
+        assert served(events)[:2] == [("shimx64.efi", "tftp", True), ("grubx64.efi", "tftp", True)], served(events)
+        phoned = next(e.detail for e in events if e.kind == "phoned-home")
+        assert phoned["secure_boot"] is True, phoned  # what the agent read from the firmware's SecureBoot variable
+
+
+async def test_a_secure_boot_lab_vm_boots_over_http_and_runs_its_installed_os(
+        tmp_path: Path, agent_image: AgentImage, os_image, timing):
+    """`bootserver lab up --firmware uefi-secureboot-http`, from a server without TFTP: the firmware's own HTTP boot
+    -> shim -> GRUB (which reads its configuration, kernel and initrds over HTTP) -> signed kernel to the agent, which
+    reports Secure Boot on and installs Debian with shim (as BOOTX64.EFI) and its signed GRUB on the ESP. After the
+    reboot the firmware's HTTP boot gets the shim again, whose GRUB is sent on to the disk (its local-disk
+    configuration starts the disk's signed GRUB), and the installed system boots with Secure Boot on (the firmware
+    would refuse an unsigned piece), reports it, and runs the lab's service."""
+    with lab_for_test(tmp_path) as lab:
+        lab.write_config(agent_image.kernel.parent, machines=1, os_image=os_image.tarball,
+                         firmware="uefi-secureboot-http", tftp=False)
+        lab.start_server()
+        started = time.monotonic()
+        lab.start_vm(1, firmware="uefi-secureboot-http")
+        took = await wait_phoned_home(lab, 1, started, timeout=300)
+        timing("OVMF with Secure Boot, its own HTTP boot -> shim -> GRUB -> signed kernel (VDE, no TFTP): "
+               "QEMU start to phone-home", took)
+        events = timeline(lab)
+        dhcp = [e.detail for e in events if e.kind == "dhcp"]
+        assert dhcp[0]["client_arch"] == [16] and dhcp[0]["vendor_class"].startswith("HTTPClient"), dhcp[0]
+        assert dhcp[0]["bootfile"] == "http://10.100.0.1:80/secureboot/shimx64.efi", dhcp[0]
+        script = next(e.detail for e in events if e.kind == "script-served")
+        assert script["loader"] == "grub" and script["transport"] == "http", script
+        assert served(events)[:2] == [("shimx64.efi", "http", True), ("grubx64.efi", "http", True)], served(events)
         phoned = next(e.detail for e in events if e.kind == "phoned-home")
         assert phoned["secure_boot"] is True, phoned  # what the agent read from the firmware's SecureBoot variable
 
@@ -76,13 +100,25 @@ async def test_a_secure_boot_lab_vm_netboots_through_shim_and_grub_and_runs_its_
             await asyncio.to_thread(lab.wait_running, 1, 600)
         except Exception as exc:
             raise AssertionError(f"{exc}{report(lab, 1)}") from exc
-        timing("lab, 1 OVMF VM with Secure Boot, our full DHCP, VDE: QEMU start to running",
+        timing("lab, 1 OVMF VM with Secure Boot over its own HTTP boot, our full DHCP, VDE: QEMU start to running",
                time.monotonic() - started)
         events = timeline(lab)
         assert next(e.detail for e in events if e.kind == "installed")["platform"] == "efi"
-        booted = next(e.detail for e in events if e.kind == "booted")
+        last_reboot = max(i for i, e in enumerate(events) if e.kind == "rebooting")
+        after = [e for e in events[last_reboot:] if e.kind in ("script-served", "booted")]
+        assert after and after[-1].kind == "booted", [e.kind for e in events]
+        assert {(e.detail["profile"], e.detail.get("loader")) for e in after[:-1]} == {("local-disk", "grub")}, after
+        booted = after[-1].detail
         assert booted["secure_boot"] is True, booted  # the installed OS read its firmware's SecureBoot variable
+        assert {protocol for _, protocol, _ in served(events)} == {"http"}, served(events)
+        assert "TFTP on (off)" in (lab.dir / "server.log").read_text(), "the server ran without TFTP"
         machine = next(m for m in lab.status_json()["machines"] if m["mac"] == MAC)
         assert machine["facts"]["secure_boot"] == "true", machine
         serial = lab.serial_log(1).read_text(errors="replace")
         assert serial.count("Secure boot enabled") >= 2, report(lab, 1)  # the agent's kernel, then the disk's
+
+
+def served(events: list) -> list[tuple[str, str, bool]]:
+    """(file, protocol, whole) of each file served, from a machine's events."""
+    return [(e.detail["file"], e.detail["protocol"], e.detail["bytes"] == e.detail["size"]) for e in events
+            if e.kind == "file-served"]

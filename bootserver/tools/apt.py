@@ -2,7 +2,8 @@
 
 The host's own apt does the work (`apt-cache show`, `apt-get download`); the .debs are kept in
 `cache_dir/debs` and only downloaded again when the candidate changes or a cached file fails its
-SHA256 check.
+SHA256 check. A `Suite` points apt at another Debian release than the host's (its lists kept apart, in the cache,
+checked against Debian's archive keyring as the host's own are).
 """
 
 from __future__ import annotations
@@ -16,11 +17,48 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BootserverError
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+LISTS_MAX_AGE = 24 * 3600  # a suite's lists older than this are fetched again
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A Debian release apt reads beside the host's own: its lists in `state_dir`, nothing else of the host's
+    apt touched (no sources.list entry, no `apt-get update` of the host)."""
+
+    name: str
+    state_dir: Path
+    mirror: str = DEBIAN_MIRROR
+
+    def options(self) -> list[str]:
+        """apt's command-line settings that make it read this suite's lists only."""
+        return ["-o", f"Dir::Etc::SourceList={self.state_dir / 'sources.list'}", "-o", "Dir::Etc::SourceParts=-",
+                "-o", f"Dir::State::Lists={self.state_dir / 'lists'}",
+                "-o", f"Dir::Cache={self.state_dir / 'cache'}", "-o", "Acquire::Languages=none",
+                # apt drops to its _apt user to download, which cannot write into root's cache directory
+                *(["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else [])]
+
+    def update(self, progress: Callable[[str], None]) -> None:
+        """This suite's lists, fetched (`apt-get update`) unless fetched in the last day."""
+        lists = self.state_dir / "lists"
+        fresh = [p for p in lists.glob("*Packages*") if time.time() - p.stat().st_mtime < LISTS_MAX_AGE]
+        if fresh:
+            return
+        if not DEBIAN_KEYRING.is_file():
+            raise BootserverError(f"{DEBIAN_KEYRING} is missing: apt-get install debian-archive-keyring")
+        (lists / "partial").mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "sources.list").write_text(
+            f"deb [signed-by={DEBIAN_KEYRING}] {self.mirror} {self.name} main\n")
+        progress(f"apt-get update for Debian {self.name} ({self.mirror}), its lists in {lists}")
+        run(["apt-get", *self.options(), "update"], what=f"apt-get update for Debian {self.name}")
 
 
 def run(cmd: list[str], *, what: str, check: bool = True) -> str:
@@ -37,12 +75,14 @@ def run(cmd: list[str], *, what: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def _apt_records(packages: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Each package's candidate record from `apt-cache show`, as field -> value."""
+def _apt_records(packages: Sequence[str], suite: Suite | None = None) -> dict[str, dict[str, str]]:
+    """Each package's candidate record from `apt-cache show` (of the host's sources, or of `suite`), as
+    field -> value."""
     if not packages:
         return {}
+    options = suite.options() if suite else []
     # not checked: apt-cache fails when it lacks any of them, and saying which is more useful
-    text = run(["apt-cache", "show", "--no-all-versions", *packages], what="apt-cache show", check=False)
+    text = run(["apt-cache", *options, "show", "--no-all-versions", *packages], what="apt-cache show", check=False)
     records: dict[str, dict[str, str]] = {}
     record: dict[str, str] = {}
     key = None
@@ -115,10 +155,13 @@ def _deb_name(record: dict[str, str]) -> str:
     return f"{record['Package']}_{version}_{record.get('Architecture', 'amd64')}.deb"
 
 
-def fetch_debs(packages: Sequence[str], debs_dir: Path, progress: Callable[[str], None]) -> list[Path]:
-    """The candidate .debs of packages in debs_dir, downloaded (by one `apt-get download`)
-    unless a copy that passes its SHA256 check is there already."""
-    records = _apt_records(packages)
+def fetch_debs(packages: Sequence[str], debs_dir: Path, progress: Callable[[str], None],
+               suite: Suite | None = None) -> list[Path]:
+    """The candidate .debs of packages (of the host's apt sources, or of `suite`) in debs_dir, downloaded (by one
+    `apt-get download`) unless a copy that passes its SHA256 check is there already."""
+    if suite:
+        suite.update(progress)
+    records = _apt_records(packages, suite)
     debs: list[Path] = []
     wanted: list[dict[str, str]] = []
     for package in packages:
@@ -135,7 +178,7 @@ def fetch_debs(packages: Sequence[str], debs_dir: Path, progress: Callable[[str]
         wanted.append(record)
     progress(f"{len(packages) - len(wanted)} packages cached, {len(wanted)} to download")
     if wanted:
-        _download(wanted, debs_dir, progress)
+        _download(wanted, debs_dir, progress, suite)
     _prune_cache(packages, debs, debs_dir, progress)
     return debs
 
@@ -151,7 +194,8 @@ def _prune_cache(packages: Sequence[str], keep: list[Path], debs_dir: Path, prog
             old.unlink(missing_ok=True)
 
 
-def _download(records: list[dict[str, str]], debs_dir: Path, progress: Callable[[str], None]) -> None:
+def _download(records: list[dict[str, str]], debs_dir: Path, progress: Callable[[str], None],
+              suite: Suite | None) -> None:
     """The .debs of records into debs_dir, by one `apt-get download`, each checked against its SHA256."""
     total = sum(int(r.get("Size", 0)) for r in records)
     label = f"downloading {len(records)} package{'s' if len(records) > 1 else ''}"
@@ -159,7 +203,7 @@ def _download(records: list[dict[str, str]], debs_dir: Path, progress: Callable[
     progress(f"{label} ({total / 1e6:.1f} MB): {names}")
     last = [-1]
     with tempfile.TemporaryDirectory(prefix="download-", dir=debs_dir) as tmp:
-        _apt_get_download(records, Path(tmp), lambda done: _show_bytes(progress, label, done, total, last))
+        _apt_get_download(records, Path(tmp), lambda done: _show_bytes(progress, label, done, total, last), suite)
         _show_bytes(progress, label, total, total, last)
         for record in records:
             got = Path(tmp) / _deb_name(record)
@@ -172,9 +216,11 @@ def _download(records: list[dict[str, str]], debs_dir: Path, progress: Callable[
             os.replace(got, debs_dir / got.name)
 
 
-def _apt_get_download(records: list[dict[str, str]], into: Path, show: Callable[[int], None]) -> None:
+def _apt_get_download(records: list[dict[str, str]], into: Path, show: Callable[[int], None],
+                      suite: Suite | None) -> None:
     """Run `apt-get download` in the directory into, calling show with the bytes it has so far."""
-    command = ["apt-get", "download", *(f"{r['Package']}={r['Version']}" for r in records)]
+    options = suite.options() if suite else []
+    command = ["apt-get", *options, "download", *(f"{r['Package']}={r['Version']}" for r in records)]
     with tempfile.TemporaryFile() as output:
         try:
             proc = subprocess.Popen(command, cwd=into, stdin=subprocess.DEVNULL, stdout=output, stderr=output)

@@ -1,6 +1,6 @@
 """A boot lab on one machine: QEMU VMs on a VDE switch, netbooting from bootserver as their DHCP server.
 
-    bootserver lab up --vms 3 [--firmware bios|uefi|uefi-http|uefi-secureboot] [--bmc ipmi|redfish]
+    bootserver lab up --vms 3 [--firmware bios|uefi|uefi-http|uefi-secureboot|uefi-secureboot-http] [--bmc ipmi|redfish]
     bootserver lab status [--json]                      # processes, machine states, the peer matrix
     bootserver lab down                                 # stop everything, remove the namespace
 
@@ -57,7 +57,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # Debian's shim (signed by Microsoft's UEFI CA) and refuses anything unsigned, such as Debian's iPXE.
 OVMF_SECBOOT_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_MS_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
-FIRMWARES = ("bios", "uefi", "uefi-http", "uefi-secureboot")
+FIRMWARES = ("bios", "uefi", "uefi-http", "uefi-secureboot", "uefi-secureboot-http")
+SECURE_BOOT = ("uefi-secureboot", "uefi-secureboot-http")
 VM_MAC = "52:54:00:00:10:{:02x}"
 VM_DISK_BYTES = 2 << 30  # sparse: costs nothing until written
 TOOLS = {"ip": "iproute2", "vde_switch": "vde2", QEMU: "qemu-system-x86", "curl": "curl", IPMI_SIM: "openipmi"}
@@ -216,8 +217,8 @@ class Lab:
         `bootserver image os debian` writes it), and the demo peer service deployed with a peer list of the
         whole group, a TLS certificate and an enabled unit; `lab up` ends when every machine is running it.
         Without `provision` machines stop at phone-home. Full mode reserves lab N's address (.10+N). `firmware`:
-        the VMs' (bios, uefi or uefi-secureboot), the mode of a Redfish BMC's one-time network boot; with
-        uefi-secureboot every machine boots through the signed shim and GRUB (fetched into the data directory by
+        the VMs' (FIRMWARES), the mode of a Redfish BMC's one-time network boot; with uefi-secureboot or
+        uefi-secureboot-http every machine boots through the signed shim and GRUB (fetched into the data directory by
         `bootserver image secureboot`'s code when missing). Without `tftp` the server has no TFTP at all (for
         firmware that boots over HTTP only).
         """
@@ -243,7 +244,7 @@ class Lab:
             'cmdline = "console=tty0 console=ttyS0"',
             *(self._demo_cluster() if provision else []),
             "[groups.default]", 'profile = "agent"',
-            *(["secure_boot = true"] if firmware == "uefi-secureboot" else []),
+            *(["secure_boot = true"] if firmware in SECURE_BOOT else []),
             "[dhcp]", *dhcp,
         ]
         for index in range(1, machines + 1):
@@ -253,7 +254,7 @@ class Lab:
             lines += self._bmc_section(index, firmware)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
-        if firmware == "uefi-secureboot" and not (self.data_dir / "secureboot" / "shimx64.efi").is_file():
+        if firmware in SECURE_BOOT and not (self.data_dir / "secureboot" / "shimx64.efi").is_file():
             fetch_secure_boot_files(self.data_dir / "secureboot", default_cache_dir(), lambda line: None)
         return self.config_path
 
@@ -339,15 +340,16 @@ class Lab:
         asks our DHCP as an `HTTPClient` and fetches its boot file over HTTP; nothing goes over TFTP.
         firmware "uefi-secureboot": OVMF with Secure Boot on and Microsoft's keys, always its own PXE client (the
         ROM's unsigned iPXE would run first otherwise), on a q35 machine with SMM as that OVMF build needs.
+        firmware "uefi-secureboot-http": the same, its own HTTP boot client instead of PXE (as uefi-http's).
         """
         if firmware not in FIRMWARES:
             raise LabError(f"firmware {firmware!r}: one of {', '.join(FIRMWARES)}")
-        native_pxe = native_pxe or firmware in ("uefi-http", "uefi-secureboot")
+        native_pxe = native_pxe or firmware in ("uefi-http", *SECURE_BOOT)
         if native_pxe and firmware == "bios":
             raise LabError("native_pxe needs UEFI: SeaBIOS has no PXE client of its own")
         if self.bmc_driver == "redfish":
             if native_pxe:
-                raise LabError("native_pxe (and uefi-http, uefi-secureboot) is for the IPMI lab's VMs only")
+                raise LabError("native_pxe (and uefi-http, uefi-secureboot...) is for the IPMI lab's VMs only")
             return self.start_domain(index, firmware, memory, powered)
         disk = self.dir / f"vm{index}.img"
         if not disk.exists():
@@ -369,8 +371,8 @@ class Lab:
         if firmware in ("uefi", "uefi-http"):
             netboot = "http" if firmware == "uefi-http" else "pxe" if native_pxe else "ipxe"
             command += uefi_flash(self.dir / f"vm{index}.ovmf-vars.fd", netboot=netboot)
-        if firmware == "uefi-secureboot":
-            command += secure_boot_flash(self.dir / f"vm{index}.ovmf-ms-vars.fd")
+        if firmware in SECURE_BOOT:
+            command += secure_boot_flash(self.dir / f"vm{index}.ovmf-ms-vars.fd", http=firmware.endswith("-http"))
         bmc = self.bmc(index)
         command += bmc.qemu_args()
         script = self.dir / f"vm{index}.start"
@@ -576,6 +578,11 @@ class Lab:
         self.save()
 
 
+# OVMF's settings (fw_cfg) that leave its HTTP boot over IPv4 as its only network boot.
+HTTP_BOOT_ONLY = ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
+                  "-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no"]
+
+
 def uefi_flash(vars_file: Path, *, netboot: str = "ipxe") -> list[str]:
     """QEMU's arguments for OVMF with `vars_file` as its variable store (a copy of the template, made once).
 
@@ -591,18 +598,18 @@ def uefi_flash(vars_file: Path, *, netboot: str = "ipxe") -> list[str]:
     if netboot == "pxe":
         return flash
     # Its HTTP boot over IPv4 stays on in both other cases (after iPXE's `exit` our DHCP sends it on to the disk).
-    return flash + ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
-                    "-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no"]
+    return flash + HTTP_BOOT_ONLY
 
 
-def secure_boot_flash(vars_file: Path) -> list[str]:
+def secure_boot_flash(vars_file: Path, *, http: bool = False) -> list[str]:
     """QEMU's arguments for OVMF's Secure Boot build with Microsoft's keys in `vars_file` (a copy, made once):
-    a q35 machine with SMM, and flash writable only from SMM, without which that build does not start."""
+    a q35 machine with SMM, and flash writable only from SMM, without which that build does not start. With
+    `http`, its own HTTP boot client over IPv4 is its only network boot (PXE and IPv6 off, as uefi_flash's)."""
     if not vars_file.exists():
         shutil.copyfile(OVMF_MS_VARS, vars_file)
     return ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_SECBOOT_CODE}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}", *(HTTP_BOOT_ONLY if http else [])]
 
 
 def check_tools(uefi: bool = False, redfish: bool = False) -> None:

@@ -5,6 +5,11 @@ x86-64 machines trusts) becomes `shimx64.efi`; grub-efi-amd64-signed's `grubnetx
 GRUB image, signed with Debian's key, which shim trusts) becomes `grubx64.efi`, the name shim loads from its own
 directory. Downloaded with apt-get download (no package is installed: their scripts would run grub-install) into
 the same .deb cache as the agent image, then extracted.
+
+They come from Debian 13 (trixie) whatever the host runs: Debian 12's network GRUB (2.06) has no `http` module, so
+started by the firmware's own HTTP boot it can read nothing (its `$prefix` is an HTTP device); Debian 13's (2.12)
+reads its configuration, kernel and initrds over HTTP as over TFTP. The agent's kernel stays Debian's signed one,
+whichever release it comes from: shim trusts every binary signed with Debian's key.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from pathlib import Path
 
 from ..errors import BootserverError
 from ..firmware import SHIM
-from .apt import fetch_debs, run
+from .apt import DEBIAN_MIRROR, Suite, fetch_debs, run
+
+SUITE = "trixie"
 
 # package -> (path in the package, name we serve it by)
 SIGNED_FILES = {
@@ -25,9 +32,11 @@ SIGNED_FILES = {
 }
 
 
-def fetch_secure_boot_files(dest: Path, cache_dir: Path, progress: Callable[[str], None]) -> list[Path]:
-    """shimx64.efi and grubx64.efi in dest, from Debian's current signed packages; their paths."""
-    debs = fetch_debs(list(SIGNED_FILES), cache_dir / "debs", progress)
+def fetch_secure_boot_files(dest: Path, cache_dir: Path, progress: Callable[[str], None], *, suite: str = SUITE,
+                            mirror: str = DEBIAN_MIRROR) -> list[Path]:
+    """shimx64.efi and grubx64.efi in dest, from the signed packages of Debian `suite`; their paths."""
+    apt = Suite(suite, cache_dir / "apt" / suite, mirror)
+    debs = fetch_debs(list(SIGNED_FILES), cache_dir / "debs", progress, apt)
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory(prefix="secureboot-", dir=cache_dir) as tmp:
