@@ -319,8 +319,11 @@ class Booter:
 
     def render_profile(self, spec: BootSpec, urls: Urls, token: str | None = None, loader: Loader = IPXE) -> str:
         assert spec.profile is not None
+        # GRUB reads the kernel and initrds over HTTP whichever way its configuration came: GRUB 2.12 opens every
+        # initrd at `initrd` and reads them only when the kernel's stub asks, seconds later, by which time a TFTP
+        # transfer left waiting has timed out (seen in OVMF under TCG).
         context = {**self._machine_context(spec, urls), "token": token or "TOKEN", "overlay_name": OVERLAY_NAME,
-                   "grub_root": grubcfg.root(urls.files)}
+                   "grub_root": grubcfg.root(urls.api)}
         cmdline = self._templates.render_string(spec.profile.cmdline, **context)
         return self._templates.render(loader.profile_template(spec.profile), cmdline=cmdline, **context)
 

@@ -23,13 +23,31 @@ from bootserver.tools.image import AgentImage
 pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def golden(agent_image: AgentImage, os_image, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A raw disk image holding an installed Debian, as a site would capture its golden machine's disk."""
-    workdir = tmp_path_factory.mktemp("golden")
-    return asyncio.run(install_golden(agent_image, os_image.tarball, workdir))
+    """A raw disk image holding an installed Debian, as a site would capture its golden machine's disk.
+
+    Made by one VM's rootfs install (90 s of CI), then kept in ~/.cache/bootserver/test-golden under a key of what
+    made it (the agent image, the OS image, the provisioning code and the site's profile) and made again when any
+    of them changes. tests/test_vm_install.py takes that install to `running` itself, every run."""
+    inputs = [agent_image.kernel.read_bytes(), agent_image.initrd.read_bytes(), os_image.sha256,
+              *(p.read_bytes() for p in sorted(ROOT.glob("bootserver/provision/*.py"))),
+              (ROOT / "tests/support/site.py").read_bytes()]
+    key = hashlib.sha256(b"\0".join(i if isinstance(i, bytes) else i.encode() for i in inputs)).hexdigest()[:16]
+    cached = Path.home() / ".cache/bootserver/test-golden" / f"{key}.raw"
+    if not cached.is_file():
+        workdir = tmp_path_factory.mktemp("golden")
+        made = asyncio.run(install_golden(agent_image, os_image.tarball, workdir))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        for old in cached.parent.glob("*.raw"):  # one kept: each is a sparse 1 GiB file
+            old.unlink()
+        part = cached.with_suffix(".part")
+        subprocess.run(["cp", "--sparse=always", str(made), str(part)], check=True)
+        part.replace(cached)
+    return cached
 
 
 def sha256(path: Path) -> str:

@@ -48,8 +48,8 @@ async def test_the_firmware_refuses_unsigned_ipxe_and_the_events_show_where_the_
 
 async def test_a_secure_boot_vm_netboots_through_shim_and_grub_over_its_pxe(tmp_path: Path, agent_image: AgentImage,
                                                                                timing):
-    """`bootserver lab up --firmware uefi-secureboot`: the firmware's own PXE -> shim -> GRUB over TFTP -> signed
-    kernel to the agent, which reports Secure Boot on."""
+    """`bootserver lab up --firmware uefi-secureboot`: the firmware's own PXE -> shim -> GRUB and its configuration
+    over TFTP -> signed kernel and initrds over HTTP to the agent, which reports Secure Boot on."""
     with lab_for_test(tmp_path) as lab:
         lab.write_config(agent_image.kernel.parent, machines=1, provision=False, firmware="uefi-secureboot")
         lab.start_server()
@@ -65,6 +65,9 @@ async def test_a_secure_boot_vm_netboots_through_shim_and_grub_over_its_pxe(tmp_
         assert script["loader"] == "grub" and script["transport"] == "tftp", script
         # The chain's files, each served in full to this machine (known by its lease), in order.
         assert served(events)[:2] == [("shimx64.efi", "tftp", True), ("grubx64.efi", "tftp", True)], served(events)
+        # The kernel and initrds over HTTP: GRUB 2.12 reads its initrds seconds after opening them (Booter).
+        assert {(name, whole) for name, protocol, whole in served(events) if protocol == "http"} == \
+            {("agent-kernel", True), ("agent-initrd", True), ("bootserver.cpio", True)}, served(events)
         phoned = next(e.detail for e in events if e.kind == "phoned-home")
         assert phoned["secure_boot"] is True, phoned  # what the agent read from the firmware's SecureBoot variable
 
