@@ -28,7 +28,6 @@ from bootserver.tftp import (
     negotiate,
     parse_request,
 )
-from bootserver.tftp.filecache import FileCache
 
 RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
 MEMORY = b"#!ipxe\nchain http://example.invalid/boot\n" * 50
@@ -620,10 +619,8 @@ async def test_duplicate_rrq_from_same_port_is_one_transfer(env: Env) -> None:
     assert env.server.sessions == 0 and len(env.done) == 1
 
 
-async def test_a_file_over_the_cache_limit_is_read_block_by_block(env: Env) -> None:
+async def test_file_is_read_block_by_block_not_loaded_whole(env: Env) -> None:
     # Truncating the file mid-transfer shows up at the next block: it was never read in one go.
-    env.server.files = FileCache(max_file=len(env.files["kernel"]) - 1)
-
     def scenario(client: RawClient) -> Packet:
         client.send(rrq("kernel"))
         first = client.recv()
@@ -639,66 +636,6 @@ async def test_a_file_over_the_cache_limit_is_read_block_by_block(env: Env) -> N
     assert (reply.opcode, reply.number) == (ERROR, 0)
     [transfer] = await env.wait_done()
     assert transfer.error is not None and "shrank" in transfer.error
-    assert env.server.files.bytes == 0
-
-
-async def test_a_transfer_keeps_the_file_it_started_with_and_the_next_reads_the_new_one(env: Env) -> None:
-    """A cached file is read whole when its first transfer starts: one rewritten meanwhile (a new iPXE build
-    copied over the old) leaves that transfer whole and consistent with the tsize it announced."""
-    old, new = env.files["kernel"], os.urandom(1000)
-
-    def scenario(client: RawClient) -> bytes:
-        client.send(rrq("kernel", tsize=0))
-        oack = client.recv()
-        assert oack.options()["tsize"] == str(len(old))
-        (env.root / "kernel").write_bytes(new)
-        client.send(ack(0), oack.addr)
-        received = bytearray()
-        while True:
-            packet = client.recv()
-            received += packet.body
-            client.send(ack(packet.number), oack.addr)
-            if len(packet.body) < 512:
-                return bytes(received)
-
-    client = RawClient(env.addr)
-    try:
-        assert await asyncio.to_thread(scenario, client) == old
-    finally:
-        client.close()
-    assert (await download_raw(env, "kernel")).data == new
-
-
-async def test_the_transfers_of_a_file_share_one_copy(env: Env) -> None:
-    for _ in range(3):
-        assert (await download_raw(env, "kernel", blksize=1468)).data == env.files["kernel"]
-    assert env.server.files.bytes == len(env.files["kernel"])
-    assert (await download_raw(env, "sub/dir/file.bin")).data == env.files["sub/dir/file.bin"]
-    assert env.server.files.bytes == len(env.files["kernel"]) + len(env.files["sub/dir/file.bin"])
-
-
-def test_the_file_cache_is_bounded_least_recently_used_out_first(tmp_path: Path) -> None:
-    cache = FileCache(max_bytes=2500, max_file=1000)
-    paths = {}
-    for name, size in (("a", 1000), ("b", 1000), ("c", 1000), ("big", 1001)):
-        paths[name] = tmp_path / name
-        paths[name].write_bytes(name.encode() * size)
-
-    def contents(name: str) -> bytes | None:
-        fd = os.open(paths[name], os.O_RDONLY)
-        try:
-            return cache.contents(fd)
-        finally:
-            os.close(fd)
-
-    first = contents("a")
-    assert contents("a") is first  # one copy, read once
-    assert contents("big") is None and cache.bytes == 1000  # over max_file: read block by block, not held
-    contents("b")
-    assert contents("a") is first  # a is now the most recently used
-    contents("c")  # over max_bytes: b, the least recently used, goes
-    assert cache.bytes == 2000 and contents("a") is first
-    assert contents("b") == b"b" * 1000 and cache.bytes == 2000  # read again; c went this time
 
 
 # --------------------------------------------------------------------------------------------

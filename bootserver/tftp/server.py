@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 from ..errors import BadRequest, Forbidden, NotFound, StoreUnavailable, TooManyRequests
 from ..payload import Payload
-from .filecache import FileCache
 from .session import Blocks, Session, Transfer
 from .wire import (
     DEFAULT_BLKSIZE,
@@ -105,7 +104,6 @@ class TftpServer:
         self._per_host: Counter[str] = Counter()
         self._sweep_timer: asyncio.TimerHandle | None = None
         self.scratch = memoryview(bytearray(4 + MAX_BLKSIZE))  # every DATA packet is built here, see _send_block
-        self.files = FileCache()  # files served, whole, shared by the transfers of each
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -182,7 +180,7 @@ class TftpServer:
         if payload is None:
             return
         try:
-            blocks = Blocks(payload, self.files)
+            blocks = Blocks(payload)
         except OSError as exc:
             self._refuse(sockaddr, request, started, ERR_NOT_FOUND, "file not found", f"cannot open: {exc}")
             return

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..payload import Payload
-from .filecache import FileCache
 from .wire import (
     ACK,
     DATA,
@@ -74,29 +73,19 @@ class Transfer:
 
 
 class Blocks:
-    """Random access to a payload: slices of bytes (rendered payloads, and files from the server's FileCache),
-    or pread on an open file too big to cache."""
+    """Random access to a payload: pread on an open file (kernels are tens of MB), or slices of bytes."""
 
-    def __init__(self, payload: Payload, cache: FileCache | None = None) -> None:
+    def __init__(self, payload: Payload) -> None:
         self._view: memoryview | None = None
         self._fd: int | None = None
         if payload.data is not None:
-            self._view, self.size = memoryview(payload.data), len(payload.data)
-            return
-        assert payload.path is not None
-        fd = os.open(payload.path, os.O_RDONLY)
-        try:
-            data = cache.contents(fd) if cache is not None else None
-            size = len(data) if data is not None else os.fstat(fd).st_size
-        except OSError:
-            os.close(fd)
-            raise
-        if data is not None:
-            os.close(fd)
-            self._view, self.size = memoryview(data), size
+            self._view = memoryview(payload.data)
+            self.size = len(payload.data)
         else:
+            assert payload.path is not None
+            self._fd = os.open(payload.path, os.O_RDONLY)
             # The size at open time, so tsize and the block count agree for the whole transfer.
-            self._fd, self.size = fd, size
+            self.size = os.fstat(self._fd).st_size
 
     def read_into(self, target: memoryview, offset: int) -> None:
         """Fill `target` with the bytes at `offset`."""
