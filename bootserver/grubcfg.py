@@ -26,11 +26,11 @@ def words(cmdline: str) -> str:
     return " ".join(quote(word) for word in _WORD.findall(cmdline))
 
 
-def root(files_url: str) -> str:
-    """The GRUB device our files are read from: (http,HOST) or (http,HOST:PORT) for our HTTP, else (tftp,HOST).
+def root(url: str) -> str:
+    """The GRUB device of our server at `url`: (http,HOST) or (http,HOST:PORT) for our HTTP, else (tftp,HOST).
 
     GRUB 2.12 takes a port in a device name (2.06 did not: Debian 12's GRUB reaches our HTTP on port 80 only)."""
-    parts = urlsplit(files_url)
+    parts = urlsplit(url)
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
     if parts.scheme == "http":

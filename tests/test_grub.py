@@ -46,15 +46,15 @@ def test_words_keep_the_kernels_own_split():
         "'console=ttyS0' 'quiet' 'foo=\"a b\"' 'x=$y;z'"
 
 
-@pytest.mark.parametrize(("files_url", "root"), [
+@pytest.mark.parametrize(("url", "root"), [
     ("http://10.0.0.1", "(http,10.0.0.1)"),
     ("http://10.0.0.1:80", "(http,10.0.0.1)"),
     ("http://10.0.0.1:8080", "(http,10.0.0.1:8080)"),  # GRUB 2.12 (Debian 13's) takes a port
     ("tftp://10.0.0.1:69", "(tftp,10.0.0.1)"),
     ("http://[fd00::1]", "(http,[fd00::1])"),
 ])
-def test_root_is_a_device_grub_can_reach(files_url: str, root: str):
-    assert grubcfg.root(files_url) == root
+def test_root_is_a_device_grub_can_reach(url: str, root: str):
+    assert grubcfg.root(url) == root
 
 
 # -- who takes the chain -----------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ class Suite:
     def update(self, progress: Callable[[str], None]) -> None:
         """This suite's lists, fetched (`apt-get update`) unless fetched in the last day."""
         lists = self.state_dir / "lists"
-        fresh = [p for p in lists.glob("*Packages*") if time.time() - p.stat().st_mtime < LISTS_MAX_AGE]
-        if fresh:
+        # A stamp of our own: apt dates the lists it writes with the mirror's Last-Modified, not the fetch.
+        stamp = self.state_dir / "updated"
+        if stamp.is_file() and time.time() - stamp.stat().st_mtime < LISTS_MAX_AGE:
             return
         if not DEBIAN_KEYRING.is_file():
             raise BootserverError(f"{DEBIAN_KEYRING} is missing: apt-get install debian-archive-keyring")
@@ -59,6 +60,7 @@ class Suite:
             f"deb [signed-by={DEBIAN_KEYRING}] {self.mirror} {self.name} main\n")
         progress(f"apt-get update for Debian {self.name} ({self.mirror}), its lists in {lists}")
         run(["apt-get", *self.options(), "update"], what=f"apt-get update for Debian {self.name}")
+        stamp.touch()
 
 
 def run(cmd: list[str], *, what: str, check: bool = True) -> str:
