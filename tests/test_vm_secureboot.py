@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.lab import MAC, lab_for_test, report, timeline, wait_phoned_home
+from support.lab import MAC, after_last_reboot, lab_for_test, report, served, timeline, wait_phoned_home
 
 from bootserver.tools.image import AgentImage
 
@@ -107,8 +107,7 @@ async def test_a_secure_boot_lab_vm_boots_over_http_and_runs_its_installed_os(
                time.monotonic() - started)
         events = timeline(lab)
         assert next(e.detail for e in events if e.kind == "installed")["platform"] == "efi"
-        last_reboot = max(i for i, e in enumerate(events) if e.kind == "rebooting")
-        after = [e for e in events[last_reboot:] if e.kind in ("script-served", "booted")]
+        after = [e for e in after_last_reboot(events) if e.kind in ("script-served", "booted")]
         assert after and after[-1].kind == "booted", [e.kind for e in events]
         assert {(e.detail["profile"], e.detail.get("loader")) for e in after[:-1]} == {("local-disk", "grub")}, after
         booted = after[-1].detail
@@ -119,9 +118,3 @@ async def test_a_secure_boot_lab_vm_boots_over_http_and_runs_its_installed_os(
         assert machine["facts"]["secure_boot"] == "true", machine
         serial = lab.serial_log(1).read_text(errors="replace")
         assert serial.count("Secure boot enabled") >= 2, report(lab, 1)  # the agent's kernel, then the disk's
-
-
-def served(events: list) -> list[tuple[str, str, bool]]:
-    """(file, protocol, whole) of each file served, from a machine's events."""
-    return [(e.detail["file"], e.detail["protocol"], e.detail["bytes"] == e.detail["size"]) for e in events
-            if e.kind == "file-served"]

@@ -26,7 +26,17 @@ from pathlib import Path
 
 import pytest
 from support.browser import chromium
-from support.lab import api_get, dhcp_events, lab_for_test, phone_home_ip, report, timeline, wait_phoned_home
+from support.lab import (
+    after_last_reboot,
+    api_get,
+    dhcp_events,
+    lab_for_test,
+    phone_home_ip,
+    report,
+    served,
+    timeline,
+    wait_phoned_home,
+)
 
 from bootserver.phases import PHASES
 from bootserver.store import Store
@@ -82,19 +92,17 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
             assert firmware["client_arch"] == [16], firmware
             assert firmware["vendor_class"].startswith("HTTPClient:Arch:00016"), firmware
             assert firmware["bootfile"] == "http://10.100.0.1:80/ipxe/ipxe.efi", firmware
-            assert ("ipxe.efi", "http") in served(log)
+            assert ("ipxe.efi", "http") in {(name, protocol) for name, protocol, _ in served(log)}
         else:  # the NIC's iPXE ROM: it gets the bootstrap URL straight away
             assert firmware is ipxe, firmware
         assert ipxe["bootfile"] == "http://10.100.0.1:80/boot.ipxe", ipxe
         assert any(e["answer"] == "not a PXE client: an address only" for e in events), "the agent's udhcpc"
         assert not [e for e in events if "boots its disk" in e["answer"]], events
-        kinds = [(e.kind, e.detail["profile"] if e.kind == "script-served" else None) for e in log
-                 if e.kind in ("rebooting", "script-served", "booted")]
-        last_reboot = max(i for i, (kind, _) in enumerate(kinds) if kind == "rebooting")
-        after_reboot = kinds[last_reboot + 1:]
-        assert after_reboot[-1] == ("booted", None) and after_reboot[:-1], kinds
-        assert set(after_reboot[:-1]) == {("script-served", "local-disk")}, kinds
-        assert {protocol for _, protocol in served(log)} == {"http"}
+        after_reboot = [(e.kind, e.detail["profile"] if e.kind == "script-served" else None)
+                        for e in after_last_reboot(log) if e.kind in ("script-served", "booted")]
+        assert after_reboot[-1] == ("booted", None) and after_reboot[:-1], after_reboot
+        assert set(after_reboot[:-1]) == {("script-served", "local-disk")}, after_reboot
+        assert {protocol for _, protocol, _ in served(log)} == {"http"}
     assert "TFTP on (off)" in (lab.dir / "server.log").read_text(), "the server ran without TFTP"
     # The peer matrix: every member's lab-node reaches both others over the switch (six pairs).
     pairs = {(machines[mac]["hostname"], peer["hostname"]): peer["reachable"]
@@ -104,10 +112,6 @@ async def test_full_mode_three_vms_to_running_and_checking_each_other(lab: Lab, 
     assert f"-> lab2 {lab.reserved_ip(2)}: reachable" in lab.status()
     await operators_view_of_the_boots(lab, list(machines), tmp_path)
 
-
-def served(log: list) -> list[tuple[str, str]]:
-    """(file, protocol) of each file served, from a machine's events."""
-    return [(e.detail["file"], e.detail["protocol"]) for e in log if e.kind == "file-served"]
 
 
 async def operators_view_of_the_boots(lab: Lab, macs: list[str], tmp_path: Path) -> None:

@@ -80,6 +80,18 @@ def timeline(lab: Lab, mac: str = MAC) -> list:
         store.close()
 
 
+def served(events: list) -> list[tuple[str, str, bool]]:
+    """(file, protocol, whole) of each file served, from a machine's events (its timeline)."""
+    return [(e.detail["file"], e.detail["protocol"], e.detail["bytes"] == e.detail["size"]) for e in events
+            if e.kind == "file-served"]
+
+
+def after_last_reboot(events: list) -> list:
+    """A machine's events after its last `rebooting`: how it came back from its own disk."""
+    last = max(i for i, e in enumerate(events) if e.kind == "rebooting")
+    return events[last + 1:]
+
+
 def qemu_running(lab: Lab) -> bool:
     return any(entry["running"] for name, entry in lab.status_json()["processes"].items() if name == "vm1")
 
