@@ -33,10 +33,10 @@ def golden(agent_image: AgentImage, os_image, tmp_path_factory: pytest.TempPathF
     Made by one VM's rootfs install (90 s of CI), then kept in ~/.cache/bootserver/test-golden under a key of what
     made it (the agent image, the OS image, the provisioning code and the site's profile) and made again when any
     of them changes. tests/test_vm_install.py takes that install to `running` itself, every run."""
-    inputs = [agent_image.kernel.read_bytes(), agent_image.initrd.read_bytes(), os_image.sha256,
+    inputs = [agent_image.kernel.read_bytes(), agent_image.initrd.read_bytes(), os_image.sha256.encode(),
               *(p.read_bytes() for p in sorted(ROOT.glob("bootserver/provision/*.py"))),
               (ROOT / "tests/support/site.py").read_bytes()]
-    key = hashlib.sha256(b"\0".join(i if isinstance(i, bytes) else i.encode() for i in inputs)).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join(inputs)).hexdigest()[:16]
     cached = Path.home() / ".cache/bootserver/test-golden" / f"{key}.raw"
     if not cached.is_file():
         workdir = tmp_path_factory.mktemp("golden")

@@ -77,12 +77,10 @@ def run(cmd: list[str], *, what: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def _apt_records(packages: Sequence[str], suite: Suite | None = None) -> dict[str, dict[str, str]]:
-    """Each package's candidate record from `apt-cache show` (of the host's sources, or of `suite`), as
-    field -> value."""
+def _apt_records(packages: Sequence[str], options: Sequence[str] = ()) -> dict[str, dict[str, str]]:
+    """Each package's candidate record from `apt-cache show` (with apt `options`: a Suite's), as field -> value."""
     if not packages:
         return {}
-    options = suite.options() if suite else []
     # not checked: apt-cache fails when it lacks any of them, and saying which is more useful
     text = run(["apt-cache", *options, "show", "--no-all-versions", *packages], what="apt-cache show", check=False)
     records: dict[str, dict[str, str]] = {}
@@ -161,9 +159,10 @@ def fetch_debs(packages: Sequence[str], debs_dir: Path, progress: Callable[[str]
                suite: Suite | None = None) -> list[Path]:
     """The candidate .debs of packages (of the host's apt sources, or of `suite`) in debs_dir, downloaded (by one
     `apt-get download`) unless a copy that passes its SHA256 check is there already."""
+    options = suite.options() if suite else []
     if suite:
         suite.update(progress)
-    records = _apt_records(packages, suite)
+    records = _apt_records(packages, options)
     debs: list[Path] = []
     wanted: list[dict[str, str]] = []
     for package in packages:
@@ -180,7 +179,7 @@ def fetch_debs(packages: Sequence[str], debs_dir: Path, progress: Callable[[str]
         wanted.append(record)
     progress(f"{len(packages) - len(wanted)} packages cached, {len(wanted)} to download")
     if wanted:
-        _download(wanted, debs_dir, progress, suite)
+        _download(wanted, debs_dir, progress, options)
     _prune_cache(packages, debs, debs_dir, progress)
     return debs
 
@@ -197,7 +196,7 @@ def _prune_cache(packages: Sequence[str], keep: list[Path], debs_dir: Path, prog
 
 
 def _download(records: list[dict[str, str]], debs_dir: Path, progress: Callable[[str], None],
-              suite: Suite | None) -> None:
+              options: Sequence[str]) -> None:
     """The .debs of records into debs_dir, by one `apt-get download`, each checked against its SHA256."""
     total = sum(int(r.get("Size", 0)) for r in records)
     label = f"downloading {len(records)} package{'s' if len(records) > 1 else ''}"
@@ -205,7 +204,7 @@ def _download(records: list[dict[str, str]], debs_dir: Path, progress: Callable[
     progress(f"{label} ({total / 1e6:.1f} MB): {names}")
     last = [-1]
     with tempfile.TemporaryDirectory(prefix="download-", dir=debs_dir) as tmp:
-        _apt_get_download(records, Path(tmp), lambda done: _show_bytes(progress, label, done, total, last), suite)
+        _apt_get_download(records, Path(tmp), lambda done: _show_bytes(progress, label, done, total, last), options)
         _show_bytes(progress, label, total, total, last)
         for record in records:
             got = Path(tmp) / _deb_name(record)
@@ -219,9 +218,9 @@ def _download(records: list[dict[str, str]], debs_dir: Path, progress: Callable[
 
 
 def _apt_get_download(records: list[dict[str, str]], into: Path, show: Callable[[int], None],
-                      suite: Suite | None) -> None:
-    """Run `apt-get download` in the directory into, calling show with the bytes it has so far."""
-    options = suite.options() if suite else []
+                      options: Sequence[str]) -> None:
+    """Run `apt-get download` (with apt `options`) in the directory into, calling show with the bytes it has so
+    far."""
     command = ["apt-get", *options, "download", *(f"{r['Package']}={r['Version']}" for r in records)]
     with tempfile.TemporaryFile() as output:
         try:
