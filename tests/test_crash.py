@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 from support.config import server_section
-from support.crash import Acked, check_database, drive, in_progress, states, store_figures
+from support.crash import Acked, check_database, drive, in_progress, states, store_figures, unmatched
 from support.net import free_port
 from support.serve import answers_async, serve_command
 from support.sshd import ssh_server
@@ -134,3 +134,17 @@ async def test_kill_9_loses_nothing(tmp_path: Path):
     assert interrupted_seen, "no kill caught a machine mid-provisioning: the interrupted check proved nothing"
     # The concurrent drivers did what they are for: batches of several requests, so kills met multi-request COMMITs.
     assert sum(r for _, r, _ in batches) > sum(b for b, _, _ in batches) and max(n for _, _, n in batches) > 1, batches
+
+
+def test_each_acknowledged_request_needs_an_event_of_its_own():
+    """The matching behind check_database, on the figures of a power-cut run (52:54:00:00:30:04, server stamps
+    in the server's clock, offset -0.541203 to -0.427865 s): the acknowledged request's window also holds the next
+    request's stamp, which a count per window took for a second copy; each request still needs a stamp of its own."""
+    low, high = -0.541203, -0.427865
+    acked = (1796606218.017845, 1796606218.320801)
+    nxt = (1796606218.372, 1796606218.480)  # the next request of the same machine, sent 0.05 s after the answer
+    stamps = [1796606217.70245, 1796606217.89192]  # its stamp and the next one's: 0.19 s apart
+    assert unmatched([acked, nxt], stamps, low, high) == []
+    assert unmatched([acked, nxt], stamps[1:], low, high) == [nxt]  # one event lost: one request goes without
+    assert unmatched([acked], [], low, high) == [acked]
+    assert unmatched([acked], [acked[1] + high + 0.001], low, high) == [acked]  # a stamp outside every window
