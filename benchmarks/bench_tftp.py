@@ -9,6 +9,8 @@ URLs on its standard input, so that process start-up is not timed, to the last o
 failures (non-zero exit or a short file), and each server's CPU (utime+stime from /proc, a cgroup for tftpd-hpa's
 children) as MB per CPU-second and CPU-seconds per GB, per case, for every server.
 Servers alternate within every round, in rotated order; ratios are ours / peer per round.
+
+Ours runs its transfers in the C loop (`tftp_engine = "native"`); BENCH_TFTP_ENGINE=python measures the Python one.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ OURS, DNSMASQ, HPA = "ours", "dnsmasq", "tftpd-hpa"
 SERVERS = (OURS, DNSMASQ, HPA)
 FILES = {"1 MiB": ("1m.bin", MIB), "32 MiB": ("32m.bin", 32 * MIB)}
 RUN_TIMEOUT = 300.0  # seconds: one case of one server, all clients
+ENGINE = os.environ.get("BENCH_TFTP_ENGINE", "native")  # ours' [server] tftp_engine
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def start_servers(scratch: Path) -> tuple[dict[str, Server], Ours]:
         random_file(root / name, size)
     tftp_port, http_port = 6969, free_port()
     ours = Ours(scratch, f'[server]\nhttp = "127.0.0.1:{http_port}"\ntftp = "127.0.0.1:{tftp_port}"\n'
-                         f'data_dir = "{data}"\n', http_port).start()
+                         f'data_dir = "{data}"\ntftp_engine = "{ENGINE}"\n', http_port).start()
     servers = {OURS: Server(OURS, tftp_port, ours.pid, ours.process)}
     # dnsmasq: TFTP only (--port=0: no DNS); its default cap of 50 transfers would fail 64 clients, so 512.
     dnsmasq = subprocess.Popen(server_command(
@@ -301,7 +304,8 @@ def report(results: dict[tuple[Case, str], list[Run]], window: dict[str, list[Ru
            "MB/s = 10^6 bytes/s aggregate over all clients, timed from the moment every curl has started and "
            "waits for its URLs on standard input (`-K -`: process start-up is not timed) to the last one's exit; "
            "median (min-max) over rounds; ratio = ours / peer, per round. dnsmasq runs with `--tftp-max=512` (its "
-           "default cap of 50 fails 64 clients). Failures are summed over all rounds.\n"]
+           "default cap of 50 fails 64 clients). Failures are summed over all rounds. Ours: "
+           f"`tftp_engine = \"{ENGINE}\"` ({'the C loop' if ENGINE == 'native' else 'transfers in Python'}).\n"]
     targets: list[tuple[str, bool]] = []
     efficiency: dict[str, list[float]] = collections.defaultdict(list)  # per-case medians at blksize 1468
     for blksize in (1468, 512):

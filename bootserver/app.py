@@ -168,7 +168,8 @@ async def _tftp_server(app: web.Application) -> AsyncIterator[None]:
         log.warning("tftp: at most %d transfers at once: the open-file limit is too low for %d "
                     "(raise it, e.g. LimitNOFILE= in the systemd unit)", cap, server.tftp_sessions)
     tftp_server = tftp.TftpServer(routes.resolve, routes.record, max_sessions=cap,
-                                  max_sessions_per_client=min(server.tftp_sessions_per_source, cap))
+                                  max_sessions_per_client=min(server.tftp_sessions_per_source, cap),
+                                  engine=server.tftp_engine)
     try:
         await tftp_server.start(server.tftp.host, server.tftp.port)
         routes.tftp_port = tftp_server.address[1]

@@ -99,3 +99,9 @@ async def test_the_tftp_table_follows_its_settings(tmp_path):
     app = init_app(config)
     async with running(app):
         assert (app[TFTP]._max_sessions, app[TFTP]._max_per_client) == (8, 2)
+        assert app[TFTP].engine == "native"  # "auto": the C loop, which CI builds (./setup installs gcc)
+    config = configuration.parse({"server": {"http": "127.0.0.1:0", "tftp": "127.0.0.1:0", "data_dir": str(tmp_path),
+                                             "tftp_engine": "python"}})
+    app = init_app(config)
+    async with running(app):
+        assert app[TFTP].engine == "python"

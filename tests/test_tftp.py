@@ -92,15 +92,16 @@ def make_resolve(root: Path) -> Callable[[str, Address], Payload]:
 ServerFactory = Callable[..., Awaitable[Env]]
 
 
-@pytest.fixture
-async def make_env(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+@pytest.fixture(params=["python", "native"])
+async def make_env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ServerFactory]:
+    """Servers whose transfers run in Python (session.py) or in the C loop (native.py): every test, both."""
     servers: list[TftpServer] = []
     root, outside, files = make_tree(tmp_path)
 
     async def factory(host: str = "127.0.0.1", on_done: Callable[[Transfer], None] | None = None,
                       **kwargs: Any) -> Env:
         done: list[Transfer] = []
-        server = TftpServer(make_resolve(root), on_done or done.append, **kwargs)
+        server = TftpServer(make_resolve(root), on_done or done.append, **{"engine": request.param, **kwargs})
         await server.start(host, 0)
         servers.append(server)
         return Env(server, root, outside, done, files)
@@ -301,6 +302,9 @@ class FullSendBufferSocket(socket.socket):
         return super().sendto(data, *args)
 
 
+# Python's only: the full buffer is a fake socket of Python's, which the C loop never calls (a real one does not fill
+# on loopback, where the kernel frees a datagram's buffer space as it is sent).
+@pytest.mark.parametrize("make_env", ["python"], indirect=True)
 @pytest.mark.parametrize("windowsize", [1, 8])
 async def test_full_send_buffer_loses_no_block(make_env: ServerFactory, monkeypatch: pytest.MonkeyPatch,
                                                windowsize: int) -> None:
@@ -838,7 +842,8 @@ async def test_on_done_that_raises_does_not_break_the_server(
     reply = await exchange(env, rrq("nope"))
     assert reply is not None and (reply.opcode, reply.number) == (ERROR, 1)
     await until_async(lambda: len(calls) == 3, what=lambda: f"three on_done calls ({len(calls)} so far)")
-    assert [t.error is None for t in calls] == [True, True, False]
+    # in any order: the C loop reports a transfer once it has seen the last ACK, maybe after the refusal
+    assert sorted((t.filename, t.error is None) for t in calls) == [("memory.cfg", True)] * 2 + [("nope", False)]
     assert escaped == []
     tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 3 and all("on_done raised" in m for m in tracebacks)

@@ -54,11 +54,14 @@ def test_one_version_in_the_names_the_metadata_and_the_command(installed, tmp_pa
 
 
 def test_the_wheel_holds_every_file_of_the_package(installed) -> None:
-    """Every tracked file under bootserver/, and ipxe/ and grub/ (force-included as bootserver/ipxe and /grub)."""
+    """Every tracked file under bootserver/, ipxe/ and grub/ (force-included as bootserver/ipxe and /grub), and the
+    TFTP loop compiled from bootserver/tftp/engine.c (hatch_build.py; CI has a C compiler), in a platform wheel."""
     dists, _, _ = installed
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "bootserver", "ipxe", "grub"], capture_output=True,
                              text=True, check=True).stdout.split()
     expected = {name if name.startswith("bootserver/") else f"bootserver/{name}" for name in tracked}
+    expected.add("bootserver/tftp/_engine.so")
+    assert dists.wheel.name.endswith("-py3-none-linux_x86_64.whl"), dists.wheel.name
     with zipfile.ZipFile(dists.wheel) as wheel:
         names = set(wheel.namelist())
     assert len(expected) > 100 and not expected - names, sorted(expected - names)
@@ -93,7 +96,8 @@ def test_the_installed_wheel_builds_the_agent_image_and_serves_its_boot(installe
     data = tmp_path / "data"
     http = free_port()
     config = tmp_path / "bootserver.toml"
-    config.write_text(f'[server]\nhttp = "127.0.0.1:{http}"\ntftp = "127.0.0.1:{free_port()}"\n'
+    tftp = free_port()
+    config.write_text(f'[server]\nhttp = "127.0.0.1:{http}"\ntftp = "127.0.0.1:{tftp}"\n'
                       f'data_dir = "{data}"\n')
     started = time.monotonic()  # the Debian packages come from the user's cache (~/.cache/bootserver), as CI's do
     built = installed_run(venv_bin, "bootserver", "--config", str(config), "image", "build", cwd=tmp_path)
@@ -118,6 +122,11 @@ def test_the_installed_wheel_builds_the_agent_image_and_serves_its_boot(installe
         for page in ("/", f"/machines/{MAC.replace('-', ':')}"):
             html = get(base + page).decode()
             assert html.startswith("<!doctype html>") and "52:54:00:00:00:01" in html, page
+        # TFTP from the C loop the wheel carries (a real client: curl)
+        fetched = subprocess.run(["curl", "-sS", "--tftp-blksize", "1468", f"tftp://127.0.0.1:{tftp}/undionly.kpxe"],
+                                 capture_output=True, timeout=60)
+        assert fetched.returncode == 0 and fetched.stdout == Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
+        assert "transfers in the C loop" in (tmp_path / "server.log").read_text()
 
 
 def get(url: str) -> bytes:

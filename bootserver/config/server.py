@@ -27,6 +27,7 @@
     # streams_total = 100                 # live streams open at once in all
     # tftp_sessions = 1000                # TFTP transfers at once; a quarter kept for sources holding none
     # tftp_sessions_per_source = 16       # TFTP transfers at once from one source address
+    # tftp_engine = "auto"                # "native": transfers in the C loop (built with the package), "python"
     # bmc_timeout_seconds = 20            # one BMC call (power, boot override) that takes longer has failed
     # bmc_concurrency = 4                 # BMC calls at once (polling, deploy --now, the API)
     # power_poll_seconds = 60             # how often the power state of machines with a BMC is read
@@ -50,6 +51,7 @@ T = TypeVar("T")
 
 ENROLL_MODES = ("open", "known", "approve")
 PAGES_MODES = ("public", "token")
+TFTP_ENGINES = ("auto", "native", "python")  # tftp.TftpServer's engine
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -97,6 +99,7 @@ class ServerConfig:
     streams_total: int = 100  # live streams open at once in all
     tftp_sessions: int = 1000  # TFTP transfers at once in all (a quarter kept for sources holding none)
     tftp_sessions_per_source: int = 16  # TFTP transfers at once from one source address
+    tftp_engine: str = "auto"  # where transfers run: "native" (the C loop), "python"; "auto": native where built
     bmc_timeout_seconds: int = 20  # one BMC call taking longer has failed (the server never waits longer)
     bmc_concurrency: int = 4  # BMC calls at once, each in a thread of its own (pyghmi and sushy block)
     power_poll_seconds: int = 60  # how often the server reads the power state of every machine with a BMC
@@ -173,6 +176,7 @@ def read_server(raw: Table, where: str) -> ServerConfig:
         streams_total=positive(raw, "streams_total", where, default=100),
         tftp_sessions=positive(raw, "tftp_sessions", where, default=1000),
         tftp_sessions_per_source=positive(raw, "tftp_sessions_per_source", where, default=16),
+        tftp_engine=choice(raw, "tftp_engine", where, choices=TFTP_ENGINES),
         bmc_timeout_seconds=positive(raw, "bmc_timeout_seconds", where, default=20),
         bmc_concurrency=positive(raw, "bmc_concurrency", where, default=4),
         power_poll_seconds=positive(raw, "power_poll_seconds", where, default=60),
@@ -187,8 +191,8 @@ def _server(raw: Table, where: str) -> None:
                      "replica", "secret_key_file", "job_lease_seconds", "peers", "event_days", "enroll",
                      "window_minutes", "trusted_proxies", "new_machines_per_minute", "provision_per_source",
                      "job_minutes", "boot_minutes", "running_minutes", "pages", "origins", "streams_per_client",
-                     "streams_total", "tftp_sessions", "tftp_sessions_per_source", "bmc_timeout_seconds",
-                     "bmc_concurrency", "power_poll_seconds"}, where)
+                     "streams_total", "tftp_sessions", "tftp_sessions_per_source", "tftp_engine",
+                     "bmc_timeout_seconds", "bmc_concurrency", "power_poll_seconds"}, where)
 
 
 def listen(raw: Table, key: str, where: str, *, default: T = REQUIRED) -> Listen | T:

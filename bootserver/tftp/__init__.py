@@ -11,11 +11,15 @@ Layout, bottom to top:
 
     wire.py     the wire format: requests, ERROR, OACK, option negotiation, the path MTU
     session.py  one transfer (`Session`) on its own socket, and what it reports (`Transfer`)
+    engine.c    the same transfer loop in C, for every transfer at once on one thread (built with the package)
+    native.py   `Engine` (engine.c, loaded with ctypes) and `NativeSession`, a transfer it runs
     server.py   `TftpServer`: the listening port, admission of new transfers, the retransmission sweep
     routes.py   `Routes`: file names onto calls on the Booter, the only module that knows the core
 
 The server serves whatever a `resolve(filename, peer)` callable returns and reports every transfer to
-an `on_done` callable; `Routes` provides both. Everything runs on the event loop; no threads.
+an `on_done` callable; `Routes` provides both. Everything runs on the event loop, except the blocks of admitted
+transfers when the C loop runs them (`[server] tftp_engine`): its thread sends and retransmits, and each ended
+transfer comes back to the event loop to be reported.
 
 The boot network is not trusted: anything on it can send requests from many source addresses, and
 can forge the source address of a request. Two rules follow: admission keeps room for sources that

@@ -1,7 +1,8 @@
 """The TFTP server: the listening port, admission of new transfers, and the retransmission sweep.
 
 One `_Listener` protocol on the well-known port decodes requests and refuses or admits them; every
-admitted transfer becomes a `Session` (see session.py). Everything runs on the event loop; no threads.
+admitted transfer becomes a `Session` on the event loop (session.py) or, with the C loop, a `NativeSession`
+that its thread runs (native.py, engine.c). Admission and reports are the event loop's either way.
 
 Admission keeps room for sources that hold no transfer. A source (IP address) may hold at most
 `max_sessions_per_client` transfers; the table holds at most `max_sessions`; and a source that already
@@ -25,6 +26,8 @@ from collections.abc import Callable
 
 from ..errors import BadRequest, Forbidden, NotFound, StoreUnavailable, TooManyRequests
 from ..payload import Payload
+from . import native
+from .native import Ended, NativeSession
 from .session import Blocks, Session, Transfer
 from .wire import (
     DEFAULT_BLKSIZE,
@@ -61,6 +64,7 @@ NEW_SOURCE_RESERVE_FRACTION = 4  # reserve = max_sessions // this
 LISTEN_BUFFER = 1 << 20  # bytes of receive buffer asked for the listening socket
 # File descriptors a transfer holds: its socket, and the open file unless the payload is in memory.
 FDS_PER_SESSION = 2
+ENGINES = ("auto", "native", "python")
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -84,9 +88,18 @@ class TftpServer:
     def __init__(self, resolve: Callable[[str, Address], Payload], on_done: Callable[[Transfer], None], *,
                  timeout: float = 1.0, retries: int = 5, max_sessions: int = MAX_SESSIONS,
                  max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT,
-                 new_source_reserve: int | None = None) -> None:
+                 new_source_reserve: int | None = None, engine: str = "auto") -> None:
         """`new_source_reserve`: places of the table only a source holding no transfer may take (see the
-        module docstring); None for a quarter of `max_sessions`."""
+        module docstring); None for a quarter of `max_sessions`. `engine`: where transfers run, "native" (the
+        C loop, native.py), "python" (session.py) or "auto" (native where it was built)."""
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+        missing = native.available() if engine != "python" else None
+        if engine == "native" and missing:
+            raise RuntimeError(f"the native TFTP engine is not available: {missing}")
+        self.engine = "python" if engine == "python" or missing else "native"
+        if engine == "auto" and missing:
+            log.warning("tftp: transfers run in Python: %s", missing)
         if new_source_reserve is None:
             new_source_reserve = max_sessions // NEW_SOURCE_RESERVE_FRACTION
         if not 0 <= new_source_reserve < max_sessions:
@@ -100,7 +113,9 @@ class TftpServer:
         self._new_source_reserve = new_source_reserve
         self._transport: asyncio.DatagramTransport | None = None
         self._family = socket.AF_INET
-        self._sessions: dict[Address, Session] = {}
+        self._sessions: dict[Address, Session | NativeSession] = {}
+        self._engine: native.Engine | None = None
+        self._native: dict[int, NativeSession] = {}  # the engine's transfers by its id
         self._per_host: Counter[str] = Counter()
         self._sweep_timer: asyncio.TimerHandle | None = None
         self.scratch = memoryview(bytearray(4 + MAX_BLKSIZE))  # every DATA packet is built here, see _send_block
@@ -109,13 +124,16 @@ class TftpServer:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), local_addr=(host, port))
         self._transport = transport
+        if self.engine == "native":
+            self._engine = native.Engine(self._native_ended, self._sweep_interval())
         sock = transport.get_extra_info("socket")
         self._family = sock.family
         # Room for a rack's worth of RRQs arriving at once (the default holds ~300 small datagrams and
         # drops the rest); the kernel caps it at net.core.rmem_max.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_BUFFER)
-        log.info("tftp: listening on %s:%d", *self.address)
+        log.info("tftp: listening on %s:%d, transfers in %s", *self.address,
+                 "the C loop" if self._engine is not None else "Python")
 
     @property
     def sessions(self) -> int:
@@ -132,6 +150,9 @@ class TftpServer:
     async def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        if self._engine is not None:
+            await self._engine.close()  # reports every transfer it still ran
+            self._engine = None
         for session in list(self._sessions.values()):
             session.finish("server closed")
         if self._sweep_timer is not None:
@@ -193,11 +214,25 @@ class TftpServer:
             log.warning("tftp %s:%d: cannot open a transfer socket: %s", *peer, exc)
             self._refuse(sockaddr, request, started, ERR_UNDEFINED, "internal error", f"no transfer socket: {exc}")
             return
-        session = Session(self, sock, sockaddr, request.filename, payload, blocks, negotiated, started)
+        if self._engine is not None:
+            session: Session | NativeSession = NativeSession(self, self._engine, sock, sockaddr, request.filename,
+                                                             payload, blocks, negotiated, started)
+        else:
+            session = Session(self, sock, sockaddr, request.filename, payload, blocks, negotiated, started)
+        log.debug("tftp %s:%d: sending %r, options %s", *peer, request.filename, negotiated.oack)
+        try:
+            session.start()
+        except OSError as exc:  # the engine could not take it (out of memory): nothing was handed over
+            sock.close()
+            blocks.close()
+            log.warning("tftp %s:%d: %s", *peer, exc)
+            self._refuse(sockaddr, request, started, ERR_UNDEFINED, "internal error", str(exc))
+            return
         self._sessions[peer] = session
         self._per_host[peer[0]] += 1
-        log.debug("tftp %s:%d: sending %r, options %s", *peer, request.filename, negotiated.oack)
-        session.start()
+        if isinstance(session, NativeSession):
+            assert session.id is not None
+            self._native[session.id] = session
 
     def _resolve_payload(self, sockaddr: SockAddr, request: Request, started: float) -> Payload | None:
         """What to send, or None after refusing the request."""
@@ -249,11 +284,18 @@ class TftpServer:
 
     # session bookkeeping
 
+    def _sweep_interval(self) -> float:
+        return min(SWEEP_INTERVAL, self.timeout / 4)  # a deadline fires at most this late
+
     def _wake_sweep(self) -> None:
         """Make sure a sweep is scheduled while any transfer waits for an ACK."""
         if self._sweep_timer is None:
-            interval = min(SWEEP_INTERVAL, self.timeout / 4)  # a deadline fires at most this late
-            self._sweep_timer = asyncio.get_running_loop().call_later(interval, self._sweep)
+            self._sweep_timer = asyncio.get_running_loop().call_later(self._sweep_interval(), self._sweep)
+
+    def _native_ended(self, transfer_id: int, how: Ended) -> None:
+        session = self._native.pop(transfer_id, None)
+        if session is not None:
+            session.ended(how)
 
     def _sweep(self) -> None:
         self._sweep_timer = None
@@ -268,7 +310,7 @@ class TftpServer:
         if self._sessions:
             self._wake_sweep()
 
-    def _forget(self, session: Session) -> None:
+    def _forget(self, session: Session | NativeSession) -> None:
         if self._sessions.get(session.peer) is session:
             del self._sessions[session.peer]
             self._per_host[session.peer[0]] -= 1

@@ -97,6 +97,13 @@ class Blocks:
         if os.preadv(self._fd, [target], offset) != len(target):
             raise OSError(f"file shrank during the transfer (short read at offset {offset})")
 
+    def hand_over(self) -> tuple[bytes | None, int | None]:
+        """(the bytes, None) or (None, the open file) for another owner, which closes the file; size stays."""
+        if self._view is not None:
+            return bytes(self._view), None
+        fd, self._fd = self._fd, None
+        return None, fd
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
