@@ -10,6 +10,18 @@
 # (HTTP 80, TFTP 69, data in /var/lib/bootserver); mount your own over
 # /etc/bootserver/bootserver.toml to add profiles. Other commands: `docker run --rm -v
 # bootserver-data:/var/lib/bootserver bootserver nodes` (the entrypoint is `bootserver --config ...`).
+FROM debian:bookworm-slim AS engine
+# The TFTP transfer loop in C (bootserver/tftp/engine.c), compiled apart so that the image carries no compiler
+# and this stage is rebuilt only when engine.c changes; hatch_build.py compiles it the same way for the wheel.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev python3 \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY hatch_build.py ./
+COPY bootserver/tftp/engine.c bootserver/tftp/
+RUN python3 hatch_build.py
+
 FROM debian:bookworm-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -38,15 +50,18 @@ RUN apt-get update \
  && install -d -o bootserver -g bootserver -m 0750 /var/lib/bootserver
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md hatch_build.py ./
 COPY bootserver/ bootserver/
 COPY ipxe/ ipxe/
 COPY grub/ grub/
 # Behind a TLS-intercepting proxy pip needs its CA: give the build the bundle as a secret (./setup does when
 # $PIP_CERT is set): `--secret id=pip-cert,src=/etc/ssl/certs/ca-certificates.crt`. Not a layer of the image.
+COPY --from=engine /src/bootserver/tftp/_engine.so /tmp/_engine.so
+# The wheel built here is pure Python (no compiler in this stage): the engine stage's library goes beside it.
 RUN --mount=type=secret,id=pip-cert \
     if [ -f /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
- && pip install . && rm -rf /src/*
+ && pip install . && rm -rf /src/* \
+ && mv /tmp/_engine.so "$(python3 -c 'import importlib.util as u; print(u.find_spec("bootserver").submodule_search_locations[0])')/tftp/"
 COPY etc/bootserver.toml /etc/bootserver/bootserver.toml
 
 # numeric, so that runtimes checking runAsNonRoot need not resolve the name

@@ -12,7 +12,7 @@ python3Packages.buildPythonApplication {
   # Only what the wheel is built from, so that editing tests or nix/ does not rebuild it.
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [ ../pyproject.toml ../README.md ../bootserver ../ipxe ../grub ];
+    fileset = lib.fileset.unions [ ../pyproject.toml ../README.md ../hatch_build.py ../bootserver ../ipxe ../grub ];
   };
 
   build-system = [ python3Packages.hatchling ];

@@ -125,6 +125,7 @@ async def test_the_image_serves_a_vms_boot_and_keeps_its_state_in_the_volume(bui
                    took)
             before = api(lab, MAC)
             token = podman("exec", name, "cat", f"{VOLUME}/api_token").stdout
+            assert "transfers in the C loop" in output(name)  # the engine stage's library, found by the wheel's code
         assert api(lab, MAC) == {}, "the container is gone: nothing answers"
 
         with container(lab, name, volume, config, agent_image.kernel.parent):  # a new one on the same volume

@@ -160,17 +160,22 @@ def test_dockerfile_copies_only_files_in_the_build_context() -> None:
                 verdict = not negated
         return verdict
 
-    copies = [args.split() for ins, args in dockerfile_instructions() if ins in ("COPY", "ADD")]
+    instructions = dockerfile_instructions()
+    stages = {args.split()[-1] for ins, args in instructions if ins == "FROM" and " AS " in args.upper()}
+    everything = [args.split() for ins, args in instructions if ins in ("COPY", "ADD")]
+    for args in everything:  # from an earlier stage of the Dockerfile: not the build context
+        assert not any(a.startswith("--from=") and a.removeprefix("--from=") not in stages for a in args), args
+    copies = [args for args in everything if not any(a.startswith("--from=") for a in args)]
     assert copies
     for args in copies:
-        assert not any(a.startswith("--from") for a in args)
         for source in args[:-1]:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
             assert not ignored(source), f"Dockerfile copies {source}, which .dockerignore leaves out"
     # pip builds the wheel from what was copied: pyproject's readme and the force-included ipxe/ among it
     copied = {s.rstrip("/") for args in copies for s in args[:-1]}
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert {"pyproject.toml", pyproject["project"]["readme"], "bootserver", "ipxe"} <= copied
+    hook = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"]["custom"]["path"]
+    assert {"pyproject.toml", pyproject["project"]["readme"], hook, "bootserver", "ipxe"} <= copied
 
 
 def test_readme_documents_the_images_commands() -> None:
