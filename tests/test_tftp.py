@@ -25,6 +25,7 @@ from bootserver.tftp import (
     TftpServer,
     Transfer,
     clamp_blksize,
+    native,
     negotiate,
     parse_request,
 )
@@ -869,3 +870,31 @@ async def test_ipv6_download(make_env: ServerFactory) -> None:
 def test_clients_are_installed() -> None:
     # The curl and atftp tests above would fail with a less clear message without them.
     assert shutil.which("curl") and shutil.which("atftp")
+
+
+# --------------------------------------------------------------------------------------------
+# Which loop runs the transfers
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_c_loop_is_refused_when_missing_or_built_from_another_source(tmp_path: Path) -> None:
+    assert native.available() is None  # CI builds it (./setup installs gcc): the [native] tests above ran it
+    assert "was not built" in native.available(tmp_path / "_engine.so")
+    copy = tmp_path / "_engine.so"
+    shutil.copy(native.LIBRARY, copy)
+    assert native.available(copy) is None  # no engine.c beside it (a wheel without sources): taken as built
+    (tmp_path / "engine.c").write_text(native.LIBRARY.with_name("engine.c").read_text() + "/* edited */\n")
+    assert "built from another engine.c" in native.available(copy)
+
+
+async def test_without_the_c_loop_auto_runs_python_and_native_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(native, "LIBRARY", tmp_path / "_engine.so")
+    root, _, files = make_tree(tmp_path)
+    with pytest.raises(RuntimeError, match="native TFTP engine is not available: .* was not built"):
+        TftpServer(make_resolve(root), print, engine="native")
+    server = TftpServer(make_resolve(root), print)
+    assert server.engine == "python"
+    assert "transfers run in Python" in caplog.text and "was not built" in caplog.text
+    with pytest.raises(ValueError, match="engine 'c' is not one of auto, native, python"):
+        TftpServer(make_resolve(root), print, engine="c")

@@ -53,8 +53,8 @@ class Ended:
     message: str
 
 
-def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(LIBRARY))
+def _load(library: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library))
     lib.engine_source.restype = ctypes.c_char_p
     lib.engine_source.argtypes = []
     lib.engine_new.restype = ctypes.c_void_p
@@ -77,18 +77,19 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-def available() -> str | None:
-    """None if the C loop can be used here; else why not, in words for the log."""
-    if not LIBRARY.exists():
-        return f"{LIBRARY} was not built (no C compiler when the package was installed)"
+def available(library: Path | None = None) -> str | None:
+    """None if the C loop (`library`, default LIBRARY) can be used here; else why not, in words for the log."""
+    library = library or LIBRARY
+    if not library.exists():
+        return f"{library} was not built (no C compiler when the package was installed)"
     try:
-        lib = _load()
+        lib = _load(library)
     except OSError as exc:
-        return f"{LIBRARY} cannot be loaded: {exc}"
-    source = LIBRARY.with_name("engine.c")
+        return f"{library} cannot be loaded: {exc}"
+    source = library.with_name("engine.c")
     built_from = lib.engine_source().decode()
     if source.exists() and built_from != hashlib.sha256(source.read_bytes()).hexdigest():
-        return (f"{LIBRARY} was built from another {source.name} (edited since?): rebuild it with "
+        return (f"{library} was built from another {source.name} (edited since?): rebuild it with "
                 f"`python hatch_build.py`, or reinstall the package")
     return None
 
@@ -97,7 +98,7 @@ class Engine:
     """One C loop for every transfer handed over; its reports come back on the event loop."""
 
     def __init__(self, on_ended: Callable[[int, Ended], None], sweep_interval: float) -> None:
-        self._lib = _load()
+        self._lib = _load(LIBRARY)
         self._on_ended = on_ended
         self._engine = self._lib.engine_new(sweep_interval)
         if not self._engine:
