@@ -18,14 +18,12 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..payload import Payload
-from .session import UNANSWERED_RETRIES, Blocks, Transfer
+from .session import UNANSWERED_RETRIES, Admitted, Blocks
 from .wire import Negotiated, SockAddr, oack_packet
 
 if TYPE_CHECKING:
@@ -164,24 +162,16 @@ class NativeSession:
 
     deadline = None  # the engine keeps its own retransmission deadlines
 
-    def __init__(self, server: TftpServer, engine: Engine, sock: socket.socket, sockaddr: SockAddr, filename: str,
-                 payload: Payload, blocks: Blocks, negotiated: Negotiated, started: float) -> None:
+    def __init__(self, server: TftpServer, engine: Engine, admitted: Admitted) -> None:
         self._server = server
         self._engine = engine
-        self._sock = sock
-        self.sockaddr = sockaddr
-        self.peer = (sockaddr[0], sockaddr[1])
-        self.filename = filename
-        self._payload = payload
-        self._blocks = blocks
-        self._opts = negotiated
-        self._started = started
-        self._timeout = negotiated.timeout or server.timeout
+        self._admitted = admitted
+        self.peer = admitted.peer
         self.id: int | None = None
 
     def start(self) -> None:
-        self.id = self._engine.add(self._sock, self._blocks, self.sockaddr, self._opts, self._timeout,
-                                   self._server.retries)
+        a = self._admitted
+        self.id = self._engine.add(a.sock, a.blocks, a.sockaddr, a.negotiated, a.timeout, self._server.retries)
 
     def on_deadline(self) -> None:  # never called: deadline is always None
         pass
@@ -192,29 +182,19 @@ class NativeSession:
             self._engine.cancel(self.id)
 
     def ended(self, how: Ended) -> None:
-        self._blocks.close()
-        error = self._error(how)
-        bytes_sent = min(max(how.acked, 0) * self._opts.blksize, self._blocks.size)
-        if error is None:
-            log.debug("tftp %s:%d: sent %r, %d bytes", *self.peer, self.filename, bytes_sent)
+        self._admitted.blocks.close()
         self._server._forget(self)
-        self._server._report(Transfer(self.peer, self.filename, self._payload, bytes_sent,
-                                      time.monotonic() - self._started, self._opts.blksize, self._opts.windowsize,
-                                      error))
+        self._server._report(self._admitted.ended(how.acked, self._error(how)))
 
     def _error(self, how: Ended) -> str | None:
         if how.outcome == OK:
             return None
         if how.outcome == CLIENT_ERROR:
-            # Quietly: PXE ROMs routinely abort after reading tsize from the OACK.
-            log.debug("tftp %s:%d: client aborted %r: ERROR %d %r", *self.peer, self.filename, how.code, how.message)
-            return f"client sent ERROR {how.code}: {how.message}"
+            return self._admitted.client_aborted(how.code, how.message)
         if how.outcome == NEVER_ANSWERED:
-            log.info("tftp %s:%d: %r never answered, dropped after %d retries", *self.peer, self.filename, how.code)
-            return f"never answered: dropped after {how.code} retries"
+            return self._admitted.never_answered(how.code)
         if how.outcome == TIMED_OUT:
-            log.info("tftp %s:%d: %r timed out after %d retries", *self.peer, self.filename, how.code)
-            return f"timed out after {how.code} retries"
+            return self._admitted.timed_out(how.code)
         if how.outcome == READ_ERROR:
-            return f"cannot read {self.filename!r}: {how.message}"
+            return self._admitted.unreadable(how.message)
         return "server closed"

@@ -28,7 +28,7 @@ from ..errors import BadRequest, Forbidden, NotFound, StoreUnavailable, TooManyR
 from ..payload import Payload
 from . import native
 from .native import Ended, NativeSession
-from .session import Blocks, Session, Transfer
+from .session import Admitted, Blocks, Session, Transfer
 from .wire import (
     DEFAULT_BLKSIZE,
     ERR_ACCESS,
@@ -214,11 +214,10 @@ class TftpServer:
             log.warning("tftp %s:%d: cannot open a transfer socket: %s", *peer, exc)
             self._refuse(sockaddr, request, started, ERR_UNDEFINED, "internal error", f"no transfer socket: {exc}")
             return
-        if self._engine is not None:
-            session: Session | NativeSession = NativeSession(self, self._engine, sock, sockaddr, request.filename,
-                                                             payload, blocks, negotiated, started)
-        else:
-            session = Session(self, sock, sockaddr, request.filename, payload, blocks, negotiated, started)
+        admitted = Admitted(sock, sockaddr, request.filename, payload, blocks, negotiated, started,
+                            negotiated.timeout or self.timeout)
+        session: Session | NativeSession = (Session(self, admitted) if self._engine is None
+                                            else NativeSession(self, self._engine, admitted))
         log.debug("tftp %s:%d: sending %r, options %s", *peer, request.filename, negotiated.oack)
         try:
             session.start()

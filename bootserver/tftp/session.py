@@ -72,6 +72,49 @@ class Transfer:
     error: str | None  # None on success, else a human message
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """One transfer as admission hands it to a loop: `Session` here, or the C loop's `NativeSession` (native.py).
+    What a transfer is told and what it reports at the end are the same whichever loop runs it: they are here."""
+
+    sock: socket.socket  # its own, on an ephemeral port: the transfer's TID
+    sockaddr: SockAddr
+    filename: str
+    payload: Payload
+    blocks: Blocks
+    negotiated: Negotiated
+    started: float  # time.monotonic() when the request arrived
+    timeout: float  # seconds before a retransmission: the client's option, else the server's
+
+    @property
+    def peer(self) -> Address:
+        return (self.sockaddr[0], self.sockaddr[1])
+
+    def ended(self, acked: int, error: str | None) -> Transfer:
+        """What on_done is told once the transfer ended with block `acked` acknowledged (0: the OACK, -1: none)."""
+        bytes_sent = min(max(acked, 0) * self.negotiated.blksize, self.blocks.size)
+        if error is None:
+            log.debug("tftp %s:%d: sent %r, %d bytes", *self.peer, self.filename, bytes_sent)
+        return Transfer(self.peer, self.filename, self.payload, bytes_sent, time.monotonic() - self.started,
+                        self.negotiated.blksize, self.negotiated.windowsize, error)
+
+    def client_aborted(self, code: int, message: str) -> str:
+        # Quietly: PXE ROMs routinely abort after reading tsize from the OACK.
+        log.debug("tftp %s:%d: client aborted %r: ERROR %d %r", *self.peer, self.filename, code, message)
+        return f"client sent ERROR {code}: {message}"
+
+    def never_answered(self, retries: int) -> str:
+        log.info("tftp %s:%d: %r never answered, dropped after %d retries", *self.peer, self.filename, retries)
+        return f"never answered: dropped after {retries} retries"
+
+    def timed_out(self, retries: int) -> str:
+        log.info("tftp %s:%d: %r timed out after %d retries", *self.peer, self.filename, retries)
+        return f"timed out after {retries} retries"
+
+    def unreadable(self, why: object) -> str:
+        return f"cannot read {self.filename!r}: {why}"
+
+
 class Blocks:
     """Random access to a payload: pread on an open file (kernels are tens of MB), or slices of bytes."""
 
@@ -124,21 +167,15 @@ class Session:
     in and one DATA out per block, so this is the hot path.
     """
 
-    def __init__(self, server: TftpServer, sock: socket.socket, sockaddr: SockAddr, filename: str,
-                 payload: Payload, blocks: Blocks, negotiated: Negotiated, started: float) -> None:
+    def __init__(self, server: TftpServer, admitted: Admitted) -> None:
         self._server = server
-        self._sock = sock
+        self._admitted = admitted
         self._loop = asyncio.get_running_loop()
-        self.sockaddr = sockaddr
-        self.peer: Address = (sockaddr[0], sockaddr[1])
-        self.filename = filename
-        self._payload = payload
-        self._blocks = blocks
-        self._opts = negotiated
-        self._started = started
-        self._timeout = negotiated.timeout or server.timeout
-        self._last_block = blocks.size // negotiated.blksize + 1  # the last block is short, maybe empty
-        self._acked = -1 if negotiated.oack else 0
+        # the hot path's, as attributes of their own
+        self._sock, self.sockaddr, self.peer = admitted.sock, admitted.sockaddr, admitted.peer
+        self._blocks, self._opts = admitted.blocks, admitted.negotiated
+        self._last_block = self._blocks.size // self._opts.blksize + 1  # the last block is short, maybe empty
+        self._acked = -1 if self._opts.oack else 0
         self._sent = 0
         self._next = 1  # next block of the current window to send
         self._window_end = 0
@@ -205,10 +242,7 @@ class Session:
                 self._on_ack(number)
             elif opcode == ERROR:
                 message = data[4:].split(b"\0", 1)[0].decode("ascii", "replace")
-                # Quietly: PXE ROMs routinely abort after reading tsize from the OACK.
-                log.debug("tftp %s:%d: client aborted %r: ERROR %d %r", *self.peer, self.filename, number,
-                          message)
-                self.finish(f"client sent ERROR {number}: {message}")
+                self.finish(self._admitted.client_aborted(number, message))
             else:
                 log.debug("tftp %s:%d: ignored opcode %d during transfer", *self.peer, opcode)
 
@@ -242,7 +276,7 @@ class Session:
                     return
                 self._next += 1
         except OSError as exc:
-            self._fail(ERR_UNDEFINED, "read error", f"cannot read {self.filename!r}: {exc}")
+            self._fail(ERR_UNDEFINED, "read error", self._admitted.unreadable(exc))
             return
         if self._next <= self._window_end:
             if not self._pump_pending:
@@ -284,7 +318,7 @@ class Session:
     def _arm_timer(self) -> None:
         # A deadline, not a timer per ACK: call_later and cancel for every block cost more than the
         # server's periodic sweep of all sessions (see TftpServer._sweep).
-        self.deadline = self._loop.time() + self._timeout
+        self.deadline = self._loop.time() + self._admitted.timeout
         self._server._wake_sweep()
 
     def on_deadline(self) -> None:
@@ -293,11 +327,9 @@ class Session:
         retries = self._server.retries if self._heard else min(self._server.retries, UNANSWERED_RETRIES)
         if self._attempts > retries and not self._heard:
             # Maybe a forged source: an ERROR would be one more datagram at someone who never asked.
-            log.info("tftp %s:%d: %r never answered, dropped after %d retries", *self.peer, self.filename, retries)
-            self.finish(f"never answered: dropped after {retries} retries")
+            self.finish(self._admitted.never_answered(retries))
         elif self._attempts > retries:
-            log.info("tftp %s:%d: %r timed out after %d retries", *self.peer, self.filename, retries)
-            self._fail(ERR_UNDEFINED, "timed out", f"timed out after {retries} retries")
+            self._fail(ERR_UNDEFINED, "timed out", self._admitted.timed_out(retries))
         elif self._acked < 0:
             self._send_oack()
         else:
@@ -320,10 +352,5 @@ class Session:
             self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
         self._blocks.close()
-        bytes_sent = min(max(self._acked, 0) * self._opts.blksize, self._blocks.size)
-        if error is None:
-            log.debug("tftp %s:%d: sent %r, %d bytes", *self.peer, self.filename, bytes_sent)
         self._server._forget(self)
-        self._server._report(Transfer(self.peer, self.filename, self._payload, bytes_sent,
-                                      time.monotonic() - self._started, self._opts.blksize,
-                                      self._opts.windowsize, error))
+        self._server._report(self._admitted.ended(self._acked, error))
