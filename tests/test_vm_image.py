@@ -80,6 +80,7 @@ async def test_an_image_is_streamed_verified_grown_and_boots_to_running(golden, 
                await wait_for_state(site.app, vm, "booted", timeout=600))
         timing(f"{firmware}, {form} image: power-on to running",
                await wait_for_state(site.app, vm, "running", timeout=600))
+        await vm.wait_for_serial(r"node2 login:", timeout=120)  # its getty may print after the checks passed
         serial = vm.serial_log
         store = site.app[STORE]
         installed = next(e.detail for e in store.events(DEFAULT_MAC) if e.kind == "installed")
