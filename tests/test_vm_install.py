@@ -47,6 +47,6 @@ async def test_power_on_to_running_from_its_own_disk(site, tmp_path: Path, timin
     assert booted["failed_units"] == [], events(app)
     passed = next(e.detail for e in app[STORE].events(DEFAULT_MAC) if e.kind == "health-passed")
     assert sorted(passed["checks"]) == sorted(['systemctl is-active ssh', 'test "$(hostname)" = node1'])
-    assert "Reached target" in serial and "Login Prompts" in serial, serial[-3000:]  # the installed system's
+    assert "Reached target" in serial and "Login Prompts" in serial, serial[-3000:]  # getty.target
     # The machine keeps booting its disk: its next script says so.
     assert app[STORE].node(DEFAULT_MAC).state == "running"
