@@ -32,7 +32,7 @@ from .firmware import DhcpBoot, dhcp_answer, ipxe_binary, secure_boot_binary
 from .fleet import Fleet
 from .groups import BootSpec, Groups
 from .history import History
-from .lifecycle import FROM_DISK, KERNEL_FROM, RUNS_INSTALLED_OS, State
+from .lifecycle import FROM_DISK, KERNEL_FROM, RUNS_INSTALLED_OS, SCRIPT_FROM, State
 from .mac import canonical_mac, hyphenated
 from .overlay import OVERLAY_NAME, overlay_cpio
 from .payload import Payload, resolve_under
@@ -95,6 +95,7 @@ class Booter:
     def __init__(self, config: Config, store: Store, templates: Templates, keys: ServerKeys) -> None:
         self._store = store
         self._keys = keys
+        self._signer = tokens.Signer(keys.token_key)
         self._history = History(store)
         self._fleet = Fleet(self._history)  # every machine's latest boot, read from the history
         # Called with a MAC once its node has phoned home and may be provisioned (set by provisioner()).
@@ -110,7 +111,7 @@ class Booter:
     def _use(self, config: Config, templates: Templates) -> None:
         self._config = config
         self._templates = templates
-        self._enrollment = Enrollment(config, self._store)
+        self._enrollment = Enrollment(config, self._store, self._signer)
         self._web_settings = WebSettings.of(config)
         self._groups = Groups(config)
         self._plans = Plans(config, self._store, self._groups, self.hostname)
@@ -248,17 +249,18 @@ class Booter:
         """What every Secure Boot machine's GRUB reads first ($prefix/grub.cfg): on to its own configuration."""
         return Payload("grub.cfg", data=self._templates.render(GRUB.template("bootstrap")).encode())
 
-    def machine_script(self, mac_text: str, reported: dict[str, str], urls: Urls,
-                       transport: str, client_ip: str | None = None, loader: Loader = IPXE) -> Payload:
+    def machine_script(self, mac_text: str, reported: dict[str, str], urls: Urls, transport: str,
+                       client_ip: str | None = None, loader: Loader = IPXE, behind: bool = False) -> Payload:
         """The iPXE script for one machine (or its GRUB configuration, `loader` GRUB), recorded as an event whatever
-        it says; its writes commit one by one.
+        it says; its writes commit one by one, but with `behind` a script that carries a token is recorded behind
+        (Store.record_behind): its signed token works without the record (tokens.py).
 
         `client_ip`: the address asking, which the boot's phone-home token is bound to. A token is issued only
         when enrollment allows it (Enrollment.token_refusal); otherwise the machine is told to wait or why not.
         """
         mac = canonical_mac(mac_text)
         facts = clean_facts(reported)
-        node = self._store.node(mac)
+        node = self._store.written_node(mac) if behind else self._store.node(mac)
         if node is None:
             self._admit_new(mac, client_ip)
         if node is not None and node.state in FROM_DISK and not node.reprovision:
@@ -283,19 +285,24 @@ class Booter:
                 return self._script(mac, loader, "wait", reason=refusal.reason, files_url=urls.files)
             if refusal is not None:
                 return self._script(mac, loader, "noboot", reason=refusal.reason)
-            token, record = tokens.new_token(mac, self._config.server.token_minutes, client_ip,
-                                             uuid=firmware_uuid(facts))
-            detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the secret
-        self._store.record(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts, token=record)
+            token, record = self._signer.issue(mac, self._config.server.token_minutes, client_ip,
+                                               uuid=firmware_uuid(facts))
+            detail |= {"token_issued": record.id, "token_expires": record.expires}  # the id, never the token
+        if behind and record is not None:
+            self._store.record_behind(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts,
+                                      token=record, only_from=SCRIPT_FROM)
+        else:
+            self._store.record(mac, "script-served", detail, state=State.SCRIPT_SERVED, facts=facts, token=record)
         text = self.render_profile(spec, urls, token, loader)
         return Payload(f"{hyphenated(mac)}{loader.suffix}", data=text.encode(), mac=mac)
 
     async def machine_script_kept(self, mac_text: str, reported: dict[str, str], urls: Urls, transport: str,
                                   client_ip: str | None = None, loader: Loader = IPXE) -> Payload:
-        """machine_script, returned once the store has kept what it recorded (the token it carries): it shares one
-        COMMIT with the other requests of this event-loop turn (Store.group_commit), for the servers that can wait."""
+        """machine_script for the servers that can wait: a script with a token is recorded behind, and any other
+        write shares one COMMIT with the other requests of this event-loop turn (Store.group_commit), returned once
+        the store has kept it."""
         with self._store.group_commit() as committed:
-            payload = self.machine_script(mac_text, reported, urls, transport, client_ip, loader)
+            payload = self.machine_script(mac_text, reported, urls, transport, client_ip, loader, behind=True)
         await committed
         return payload
 
@@ -420,8 +427,7 @@ class Booter:
     def node_config(self, mac_text: str, token: str, urls: Urls) -> dict[str, Any]:
         """What a booting node needs to be reached and to call home; only for a live token of this boot."""
         mac = canonical_mac(mac_text)
-        token_id, secret = tokens.split(token)
-        tokens.check(self._store.token(token_id), secret, mac)
+        tokens.check(token, mac, self._signer, self._store.token)
         return {
             "mac": mac,
             "hostname": self.hostname(mac),

@@ -33,6 +33,7 @@ class NoToken:
 class Enrollment:
     config: Config
     store: Store
+    signer: tokens.Signer
 
     def token_refusal(self, mac: str, node: Node | None, facts: dict[str, str], transport: str,
                       client_ip: str | None) -> NoToken | None:
@@ -89,8 +90,7 @@ class Enrollment:
         node = self.store.node(mac)
         try:
             peer = strict_ip(client_ip, "the caller's address")
-            token_id, secret = tokens.split(report.get("token"))
-            token = tokens.check(self.store.token(token_id), secret, mac, ip=peer)
+            token = tokens.check(report.get("token"), mac, self.signer, self.store.token, ip=peer)
             if node is not None and node.held:
                 raise Forbidden(f"{mac}'s claims are held ({node.held}): an operator must approve it")
             (key, fingerprint) = host_key(report.get("host_key"))
@@ -104,7 +104,7 @@ class Enrollment:
         detail = {"ip": peer, "reported_ip": reported_ip, "uuid": smbios, "fingerprint": fingerprint,
                   "kernel": kernel(report.get("kernel", "")), "disks": disks(report.get("disks")),
                   "secure_boot": secure_boot(report.get("secure_boot"))}
-        if not self.store.phoned_home(token_id, mac, peer, key, detail, _read_facts(detail)):
+        if not self.store.phoned_home(token, peer, key, detail, _read_facts(detail)):
             reason = "this token was used already (a concurrent phone-home won), or the machine's claims are held"
             self.store.record(mac, "refused", {"what": "phone-home", "reason": reason, "from": client_ip})
             raise Forbidden(reason)
@@ -119,15 +119,14 @@ class Enrollment:
         node = self.store.node(mac)
         try:
             peer = strict_ip(client_ip, "the caller's address")
-            token_id, secret = tokens.split(report.get("token"), "report")
-            tokens.check(self.store.token(token_id), secret, mac, purpose="report")
+            token = tokens.check(report.get("token"), mac, self.signer, self.store.token, purpose="report")
             self._check_lease(mac, peer)
         except (Unauthorized, Forbidden, BadRequest) as exc:
             if node is not None:
                 self.store.record(mac, "refused", {"what": "boot report", "reason": str(exc), "from": client_ip})
             raise
         detail = {"ip": peer, **boot_report(report)}
-        if not self.store.os_reported(token_id, mac, peer, detail, _read_facts(detail)):
+        if not self.store.os_reported(token.id, mac, peer, detail, _read_facts(detail)):
             reason = "this report token was used already (a concurrent report won)"
             self.store.record(mac, "refused", {"what": "boot report", "reason": reason, "from": client_ip})
             raise Forbidden(reason)

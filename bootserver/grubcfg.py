@@ -9,6 +9,7 @@ twin of its iPXE script (templates in `grub/`).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 # A kernel command line's words as the kernel splits them: on blanks, except inside double quotes.
@@ -26,6 +27,7 @@ def words(cmdline: str) -> str:
     return " ".join(quote(word) for word in _WORD.findall(cmdline))
 
 
+@lru_cache(maxsize=64)  # a server's few URLs, asked for on every boot script
 def root(url: str) -> str:
     """The GRUB device of our server at `url`: (http,HOST) or (http,HOST:PORT) for our HTTP, else (tftp,HOST).
 

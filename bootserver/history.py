@@ -73,6 +73,12 @@ class History:
         store = self._store
         return store.group_commits, store.group_committed_requests, store.largest_group_commit
 
+    def written_behind(self) -> tuple[int, int, int, int, int]:
+        """Since this process opened the store: write-behind flushes, the records they wrote, the most one wrote,
+        records that waited for a synchronous write (the queue was full), and records queued now."""
+        store = self._store
+        return store.behind_flushes, store.written_behind, store.largest_behind, store.behind_waits, store.queued_behind
+
     # -- totals over every event, kept as they are recorded ------------------------------------------
 
     def bytes_served(self) -> dict[str, int]:

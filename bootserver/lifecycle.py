@@ -50,6 +50,9 @@ IN_PROGRESS = (State.PHONED_HOME, *STEP_STATES.values())
 # window is open). Not from its disk (FROM_DISK), not in progress (a script request then is someone else).
 EXPECTS_BOOT = frozenset({State.DISCOVERED, State.NEW, State.SCRIPT_SERVED, State.KERNEL_SERVED, State.FAILED,
                           State.INTERRUPTED, State.REPROVISION})
+# A script carrying a token moves a machine to script-served from any state but these: its record, written behind
+# (Store.record_behind), must not move back a machine that phoned home meanwhile.
+SCRIPT_FROM = frozenset(State).difference(IN_PROGRESS)
 # The only state a served kernel moves a machine out of: a kernel fetched in any other state is an event only.
 KERNEL_FROM = (State.SCRIPT_SERVED,)
 # Off the happy path: how the pages show a machine there.

@@ -58,6 +58,8 @@ class Templates:
 
     def render_string(self, source: str, **context: Any) -> str:
         """Render a snippet from the config (a kernel command line) with the same rules."""
+        if "{" not in source:  # no expression, statement or comment: most command lines, on every boot script
+            return source
         # Compiled once per distinct source: compiling costs more than rendering, on every boot script.
         compiled = self._compiled.get(source)
         if compiled is None:

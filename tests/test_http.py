@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import time
 
@@ -12,6 +13,7 @@ from support.http import boot_token, report
 from support.wait import until_async
 
 from bootserver.errors import Forbidden
+from bootserver.store import Token
 from bootserver.web import create_app
 
 
@@ -212,12 +214,38 @@ async def test_phone_home_from_another_address_than_the_script_fetch_is_refused(
 def test_token_address_check_takes_any_spelling_and_old_tokens():
     from bootserver import tokens
 
-    token, stored = tokens.new_token("52:54:00:00:00:01", 5, "::ffff:10.0.0.5")
-    secret = token.split(".")[1]
-    assert stored.ip == "10.0.0.5"
-    assert tokens.check(stored, secret, "52:54:00:00:00:01", ip="10.0.0.5") is stored
+    mac, signer, no_row = "52:54:00:00:00:01", tokens.Signer(b"k" * 32), lambda token_id: None
+    token, row = signer.issue(mac, 5, "::ffff:10.0.0.5")
+    assert row.ip == "10.0.0.5"
+    assert tokens.check(token, mac, signer, no_row, ip="10.0.0.5") == row  # no row needed: the claims are signed
     with pytest.raises(Forbidden, match="used from 10.0.0.6"):
-        tokens.check(stored, secret, "52:54:00:00:00:01", ip="::ffff:10.0.0.6")
-    # Issued before the store kept addresses: no address to compare with.
-    old = dataclasses.replace(stored, ip=None)
-    assert tokens.check(old, secret, "52:54:00:00:00:01", ip="10.0.0.6") is old
+        tokens.check(token, mac, signer, no_row, ip="::ffff:10.0.0.6")
+    # A token of the earlier kind (`id.secret`) is checked against the hash in its row; it may have no address.
+    old = Token("old", hashlib.sha256(b"secret").hexdigest(), mac, time.time(), time.time() + 60)
+    assert tokens.check("old.secret", mac, signer, {"old": old}.get, ip="10.0.0.6") is old
+    with pytest.raises(Forbidden, match="unknown phone-home token"):
+        tokens.check("old.other", mac, signer, {"old": old}.get)
+
+
+def test_a_signed_token_is_refused_when_any_part_of_it_changes():
+    from bootserver import tokens
+
+    mac, signer, no_row = "52:54:00:00:00:01", tokens.Signer(b"k" * 32), lambda token_id: None
+    token, row = signer.issue(mac, 5, "10.0.0.5", uuid="4c4c4544-0000-0000-0000-000000000001")
+    token_id, claims, signature = token.split(".")
+    forged, _ = tokens.Signer(b"x" * 32).issue(mac, 5, "10.0.0.5")
+    other_ip = tokens._b64(f"{row.issued!r} {row.expires + 3600!r} 10.0.0.66 {row.uuid}".encode())
+    for presented in [forged, f"{token_id}.{other_ip}.{signature}", f"x{token_id}.{claims}.{signature}",
+                      token[:-2], f"{token_id}.{claims}.{signature}\u00e9"]:
+        with pytest.raises(Forbidden, match="unknown phone-home token"):
+            tokens.check(presented, mac, signer, no_row)
+    with pytest.raises(Forbidden, match="unknown report token"):  # a boot token is no report token
+        tokens.check(token, mac, signer, no_row, purpose="report")
+    with pytest.raises(Forbidden, match="unknown phone-home token"):  # nor another machine's (no row to say whose)
+        tokens.check(token, "52:54:00:00:00:02", signer, no_row)
+    with pytest.raises(Forbidden, match="another machine"):  # with its row, whose it is
+        tokens.check(token, "52:54:00:00:00:02", signer, {token_id: row}.get)
+    with pytest.raises(Forbidden, match="expired"):
+        tokens.check(token, mac, signer, no_row, now=row.expires + 1)
+    with pytest.raises(Forbidden, match="used already"):
+        tokens.check(token, mac, signer, {token_id: dataclasses.replace(row, used=row.issued)}.get)

@@ -38,7 +38,7 @@ def queue_job(store, mac: str, owner: str | None = None, state: str | None = Non
     """`mac` phoned home (its job queued); claimed by `owner` for `lease` s and moved to `state`, if given."""
     now = time.time()
     store.record(mac, "script-served", {}, state="script-served", token=Token(f"t-{mac}", "hash", mac, now, now + 600))
-    assert store.phoned_home(f"t-{mac}", mac, "10.0.0.9", "ssh-ed25519 AAAA", {})
+    assert store.phoned_home(store.token(f"t-{mac}"), "10.0.0.9", "ssh-ed25519 AAAA", {})
     if owner is not None:
         assert store.claim_job(owner, lease).mac == mac
     if state is not None:

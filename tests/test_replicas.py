@@ -193,8 +193,12 @@ async def test_a_page_on_one_replica_follows_what_the_other_records(postgres, tm
     database = postgres.new_database()
     async with cluster(tmp_path, database, 1, check="true") as (a, b, nodes), aiohttp.ClientSession() as http:
         token = await token_for(http, a, 0)
-        page = await (await http.get(f"{b.url}/machines/{mac(0)}")).text()
-        assert '<span class="replica muted" title="the bootserver that recorded it">a</span>' in page
+
+        async def page_shows_a() -> bool:  # a writes a script's record behind: within 100 ms
+            page = await (await http.get(f"{b.url}/machines/{mac(0)}")).text()
+            return '<span class="replica muted" title="the bootserver that recorded it">a</span>' in page
+
+        await until_async(page_shows_a, 5, what="b's page to show the script a served")
         async with http.get(f"{b.url}/machines/{mac(0)}/stream") as stream:
             assert await phone_home(http, a, 0, token, nodes[0].host_key_line) == 202
             seen = []

@@ -1,11 +1,15 @@
-"""Store: schema version, events survive reopening, WAL mode."""
+"""Store: schema version, events survive reopening, WAL mode, records written behind."""
 
+import asyncio
 import sqlite3
+import subprocess
 
 import pytest
+from support.require import require_root
 
+from bootserver.errors import StoreUnavailable
 from bootserver.store import MIGRATIONS, Store
-from bootserver.tokens import new_token
+from bootserver.tokens import Signer
 
 
 def test_events_and_state_survive_reopen(tmp_path):
@@ -69,14 +73,15 @@ def test_a_report_token_reports_a_boot_once_and_never_phones_home(tmp_path):
     store = Store(tmp_path / "s.sqlite3")
     mac = "52:54:00:00:00:01"
     store.record(mac, "script-served", state="finishing")
-    _, boot = new_token(mac, 5)
+    signer = Signer(b"test key")
+    _, boot = signer.issue(mac, 5)
     store.add_token(boot)
-    _, report = new_token(mac, 5, purpose="report")
+    _, report = signer.issue(mac, 5, purpose="report")
     store.installed(mac, "ssh-ed25519 AAAA", report, {"kernel": "6.1"})
     assert store.node(mac).os_host_key == "ssh-ed25519 AAAA"
     assert store.token(boot.id).used is not None  # the report token replaced every older one
     assert store.live_token(mac) is None  # a report token is no claim on a boot
-    assert not store.phoned_home(report.id, mac, "10.0.0.5", "ssh-ed25519 BBBB", {})
+    assert not store.phoned_home(report, "10.0.0.5", "ssh-ed25519 BBBB", {})
     assert store.os_reported(report.id, mac, "10.0.0.5", {"kernel": "6.1"})
     node = store.node(mac)
     assert (node.state, node.ip, node.host_key) == ("booted", "10.0.0.5", None)
@@ -106,4 +111,77 @@ def test_an_older_store_gets_its_metrics_totals_from_its_events(tmp_path):
     store.record("52:54:00:00:00:01", "file-served", {"protocol": "http", "bytes": 1})
     store.record("52:54:00:00:00:01", "step-done", {"step": "disk", "seconds": 0.5})
     assert store.bytes_served() == {"http": 151, "tftp": 7} and store.step_durations() == {"disk": (2, 2.0)}
+    store.close()
+
+
+def rows(path, sql: str) -> list[tuple]:
+    """What another connection (another process, after a crash) reads from the file."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+async def test_records_written_behind_are_in_the_file_within_the_interval_and_in_order(tmp_path):
+    path, mac = tmp_path / "s.sqlite3", "52:54:00:00:00:01"
+    store = Store(path)
+    signer = Signer(b"k" * 32)
+    _, first = signer.issue(mac, 5, "10.0.0.5")
+    _, second = signer.issue(mac, 5, "10.0.0.5")
+    store.record_behind(mac, "script-served", {"n": 1}, state="script-served", facts={"a": "1"}, token=first)
+    store.record_behind(mac, "script-served", {"n": 2}, state="script-served", facts={"b": "2"}, token=second)
+    assert rows(path, "SELECT COUNT(*) FROM events") == [(0,)]  # answered, not yet written
+    assert store.written_node(mac) is None and store.queued_behind == 2
+    # Readers of tokens see the queue: the newer boot's token is the live one, the older retired already.
+    assert store.live_token(mac) == second and store.token(first.id).used == second.issued
+    await asyncio.sleep(0.2)  # WRITE_BEHIND_SECONDS is 0.1
+    assert rows(path, "SELECT kind, json_extract(detail, '$.n') FROM events ORDER BY id") == [
+        ("script-served", 1), ("script-served", 2)]
+    assert rows(path, "SELECT id, used IS NULL FROM tokens ORDER BY issued") == [(first.id, 0), (second.id, 1)]
+    assert (store.node(mac).state, store.node(mac).facts) == ("script-served", {"a": "1", "b": "2"})
+    # A write that commits at once first writes what waits: the log keeps the order things happened in.
+    store.record_behind(mac, "script-served", {"n": 3})
+    store.record(mac, "file-served", {"file": "vmlinuz"})
+    assert rows(path, "SELECT kind FROM events ORDER BY id")[-2:] == [("script-served",), ("file-served",)]
+    assert store.written_behind == 3 and store.behind_flushes == 2
+    store.close()
+
+
+async def test_a_record_written_behind_never_moves_a_machine_back(tmp_path):
+    """A script's record written after the machine phoned home (another replica's, late): an event, no state."""
+    store, mac = Store(tmp_path / "s.sqlite3"), "52:54:00:00:00:01"
+    signer = Signer(b"k" * 32)
+    _, token = signer.issue(mac, 5, "10.0.0.5")
+    assert store.phoned_home(token, "10.0.0.5", "ssh-ed25519 AAAA", {})  # no row of the token, nor of the machine
+    assert store.node(mac).state == "phoned-home" and store.token(token.id).used is not None
+    store.record_behind(mac, "script-served", {}, state="script-served", token=token, only_from=["discovered"])
+    store.flush_behind()
+    assert store.node(mac).state == "phoned-home" and store.token(token.id).used is not None  # spent stays spent
+    assert [e.kind for e in store.events(mac)] == ["phoned-home", "script-served"]
+    store.close()
+
+
+async def test_records_written_behind_outlive_a_failed_write_and_a_failed_group_commit(tmp_path):
+    """The disk refuses every write (the files made immutable; SQLite may find out only at COMMIT): what waits
+    stays queued, in order, also when a group commit's request made the write; written once the disk is back."""
+    require_root("chattr +i")
+    path, mac = tmp_path / "s.sqlite3", "52:54:00:00:00:01"
+    store = Store(path)
+    store.record(mac, "first")
+    files = [str(path), f"{path}-wal"]
+    subprocess.run(["chattr", "+i", *files], check=True)
+    try:
+        store.record_behind(mac, "script-served", {"n": 1})
+        await asyncio.sleep(0.2)
+        assert store.problem and store.queued_behind == 1
+        with pytest.raises(StoreUnavailable):  # a failing store refuses the request instead of promising a write
+            with store.group_commit() as committed:
+                store.record_behind(mac, "script-served", {"n": 2})
+            await committed
+        assert store.queued_behind == 1
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    store.record(mac, "again")
+    assert [e.kind for e in store.events(mac)] == ["first", "script-served", "again"]
     store.close()

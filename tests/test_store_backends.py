@@ -19,7 +19,7 @@ def phoned_home(store: Store, mac: str, token_id: str = "t") -> bool:
     store.record(mac, "script-served", state="script-served")
     now = time.time()
     store.add_token(Token(f"{token_id}-{mac}", "hash", mac, now, now + 60))
-    return store.phoned_home(f"{token_id}-{mac}", mac, "10.0.0.5", "ssh-ed25519 AAAA", {"ip": "10.0.0.5"})
+    return store.phoned_home(store.token(f"{token_id}-{mac}"), "10.0.0.5", "ssh-ed25519 AAAA", {"ip": "10.0.0.5"})
 
 
 def test_events_keep_order_detail_and_replica(store):
@@ -58,7 +58,7 @@ def test_machines_page_by_mac_and_state(store):
 
 def test_a_token_is_spent_once_and_queues_one_job(store):
     assert phoned_home(store, MAC)
-    assert not store.phoned_home(f"t-{MAC}", MAC, "10.0.0.5", "ssh-ed25519 AAAA", {})  # replayed
+    assert not store.phoned_home(store.token(f"t-{MAC}"), "10.0.0.5", "ssh-ed25519 AAAA", {})  # replayed
     node = store.node(MAC)
     assert (node.state, node.ip, node.host_key) == ("phoned-home", "10.0.0.5", "ssh-ed25519 AAAA")
     job = store.job(MAC)
@@ -179,8 +179,9 @@ def test_one_token_presented_to_two_replicas_at_once_wins_once(database):
         barrier = threading.Barrier(2)
 
         def spend(store: Store, mac: str = mac, i: int = i, barrier: threading.Barrier = barrier) -> bool:
+            token = store.token(f"tok{i}")
             barrier.wait()
-            return store.phoned_home(f"tok{i}", mac, "10.0.0.5", "ssh-ed25519 AAAA", {})
+            return store.phoned_home(token, "10.0.0.5", "ssh-ed25519 AAAA", {})
 
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(spend, [a, b]))
@@ -249,9 +250,10 @@ def test_a_script_served_while_its_machine_phones_home_is_no_deadlock(database):
         a.record(mac, "script-served", token=Token(f"t{i}", "hash", mac, now, now + 60))
         barrier = threading.Barrier(2)
 
-        def home(mac: str = mac, i: int = i, barrier: threading.Barrier = barrier) -> bool:
+        def home(i: int = i, barrier: threading.Barrier = barrier) -> bool:
+            token = a.token(f"t{i}")
             barrier.wait()
-            return a.phoned_home(f"t{i}", mac, "10.0.0.5", "ssh-ed25519 AAAA", {})
+            return a.phoned_home(token, "10.0.0.5", "ssh-ed25519 AAAA", {})
 
         def script(mac: str = mac, i: int = i, now: float = now, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()

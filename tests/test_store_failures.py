@@ -1,6 +1,8 @@
-"""The store's disk fills up or turns read-only under a running server: every request that must be
-recorded is refused with a message a person can act on (HTTP 503, TFTP ERROR 0), the server keeps
-serving, nothing is half-written, and once the cause is gone it records again.
+"""The store's disk fills up or turns read-only under a running server: once a write has found it, every request
+that must be recorded is refused with a message a person can act on (HTTP 503, TFTP ERROR 0), the server keeps
+serving, nothing is half-written, and once the cause is gone it records again. A boot script's record is written
+behind (within 100 ms of its answer): the one script answered before the failure was found keeps its record in
+memory, never dropped, and it is written once the store can be written again.
 
 The real `bootserver serve` runs in a private mount namespace (`unshare --mount`) with its data directory
 on a small loop-mounted ext4 image, so the test can fill that file system, make the database files
@@ -210,10 +212,24 @@ async def refused_while(server: Server, session: aiohttp.ClientSession, macs: li
     assert recorded(server, *macs) == (0, 0, 0)
 
 
+async def failure_found(server: Server, session: aiohttp.ClientSession, mac: str) -> None:
+    """The store failed; a script for `mac` is still answered (its record waits in memory) and the write behind it
+    finds the failure within its interval: from then on the store says what is wrong."""
+    status, text = await script(session, server, mac)
+    assert status == 200, text
+    await until_async(lambda: health_problems(server, session), 5, what="the write behind the script to fail")
+    assert recorded(server, mac) == (0, 0, 0)
+
+
+async def health_problems(server: Server, session: aiohttp.ClientSession) -> list[str]:
+    return (await health(session, server))["problems"]
+
+
 async def works_again(server: Server, session: aiohttp.ClientSession, mac: str) -> None:
     status, text = await script(session, server, mac)
     assert status == 200, text
-    assert recorded(server, mac) == (1, 1, 1)
+    # Written at once while the store still counts as failing (its last write failed), else behind (100 ms).
+    await until_async(lambda: recorded(server, mac) == (1, 1, 1), 5, what=f"the record of {mac}'s script")
     assert await asyncio.to_thread(dhcp_answered, server, mac)
     assert (await health(session, server))["problems"] == []
     assert server.query("PRAGMA integrity_check") == [("ok",)]
@@ -223,21 +239,26 @@ async def test_disk_full_then_read_only_then_fine_again(server: Server):
     async with aiohttp.ClientSession() as session:
         await wait_serving(server, session)
         assert (await script(session, server, "52-54-00-00-30-01"))[0] == 200
+        await until_async(lambda: recorded(server, "52-54-00-00-30-01") == (1, 1, 1), 5, what="its record")
 
         fill(server.path("fill"))
+        await failure_found(server, session, "52-54-00-00-31-ff")
         await refused_while(server, session, [f"52-54-00-00-31-{i:02x}" for i in range(20)],
                             r"\(database or disk is full\): free space on the file system holding ")
         server.path("fill").unlink()
         await works_again(server, session, "52-54-00-00-30-02")
+        assert recorded(server, "52-54-00-00-31-ff") == (1, 1, 1)  # kept in memory, written once it could be
 
         files = [server.path(n) for n in ("bootserver.sqlite3", "bootserver.sqlite3-wal")]
         subprocess.run(["chattr", "+i", *map(str, files)], check=True)
         try:
+            await failure_found(server, session, "52-54-00-00-32-ff")
             await refused_while(server, session, [f"52-54-00-00-32-{i:02x}" for i in range(20)],
                                 r"\((disk I/O error|attempt to write a readonly database)\): check that .* writable")
         finally:
             subprocess.run(["chattr", "-i", *map(str, files)], check=True)
         await works_again(server, session, "52-54-00-00-30-03")
+        assert recorded(server, "52-54-00-00-32-ff") == (1, 1, 1)
     log = server.log.read_text()
     assert "Traceback" not in log, log
     warnings = [line for line in log.splitlines() if "WARNING bootserver.store" in line]
@@ -253,11 +274,13 @@ async def test_a_file_system_turned_read_only_under_the_server(server: Server):
     async with aiohttp.ClientSession() as session:
         await wait_serving(server, session)
         assert (await script(session, server, "52-54-00-00-33-01"))[0] == 200
+        await until_async(lambda: recorded(server, "52-54-00-00-33-01") == (1, 1, 1), 5, what="its record")
         device = Path(server.device()).name
         Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("test: the disk failed\n")
         mounted = next(line for line in Path(f"/proc/{server.process.pid}/mounts").read_text().splitlines()
                        if line.split()[1] == str(server.data))
         assert mounted.split()[3].split(",")[0] == "ro" or "emergency_ro" in mounted, mounted
+        await failure_found(server, session, "52-54-00-00-34-ff")
         await refused_while(server, session, [f"52-54-00-00-34-{i:02x}" for i in range(20)],
                             r"\((disk I/O error|attempt to write a readonly database)\): check that .* writable")
         # The provisioner polled for jobs (every second) during those 1.5 s of DHCP silence, and each poll's empty
@@ -267,6 +290,9 @@ async def test_a_file_system_turned_read_only_under_the_server(server: Server):
     assert log.count("WARNING bootserver.store") == 1 and "can be written again" not in log, log
 
     server.stop()
+    # 34-ff's record waited in memory for a store that never came back: the stop says it is lost, and how many.
+    assert "1 records kept in memory behind boot scripts could not be written, and are lost" in \
+        server.log.read_text()
     await until_async(lambda: image_free(server.image), 10, what=f"the loop device to let go of {server.image}")
     checked = subprocess.run(["e2fsck", "-f", "-y", str(server.image)], capture_output=True, text=True)
     assert checked.returncode in (0, 1), checked.stdout + checked.stderr  # 1: errors were corrected

@@ -13,7 +13,7 @@ from support.wait import until_async
 
 from bootserver.booter import Booter
 from bootserver.config import Config, Machine
-from bootserver.tokens import new_token
+from bootserver.tokens import Signer
 from bootserver.web import create_app
 from bootserver.web.routes import BOOTER
 from bootserver.web.stream import STREAMS
@@ -112,9 +112,9 @@ async def test_machine_page_explains_and_shows_the_timeline(client, booter, stor
     assert [e["kind"] for e in body["events"]][-1] == "phoned-home"
 
 
-async def test_the_installed_os_reports_its_first_boot_and_secure_boot_becomes_a_fact(client, store):
+async def test_the_installed_os_reports_its_first_boot_and_secure_boot_becomes_a_fact(client, store, keys):
     store.record(MAC, "script-served", {}, state="finishing")
-    presented, token = new_token(MAC, 5, purpose="report")
+    presented, token = Signer(keys.token_key).issue(MAC, 5, purpose="report")
     store.installed(MAC, "ssh-ed25519 AAAA", token, {})
     booted = {"token": presented, "kernel": "6.1.0-28-cloud-amd64", "boot_id": "b", "system_state": "running",
               "failed_units": [], "secure_boot": True}
@@ -122,7 +122,7 @@ async def test_the_installed_os_reports_its_first_boot_and_secure_boot_becomes_a
     assert store.node(MAC).state == "booted" and store.node(MAC).facts["secure_boot"] == "true"
     assert store.events(MAC)[-1].detail["secure_boot"] is True
     # Not UEFI (no such variable): nothing is said, and nothing earlier is overwritten.
-    presented, token = new_token(MAC, 5, purpose="report")
+    presented, token = Signer(keys.token_key).issue(MAC, 5, purpose="report")
     store.installed(MAC, "ssh-ed25519 AAAA", token, {})
     assert (await client.post(f"/boot/{MAC}/booted", json={**booted, "token": presented,
                                                             "secure_boot": None})).status == 202

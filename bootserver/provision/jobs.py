@@ -37,7 +37,7 @@ from ..lifecycle import IN_PROGRESS, STEP_STATES, EventKind, State
 from ..mac import hyphenated
 from ..settings import ProvisionSettings
 from ..store import JobClaim, Node, Store
-from ..tokens import new_token
+from ..tokens import Signer
 from .health import wait_until_healthy
 from .install import Identity
 from .install import Report as InstallReport
@@ -314,7 +314,8 @@ class Provisioner:
         key = asyncssh.generate_private_key("ssh-ed25519")
         public = key.export_public_key().decode().strip()
         minutes = self._policy.provision_settings()
-        secret, token = new_token(job.mac, minutes.job_seconds / 60 + minutes.boot_minutes, purpose="report")
+        secret, token = Signer(self.keys.token_key).issue(job.mac, minutes.job_seconds / 60 + minutes.boot_minutes,
+                                                          purpose="report")
         identity = Identity(mac=job.mac, hostname=job.hostname, host_key=key.export_private_key().decode(),
                             authorized_key=self.keys.ssh_public, report_path=f"/boot/{hyphenated(job.mac)}/booted",
                             report_token=secret, address=job.address)

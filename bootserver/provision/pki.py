@@ -38,6 +38,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import BootserverError
@@ -133,6 +134,13 @@ class ServerKeys:
     def _bundle(self) -> bytes:
         return json.dumps({"ssh_key": self.ssh_key.export_private_key("openssh").decode(),
                            "ca_key": _pkcs8(self._ca_key).decode(), "ca_cert": self.ca_pem.decode()}).encode()
+
+    @property
+    def token_key(self) -> bytes:
+        """The key one-time tokens are signed with (tokens.Signer): derived from the CA's key, so every replica has
+        the same one and no new secret needs keeping, and useless for anything but tokens."""
+        private = self._ca_key.private_numbers().private_value.to_bytes(66, "big")
+        return HKDF(hashes.SHA256(), 32, salt=None, info=b"bootserver one-time tokens").derive(private)
 
     @property
     def ssh_public(self) -> str:

@@ -5,8 +5,11 @@ PostgreSQL (postgres.py), for several replicas on one database. Every query is w
 with `?` placeholders in SQL both understand; the backends spell the few things that differ.
 
 Every write is its own transaction, committed before the call returns, so a killed server loses no
-recorded event. The one exception is group_commit(), for the busiest requests (boot scripts, phone-homes):
-their writes share one COMMIT, and the request is answered only once that COMMIT is done.
+recorded event. Two exceptions, for the busiest requests: group_commit() (phone-homes, and boot scripts' other
+writes), whose writes share one COMMIT, the request answered only once that COMMIT is done; and record_behind()
+(a boot script's event and its token's row), kept in memory and written within WRITE_BEHIND_SECONDS, the request
+answered at once: what a server killed in that interval loses is the record of scripts whose signed tokens work
+without it (tokens.py).
 
 The schema (its versioned migrations) is schema.py; the records the store returns are records.py. The Store
 class stays one long module on purpose: it is every query of the package, each written once.
@@ -15,17 +18,20 @@ class stays one long module on purpose: it is every query of the package, each w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import socket
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from ..errors import BootserverError, StoreUnavailable
 from . import records
+from .behind import WRITE_BEHIND_LIMIT, WRITE_BEHIND_SECONDS, Behind, Pending
 from .postgres import PostgresBackend
 from .records import Committed, Event, JobClaim, Lease, Listed, Member, Node, Token
 from .schema import MIGRATIONS, TABLES, TOTALS, TOTALS_VERSION
@@ -54,11 +60,32 @@ class Store:
         self._members = 0  # group_commit() blocks (requests) that wrote to the open batch
         # Since this Store opened: batches committed, the requests they held, the most one held (for /metrics).
         self.group_commits = self.group_committed_requests = self.largest_group_commit = 0
+        self._pending = Pending()  # record_behind()'s records, not yet written
+        self._behind_timer: asyncio.TimerHandle | None = None  # when the queue is written next
+        # record_behind()'s writes are made on a thread of their own, on a connection of their own (opened now, so
+        # that a server's open files do not grow at its first boot script): the event loop serves on during their
+        # COMMIT. One at a time: the one under way is the flight.
+        self._executor: ThreadPoolExecutor | None = None
+        self._writer: Backend = open_backend(location)
+        self._flight: Future[None] | None = None
+        # Since this Store opened: write-behind flushes, the records they wrote, the most one wrote, and the records
+        # that found the queue full and waited for a synchronous write (for /metrics).
+        self.behind_flushes = self.written_behind = self.largest_behind = self.behind_waits = 0
         if migrate:
             self._migrate()
 
     def close(self) -> None:
+        if self._behind_timer is not None:
+            self._behind_timer.cancel()
+        try:
+            self.flush_behind()
+        except StoreUnavailable as exc:
+            log.error("%d records kept in memory behind boot scripts could not be written, and are lost: %s",
+                      len(self._pending), exc)
         self.flush()
+        if self._executor is not None:
+            self._executor.shutdown()
+        self._writer.close()
         self._db.close()
 
     def durability(self) -> dict[str, str]:
@@ -100,10 +127,12 @@ class Store:
             db.execute(f"INSERT INTO totals (name, count, value) SELECT '{prefix}' || COALESCE({name}, 'None'), "
                        f"COUNT(*), COALESCE(SUM({amount}), 0) FROM events WHERE kind = '{kind}' GROUP BY 1")
 
-    @contextmanager
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[Backend]:
         """One transaction: committed when the block ends, rolled back whole if anything fails, COMMIT
         included (a full disk often shows only there), so a failed write leaves nothing behind."""
+        if self._pending:  # what was recorded before this is written before it: the event log keeps its order
+            self.flush_behind()
         if self._grouping:
             with self._in_batch() as db:
                 yield db
@@ -138,7 +167,7 @@ class Store:
 
     # -- group commit ----------------------------------------------------------------------------
 
-    @contextmanager
+    @contextlib.contextmanager
     def group_commit(self) -> Iterator[Committed]:
         """Writes in this block join a batch that commits once, on the event loop's next turn, together
         with every other request's of this turn: one fsync for all of them instead of one each (a fifth of
@@ -163,7 +192,7 @@ class Store:
             if outermost:
                 self._grouping = False
 
-    @contextmanager
+    @contextlib.contextmanager
     def _in_batch(self) -> Iterator[Backend]:
         """One write of a batch: a savepoint in the batch's transaction, undone alone if it fails."""
         try:
@@ -236,8 +265,7 @@ class Store:
         event's running total, a row of its own, is added before the lock."""
         total = _total_of(kind, detail)
         if total is not None:
-            db.execute("INSERT INTO totals (name, count, value) VALUES (?, 1, ?) ON CONFLICT (name) DO UPDATE "
-                       "SET count = totals.count + 1, value = totals.value + excluded.value", total)
+            db.execute(_ADD_TOTAL, total)
         db.lock_for_event()
         return db.execute("INSERT INTO events (mac, time, kind, detail, replica) VALUES (?, ?, ?, ?, ?) "
                           "RETURNING id", (mac, now, kind, json.dumps(detail, sort_keys=True),
@@ -267,6 +295,156 @@ class Store:
             event_id = self._insert_event(db, mac, now, kind, detail or {})
         return Event(event_id, mac, now, kind, detail or {}, self.replica)
 
+    # -- write-behind --------------------------------------------------------------------------------
+
+    def record_behind(self, mac: str, kind: str, detail: dict[str, Any] | None = None, *,
+                      state: str | None = None, facts: dict[str, str] | None = None, token: Token | None = None,
+                      only_from: Iterable[str] | None = None) -> None:
+        """record(), written behind: kept in memory and written with the others of its interval within
+        WRITE_BEHIND_SECONDS, before any other write (the event log keeps its order), and at close. The caller
+        answers at once: use it only where losing the record to a killed server loses no guarantee (a boot script
+        with a signed token). Never dropped: when WRITE_BEHIND_LIMIT records wait, this one waits for a synchronous
+        write (StoreUnavailable if there is none to be had). While the last write failed (`problem`), and outside an
+        event loop, it is record(): a store known to be failing refuses the request instead of promising a write."""
+        state = None if state is None else str(state)
+        only = only_from if only_from is None or isinstance(only_from, frozenset) else frozenset(map(str, only_from))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self.problem is not None:
+            self.record(mac, kind, detail, state=state, facts=facts, token=token, only_from=only)
+            return
+        if len(self._pending) >= WRITE_BEHIND_LIMIT:
+            self.behind_waits += 1
+            self.flush_behind()
+        self._pending.add(Behind(mac, time.time(), kind, detail or {}, state, facts, token, only))
+        if self._behind_timer is None and self._flight is None:  # else _landed sets the next one
+            self._behind_timer = loop.call_later(WRITE_BEHIND_SECONDS, self._write_behind_later)
+
+    def _write_behind_later(self) -> None:
+        """The interval is over: what is queued is written on the writer thread, the event loop serving on."""
+        self._behind_timer = None
+        if self._flight is not None or not self._pending.records:
+            return
+        records = self._pending.take()
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="bootserver-store")
+        flight = self._executor.submit(self._write_apart, records)
+        self._flight = flight
+        flight.add_done_callback(lambda done: _call_soon(loop, self._landed, done))
+
+    def _write_apart(self, records: list[Behind]) -> None:
+        """On the writer thread, on a connection of its own: one transaction (its COMMIT's fsync blocks only here)."""
+        db = self._writer
+        try:
+            db.begin()
+            self._write_behind(db, records)
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+
+    def _landed(self, flight: Future[None]) -> None:
+        """The writer thread's write is over: counted, or its records queued again (first). On the event loop."""
+        if flight is not self._flight:
+            return  # seen to already, by _land_flight
+        self._flight = None
+        exc = flight.exception()
+        if exc is None:
+            self._counted_behind(len(self._pending.flying))
+            self._pending.landed()
+            self._succeeded()
+        else:
+            self._pending.failed()
+            if isinstance(exc, StoreUnavailable):
+                self._failed(exc)
+            else:
+                log.error("writing %d records kept behind boot scripts failed, trying again in 1 s: %r",
+                          len(self._pending), exc)
+        if self._pending.records and self._behind_timer is None:
+            delay = WRITE_BEHIND_SECONDS if exc is None else 1.0
+            self._behind_timer = asyncio.get_running_loop().call_later(delay, self._write_behind_later)
+
+    def _land_flight(self) -> None:
+        """Wait for the writer thread's write, if one is under way: nothing is written before it lands."""
+        flight = self._flight
+        if flight is None:
+            return
+        self.flush()  # an open group-commit batch holds the write lock that write may be waiting for
+        wait([flight])
+        self._landed(flight)
+
+    @property
+    def queued_behind(self) -> int:
+        return len(self._pending)
+
+    def _written(self) -> None:
+        """Before a read of machines or events: what record_behind queued is written, so the read sees it."""
+        if self._pending:
+            self.flush_behind()
+
+    def flush_behind(self) -> None:
+        """Write every record_behind() record now, on this thread; on failure they stay queued, in order.
+
+        Never in a group_commit() batch, whose COMMIT comes later and may fail with nobody to put them back: in
+        a transaction of their own (after the open batch, if there is one, is committed)."""
+        self._land_flight()
+        if not self._pending.records:
+            return
+        records = self._pending.take()
+        grouping, self._grouping = self._grouping, False
+        try:
+            with self._transaction() as db:
+                self._write_behind(db, records)
+        except BaseException:
+            self._pending.failed()
+            raise
+        finally:
+            self._grouping = grouping
+        self._counted_behind(len(records))
+        self._pending.landed()
+
+    def _counted_behind(self, written: int) -> None:
+        self.behind_flushes += 1
+        self.written_behind += written
+        self.largest_behind = max(self.largest_behind, written)
+
+    def _write_behind(self, db: Backend, records: list[Behind]) -> None:
+        """What record() would write for each, folded by machine: one row update per machine, each machine's tokens
+        (retired but its newest), every event. Machines in one order (every replica's rows lock in it), events last."""
+        by_mac: dict[str, list[Behind]] = {}
+        for record in records:
+            by_mac.setdefault(record.mac, []).append(record)
+        for mac in sorted(by_mac):
+            mine = by_mac[mac]
+            db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) VALUES (?, 'discovered', ?, ?, "
+                       "'{}') ON CONFLICT (mac) DO NOTHING", (mac, mine[0].time, mine[0].time))
+            row = db.execute("SELECT facts, state FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
+            state, facts = row["state"], json.loads(row["facts"])
+            for record in mine:
+                if record.state is not None and (record.only_from is None or state in record.only_from):
+                    state = record.state
+                facts.update(record.facts or {})
+            db.execute("UPDATE machines SET last_seen = ?, state = ?, facts = ? WHERE mac = ?",
+                       (mine[-1].time, state, json.dumps(facts), mac))
+            issued = [r.token for r in mine if r.token is not None]
+            if issued:
+                newest = issued[-1]  # the last one served (two in one millisecond have one issue time)
+                _retire_tokens(db, newest)
+                db.execute_many(_INSERT_TOKEN + " ON CONFLICT (id) DO NOTHING",
+                                [_token_row(t if t is newest else dataclasses.replace(t, used=newest.issued))
+                                 for t in issued])
+        for record in records:
+            total = _total_of(record.kind, record.detail)
+            if total is not None:
+                db.execute(_ADD_TOTAL, total)
+        db.lock_for_event()
+        db.execute_many("INSERT INTO events (mac, time, kind, detail, replica) VALUES (?, ?, ?, ?, ?)",
+                        [(r.mac, r.time, r.kind, json.dumps(r.detail, sort_keys=True), self.replica)
+                         for r in records])
+
     # -- one-time tokens --------------------------------------------------------------------------
 
     def add_token(self, token: Token) -> None:
@@ -275,35 +453,50 @@ class Store:
             _insert_token(db, token)
 
     def token(self, token_id: str) -> Token | None:
+        """A token's row by id (one still queued by record_behind included), as it stands: spent, retired or live."""
+        queued = self._pending.token(token_id)
+        if queued is not None:
+            return queued
         row = self._row("SELECT * FROM tokens WHERE id = ?", (token_id,))
-        if row is None:
-            return None
-        return records.token(row)
+        return None if row is None else self._pending.retired(records.token(row))
 
     def live_token(self, mac: str, now: float | None = None) -> Token | None:
         """The machine's newest token that is neither spent nor expired: the claim of the boot under way."""
+        now = now or time.time()
+        queued = self._pending.newest(mac)
+        if queued is not None and queued.expires > now:
+            return queued
         row = self._row("SELECT * FROM tokens WHERE mac = ? AND used IS NULL AND expires > ? AND purpose = 'boot' "
-                        "ORDER BY issued DESC LIMIT 1", (mac, now or time.time()))
+                        "ORDER BY issued DESC LIMIT 1", (mac, now))
         return records.token(row) if row else None
 
-    def phoned_home(self, token_id: str, mac: str, ip: str, host_key: str, detail: dict[str, Any],
+    def phoned_home(self, token: Token, ip: str, host_key: str, detail: dict[str, Any],
                     facts: dict[str, str] | None = None) -> bool:
-        """Spend the token, pin the node's host key, merge `facts` (what the agent read on the machine) into its
-        facts and queue its provisioning job, in one transaction.
+        """Spend `token` (a boot token, checked by tokens.check), pin the node's host key, merge `facts` (what the
+        agent read on the machine) into its facts and queue its provisioning job, in one transaction.
 
-        False if the token was spent meanwhile (by a concurrent phone-home, to this replica or another):
-        exactly one caller wins, so exactly one job is queued.
+        False if the token was spent meanwhile (by a concurrent phone-home, to this replica or another), a newer
+        one of the machine retired it, or the machine's claims are held: exactly one caller wins, so exactly one
+        job is queued. The token's row need not exist (its issue may not have been written: tokens.py).
         """
-        now = time.time()
+        now, mac = time.time(), token.mac
         with self._transaction() as db:
             # The machine first, as record() takes it: a script served to this machine at this moment (its token
             # written under the machine's lock) waits for us, instead of each holding what the other needs.
-            db.execute("SELECT mac FROM machines WHERE mac = ?" + db.row_lock, (mac,))
-            # Atomic on both backends: PostgreSQL re-checks `used IS NULL` after waiting for a competing row lock.
+            # Its row, if the script's record is not written yet (another replica's, or lost with a killed server).
+            db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) VALUES (?, 'discovered', ?, ?, "
+                       "'{}') ON CONFLICT (mac) DO NOTHING", (mac, token.issued, now))
+            machine = db.execute("SELECT held FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
             # Not while the machine's claims are held: a conflict found after the check in the core wins.
-            spent = db.execute("UPDATE tokens SET used = ? WHERE id = ? AND mac = ? AND used IS NULL "
-                               "AND expires > ? AND purpose = 'boot' AND NOT EXISTS (SELECT 1 FROM machines "
-                               "WHERE mac = ? AND held IS NOT NULL)", (now, token_id, mac, now, mac)).rowcount
+            if machine["held"] is not None or db.execute(
+                    "SELECT 1 FROM tokens WHERE mac = ? AND purpose = 'boot' AND issued > ? AND id <> ?",
+                    (mac, token.issued, token.id)).fetchone() is not None:
+                return False
+            # Once: the row is made spent, or an unspent one spent. Atomic on both backends (PostgreSQL re-checks
+            # `used IS NULL` after waiting for a competing row lock).
+            spent = db.execute(_INSERT_TOKEN + " ON CONFLICT (id) DO UPDATE SET used = excluded.used "
+                               "WHERE tokens.used IS NULL AND tokens.mac = excluded.mac AND tokens.purpose = 'boot'",
+                               _token_row(dataclasses.replace(token, used=now))).rowcount
             if spent != 1:
                 return False
             # The provisioning window closes at the first accepted phone-home.
@@ -482,12 +675,20 @@ class Store:
         return self.nodes(states=states)
 
     def node(self, mac: str) -> Node | None:
+        self._written()
+        return self.written_node(mac)
+
+    def written_node(self, mac: str) -> Node | None:
+        """The machine's row without first writing what record_behind queued: for the boot-script path, where no
+        queued record can change what the next script decides (a queued script leaves the machine in a state that
+        expects a boot, as the written row does), and a write per request is what record_behind spares."""
         row = self._row("SELECT * FROM machines WHERE mac = ?", (mac,))
         return records.node(row) if row else None
 
     def nodes(self, after: str | None = None, limit: int | None = None,
               states: Iterable[str] = ()) -> list[Node]:
         """Machines by MAC: those after `after`, at most `limit`, only in `states` when given."""
+        self._written()
         where, parameters = ["mac > ?"], [after or ""]
         wanted = list(states)
         if wanted:
@@ -502,6 +703,7 @@ class Store:
     def listing(self, states: Iterable[str] = ()) -> list[Listed]:
         """Every machine (in `states`, when given) with only what the list sorts by: a sorted page of 10,000
         machines without loading each whole (its facts are most of a row's cost)."""
+        self._written()
         wanted = list(states)
         where = f" WHERE state IN ({','.join('?' * len(wanted))})" if wanted else ""
         return [Listed(row["mac"], row["state"], row["ip"], row["last_seen"])
@@ -509,6 +711,7 @@ class Store:
 
     def nodes_of(self, macs: Iterable[str]) -> list[Node]:
         """These machines (those that exist), in the order given."""
+        self._written()
         wanted = list(macs)
         if not wanted:
             return []
@@ -520,15 +723,18 @@ class Store:
         """Every admitted machine's address and the facts that choose its group: what a group's member list needs,
         for each job, without loading every machine whole. Admitted: it phoned home with a token we issued (a
         MAC that only asked for files, as anyone on the boot network may, is no member of anything)."""
+        self._written()
         return [Member(row["mac"], row["ip"], facts.get("arch"), facts.get("platform"))
                 for row in self._rows("SELECT mac, ip, facts FROM machines WHERE host_key IS NOT NULL")
                 for facts in (json.loads(row["facts"]),)]
 
     def node_count(self) -> int:
+        self._written()
         return self._row("SELECT COUNT(*) AS n FROM machines")["n"]
 
     def events(self, mac: str, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events of `mac` with id greater than `after`, oldest first."""
+        self._written()
         rows = self._rows("SELECT * FROM events WHERE mac = ? AND id > ? ORDER BY id LIMIT ?", (mac, after, limit))
         return [records.event(r) for r in rows]
 
@@ -536,11 +742,13 @@ class Store:
 
     def events_after(self, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events of every machine with id greater than `after`, oldest first (the live overview)."""
+        self._written()
         rows = self._rows("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
         return [records.event(r) for r in rows]
 
     def last_event_id(self, mac: str | None = None) -> int:
         """The newest event's id (of `mac`, or of any machine); 0 when there is none."""
+        self._written()
         if mac is None:
             row = self._row("SELECT MAX(id) AS last FROM events")
         else:
@@ -549,6 +757,7 @@ class Store:
 
     def state_counts(self) -> dict[str, int]:
         """How many machines are in each state."""
+        self._written()
         rows = self._rows("SELECT state, COUNT(*) AS n FROM machines GROUP BY state ORDER BY state")
         return {row["state"]: row["n"] for row in rows}
 
@@ -565,14 +774,17 @@ class Store:
         return sum(count for count, _ in self._totals(TOTALS["claim-conflict"][0]).values())
 
     def held_count(self) -> int:
+        self._written()
         return self._row("SELECT COUNT(*) AS n FROM machines WHERE held IS NOT NULL")["n"]
 
     def _totals(self, prefix: str) -> dict[str, tuple[int, float]]:
+        self._written()
         rows = self._rows("SELECT name, count, value FROM totals WHERE name LIKE ? ORDER BY name", (prefix + "%",))
         return {row["name"].removeprefix(prefix): (row["count"], float(row["value"])) for row in rows}
 
     def recent_events(self, mac: str, limit: int = 500) -> list[Event]:
         """The newest `limit` events of `mac`, oldest first: what a status page shows of a long history."""
+        self._written()
         rows = self._rows("SELECT * FROM (SELECT * FROM events WHERE mac = ? ORDER BY id DESC LIMIT ?) AS recent "
                           "ORDER BY id", (mac, limit))
         return [records.event(r) for r in rows]
@@ -661,6 +873,12 @@ def _copy_into(source: Store, target: Store) -> dict[str, int]:
     return counts
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """`callback` on `loop` from another thread, unless the loop is gone (close() has seen to it, or nobody will)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
+
+
 def open_backend(location: Path | str) -> Backend:
     """The backend `location` names: a postgresql:// URL, else an SQLite file (a path or sqlite:///path)."""
     if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
@@ -691,11 +909,27 @@ def _seen(db: Backend, mac: str, now: float, facts: dict[str, str] | None, state
                (now, state, json.dumps({**json.loads(row["facts"]), **(facts or {})}), mac))
 
 
+_ADD_TOTAL = ("INSERT INTO totals (name, count, value) VALUES (?, 1, ?) ON CONFLICT (name) DO UPDATE "
+              "SET count = totals.count + 1, value = totals.value + excluded.value")
+_INSERT_TOKEN = ("INSERT INTO tokens (id, hash, mac, issued, expires, ip, uuid, purpose, used) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
 def _insert_token(db: Backend, token: Token) -> None:
     """A new token for its machine; the machine's older unused ones stop working (the live-token index)."""
-    db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL", (token.issued, token.mac))
-    db.execute("INSERT INTO tokens (id, hash, mac, issued, expires, ip, uuid, purpose) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-               (token.id, token.hash, token.mac, token.issued, token.expires, token.ip, token.uuid, token.purpose))
+    _retire_tokens(db, token)
+    db.execute(_INSERT_TOKEN, _token_row(token))
+
+
+def _retire_tokens(db: Backend, newest: Token) -> None:
+    """The machine's unused tokens issued no later than `newest` stop working: the newest boot's is the one live."""
+    db.execute("UPDATE tokens SET used = ? WHERE mac = ? AND used IS NULL AND issued <= ? AND id <> ?",
+               (newest.issued, newest.mac, newest.issued, newest.id))
+
+
+def _token_row(token: Token) -> tuple[Any, ...]:
+    return (token.id, token.hash, token.mac, token.issued, token.expires, token.ip, token.uuid, token.purpose,
+            token.used)
 
 
 __all__ = ["MIGRATIONS", "TOTALS", "Committed", "Event", "JobClaim", "Lease", "Listed", "Member", "Node", "Store",

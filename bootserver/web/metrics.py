@@ -88,6 +88,17 @@ class HistoryCollector(Collector):
                                   value=requests)
         yield GaugeMetricFamily("bootserver_store_largest_group_commit", "The most requests one group commit held "
                                 "since the server started", value=largest)
+        flushes, written, most, waited, queued = self._history.written_behind()
+        yield CounterMetricFamily("bootserver_store_behind_flushes", "Writes of the records kept in memory behind "
+                                  "boot scripts (each at most 100 ms after its first record) since the server started",
+                                  value=flushes)
+        yield CounterMetricFamily("bootserver_store_written_behind", "Records those writes held", value=written)
+        yield GaugeMetricFamily("bootserver_store_largest_behind", "The most records one such write held since the "
+                                "server started", value=most)
+        yield CounterMetricFamily("bootserver_store_behind_waits", "Boot scripts that found the write-behind queue "
+                                  "full and waited for a synchronous write (none is ever dropped)", value=waited)
+        yield GaugeMetricFamily("bootserver_store_queued_behind", "Records kept in memory now, not yet written",
+                                value=queued)
 
 
 class PhaseCollector(Collector):

@@ -9,6 +9,6 @@ from support.http import host_key
 
 def admit(store: Store, mac: str, ip: str = "10.0.0.9", facts: dict | None = None) -> None:
     """Make `mac` a machine that phoned home with a token we issued (what group member lists count)."""
-    _, token = tokens.new_token(mac, 30, ip)
+    _, token = tokens.Signer(b"machines put straight into a store").issue(mac, 30, ip)
     store.record(mac, "script-served", {}, state="script-served", facts=facts, token=token)
-    assert store.phoned_home(token.id, mac, ip, host_key(), {})
+    assert store.phoned_home(token, ip, host_key(), {})
