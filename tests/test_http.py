@@ -211,6 +211,31 @@ async def test_phone_home_from_another_address_than_the_script_fetch_is_refused(
     assert (await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(token))).status == 202
 
 
+async def test_a_token_whose_record_was_lost_still_phones_home_once(client, store, keys):
+    """A server killed within 100 ms of answering a script loses the script's record (written behind), never what
+    the token needs: it is signed. The phone-home writes the machine and the spent token; a replay is refused."""
+    from bootserver.tokens import Signer
+
+    mac = "52:54:00:00:00:07"
+    token, _ = Signer(keys.token_key).issue(mac, 5, "127.0.0.1")  # what a server issued, then died
+    assert store.node(mac) is None and store.token(token.split(".")[0]) is None
+    response = await client.post("/boot/52-54-00-00-00-07/phone-home", json=report(token))
+    assert response.status == 202, await response.text()
+    assert store.node(mac).state == "phoned-home" and store.token(token.split(".")[0]).used is not None
+    response = await client.post("/boot/52-54-00-00-00-07/phone-home", json=report(token))
+    assert response.status == 403 and "used already" in await response.text()
+
+
+async def test_a_newer_boot_retires_the_older_token_before_its_record_is_written(client, store):
+    older = await boot_token(client)
+    newer = await boot_token(client)  # both records still wait in memory (100 ms)
+    assert store.queued_behind == 2
+    response = await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(older))
+    assert response.status == 403 and "used already" in await response.text()
+    assert store.queued_behind == 0  # the phone-home wrote what waited before it decided
+    assert (await client.post("/boot/52-54-00-00-00-01/phone-home", json=report(newer))).status == 202
+
+
 def test_token_address_check_takes_any_spelling_and_old_tokens():
     from bootserver import tokens
 

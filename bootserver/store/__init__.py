@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import socket
@@ -364,8 +363,9 @@ class Store:
                 log.error("writing %d records kept behind boot scripts failed, trying again in 1 s: %r",
                           len(self._pending), exc)
         if self._pending.records and self._behind_timer is None:
-            delay = WRITE_BEHIND_SECONDS if exc is None else 1.0
-            self._behind_timer = asyncio.get_running_loop().call_later(delay, self._write_behind_later)
+            with contextlib.suppress(RuntimeError):  # no event loop (any more): close() writes what waits
+                delay = WRITE_BEHIND_SECONDS if exc is None else 1.0
+                self._behind_timer = asyncio.get_running_loop().call_later(delay, self._write_behind_later)
 
     def _land_flight(self) -> None:
         """Wait for the writer thread's write, if one is under way: nothing is written before it lands."""
@@ -434,8 +434,7 @@ class Store:
                 newest = issued[-1]  # the last one served (two in one millisecond have one issue time)
                 _retire_tokens(db, newest)
                 db.execute_many(_INSERT_TOKEN + " ON CONFLICT (id) DO NOTHING",
-                                [_token_row(t if t is newest else dataclasses.replace(t, used=newest.issued))
-                                 for t in issued])
+                                [_token_row(t, None if t is newest else newest.issued) for t in issued])
         for record in records:
             total = _total_of(record.kind, record.detail)
             if total is not None:
@@ -496,7 +495,7 @@ class Store:
             # `used IS NULL` after waiting for a competing row lock).
             spent = db.execute(_INSERT_TOKEN + " ON CONFLICT (id) DO UPDATE SET used = excluded.used "
                                "WHERE tokens.used IS NULL AND tokens.mac = excluded.mac AND tokens.purpose = 'boot'",
-                               _token_row(dataclasses.replace(token, used=now))).rowcount
+                               _token_row(token, used=now)).rowcount
             if spent != 1:
                 return False
             # The provisioning window closes at the first accepted phone-home.
@@ -741,14 +740,14 @@ class Store:
     # -- status pages and metrics (read-only queries) ---------------------------------------------
 
     def events_after(self, after: int = 0, limit: int = 1000) -> list[Event]:
-        """Events of every machine with id greater than `after`, oldest first (the live overview)."""
-        self._written()
+        """Events of every machine with id greater than `after`, oldest first (the live overview, the fleet): what is
+        written, without writing what waits first (a live view polls; a record written behind follows within
+        WRITE_BEHIND_SECONDS, its id after every id already read, as every write comes after what waits)."""
         rows = self._rows("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
         return [records.event(r) for r in rows]
 
     def last_event_id(self, mac: str | None = None) -> int:
-        """The newest event's id (of `mac`, or of any machine); 0 when there is none."""
-        self._written()
+        """The newest event's id (of `mac`, or of any machine) written; 0 when there is none (see events_after)."""
         if mac is None:
             row = self._row("SELECT MAX(id) AS last FROM events")
         else:
@@ -927,9 +926,10 @@ def _retire_tokens(db: Backend, newest: Token) -> None:
                (newest.issued, newest.mac, newest.issued, newest.id))
 
 
-def _token_row(token: Token) -> tuple[Any, ...]:
+def _token_row(token: Token, used: float | None = None) -> tuple[Any, ...]:
+    """The token's row; `used`: when it was spent or retired, if not already."""
     return (token.id, token.hash, token.mac, token.issued, token.expires, token.ip, token.uuid, token.purpose,
-            token.used)
+            token.used if used is None else used)
 
 
 __all__ = ["MIGRATIONS", "TOTALS", "Committed", "Event", "JobClaim", "Lease", "Listed", "Member", "Node", "Store",

@@ -119,6 +119,7 @@ class Blocks:
     """Random access to a payload: pread on an open file (kernels are tens of MB), or slices of bytes."""
 
     def __init__(self, payload: Payload) -> None:
+        self._data = payload.data
         self._view: memoryview | None = None
         self._fd: int | None = None
         if payload.data is not None:
@@ -142,8 +143,8 @@ class Blocks:
 
     def hand_over(self) -> tuple[bytes | None, int | None]:
         """(the bytes, None) or (None, the open file) for another owner, which closes the file; size stays."""
-        if self._view is not None:
-            return bytes(self._view), None
+        if self._data is not None:
+            return self._data, None  # as they are: the new owner copies them once
         fd, self._fd = self._fd, None
         return None, fd
 
