@@ -41,9 +41,11 @@ class Acked:
         return len(self.scripts) + len(self.lost_behind) + len(self.phone_homes) + len(self.others)
 
 
-async def drive(url: str, host_key: str, mac: str, acked: Acked, api_token: Path) -> None:
+async def drive(url: str, host_key: str, mac: str, acked: Acked, api_token: Path, agent: bool = True) -> None:
     """Boot one machine over and over as its firmware and agent would; note what the server acknowledged.
-    One driver per machine, all at once: a group-commit batch then holds several requests when the kill lands."""
+    One driver per machine, all at once: a group-commit batch then holds several requests when the kill lands.
+    `agent` False: a machine that only asks for its script, again and again (its firmware never boots what it
+    gets): nothing follows a script's record written behind, so a kill finds some of them still in memory."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         while True:
             path = mac.replace(":", "-")
@@ -67,6 +69,9 @@ async def drive(url: str, host_key: str, mac: str, acked: Acked, api_token: Path
                     continue
                 token = re.search(r"bootserver\.token=(\S+)", script)[1]
                 acked.scripts[token.split(".")[0]] = (sent, answered)
+                if not agent:
+                    await asyncio.sleep(0.01)
+                    continue
                 async with session.get(f"{url}/boot/{path}/kernel") as response:
                     await response.read()
                 body = {"token": token, "ip": "127.0.0.1", "host_key": host_key, "disks": []}
@@ -85,10 +90,10 @@ def check_database(data: Path, acked: Acked) -> int:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         issued = dict(db.execute("SELECT json_extract(detail, '$.token_issued'), time FROM events "
                                  "WHERE kind = 'script-served'").fetchall())
-        lost = behind_lost(acked, issued.keys())
-        for token in lost:  # lost with that server, as it may: the next check must not count them again
+        behind = behind_lost(acked, issued.keys())
+        for token in behind:  # lost with that server, as it may: the next check must not count them again
             del acked.scripts[token]
-        acked.lost_behind |= lost
+        acked.lost_behind |= behind
         assert not acked.scripts.keys() - {row[0] for row in db.execute("SELECT id FROM tokens")}, \
             "an acked token is gone"
         spent = {row[0] for row in db.execute("SELECT id FROM tokens WHERE used IS NOT NULL")}
@@ -104,7 +109,7 @@ def check_database(data: Path, acked: Acked) -> int:
             assert not left, f"{mac} {kind}: {len(left)} acknowledged requests have no event of their own (the " \
                              f"first sent {left[0][0]:.6f}, answered {left[0][1]:.6f}; the server's clock {low:+.6f} " \
                              f"to {high:+.6f} s off ours)"
-        return len(lost)
+        return len(behind)
     finally:
         db.close()
 
