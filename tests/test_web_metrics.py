@@ -82,3 +82,19 @@ async def test_the_store_reports_its_durability_and_group_commits_from_the_live_
     assert found[("bootserver_store_group_commits_total", ())] == 1
     assert found[("bootserver_store_group_committed_requests_total", ())] == 2
     assert found[("bootserver_store_largest_group_commit", ())] == 2
+
+
+async def test_records_written_behind_are_counted(app: web.Application):
+    """Three boot scripts' records wait in memory; /metrics reads the machines, which writes them first."""
+    store = app[STORE]
+    for n in range(3):
+        store.record_behind(f"52:54:00:00:00:1{n}", "script-served", {"n": n})
+    assert store.queued_behind == 3
+    async with aiohttp.ClientSession() as http:
+        found = await samples(http, app)
+    assert found[("bootserver_store_behind_flushes_total", ())] == 1
+    assert found[("bootserver_store_written_behind_total", ())] == 3
+    assert found[("bootserver_store_largest_behind", ())] == 3
+    assert found[("bootserver_store_behind_waits_total", ())] == 0
+    assert found[("bootserver_store_queued_behind", ())] == 0
+    assert found[("bootserver_machines", (("state", "discovered"),))] == 3

@@ -314,11 +314,11 @@ class Provisioner:
         key = asyncssh.generate_private_key("ssh-ed25519")
         public = key.export_public_key().decode().strip()
         minutes = self._policy.provision_settings()
-        secret, token = Signer(self.keys.token_key).issue(job.mac, minutes.job_seconds / 60 + minutes.boot_minutes,
-                                                          purpose="report")
+        presented, token = Signer(self.keys.token_key).issue(job.mac, minutes.job_seconds / 60 + minutes.boot_minutes,
+                                                             purpose="report")
         identity = Identity(mac=job.mac, hostname=job.hostname, host_key=key.export_private_key().decode(),
                             authorized_key=self.keys.ssh_public, report_path=f"/boot/{hyphenated(job.mac)}/booted",
-                            report_token=secret, address=job.address)
+                            report_token=presented, address=job.address)
 
         def installed(report: InstallReport) -> None:
             self.store.installed(job.mac, public, token, {
