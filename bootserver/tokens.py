@@ -70,11 +70,6 @@ class Signer:
         return _b64(hmac.digest(self.key, message, "sha256"))
 
 
-def token_id(text: object) -> str | None:
-    """The id of a presented token (what its row and events are found by), if it has one."""
-    return text.partition(".")[0] or None if isinstance(text, str) else None
-
-
 def check(text: object, mac: str, signer: Signer, stored: Callable[[str], Token | None], *, ip: str | None = None,
           purpose: str = "boot", now: float | None = None) -> Token:
     """The token `text` presents, if it is ours, for `mac` and `purpose`, neither spent nor retired nor expired, and
