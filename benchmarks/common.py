@@ -84,6 +84,17 @@ def server_command(argv: Sequence[str]) -> list[str]:
     return list(argv) if split is None else ["taskset", "--cpu-list", _cpu_list(split[0]), *argv]
 
 
+def all_cpus() -> list[int]:
+    """Every CPU this run was given (what an unpinned section's servers and clients share)."""
+    split = cpu_split()
+    return sorted(os.sched_getaffinity(0)) if split is None else split[0] + split[1]
+
+
+def everywhere_command(argv: Sequence[str]) -> list[str]:
+    """`argv` allowed on every CPU of the run (the driver that starts it is pinned to the client CPUs)."""
+    return ["taskset", "--cpu-list", _cpu_list(all_cpus()), *argv]
+
+
 def server_workers() -> str:
     """nginx's worker_processes: one per server CPU when pinned (more on one core would only take turns)."""
     split = cpu_split()
@@ -256,6 +267,7 @@ class Ours:
     workdir: Path
     toml: str
     http_port: int
+    pinned: bool = True  # on the server CPU (server_command); False: on every CPU, as its clients
     process: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -265,16 +277,16 @@ class Ours:
         self.log = self.workdir / "bootserver.log"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                server_command([sys.executable, "-m", "bootserver", "--config", str(config), "--log-level",
-                                "warning", "serve"]),
-                stdout=log, stderr=log, env=env, cwd=self.workdir)
+            argv = [sys.executable, "-m", "bootserver", "--config", str(config), "--log-level", "warning", "serve"]
+            self.process = subprocess.Popen(server_command(argv) if self.pinned else everywhere_command(argv),
+                                            stdout=log, stderr=log, env=env, cwd=self.workdir)
         try:
             wait_http(f"{self.url}/healthz", 30, self.process)
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"bootserver did not start:\n{self.log.read_text()[-3000:]}") from None
-        check_pinned(self.process.pid)
+        if self.pinned:
+            check_pinned(self.process.pid)
         return self
 
     @property
@@ -320,16 +332,16 @@ def random_file(path: Path, size: int) -> Path:
 
 
 @contextlib.contextmanager
-def nginx(root: Path, scratch: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+def nginx(root: Path, scratch: Path, pinned: bool = True) -> Iterator[tuple[int, subprocess.Popen]]:
     """nginx serving `root` on 127.0.0.1:<free port>, Debian's defaults otherwise (sendfile), one worker per
-    server CPU when pinned (server_workers)."""
+    server CPU when pinned (server_workers); not `pinned`: one per CPU, on every CPU."""
     port = free_port()
     prefix = scratch / "nginx"
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
 user root;
-worker_processes {server_workers()};
+worker_processes {server_workers() if pinned else "auto"};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -352,12 +364,13 @@ http {{
     }}
 }}
 """)
-    process = subprocess.Popen(server_command(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
-                                               "-c", str(conf)]),
+    argv = ["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
+    process = subprocess.Popen(server_command(argv) if pinned else everywhere_command(argv),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/", 10, process)
-        check_pinned(process.pid)
+        if pinned:
+            check_pinned(process.pid)
         yield port, process
     finally:
         stop(process)

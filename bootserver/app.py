@@ -1,8 +1,10 @@
 """The one place that wires it all: config -> store and core -> provisioner -> HTTP, TFTP and DHCP servers.
 
 `init_app(config)` returns an aiohttp Application that holds the parts under typed app keys; its cleanup
-contexts open them in order (store and core, provisioner, HTTP site, TFTP, DHCP) and close them in reverse,
-also when one fails to start. The HTTP handlers live in web/'s own app, which the HTTP context serves.
+contexts open them in order (store and core, provisioner, HTTP site, worker processes, TFTP, DHCP) and close them
+in reverse, also when one fails to start. The HTTP handlers live in web/'s own app, which the HTTP context serves.
+With [server] workers > 1 this process (the owner) starts worker processes, each wired by `init_worker`: the store,
+the core and the HTTP site only, on the owner's port (workers.py).
 
     app = init_app(config)
     async with running(app):
@@ -33,10 +35,13 @@ from . import dhcp, tftp
 from .booter import Booter
 from .config import Config
 from .errors import BootserverError, ConfigError
+from .mac import canonical_mac
 from .opening import open_core, open_store
 from .provision.jobs import Provisioner
+from .siblings import PUBLISH_SECONDS, Siblings
 from .store import Store
 from .web import create_app
+from .workers import OwnerLink, WorkerPool, WorkerStart, die_with_owner
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,23 @@ TFTP = web.AppKey("tftp", tftp.TftpServer)
 DHCP = web.AppKey("dhcp", dhcp.DhcpServer)
 # The task reading the event log into the fleet at startup.
 FLEET_READ = web.AppKey("fleet_read", asyncio.Task)
+# The owner's worker processes, when [server] workers > 1.
+WORKERS = web.AppKey("workers", WorkerPool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """Which of the server's processes an app is: the owner (everything) or a worker (HTTP only)."""
+
+    index: int = 0  # 0: the owner
+    port: int | None = None  # a worker's: the HTTP port the owner bound
+
+    @property
+    def owner(self) -> bool:
+        return self.index == 0
+
+
+ROLE = web.AppKey("role", Role)  # set by init_app and init_worker
 
 
 def init_app(config: Config, ssh_options: dict[str, float] | None = None) -> web.Application:
@@ -78,22 +100,79 @@ def init_app(config: Config, ssh_options: dict[str, float] | None = None) -> web
     app[CONFIG] = config
     app[LIVE_CONFIG] = LiveConfig(config)
     app[SSH_OPTIONS] = ssh_options or {}
-    app.cleanup_ctx.extend([_store_and_core, _fleet_reader, _provisioner, _power_poll, _http_site, _tftp_server,
-                            _dhcp_server])
+    app[ROLE] = Role()
+    app.cleanup_ctx.extend([_store_and_core, _fleet_reader, _provisioner, _power_poll, _publisher, _http_site,
+                            _workers, _tftp_server, _dhcp_server])
     return app
 
 
+def init_worker(start: WorkerStart) -> web.Application:
+    """A worker process's server, not yet started: the store, the core and HTTP on the owner's port."""
+    app = web.Application()
+    app[CONFIG] = start.config
+    app[LIVE_CONFIG] = LiveConfig(start.config)
+    app[SSH_OPTIONS] = {}
+    app[ROLE] = Role(start.index, start.port)
+    link = OwnerLink(start.link)
+
+    async def owner_link(app: web.Application) -> AsyncIterator[None]:
+        app[CORE].hand_jobs_to(link)
+        link.ready(start.index)  # last: the HTTP site listens
+        yield
+
+    app.cleanup_ctx.extend([_store_and_core, _fleet_reader, _publisher, _http_site, owner_link])
+    return app
+
+
+def worker_main(start: WorkerStart) -> None:
+    """A worker process (spawned by the owner's WorkerPool): serve until SIGTERM."""
+    die_with_owner(start.owner)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides; it sends SIGTERM
+    logging.basicConfig(level=start.log_level, force=True,
+                        format=f"%(asctime)s %(levelname)s worker-{start.index} %(name)s: %(message)s")
+    asyncio.run(serve(init_worker(start), stop_on=(signal.SIGTERM,)))
+
+
 async def _store_and_core(app: web.Application) -> AsyncIterator[None]:
-    server = app[CONFIG].server
+    server, role = app[CONFIG].server, app[ROLE]
     server.data_dir.mkdir(parents=True, exist_ok=True)
     server.tftp_root.mkdir(exist_ok=True)
-    store = open_store(app[CONFIG])
-    core = open_core(app[CONFIG], store)  # which closes the store if it fails
+    run_dir = server.data_dir / "run"
+    if server.workers <= 1:
+        siblings = Siblings()
+    else:
+        siblings = Siblings.owner(run_dir) if role.owner else Siblings(run_dir, role.index)
+    store = open_store(app[CONFIG], migrate=role.owner)  # workers start once the owner has migrated it
+    core = open_core(app[CONFIG], store, siblings)  # which closes the store if it fails
     app[STORE], app[CORE] = store, core
     try:
         yield
     finally:
         core.close()
+
+
+async def _publisher(app: web.Application) -> AsyncIterator[None]:
+    """With worker processes: publish what this one counts in memory for the others (siblings.py)."""
+    if app[CONFIG].server.workers <= 1:
+        yield
+        return
+    siblings = app[CORE].siblings
+
+    async def publish_forever() -> None:
+        while True:
+            try:
+                siblings.publish(app[CORE].figures())
+            except OSError as exc:  # a full disk: the others' /metrics lag until it has room again
+                log.warning("cannot publish this process's figures for the others: %s", exc)
+            await asyncio.sleep(PUBLISH_SECONDS)
+
+    task = asyncio.create_task(publish_forever(), name="publish-figures")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _fleet_reader(app: web.Application) -> AsyncIterator[None]:
@@ -145,16 +224,47 @@ async def _power_poll(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _http_site(app: web.Application) -> AsyncIterator[None]:
-    server = app[CONFIG].server
+    server, role = app[CONFIG].server, app[ROLE]
     runner = web.AppRunner(create_app(app[CORE], server.public_address),
                            keepalive_timeout=KEEPALIVE_TIMEOUT, access_log=None)
     await runner.setup()
+    port = server.http.port if role.port is None else role.port
     try:
-        await web.TCPSite(runner, server.http.host, server.http.port, backlog=HTTP_BACKLOG).start()
+        # SO_REUSEPORT: every process of the server binds the port, and the kernel spreads connections over them.
+        await web.TCPSite(runner, server.http.host, port, backlog=HTTP_BACKLOG,
+                          reuse_port=server.workers > 1 or None).start()
         app[HTTP] = runner
         yield
     finally:
         await runner.cleanup()
+
+
+async def _workers(app: web.Application) -> AsyncIterator[None]:
+    """The owner's worker processes ([server] workers - 1), once its own HTTP site listens (on the port they
+    share); stopped before it closes."""
+    count = app[CONFIG].server.workers
+    if count <= 1:
+        yield
+        return
+
+    def from_worker(verb: str, argument: str) -> None:
+        try:
+            mac = canonical_mac(argument)
+        except BootserverError:
+            log.warning("a worker sent %r %r: not a MAC", verb, argument[:64])
+            return
+        if verb == "schedule":
+            app[PROVISIONER].schedule(mac)
+        elif verb == "reboot":
+            app[PROVISIONER].reboot_soon(mac)
+
+    pool = WorkerPool(worker_main, lambda: app[LIVE_CONFIG].config, http_address(app)[1], count, from_worker)
+    try:
+        await pool.start()
+        app[WORKERS] = pool
+        yield
+    finally:
+        await pool.stop()
 
 
 async def _tftp_server(app: web.Application) -> AsyncIterator[None]:
@@ -202,8 +312,9 @@ async def running(app: web.Application) -> AsyncIterator[web.Application]:
         await app.startup()
         app.freeze()
         tftp_server = app.get(TFTP)
-        log.info("serving HTTP on %s, TFTP on %s, data in %s", http_address(app),
-                 tftp_server.address if tftp_server else "(off)", app[CONFIG].server.data_dir)
+        if app[ROLE].owner:
+            log.info("serving HTTP on %s, TFTP on %s, data in %s", http_address(app),
+                     tftp_server.address if tftp_server else "(off)", app[CONFIG].server.data_dir)
         yield app
     finally:
         app.freeze()  # shutdown's signals must be frozen, also after a failed start
@@ -211,12 +322,12 @@ async def running(app: web.Application) -> AsyncIterator[web.Application]:
         await app.cleanup()
 
 
-async def serve(app: web.Application) -> None:
-    """Run until SIGINT or SIGTERM, then shut down cleanly; SIGHUP reloads the config file."""
+async def serve(app: web.Application, stop_on: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """Run until SIGINT or SIGTERM (`stop_on`), then shut down cleanly; SIGHUP reloads the config file."""
     keep_heap_compact()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in stop_on:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, app)
     async with running(app):
@@ -253,6 +364,9 @@ def reload(app: web.Application) -> bool:
     if source is None:
         log.warning("reload: running on the embedded defaults, there is no config file to re-read")
         return False
+    workers = app.get(WORKERS)
+    if workers is not None:
+        workers.signal(signal.SIGHUP)  # each re-reads the file, and says in the log what it did
     core = app.get(CORE)
     if core is None:
         log.warning("reload: still starting; send SIGHUP again once serving")
@@ -274,7 +388,7 @@ def reload(app: web.Application) -> bool:
 # Settings the running servers were built from: sockets, the store, the DHCP responder, the job cap.
 RESTART_SERVER_KEYS = ("http", "tftp", "data_dir", "public_address", "provision_concurrency", "database_url",
                        "database_file", "replica", "secret_key_file", "job_lease_seconds", "tftp_sessions",
-                       "tftp_sessions_per_source", "bmc_timeout_seconds", "bmc_concurrency")
+                       "tftp_sessions_per_source", "bmc_timeout_seconds", "bmc_concurrency", "workers")
 FIELD_KEYS = {"database_url": "database", "database_file": "database"}  # ServerConfig field -> TOML key
 
 

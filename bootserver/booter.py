@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import grubcfg, installer, tokens
 from .admission import RateLimit
@@ -43,6 +43,7 @@ from .provision.jobs import Provisioner
 from .provision.pki import ServerKeys
 from .provision.steps import Job
 from .settings import ProvisionSettings, WebSettings
+from .siblings import Siblings
 from .store import Node, Store
 from .templates import Templates
 
@@ -91,12 +92,23 @@ class Netboot:
         return {"mac": self.mac, "boot_override": self.boot_override, "error": self.error}
 
 
+class JobOwner(Protocol):
+    """Runs provisioning jobs and reboots: a Provisioner, or a worker's link to the owner process's."""
+
+    def schedule(self, mac: str) -> None: ...
+
+    def reboot_soon(self, mac: str) -> None: ...
+
+
 class Booter:
-    def __init__(self, config: Config, store: Store, templates: Templates, keys: ServerKeys) -> None:
+    def __init__(self, config: Config, store: Store, templates: Templates, keys: ServerKeys,
+                 siblings: Siblings | None = None) -> None:
+        """`siblings`: the server's other processes (workers.py), whose figures /metrics and the pages count too."""
         self._store = store
         self._keys = keys
         self._signer = tokens.Signer(keys.token_key)
-        self._history = History(store)
+        self.siblings = siblings or Siblings()
+        self._history = History(store, self.siblings)
         self._fleet = Fleet(self._history)  # every machine's latest boot, read from the history
         # Called with a MAC once its node has phoned home and may be provisioned (set by provisioner()).
         self._on_phoned_home: Callable[[str], None] = lambda mac: None
@@ -106,7 +118,7 @@ class Booter:
         self._use(config, templates)
         server = config.server
         self._power = PowerControl(store, self._bmc, server.secret_key_path, timeout=server.bmc_timeout_seconds,
-                                   concurrency=server.bmc_concurrency)
+                                   concurrency=server.bmc_concurrency, siblings=self.siblings)
 
     def _use(self, config: Config, templates: Templates) -> None:
         self._config = config
@@ -132,9 +144,18 @@ class Booter:
         """The provisioner of this core's machines, on its store and keys, asking it what each job means; an
         accepted phone-home wakes it. `options`: Provisioner's, for tests."""
         provisioner = Provisioner(self._store, self._keys, self, **options)
-        self._on_phoned_home = provisioner.schedule
-        self._on_reprovision = provisioner.reboot_soon
+        self.hand_jobs_to(provisioner)
         return provisioner
+
+    def hand_jobs_to(self, owner: JobOwner) -> None:
+        """Who runs what an accepted phone-home queued and an operator's reboot: this process's provisioner, or
+        (in a worker process) the owner's, through workers.OwnerLink."""
+        self._on_phoned_home = owner.schedule
+        self._on_reprovision = owner.reboot_soon
+
+    def figures(self) -> dict[str, Any]:
+        """What this process counts in memory only, for the server's other processes (siblings.py)."""
+        return {"store": self._store.figures(), "power": self._power.figures()}
 
     # -- what the servers around the core read ----------------------------------------------------------
 

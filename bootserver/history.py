@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .siblings import Siblings
 from .store import Event, Listed, Node, Store
 
 
 class History:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, siblings: Siblings | None = None) -> None:
+        """`siblings`: the server's other processes, whose store figures /metrics adds to this one's."""
         self._store = store
+        self._siblings = siblings or Siblings()
 
     @property
     def location(self) -> str:
@@ -69,15 +72,27 @@ class History:
         return {"backend": self._store.kind, **self._store.durability()}
 
     def group_commits(self) -> tuple[int, int, int]:
-        """Since this process opened the store: batches committed, the requests they held, the most one held."""
-        store = self._store
-        return store.group_commits, store.group_committed_requests, store.largest_group_commit
+        """Since the server's processes opened the store: batches committed, the requests they held, the most one
+        held."""
+        figures = self.store_figures()
+        return figures["group_commits"], figures["group_committed_requests"], figures["largest_group_commit"]
 
     def written_behind(self) -> tuple[int, int, int, int, int]:
-        """Since this process opened the store: write-behind flushes, the records they wrote, the most one wrote,
-        records that waited for a synchronous write (the queue was full), and records queued now."""
-        store = self._store
-        return store.behind_flushes, store.written_behind, store.largest_behind, store.behind_waits, store.queued_behind
+        """Since the server's processes opened the store: write-behind flushes, the records they wrote, the most one
+        wrote, records that waited for a synchronous write (the queue was full), and records queued now."""
+        figures = self.store_figures()
+        return (figures["behind_flushes"], figures["written_behind"], figures["largest_behind"],
+                figures["behind_waits"], figures["queued_behind"])
+
+    def store_figures(self) -> dict[str, int]:
+        """Store.figures() of this process and the others of the server (as they published them last): totals
+        summed, the largest_* the largest."""
+        total = self._store.figures()
+        for other in self._siblings.others():
+            for name, value in other.get("store", {}).items():
+                if name in total and isinstance(value, int):
+                    total[name] = max(total[name], value) if name.startswith("largest_") else total[name] + value
+        return total
 
     # -- totals over every event, kept as they are recorded ------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .booter import Booter
 from .config import Config
 from .provision.pki import open_keys
+from .siblings import Siblings
 from .store import Store
 from .templates import Templates
 
@@ -18,13 +19,13 @@ def open_store(config: Config, database: str | None = None, *, migrate: bool = T
     return Store(database or config.server.database, replica=config.server.replica, migrate=migrate)
 
 
-def open_core(config: Config, store: Store | None = None) -> Booter:
-    """The core on `store` (default: the config's, opened here), its keys and templates. Closing the core
-    (`core.close()`) closes the store."""
+def open_core(config: Config, store: Store | None = None, siblings: Siblings | None = None) -> Booter:
+    """The core on `store` (default: the config's, opened here), its keys and templates; `siblings`: the server's
+    other processes (serve with workers). Closing the core (`core.close()`) closes the store."""
     store = store or open_store(config)
     try:
         keys = open_keys(store, config.server.data_dir, config.server.secret_key_path)
-        return Booter(config, store, Templates(config.server.templates_dir), keys)
+        return Booter(config, store, Templates(config.server.templates_dir), keys, siblings)
     except BaseException:
         store.close()  # a key file we cannot read must not leave the database connection open
         raise

@@ -42,6 +42,7 @@ PROBE_MAC = "52:54:00:ff:ff:fd"  # the probes' client: never sent mutated packet
 SETTLE_SECONDS = 40
 BATCH = 256  # datagrams between probes: well below what the server's socket buffers hold
 MAX_RSS_GROWTH = 0.10
+WORKERS = 2  # [server] workers: HTTP is fuzzed through the owner and a worker process, as the kernel spreads it
 LOG_LEVEL = os.environ.get("BOOTSERVER_FUZZ_LOG_LEVEL", "error")  # "info" to see every answer
 PROBE_INTERVAL = 0.2
 PATIENCE = 1.0  # seconds an HTTP request may take before we take it for incomplete
@@ -100,6 +101,7 @@ class Server:
         self.config = work / "site.toml"
         self.config.write_text(
             f'[server]\nhttp = "127.0.0.1:{self.http}"\ntftp = "127.0.0.1:{self.tftp}"\ndata_dir = "{self.data}"\n'
+            f'workers = {WORKERS}\n'
             '[assets]\nkernel = "images/vmlinuz"\ninitrd = "images/initrd.img"\n'
             '[profiles.p]\nkernel = "kernel"\ninitrd = ["initrd"]\n[groups.all]\nprofile = "p"\n'
             f'[dhcp]\nmode = "full"\nserver_address = "127.0.0.1"\nport = {self.dhcp}\nproxy_port = {self.pxe}\n'
@@ -127,11 +129,16 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bootserver", "--config", str(self.config), "--log-level", LOG_LEVEL, "serve"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 15
-        while not self.healthy():
+        deadline = time.monotonic() + 30
+        readings: list[int] = []
+        # Up: it answers, its workers are there (beside multiprocessing's resource tracker), and what they hold has
+        # not changed for a second (a worker's listening socket, the owner's link to them).
+        while not (self.healthy() and len(self.pids()) >= WORKERS and len(readings) >= 5
+                   and len(set(readings[-5:])) == 1):
             if time.monotonic() > deadline or not self.alive():
                 raise SystemExit(f"bootserver did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
+            readings.append(self.fds())
+            time.sleep(0.2)
         self.idle_fds = self.fds()  # listening sockets, the store, the event loop: before any traffic
 
     def alive(self) -> bool:
@@ -146,23 +153,37 @@ class Server:
         except OSError:
             return False
 
-    def fds(self) -> int:
+    def pids(self) -> list[int]:
+        """The server's processes: the owner, then its children (the workers, multiprocessing's resource tracker)."""
         assert self.process is not None
-        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+        pid = self.process.pid
+        with contextlib.suppress(OSError):
+            return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+        return [pid]
+
+    def fds(self) -> int:
+        """Open files of all the server's processes."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+        return total
 
     def describe_fds(self) -> str:
-        """What the server holds open: files, and its sockets as `ss` sees them."""
-        assert self.process is not None
-        fd_dir = Path(f"/proc/{self.process.pid}/fd")
-        links = sorted(os.readlink(fd) for fd in fd_dir.iterdir())
+        """What the server's processes hold open: files, and their sockets as `ss` sees them."""
+        pids = self.pids()
+        links = sorted(f"{pid}: {os.readlink(fd)}" for pid in pids for fd in Path(f"/proc/{pid}/fd").iterdir())
         sockets = subprocess.run(["ss", "-tuanp"], capture_output=True, text=True).stdout
-        mine = [line for line in sockets.splitlines() if f"pid={self.process.pid}," in line]
+        mine = [line for line in sockets.splitlines() if any(f"pid={pid}," in line for pid in pids)]
         return "\n".join(["open files:", *links, "sockets:", *mine])
 
     def rss_kib(self) -> int:
-        assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1])
+        """VmRSS of all the server's processes."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total += int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1])
+        return total
 
     def internal_errors(self) -> list[str]:
         """Log lines of level ERROR or tracebacks: the server caught a bug of its own."""

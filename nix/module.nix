@@ -86,6 +86,8 @@ in
         ExecStart = "${lib.getExe cfg.package} --config ${configFile} serve";
         Restart = "on-failure";
         RestartSec = "5s";
+        # SIGTERM to the main process only: it stops its worker processes ([server] workers) itself.
+        KillMode = "mixed";
         User = "bootserver";
         Group = "bootserver";
         StateDirectory = lib.mkIf defaultDir "bootserver";

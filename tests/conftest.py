@@ -21,6 +21,7 @@ EXAMPLE_TOML = """
 http = "127.0.0.1:0"
 tftp = "127.0.0.1:0"
 data_dir = "{data_dir}"
+workers = 1  # one process: the tests read the store the server writes through (test_workers.py runs several)
 
 [assets]
 vmlinuz = "images/vmlinuz"

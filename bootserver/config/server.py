@@ -31,6 +31,7 @@
     # bmc_timeout_seconds = 20            # one BMC call (power, boot override) that takes longer has failed
     # bmc_concurrency = 4                 # BMC calls at once (polling, deploy --now, the API)
     # power_poll_seconds = 60             # how often the power state of machines with a BMC is read
+    # workers = 2                         # processes answering HTTP on one port (default: the number of cores)
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class ServerConfig:
     bmc_timeout_seconds: int = 20  # one BMC call taking longer has failed (the server never waits longer)
     bmc_concurrency: int = 4  # BMC calls at once, each in a thread of its own (pyghmi and sushy block)
     power_poll_seconds: int = 60  # how often the server reads the power state of every machine with a BMC
+    workers: int = 1  # processes answering HTTP on one port (workers.py); the config file's default: the cores
 
     @property
     def tftp_root(self) -> Path:
@@ -180,6 +182,7 @@ def read_server(raw: Table, where: str) -> ServerConfig:
         bmc_timeout_seconds=positive(raw, "bmc_timeout_seconds", where, default=20),
         bmc_concurrency=positive(raw, "bmc_concurrency", where, default=4),
         power_poll_seconds=positive(raw, "power_poll_seconds", where, default=60),
+        workers=positive(raw, "workers", where, default=len(os.sched_getaffinity(0))),
     )
 
 
@@ -192,7 +195,7 @@ def _server(raw: Table, where: str) -> None:
                      "window_minutes", "trusted_proxies", "new_machines_per_minute", "provision_per_source",
                      "job_minutes", "boot_minutes", "running_minutes", "pages", "origins", "streams_per_client",
                      "streams_total", "tftp_sessions", "tftp_sessions_per_source", "tftp_engine",
-                     "bmc_timeout_seconds", "bmc_concurrency", "power_poll_seconds"}, where)
+                     "bmc_timeout_seconds", "bmc_concurrency", "power_poll_seconds", "workers"}, where)
 
 
 def listen(raw: Table, key: str, where: str, *, default: T = REQUIRED) -> Listen | T:

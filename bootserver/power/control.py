@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from ..config import Bmc
 from ..lifecycle import POWER_KINDS, EventKind
 from ..provision.pki import decrypt_secret, read_secret_file
+from ..siblings import Siblings
 from ..store import Store
 from .driver import BmcError, BootOverride, Driver
 from .ipmi import IpmiDriver
@@ -51,10 +52,12 @@ class BootOverrideLost(BmcError):
 
 class PowerControl:
     def __init__(self, store: Store, bmc_of: Callable[[str], Bmc | None], secret_key: Path, *,
-                 timeout: float, concurrency: int) -> None:
+                 timeout: float, concurrency: int, siblings: Siblings | None = None) -> None:
         """`bmc_of(mac)`: the machine's BMC under the config in force (None: it has none); `secret_key`: the file
-        its encrypted password was encrypted with ([server] secret_key_file)."""
+        its encrypted password was encrypted with ([server] secret_key_file); `siblings`: the server's other
+        processes, whose power states (the owner's poll) count beside this one's."""
         self._store = store
+        self._siblings = siblings or Siblings()
         self._bmc_of = bmc_of
         self._secret_key = secret_key
         self.timeout = timeout
@@ -74,14 +77,30 @@ class PowerControl:
         return self._bmc_of(mac) is not None
 
     def known_state(self, mac: str) -> PowerState | None:
-        """The last power state seen (by a call or the poll); None: not asked since the server started."""
-        return self._states.get(mac)
+        """The last power state seen (by a call or the poll, of any of the server's processes); None: not asked
+        since the server started."""
+        return self._all_states().get(mac)
 
     def state_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for state in self._states.values():
+        for state in self._all_states().values():
             counts[state.state] = counts.get(state.state, 0) + 1
         return counts
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        """This process's power states, for the others (Siblings)."""
+        return {mac: state.to_json() for mac, state in self._states.items()}
+
+    def _all_states(self) -> dict[str, PowerState]:
+        """Each machine's newest state, of this process's and those the others published."""
+        states = dict(self._states)
+        for other in self._siblings.others():
+            for mac, seen in other.get("power", {}).items():
+                with contextlib.suppress(TypeError, KeyError):
+                    theirs = PowerState(seen["state"], seen["checked"], seen.get("error"))
+                    if mac not in states or states[mac].checked < theirs.checked:
+                        states[mac] = theirs
+        return states
 
     # -- calls ------------------------------------------------------------------------------------------
 

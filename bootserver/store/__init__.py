@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 Backend = SqliteBackend | PostgresBackend
 
 
+# What a Store counts in memory since it opened: largest_* are the most one write held, the rest totals.
+FIGURES = ("group_commits", "group_committed_requests", "largest_group_commit", "behind_flushes", "written_behind",
+           "largest_behind", "behind_waits", "queued_behind")
+
+
 class Store:
     def __init__(self, location: Path | str, replica: str | None = None, migrate: bool = True) -> None:
         """`location`: an SQLite file (a path, or sqlite:///path) or a postgresql:// URL.
@@ -379,6 +384,10 @@ class Store:
     @property
     def queued_behind(self) -> int:
         return len(self._pending)
+
+    def figures(self) -> dict[str, int]:
+        """What this Store counted since it opened (for /metrics; names as the attributes)."""
+        return {name: getattr(self, name) for name in FIGURES}
 
     def _written(self) -> None:
         """Before a read of machines or events: what record_behind queued is written, so the read sees it."""

@@ -29,7 +29,8 @@ def section(name: str, **settings: Value) -> str:
     return f"[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in settings.items())
 
 
-def server_section(data_dir: Path, http: str = "127.0.0.1:0", tftp: str = "off", **settings: Value) -> str:
+def server_section(data_dir: Path, http: str = "127.0.0.1:0", tftp: str = "off", workers: int = 1,
+                   **settings: Value) -> str:
     """A [server] section on `data_dir`: HTTP on a port of 127.0.0.1 (the system's choice unless given), TFTP off
-    unless given, and any other [server] `settings`."""
-    return section("server", http=http, tftp=tftp, data_dir=data_dir, **settings)
+    unless given, one process unless `workers` says more (test_workers.py), and any other [server] `settings`."""
+    return section("server", http=http, tftp=tftp, data_dir=data_dir, workers=workers, **settings)

@@ -87,7 +87,7 @@ async def vm_site(tmp_path: Path, agent_image: AgentImage, profiles: str, assets
     shutil.copy(agent_image.kernel, data / "images/agent/vmlinuz")
     shutil.copy(agent_image.initrd, data / "images/agent/initrd.img")
     ssh_port = free_port()
-    toml = (f'[server]\nhttp = "127.0.0.1:0"\ntftp = "127.0.0.1:0"\ndata_dir = "{data}"\n{server}'
+    toml = (f'[server]\nhttp = "127.0.0.1:0"\ntftp = "127.0.0.1:0"\ndata_dir = "{data}"\nworkers = 1\n{server}'
             '[assets]\nagent-kernel = "images/agent/vmlinuz"\nagent-initrd = "images/agent/initrd.img"\n'
             + "".join(f'{name} = "{path}"\n' for name, path in assets.items())
             + f'{profiles}\n'

@@ -1,0 +1,180 @@
+"""[server] workers: a real `bootserver serve` whose worker processes share its HTTP port (SO_REUSEPORT).
+
+Which processes listen is read from /proc (the kernel's table of listening sockets and each process's open
+files), not from the server's own word; requests go over fresh connections, so the kernel spreads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support.config import server_section
+from support.serve import serving
+from support.wait import until, until_async
+
+from bootserver import config as configuration
+from bootserver.errors import ConfigError
+
+MACS = [f"52:54:00:00:01:{n:02x}" for n in range(40)]
+
+
+def site(data: Path, hostname: str = "before", workers: int = 3) -> str:
+    return (server_section(data, workers=workers) + '[assets]\nkernel = "images/vmlinuz"\n'
+            '[profiles.p]\nkernel = "kernel"\ncmdline = "hostname={{ hostname }}"\n[groups.all]\nprofile = "p"\n'
+            f'[machines."{MACS[0]}"]\nhostname = "{hostname}"\n')
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "vmlinuz").write_bytes(b"K" * 1000)
+    config = tmp_path / "site.toml"
+    config.write_text(site(data))
+    log = tmp_path / "server.log"
+    with serving(config, log) as process:
+        yield process, config, data, log
+
+
+def listeners(port: int) -> set[int]:
+    """The pids of the processes holding a socket that listens on TCP `port`, read from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                    pids.add(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours
+                continue
+    return pids
+
+
+def http_port(log: Path) -> int:
+    line = next(line for line in log.read_text().splitlines() if "serving HTTP on" in line)
+    return int(line.split("serving HTTP on ('127.0.0.1', ", 1)[1].split(")", 1)[0])
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def scripts(port: int, macs: list[str]) -> list[str]:
+    """One script per MAC, each on a connection of its own (so the kernel picks a process for each)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        texts = []
+        for mac in macs:
+            async with http.get(f"http://127.0.0.1:{port}/boot/{mac.replace(':', '-')}.ipxe") as response:
+                assert response.status == 200, await response.text()
+                texts.append(await response.text())
+        return texts
+
+
+async def metrics(port: int) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
+
+
+def test_workers_default_to_the_cores_this_process_may_use():
+    assert configuration.parse({}).server.workers == len(os.sched_getaffinity(0))
+    assert configuration.parse({"server": {"workers": 1}}).server.workers == 1
+    with pytest.raises(ConfigError, match="workers"):
+        configuration.parse({"server": {"workers": 0}})
+
+
+async def test_every_process_listens_answers_and_is_counted_in_metrics(served):
+    process, _, data, log = served
+    port = http_port(log)
+    pids = listeners(port)
+    assert process.pid in pids and len(pids) == 3, f"listening on {port}: {pids}"
+    await scripts(port, MACS)
+
+    # Every process served some of them (40 connections over 3 sockets), and wrote each one's records.
+    def figures() -> list[dict]:
+        return [json.loads(path.read_text()) for path in sorted((data / "run").glob("process-*.json"))]
+
+    def all_written() -> bool:
+        found = figures()
+        return len(found) == 3 and sum(f["store"]["written_behind"] for f in found) >= len(MACS)
+    await until_async(all_written, timeout=10, what=lambda: f"every process's figures: {figures()}")
+    assert {f["pid"] for f in figures()} == pids
+    assert all(f["store"]["written_behind"] > 0 for f in figures()), figures()
+    with sqlite3.connect(data / "bootserver.sqlite3") as db:
+        served_events = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'script-served'").fetchone()[0]
+    assert served_events == len(MACS)
+
+    # Whichever process answers /metrics counts what all of them wrote.
+    total = sum(f["store"]["written_behind"] for f in figures())
+    for _ in range(6):
+        assert (await metrics(port))["bootserver_store_written_behind_total"] == total
+
+
+async def test_sighup_reaches_every_worker(served):
+    process, config, data, log = served
+    port = http_port(log)
+    assert all("hostname=before" in text for text in await scripts(port, MACS[:1] * 12))
+    config.write_text(site(data, hostname="after"))
+    process.send_signal(signal.SIGHUP)
+    until(lambda: log.read_text().count(f"reloaded {config}") == 3, timeout=10,
+          what=lambda: f"three processes to reload:\n{log.read_text()[-3000:]}")
+    texts = await scripts(port, MACS[:1] * 30)
+    assert all("hostname=after" in text for text in texts), [t for t in texts if "after" not in t][:1]
+
+
+async def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(served):
+    process, _, _, log = served
+    port = http_port(log)
+    workers = listeners(port) - {process.pid}
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    until(lambda: len(listeners(port) - {process.pid} - {victim}) == 2, timeout=15,
+          what=lambda: f"a new worker:\n{log.read_text()[-3000:]}")
+    assert "exited (killed by SIGKILL): starting it again" in log.read_text()
+    await scripts(port, MACS[:20])
+
+    everyone = listeners(port)
+    process.terminate()
+    assert process.wait(15) == 0
+    until(lambda: not any(alive(pid) for pid in everyone), timeout=5, what="every worker to exit")
+    assert "exited" not in log.read_text().split("exited (killed by SIGKILL)", 1)[1]  # stopped, not restarted
+
+
+async def test_workers_exit_with_their_owner(served):
+    process, _, _, log = served
+    workers = listeners(http_port(log)) - {process.pid}
+    assert len(workers) == 2
+    process.kill()
+    process.wait(5)
+    until(lambda: not any(alive(pid) for pid in workers), timeout=10, what="the workers to follow their owner")
+
+
+def test_one_worker_is_one_process(tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "vmlinuz").write_bytes(b"K")
+    config = tmp_path / "site.toml"
+    config.write_text(site(data, workers=1))
+    log = tmp_path / "server.log"
+    with serving(config, log) as process:
+        assert listeners(http_port(log)) == {process.pid}
+        assert not (data / "run").exists() or not list((data / "run").glob("process-*.json"))
+
