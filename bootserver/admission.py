@@ -13,7 +13,7 @@ import ipaddress
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Config
 from .errors import BadRequest
@@ -85,32 +85,48 @@ def window(config: Config, mac: str, node: Node | None, now: float | None = None
     return Window(True)
 
 
+@dataclass
+class _Window:
+    """One key's events in the window, oldest first, and the items they counted (each once)."""
+
+    times: deque[tuple[float, str | None]] = field(default_factory=deque)
+    items: set[str] = field(default_factory=set)
+
+
 class RateLimit:
-    """At most `limit` events per key in any `seconds`: a sliding window of timestamps per key."""
+    """At most `limit` events per key in any `seconds`: a sliding window of timestamps per key. An event may name
+    what it counts (`item`): one already counted in the window is allowed again without counting twice."""
 
     def __init__(self, limit: int, seconds: float = 60.0, max_keys: int = 65536) -> None:
         self.limit = limit
         self.seconds = seconds
         self._max_keys = max_keys
-        self._seen: dict[str, deque[float]] = {}
+        self._seen: dict[str, _Window] = {}
 
-    def allow(self, key: str, now: float | None = None) -> bool:
+    def allow(self, key: str, now: float | None = None, item: str | None = None) -> bool:
         now = now or time.monotonic()
-        times = self._seen.get(key)
-        if times is None:
+        window = self._seen.get(key)
+        if window is None:
             if len(self._seen) >= self._max_keys:
                 self._forget_idle(now)
-            times = self._seen[key] = deque()
-        while times and times[0] <= now - self.seconds:
-            times.popleft()
+            window = self._seen[key] = _Window()
+        times = window.times
+        while times and times[0][0] <= now - self.seconds:
+            _, counted = times.popleft()
+            if counted is not None:
+                window.items.discard(counted)
+        if item is not None and item in window.items:
+            return True
         if len(times) >= self.limit:
             return False
-        times.append(now)
+        times.append((now, item))
+        if item is not None:
+            window.items.add(item)
         return True
 
     def _forget_idle(self, now: float) -> None:
         """Bound the memory a flood of source addresses can take: keys with nothing in the window go."""
-        for key in [k for k, times in self._seen.items() if not times or times[-1] <= now - self.seconds]:
+        for key in [k for k, w in self._seen.items() if not w.times or w.times[-1][0] <= now - self.seconds]:
             del self._seen[key]
         if len(self._seen) >= self._max_keys:  # all busy: a flood from that many addresses; start over
             self._seen.clear()

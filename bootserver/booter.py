@@ -113,7 +113,7 @@ class Booter:
         # Called with a MAC once its node has phoned home and may be provisioned (set by provisioner()).
         self._on_phoned_home: Callable[[str], None] = lambda mac: None
         self._on_reprovision: Callable[[str], None] = lambda mac: None  # reboots an installed OS (provisioner())
-        # New machine rows one source may cause per minute: each unauthenticated request for an unseen MAC is one.
+        # New machine rows one source may cause per minute: each unseen MAC an unauthenticated request names is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
         self._use(config, templates)
         server = config.server
@@ -224,7 +224,7 @@ class Booter:
         # DHCP's sender is no address (0.0.0.0, or the relay): every unseen MAC draws on one budget. Over it
         # the client is still answered, only not recorded: a flood of invented MACs must not stop real boots.
         node = self._store.node(mac)
-        record = node is not None or self._new_machines.allow("dhcp")
+        record = node is not None or self._new_machines.allow("dhcp", item=mac)
         answer = None
         if self._config.dhcp.answer == "known" and mac not in self._config.machines:
             reason = "not answered: not in [machines] and [dhcp] answer is \"known\""
@@ -328,8 +328,9 @@ class Booter:
         return payload
 
     def _admit_new(self, mac: str, client_ip: str | None) -> None:
-        """An unseen MAC becomes a row in the store: only so many a minute from one source."""
-        if not self._new_machines.allow(tokens.client_address(client_ip) or "unknown"):
+        """An unseen MAC becomes a row in the store: only so many a minute from one source. Counted once per MAC:
+        a machine asking again before its first record is written (behind) is not a new one."""
+        if not self._new_machines.allow(tokens.client_address(client_ip) or "unknown", item=mac):
             raise TooManyRequests(f"{client_ip} introduced more than {self._config.server.new_machines_per_minute} "
                                   f"new machines in a minute ([server] new_machines_per_minute): try again later")
 

@@ -351,6 +351,18 @@ async def test_new_machines_per_source_are_limited_and_others_still_boot(tmp_pat
         assert (await script(base, FORGER, "52-54-00-00-42-00"))[0] == 200  # seen before: not new
 
 
+async def test_one_new_machine_asking_at_once_many_times_is_one_new_machine(tmp_path):
+    """A new machine's first script is recorded behind (within 100 ms): a burst of its requests before that write
+    lands (a firmware retrying, iPXE and a chainload) introduces one machine, not one per request. It used to
+    answer 429 once the burst passed new_machines_per_minute."""
+    config = site(tmp_path, "new_machines_per_minute = 5")
+    async with served(config) as (app, base):
+        answers = await asyncio.gather(*(script(base, FORGER, "52-54-00-00-45-00") for _ in range(20)))
+        assert [status for status, _ in answers] == [200] * 20
+        statuses = [(await script(base, FORGER, f"52-54-00-00-45-{i:02x}"))[0] for i in range(1, 6)]
+        assert statuses == [200] * 4 + [429]  # the burst's machine was one of the five
+
+
 async def test_files_and_refusals_for_unseen_macs_make_no_machine_rows(tmp_path):
     """Finding 10: a kernel fetched, or a phone-home refused, for a MAC that never asked for its script used to
     create a machine row each."""
@@ -373,6 +385,15 @@ def test_rate_limit_forgets_idle_sources():
     for key in "bcd":
         assert limit.allow(key, now=30)
     assert len(limit._seen) <= 3
+
+
+def test_rate_limit_counts_an_item_once_in_its_window():
+    limit = RateLimit(2, seconds=10)
+    assert all(limit.allow("a", now=1, item="m1") for _ in range(5))  # one item, counted once
+    assert limit.allow("a", now=2, item="m2") and not limit.allow("a", now=3, item="m3")
+    assert limit.allow("a", now=4, item="m1")  # still in the window: not new
+    assert limit.allow("a", now=11.5, item="m3")  # m1 left the window, and its place with it
+    assert not limit.allow("a", now=11.6, item="m1")  # m1 is new again, and m2 and m3 fill the window
 
 
 # -- the firmware's word against the agent's: SMBIOS UUID -----------------------------------------------------

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import aiohttp
+import asyncssh
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.config import server_section
@@ -21,6 +22,8 @@ from support.wait import until, until_async
 
 from bootserver import config as configuration
 from bootserver.errors import ConfigError
+from bootserver.store import Store
+from bootserver.tokens import Signer
 
 MACS = [f"52:54:00:00:01:{n:02x}" for n in range(40)]
 
@@ -178,3 +181,38 @@ def test_one_worker_is_one_process(tmp_path: Path):
         assert listeners(http_port(log)) == {process.pid}
         assert not (data / "run").exists() or not list((data / "run").glob("process-*.json"))
 
+
+
+async def test_a_reprovision_a_worker_takes_reaches_the_owners_provisioner(tmp_path: Path):
+    """Operators' reprovisions of running machines, each over a fresh connection (most land on a worker, which has
+    no provisioner): every one is tried over SSH by the owner's, which records the outcome. Nothing answers SSH as
+    the machine here (127.0.0.1 with a host key of nobody's), so each ends in reboot-failed, or reboot-sent if some
+    sshd on port 22 took the command: either way, only the owner could have recorded it."""
+    data = tmp_path / "data"
+    macs = MACS[:12]
+    store = Store(data / "bootserver.sqlite3")
+    host_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    for mac in macs:
+        store.record(mac, "script-served", {}, state="finishing")
+        _, token = Signer(b"not the server's key: the token is only stored").issue(mac, 5, purpose="report")
+        store.installed(mac, host_key, token, {})
+        assert store.os_reported(token.id, mac, "127.0.0.1", {})
+        store.record(mac, "running", {}, state="running")
+    store.close()
+    config = tmp_path / "site.toml"
+    config.write_text(server_section(data, workers=3))
+    log = tmp_path / "server.log"
+    with serving(config, log):
+        port = http_port(log)
+        headers = {"Authorization": f"Bearer {(data / 'api_token').read_text().strip()}"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            for mac in macs:
+                async with http.post(f"http://127.0.0.1:{port}/api/v1/machines/{mac}/reprovision",
+                                     headers=headers) as response:
+                    assert response.status == 200, await response.text()
+
+        def tried() -> set[str]:
+            with sqlite3.connect(data / "bootserver.sqlite3") as db:
+                return {mac for (mac,) in db.execute(
+                    "SELECT mac FROM events WHERE kind IN ('reboot-failed', 'reboot-sent')")}
+        until(lambda: tried() == set(macs), timeout=60, what=lambda: f"a reboot tried for each: {sorted(tried())}")
