@@ -25,7 +25,7 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -166,13 +166,8 @@ async def _publisher(app: web.Application) -> AsyncIterator[None]:
                 log.warning("cannot publish this process's figures for the others: %s", exc)
             await asyncio.sleep(PUBLISH_SECONDS)
 
-    task = asyncio.create_task(publish_forever(), name="publish-figures")
-    try:
+    async with _in_background(publish_forever(), "publish-figures"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _fleet_reader(app: web.Application) -> AsyncIterator[None]:
@@ -184,13 +179,9 @@ async def _fleet_reader(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(0)
         log.info("fleet: the event log read in %.1f s", time.monotonic() - started)
 
-    task = app[FLEET_READ] = asyncio.create_task(read(), name="fleet-reader")
-    try:
+    async with _in_background(read(), "fleet-reader") as task:
+        app[FLEET_READ] = task
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _provisioner(app: web.Application) -> AsyncIterator[None]:
@@ -214,9 +205,16 @@ async def _power_poll(app: web.Application) -> AsyncIterator[None]:
                 log.exception("power poll failed")
             await asyncio.sleep(app[LIVE_CONFIG].config.server.power_poll_seconds)
 
-    task = asyncio.create_task(poll_forever(), name="power-poll")
-    try:
+    async with _in_background(poll_forever(), "power-poll"):
         yield
+
+
+@contextlib.asynccontextmanager
+async def _in_background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task]:
+    """`work` as a task while the block runs, cancelled and awaited after it."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield task
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -459,6 +459,11 @@ class Booter:
             "authorized_keys": [self._keys.ssh_public, *self._config.server.ssh_keys],
         }
 
+    def seen(self, mac_text: str) -> bool:
+        """Whether the machine has a row here yet (what this process wrote behind counts; another's only once
+        written)."""
+        return self._store.node(canonical_mac(mac_text)) is not None
+
     def overlay(self, mac_text: str, token: str, urls: Urls) -> Payload:
         """The node config as an initrd overlay (cpio), for any Linux initramfs."""
         config = self.node_config(mac_text, token, urls)

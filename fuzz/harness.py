@@ -131,9 +131,9 @@ class Server:
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 30
         readings: list[int] = []
-        # Up: it answers, its workers are there (beside multiprocessing's resource tracker), and what they hold has
-        # not changed for a second (a worker's listening socket, the owner's link to them).
-        while not (self.healthy() and len(self.pids()) >= WORKERS and len(readings) >= 5
+        # Up: it answers, each of its processes listens on the HTTP port, and what they hold has not changed for a
+        # second.
+        while not (self.healthy() and self.listening() == WORKERS and len(readings) >= 5
                    and len(set(readings[-5:])) == 1):
             if time.monotonic() > deadline or not self.alive():
                 raise SystemExit(f"bootserver did not start:\n{self.log.read_text()}")
@@ -160,6 +160,20 @@ class Server:
         with contextlib.suppress(OSError):
             return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
         return [pid]
+
+    def listening(self) -> int:
+        """How many of the server's processes hold a socket listening on its HTTP port (from /proc)."""
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == self.http and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+        count = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                count += any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return count
 
     def fds(self) -> int:
         """Open files of all the server's processes."""
@@ -191,13 +205,27 @@ class Server:
         return [line for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback")]
 
     def stop(self) -> None:
+        """SIGTERM to the owner, then wait for every process of the server (multiprocessing's resource tracker
+        outlives its owner a moment, holding the log open): the work directory's tmpfs is unmounted next."""
         if self.alive():
             assert self.process is not None
+            pids = self.pids()
             self.process.terminate()
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+            deadline = time.monotonic() + 10
+            while any(_running(pid) for pid in pids[1:]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is alive and not a zombie (an exited process holds no files)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def settle(server: Server, target: int, seconds: float = SETTLE_SECONDS) -> int:

@@ -226,6 +226,28 @@ async def test_a_token_whose_record_was_lost_still_phones_home_once(client, stor
     assert response.status == 403 and "used already" in await response.text()
 
 
+async def test_a_first_boots_overlay_waits_for_the_record_another_process_writes_behind(client, store, keys):
+    """Another process of the server (a worker, or a replica) served a new machine's script; its record (with the
+    platform, which the overlay's padding depends on) waits there up to 100 ms. The overlay waits for it to land
+    (here: written 0.3 s later through another connection) instead of padding for a platform it does not know."""
+    from bootserver.tokens import Signer
+
+    mac = "52:54:00:00:00:08"
+    token, _ = Signer(keys.token_key).issue(mac, 5, "127.0.0.1")
+
+    async def land() -> None:
+        await asyncio.sleep(0.3)
+        store.record(mac, "script-served", {}, state="script-served", facts={"platform": "efi"})
+
+    landing, started = asyncio.create_task(land()), time.monotonic()
+    response = await client.get(f"/boot/52-54-00-00-00-08/{token}/bootserver.cpio")
+    waited = time.monotonic() - started
+    await landing
+    assert response.status == 200 and waited >= 0.3
+    forged = await client.get("/boot/52-54-00-00-00-09/x.y/bootserver.cpio")  # no live token: no wait at all
+    assert forged.status == 403
+
+
 async def test_a_newer_boot_retires_the_older_token_before_its_record_is_written(client, store):
     older = await boot_token(client)
     newer = await boot_token(client)  # both records still wait in memory (100 ms)
