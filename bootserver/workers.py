@@ -187,9 +187,10 @@ class WorkerPool:
         self._ready.discard(index)
         if self._stopping:
             return
-        log.error("worker %d (pid %s) exited (%s): starting it again in %.0f s", index, process.pid,
-                    _exit(process), RESTART_SECONDS)
-        self._loop.call_later(RESTART_SECONDS, self._restart, index)
+        delay = self._delays[index] = restart_delay(self._delays.get(index), time.monotonic() - self._started[index])
+        log.error("worker %d (pid %s) exited (%s): starting it again in %.0f s", index, process.pid, _exit(process),
+                  delay)
+        self._loop.call_later(delay, self._restart, index)
 
     def _restart(self, index: int) -> None:
         if not self._stopping:
@@ -207,6 +208,14 @@ class WorkerPool:
                 log.info("worker %s answers HTTP", argument)
             else:
                 self._on_message(verb, argument)
+
+
+def restart_delay(previous: float | None, lived: float) -> float:
+    """The wait before a worker that lived `lived` seconds is started again: RESTART_SECONDS, doubled (up to
+    RESTART_MAX_SECONDS) each time in a row it died young, so that one that cannot start does not spin."""
+    if previous is None or lived >= YOUNG_SECONDS:
+        return RESTART_SECONDS
+    return min(previous * 2, RESTART_MAX_SECONDS)
 
 
 def _exit(process: BaseProcess) -> str:

@@ -16,22 +16,23 @@ import aiohttp
 import asyncssh
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.config import server_section
+from support.config import hostname_site, server_section
 from support.serve import serving
 from support.wait import until, until_async
 
 from bootserver import config as configuration
 from bootserver.errors import ConfigError
+from bootserver.power import PowerControl, PowerState
+from bootserver.siblings import Siblings
 from bootserver.store import Store
 from bootserver.tokens import Signer
+from bootserver.workers import RESTART_MAX_SECONDS, RESTART_SECONDS, YOUNG_SECONDS, restart_delay
 
 MACS = [f"52:54:00:00:01:{n:02x}" for n in range(40)]
 
 
 def site(data: Path, hostname: str = "before", workers: int = 3) -> str:
-    return (server_section(data, workers=workers) + '[assets]\nkernel = "images/vmlinuz"\n'
-            '[profiles.p]\nkernel = "kernel"\ncmdline = "hostname={{ hostname }}"\n[groups.all]\nprofile = "p"\n'
-            f'[machines."{MACS[0]}"]\nhostname = "{hostname}"\n')
+    return hostname_site(data, MACS[0], hostname, workers=workers)
 
 
 @pytest.fixture
@@ -170,6 +171,12 @@ async def test_workers_exit_with_their_owner(served):
     until(lambda: not any(alive(pid) for pid in workers), timeout=10, what="the workers to follow their owner")
 
 
+def test_a_worker_dying_young_again_and_again_waits_longer_each_time():
+    assert restart_delay(None, 0.5) == RESTART_SECONDS
+    assert [restart_delay(d, 0.5) for d in (1, 2, 32, 60)] == [2, 4, RESTART_MAX_SECONDS, RESTART_MAX_SECONDS]
+    assert restart_delay(RESTART_MAX_SECONDS, YOUNG_SECONDS) == RESTART_SECONDS  # it had lived: back to the start
+
+
 def test_one_worker_is_one_process(tmp_path: Path):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
@@ -216,3 +223,19 @@ async def test_a_reprovision_a_worker_takes_reaches_the_owners_provisioner(tmp_p
                 return {mac for (mac,) in db.execute(
                     "SELECT mac FROM events WHERE kind IN ('reboot-failed', 'reboot-sent')")}
         until(lambda: tried() == set(macs), timeout=60, what=lambda: f"a reboot tried for each: {sorted(tried())}")
+
+
+def test_power_states_another_process_published_count_where_newer(tmp_path: Path):
+    """The owner's poll sees power states; a worker's page and /metrics read them from the file it publishes."""
+    run = tmp_path / "run"
+    owner = Siblings.owner(run)
+    owner.publish({"power": {"52:54:00:00:01:01": {"state": "on", "checked": 200.0, "error": None},
+                             "52:54:00:00:01:02": {"state": "off", "checked": 50.0, "error": None},
+                             "52:54:00:00:01:03": {"state": "no such shape"}}})
+    worker = PowerControl(Store(tmp_path / "s.sqlite3"), lambda mac: None, tmp_path / "key", timeout=1,
+                          concurrency=1, siblings=Siblings(run, 1))
+    worker._states["52:54:00:00:01:02"] = PowerState("on", 100.0)  # this worker's own call, newer than the poll's
+    assert worker.known_state("52:54:00:00:01:01") == PowerState("on", 200.0)
+    assert worker.known_state("52:54:00:00:01:02") == PowerState("on", 100.0)
+    assert worker.known_state("52:54:00:00:01:03") is None and worker.known_state("52:54:00:00:01:04") is None
+    assert worker.state_counts() == {"on": 2}

@@ -79,7 +79,12 @@ class PowerControl:
     def known_state(self, mac: str) -> PowerState | None:
         """The last power state seen (by a call or the poll, of any of the server's processes); None: not asked
         since the server started."""
-        return self._all_states().get(mac)
+        newest = self._states.get(mac)
+        for other in self._siblings.others():
+            theirs = _published(other, mac)
+            if theirs is not None and (newest is None or newest.checked < theirs.checked):
+                newest = theirs
+        return newest
 
     def state_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -95,11 +100,10 @@ class PowerControl:
         """Each machine's newest state, of this process's and those the others published."""
         states = dict(self._states)
         for other in self._siblings.others():
-            for mac, seen in other.get("power", {}).items():
-                with contextlib.suppress(TypeError, KeyError):
-                    theirs = PowerState(seen["state"], seen["checked"], seen.get("error"))
-                    if mac not in states or states[mac].checked < theirs.checked:
-                        states[mac] = theirs
+            for mac in other.get("power", {}):
+                theirs = _published(other, mac)
+                if theirs is not None and (mac not in states or states[mac].checked < theirs.checked):
+                    states[mac] = theirs
         return states
 
     # -- calls ------------------------------------------------------------------------------------------
@@ -248,6 +252,14 @@ class PowerControl:
             return read_secret_file(bmc.password_file)
         assert bmc.password is not None  # the config requires one of the two
         return decrypt_secret(self._secret_key, bmc.password, f"{where} password")
+
+
+def _published(figures: dict[str, Any], mac: str) -> PowerState | None:
+    """The power state of `mac` that another process published (Siblings), if it has one."""
+    seen = figures.get("power", {}).get(mac)
+    with contextlib.suppress(TypeError, KeyError):
+        return PowerState(seen["state"], seen["checked"], seen.get("error"))
+    return None
 
 
 def _not_kept(read: BootOverride, uefi: bool) -> str | None:

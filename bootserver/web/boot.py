@@ -194,8 +194,8 @@ async def overlay(request: web.Request) -> web.Response:
     # Its padding depends on the machine's platform, which a first boot's script recorded. Another process of this
     # server (or a replica) may have served that script, its record still in that process's write-behind queue
     # (WRITE_BEHIND_SECONDS): wait for it to land rather than guess.
-    deadline = time.monotonic() + FIRST_RECORD_WAIT_SECONDS
     if not booter.seen(mac):
+        deadline = time.monotonic() + FIRST_RECORD_WAIT_SECONDS
         while not booter.seen(mac) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         payload = booter.overlay(mac, token, urls(request))

@@ -34,3 +34,12 @@ def server_section(data_dir: Path, http: str = "127.0.0.1:0", tftp: str = "off",
     """A [server] section on `data_dir`: HTTP on a port of 127.0.0.1 (the system's choice unless given), TFTP off
     unless given, one process unless `workers` says more (test_workers.py), and any other [server] `settings`."""
     return section("server", http=http, tftp=tftp, data_dir=data_dir, workers=workers, **settings)
+
+
+def hostname_site(data_dir: Path, mac: str, hostname: str, extra: str = "", **server: Value) -> str:
+    """A config whose one profile's command line says the machine's hostname (`hostname=...` in its script), for
+    tests that watch a change reach the scripts; `server`: server_section's settings, `extra`: more of the
+    machine's table. Its kernel is data_dir/images/vmlinuz."""
+    return (server_section(data_dir, **server) + '[assets]\nkernel = "images/vmlinuz"\n'
+            '[profiles.p]\nkernel = "kernel"\ncmdline = "hostname={{ hostname }}"\n[groups.all]\nprofile = "p"\n'
+            f'[machines."{mac}"]\nhostname = "{hostname}"\n{extra}')
