@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from support.config import section, server_section
+from support.config import hostname_site, section
 from support.net import free_port
 from support.serve import serving
 from support.wait import until_async
@@ -18,9 +18,7 @@ MAC = "52:54:00:00:00:01"
 
 
 def site(data: Path, port: int, hostname: str, extra: str = "") -> str:
-    return (server_section(data, http=f"127.0.0.1:{port}") + '[assets]\nkernel = "images/vmlinuz"\n'
-            '[profiles.p]\nkernel = "kernel"\ncmdline = "hostname={{ hostname }}"\n[groups.all]\nprofile = "p"\n'
-            f'[machines."{MAC}"]\nhostname = "{hostname}"\n{extra}')
+    return hostname_site(data, MAC, hostname, extra, http=f"127.0.0.1:{port}")
 
 
 @pytest.fixture
