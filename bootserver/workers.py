@@ -183,7 +183,10 @@ class WorkerPool:
     def _exited(self, index: int, process: BaseProcess) -> None:
         assert self._loop is not None
         self._loop.remove_reader(process.sentinel)
-        process.join(0)
+        # Not join(0): the sentinel is readable as soon as the child closes it, which can be before the kernel makes
+        # it a zombie, and a non-blocking wait then finds it running (exit status None, never reaped). With a
+        # timeout, multiprocessing waits for the sentinel and then reaps it blocking: at once, it is exiting.
+        process.join(STOP_SECONDS)
         self._ready.discard(index)
         if self._stopping:
             return
