@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from .power.control import BootOverrideLost
 from .provision.jobs import Provisioner
 from .provision.pki import ServerKeys
 from .provision.steps import Job
+from .recheck import FilePresence
 from .settings import ProvisionSettings, WebSettings
 from .siblings import Siblings
 from .store import Node, Store
@@ -115,6 +115,7 @@ class Booter:
         self._on_reprovision: Callable[[str], None] = lambda mac: None  # reboots an installed OS (provisioner())
         # New machine rows one source may cause per minute: each unseen MAC an unauthenticated request names is one.
         self._new_machines = RateLimit(config.server.new_machines_per_minute)
+        self._assets = FilePresence()  # is each profile's kernel and initrd there, asked once a second at most
         self._use(config, templates)
         server = config.server
         self._power = PowerControl(store, self._bmc, server.secret_key_path, timeout=server.bmc_timeout_seconds,
@@ -719,8 +720,7 @@ class Booter:
         if profile is None:
             return []
         names = ([profile.kernel] if profile.kernel else []) + list(profile.initrd)
-        # os.path, not Path(...): a Path per asset is a fifth of a boot script's cost.
-        return [f"{n} ({self._config.assets[n]})" for n in names if not os.path.isfile(self._config.assets[n])]
+        return [f"{n} ({self._config.assets[n]})" for n in names if not self._assets.is_file(self._config.assets[n])]
 
 
 def _no_file(profile: Profile, name: str) -> str:

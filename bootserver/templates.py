@@ -10,6 +10,7 @@ import jinja2
 
 from . import grubcfg
 from .errors import BootserverError
+from .recheck import RECHECK_SECONDS, at_most_every
 
 
 def builtin_templates_dir(name: str = "ipxe") -> Path:
@@ -22,6 +23,15 @@ def builtin_templates_dir(name: str = "ipxe") -> Path:
                             f"{here.parent}/{name}): reinstall bootserver")
 
 
+class _RecheckingLoader(jinja2.FileSystemLoader):
+    """jinja2's, but whether a template file changed is asked at most once a second (recheck.py): jinja asks on
+    every render, and each boot script renders one."""
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
+        source, filename, uptodate = super().get_source(environment, template)
+        return source, filename, at_most_every(RECHECK_SECONDS, uptodate)
+
+
 class Templates:
     """The operator's templates (if any) first, then ours. Undefined variables are errors, not blanks."""
 
@@ -29,7 +39,7 @@ class Templates:
         builtin = (builtin_templates_dir("ipxe"), builtin_templates_dir("grub"))
         dirs = [str(d) for d in (extra_dir, *builtin) if d is not None]
         self._env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(dirs),
+            loader=_RecheckingLoader(dirs),
             undefined=jinja2.StrictUndefined,
             autoescape=False,  # iPXE scripts, not HTML; values are checked before they get here
             keep_trailing_newline=True,
