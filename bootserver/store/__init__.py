@@ -732,9 +732,12 @@ class Store:
         for each job, without loading every machine whole. Admitted: it phoned home with a token we issued (a
         MAC that only asked for files, as anyone on the boot network may, is no member of anything)."""
         self._written()
-        return [Member(row["mac"], row["ip"], facts.get("arch"), facts.get("platform"))
-                for row in self._rows("SELECT mac, ip, facts FROM machines WHERE host_key IS NOT NULL")
-                for facts in (json.loads(row["facts"]),)]
+        # The two facts picked out by the database: decoding every machine's facts in Python made a group's list
+        # of 1,000 machines cost each job ~4 ms (every job of a 1,000-machine storm asks).
+        arch, platform = self._db.json_text("facts", "arch"), self._db.json_text("facts", "platform")
+        rows = self._rows(f"SELECT mac, ip, {arch} AS arch, {platform} AS platform FROM machines "
+                          "WHERE host_key IS NOT NULL")
+        return [Member(row["mac"], row["ip"], row["arch"], row["platform"]) for row in rows]
 
     def node_count(self) -> int:
         self._written()
