@@ -135,16 +135,7 @@ class Runner:
         except (OSError, asyncssh.Error) as exc:  # the connection is gone (see _step), or sshd refused a session
             self._record_command(step, command, None, started, "", str(exc))
             raise
-        try:
-            result = await process.wait(timeout=timeout)
-            timed_out = False
-        except asyncssh.TimeoutError as exc:
-            result, timed_out = exc, True
-            # Closing the channel alone leaves the command running on the node (sshd does not kill it).
-            with contextlib.suppress(OSError, asyncssh.Error):
-                process.send_signal("KILL")
-        finally:
-            process.close()
+        result, timed_out = await _waited(process, timeout)
         return self._finish(step, command, result, started, timeout if timed_out else None)
 
     async def stream(self, step: str, command: str, source: Source, progress: Progress, *,
@@ -173,15 +164,7 @@ class Runner:
             process.close()
             raise
         progress(source.done, source.total, time.monotonic() - started)
-        try:
-            result = await process.wait(timeout=timeout)
-            timed_out = False
-        except asyncssh.TimeoutError as exc:
-            result, timed_out = exc, True
-            with contextlib.suppress(OSError, asyncssh.Error):
-                process.send_signal("KILL")
-        finally:
-            process.close()
+        result, timed_out = await _waited(process, timeout)
         return self._finish(step, command, result, started, timeout if timed_out else None)
 
     def _finish(self, step: str, command: str, result: Any, started: float, timed_out: float | None) -> str:
@@ -211,6 +194,19 @@ class Runner:
             "seconds": round(time.monotonic() - started, 3),
             "stdout_tail": stdout[-TAIL:], "stderr_tail": stderr[-TAIL:],
         })
+
+
+async def _waited(process: asyncssh.SSHClientProcess, timeout: float | None) -> tuple[Any, bool]:
+    """The process's result, or the TimeoutError that holds its output so far (True: it timed out, and was
+    killed: closing the channel alone leaves the command running on the node, as sshd does not kill it)."""
+    try:
+        return await process.wait(timeout=timeout), False
+    except asyncssh.TimeoutError as exc:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            process.send_signal("KILL")
+        return exc, True
+    finally:
+        process.close()
 
 
 def _text(data: bytes | str | None) -> str:
