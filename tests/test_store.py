@@ -148,6 +148,25 @@ async def test_records_written_behind_are_in_the_file_within_the_interval_and_in
     store.close()
 
 
+async def test_a_machine_first_seen_behind_is_written_as_its_records_leave_it(tmp_path):
+    """Its row in one statement (the path of a boot storm's new machines): first and last seen, the state its
+    records allow in order, their facts merged; the same as a machine that existed gets."""
+    store, new, old = Store(tmp_path / "s.sqlite3"), "52:54:00:00:00:01", "52:54:00:00:00:02"
+    store.record(old, "seen")
+    for mac in (new, old):
+        store.record_behind(mac, "script-served", {"n": 1}, state="script-served", facts={"a": "1"})
+        store.record_behind(mac, "x", {"n": 2}, state="booted", facts={"b": "2"}, only_from=["discovered"])
+        store.record_behind(mac, "y", {"n": 3}, state="kernel-served", facts={"a": "3"}, only_from=["script-served"])
+    store.flush_behind()
+    for mac in (new, old):
+        node = store.node(mac)
+        assert (node.state, node.facts) == ("kernel-served", {"a": "3", "b": "2"}), mac
+    node, events = store.node(new), store.events(new)
+    assert [e.kind for e in events] == ["script-served", "x", "y"]
+    assert (node.first_seen, node.last_seen) == (events[0].time, events[-1].time)
+    store.close()
+
+
 async def test_a_job_poll_that_finds_none_writes_nothing_queued_behind(tmp_path):
     """The provisioner polls for jobs every second. A poll that finds none only reads: as a transaction it would
     first write what waits behind the boot scripts and wait for the write lock, on the event loop (with worker

@@ -428,16 +428,16 @@ class Store:
             by_mac.setdefault(record.mac, []).append(record)
         for mac in sorted(by_mac):
             mine = by_mac[mac]
-            db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) VALUES (?, 'discovered', ?, ?, "
-                       "'{}') ON CONFLICT (mac) DO NOTHING", (mac, mine[0].time, mine[0].time))
-            row = db.execute("SELECT facts, state FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
-            state, facts = row["state"], json.loads(row["facts"])
-            for record in mine:
-                if record.state is not None and (record.only_from is None or state in record.only_from):
-                    state = record.state
-                facts.update(record.facts or {})
-            db.execute("UPDATE machines SET last_seen = ?, state = ?, facts = ? WHERE mac = ?",
-                       (mine[-1].time, state, json.dumps(facts), mac))
+            # A machine first seen in these records is written as they leave it, in one statement (a boot storm's
+            # scripts are mostly such); one we had is read, locked, and written back with what they change.
+            state, facts = _folded("discovered", {}, mine)
+            if not db.execute("INSERT INTO machines (mac, state, first_seen, last_seen, facts) VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT (mac) DO NOTHING",
+                              (mac, state, mine[0].time, mine[-1].time, json.dumps(facts))).rowcount:
+                row = db.execute("SELECT facts, state FROM machines WHERE mac = ?" + db.row_lock, (mac,)).fetchone()
+                state, facts = _folded(row["state"], json.loads(row["facts"]), mine)
+                db.execute("UPDATE machines SET last_seen = ?, state = ?, facts = ? WHERE mac = ?",
+                           (mine[-1].time, state, json.dumps(facts), mac))
             issued = [r.token for r in mine if r.token is not None]
             if issued:
                 newest = issued[-1]  # the last one served (two in one millisecond have one issue time)
@@ -616,7 +616,7 @@ class Store:
         parameters = (now, owner, *skip)
         # Most polls (one a second) find nothing: they only read. A transaction would first write what
         # record_behind queued and wait for the write lock behind every process's writer thread, on the event
-        # loop: stalls of 40-225 ms, seen as the p99 of worker processes' boot scripts.
+        # loop: stalls of up to a few hundred ms with worker processes (benchmarks/loop_stalls.py), their p99.
         if self._row(f"SELECT 1 FROM jobs WHERE {claimable} LIMIT 1", parameters) is None:
             return None
         with self._transaction() as db:
@@ -936,6 +936,15 @@ def _insert_token(db: Backend, token: Token) -> None:
     """A new token for its machine; the machine's older unused ones stop working (the live-token index)."""
     _retire_tokens(db, token)
     db.execute(_INSERT_TOKEN, _token_row(token))
+
+
+def _folded(state: str, facts: dict[str, str], records: list[Behind]) -> tuple[str, dict[str, str]]:
+    """A machine's state and facts once `records` (its, in order) are applied to them."""
+    for record in records:
+        if record.state is not None and (record.only_from is None or state in record.only_from):
+            state = record.state
+        facts.update(record.facts or {})
+    return state, facts
 
 
 def _retire_tokens(db: Backend, newest: Token) -> None:
