@@ -50,14 +50,16 @@ MAC = "52:54:00:00:00:01"
 MAC_PATH = MAC.replace(":", "-")
 SAME, NGINX, TMPFS, CROWD = "ours", "nginx", "ours, data_dir on tmpfs", "ours, a new MAC per request"
 
-# wrk: every request for another machine, 52:54:1T:NN:NN:NN (T: wrk's thread, N: its request count).
+# wrk: every request for another machine, 52:54:RR:NN:NN:NN (RR: 16 + 2 x the run's number, given as the URL's
+# path, + wrk's thread; N: its request count), so that no run asks for a machine an earlier run made.
 NEW_MAC_LUA = """
 local threads = 0
 setup = function(thread) thread:set("id", threads); threads = threads + 1 end
 local n = 0
 request = function()
   n = n + 1
-  return wrk.format("GET", string.format("/boot/52-54-%02x-%02x-%02x-%02x.ipxe", 16 + id,
+  local run = tonumber(string.match(wrk.path, "%d+")) or 0
+  return wrk.format("GET", string.format("/boot/52-54-%02x-%02x-%02x-%02x.ipxe", 16 + 2 * run + id,
     math.floor(n / 65536) % 256, math.floor(n / 256) % 256, n % 256))
 end
 """
@@ -187,11 +189,17 @@ def script_open_loop(urls: dict[str, str], rounds: int, quick: bool) -> str:
                "closed-loop view p99 ms", "send delay p99 ms"], rows)])
 
 
+def crowd_run(scripts: dict, name: str, run: int) -> tuple:
+    """The target `name` for run number `run`: the crowd's URL names the run (NEW_MAC_LUA), the others as they are."""
+    pid, cpu, url, lua = scripts[name]
+    return (pid, cpu, f"{url}{run}", lua) if name == CROWD else scripts[name]
+
+
 def script_route(scripts: dict, rounds: int, seconds: float, size: int, quick: bool) -> tuple[str, list]:
     runs: dict[str, list] = collections.defaultdict(list)
     for r in range(rounds):
         for name in alternate(list(scripts), r):
-            runs[name].append(measure(scripts[name], 50, seconds, 10))
+            runs[name].append(measure(crowd_run(scripts, name, r), 50, seconds, 10))
         print(f"  http script c=50 round {r + 1}: " + ", ".join(
             f"{n} {runs[n][-1][0].rps:.0f} req/s" for n in scripts), file=sys.stderr, flush=True)
     targets, rows = [], []
@@ -219,7 +227,7 @@ def script_route(scripts: dict, rounds: int, seconds: float, size: int, quick: b
     open_text = script_open_loop({n: scripts[n][2] for n in (SAME, NGINX)}, rounds, quick)
     profiles = []
     for name in (SAME, CROWD) if shutil.which("py-spy") else ():
-        pid, _, url, lua = scripts[name]
+        pid, _, url, lua = crowd_run(scripts, name, rounds)
         result, spent, raw = py_spy(pid, lambda u=url, s=lua: wrk(u, 50, seconds, threads=2, timeout=10, lua=s))
         profiles.append(f"\n#### {name} ({result.rps:,.0f} req/s under the profiler)\n\n"
                         + summarize_profile(raw, spent, top=10))
