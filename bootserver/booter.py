@@ -322,7 +322,8 @@ class Booter:
                                   client_ip: str | None = None, loader: Loader = IPXE) -> Payload:
         """machine_script for the servers that can wait: a script with a token is recorded behind, and any other
         write shares one COMMIT with the other requests of this event-loop turn (Store.group_commit), returned once
-        the store has kept it."""
+        the store has kept it. A full write-behind queue is waited out (Store.room_behind), not written here."""
+        await self._store.room_behind()
         with self._store.group_commit() as committed:
             payload = self.machine_script(mac_text, reported, urls, transport, client_ip, loader, behind=True)
         await committed

@@ -167,6 +167,23 @@ async def test_a_machine_first_seen_behind_is_written_as_its_records_leave_it(tm
     store.close()
 
 
+async def test_a_full_write_behind_queue_is_waited_out_with_the_event_loop_free(tmp_path, monkeypatch):
+    """room_behind waits for the writer thread instead of writing the queue on the event loop: while it waits,
+    the loop runs everything else (a synchronous write would have finished before anything else ran)."""
+    monkeypatch.setattr("bootserver.store.WRITE_BEHIND_LIMIT", 3)
+    store, mac = Store(tmp_path / "s.sqlite3"), "52:54:00:00:00:01"
+    await store.room_behind()  # room: no wait, not counted
+    for n in range(3):
+        store.record_behind(mac, "script-served", {"n": n})
+    waiter = asyncio.create_task(store.room_behind())
+    await asyncio.sleep(0)
+    assert not waiter.done() and store.queued_behind == 3  # waiting, and the loop is ours meanwhile
+    await asyncio.wait_for(waiter, 5)
+    assert store.queued_behind == 0 and store.behind_waits == 1
+    assert [e.detail["n"] for e in store.events(mac)] == [0, 1, 2]
+    store.close()
+
+
 async def test_a_job_poll_that_finds_none_writes_nothing_queued_behind(tmp_path):
     """The provisioner polls for jobs every second. A poll that finds none only reads: as a transaction it would
     first write what waits behind the boot scripts and wait for the write lock, on the event loop (with worker

@@ -319,12 +319,32 @@ class Store:
         if loop is None or self.problem is not None:
             self.record(mac, kind, detail, state=state, facts=facts, token=token, only_from=only)
             return
-        if len(self._pending) >= WRITE_BEHIND_LIMIT:
+        if len(self._pending) >= WRITE_BEHIND_LIMIT:  # a caller that could wait did (room_behind)
             self.behind_waits += 1
             self.flush_behind()
         self._pending.add(Behind(mac, time.time(), kind, detail or {}, state, facts, token, only))
         if self._behind_timer is None and self._flight is None:  # else _landed sets the next one
             self._behind_timer = loop.call_later(WRITE_BEHIND_SECONDS, self._write_behind_later)
+
+    async def room_behind(self) -> None:
+        """Wait until the write-behind queue has room: WRITE_BEHIND_LIMIT records waiting would make record_behind
+        write them on the spot, holding the event loop (stalls of hundreds of ms, every request of this process
+        with them). Here the caller waits for the writer thread instead and the loop serves on. A store known to
+        be failing does not wait: record_behind refuses the request at once."""
+        if len(self._pending) < WRITE_BEHIND_LIMIT:
+            return
+        self.behind_waits += 1
+        while len(self._pending) >= WRITE_BEHIND_LIMIT and self.problem is None:
+            if self._flight is None:  # its interval not over yet: the write starts now
+                if self._behind_timer is not None:
+                    self._behind_timer.cancel()
+                self._write_behind_later()
+            flight = self._flight
+            if flight is None:
+                return
+            with contextlib.suppress(Exception):  # a failed write is _landed's to handle (queued again, or problem)
+                await asyncio.wrap_future(flight)
+            await asyncio.sleep(0)  # _landed runs on the loop once the flight is done
 
     def _write_behind_later(self) -> None:
         """The interval is over: what is queued is written on the writer thread, the event loop serving on."""
