@@ -184,6 +184,30 @@ async def test_a_full_write_behind_queue_is_waited_out_with_the_event_loop_free(
     store.close()
 
 
+async def test_a_full_queue_on_a_failing_disk_is_not_waited_on_forever(tmp_path, monkeypatch):
+    """The write room_behind waits for fails: it returns (the records stay queued, the store says why), and the
+    script is then refused by record_behind; no retry loop of its own."""
+    require_root("chattr +i")
+    monkeypatch.setattr("bootserver.store.WRITE_BEHIND_LIMIT", 2)
+    path, mac = tmp_path / "s.sqlite3", "52:54:00:00:00:01"
+    store = Store(path)
+    store.record(mac, "first")
+    files = [str(path), f"{path}-wal"]
+    subprocess.run(["chattr", "+i", *files], check=True)
+    try:
+        store.record_behind(mac, "script-served", {"n": 1})
+        store.record_behind(mac, "script-served", {"n": 2})
+        await asyncio.wait_for(store.room_behind(), 5)
+        assert store.problem and store.queued_behind == 2 and store.behind_flushes == 0
+        with pytest.raises(StoreUnavailable):
+            store.record_behind(mac, "script-served", {"n": 3})
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    store.record(mac, "again")
+    assert [e.kind for e in store.events(mac)] == ["first", "script-served", "script-served", "again"]
+    store.close()
+
+
 async def test_a_job_poll_that_finds_none_writes_nothing_queued_behind(tmp_path):
     """The provisioner polls for jobs every second. A poll that finds none only reads: as a transaction it would
     first write what waits behind the boot scripts and wait for the write lock, on the event loop (with worker

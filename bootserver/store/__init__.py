@@ -342,8 +342,10 @@ class Store:
             flight = self._flight
             if flight is None:
                 return
-            with contextlib.suppress(Exception):  # a failed write is _landed's to handle (queued again, or problem)
+            try:
                 await asyncio.wrap_future(flight)
+            except Exception:  # _landed queues its records again (or marks the store failing): not ours to retry
+                return
             await asyncio.sleep(0)  # _landed runs on the loop once the flight is done
 
     def _write_behind_later(self) -> None:
