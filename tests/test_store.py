@@ -1,8 +1,11 @@
 """Store: schema version, events survive reopening, WAL mode, records written behind."""
 
 import asyncio
+import contextlib
 import sqlite3
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.require import require_root
@@ -123,6 +126,19 @@ def rows(path, sql: str) -> list[tuple]:
         db.close()
 
 
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """The store's files made immutable while the block runs (root ignores file modes, not this): every write
+    fails, SQLite sometimes only at COMMIT."""
+    require_root("chattr +i")
+    files = [str(path), f"{path}-wal"]
+    subprocess.run(["chattr", "+i", *files], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+
 async def test_records_written_behind_are_in_the_file_within_the_interval_and_in_order(tmp_path):
     path, mac = tmp_path / "s.sqlite3", "52:54:00:00:00:01"
     store = Store(path)
@@ -187,22 +203,17 @@ async def test_a_full_write_behind_queue_is_waited_out_with_the_event_loop_free(
 async def test_a_full_queue_on_a_failing_disk_is_not_waited_on_forever(tmp_path, monkeypatch):
     """The write room_behind waits for fails: it returns (the records stay queued, the store says why), and the
     script is then refused by record_behind; no retry loop of its own."""
-    require_root("chattr +i")
     monkeypatch.setattr("bootserver.store.WRITE_BEHIND_LIMIT", 2)
     path, mac = tmp_path / "s.sqlite3", "52:54:00:00:00:01"
     store = Store(path)
     store.record(mac, "first")
-    files = [str(path), f"{path}-wal"]
-    subprocess.run(["chattr", "+i", *files], check=True)
-    try:
+    with immutable(path):
         store.record_behind(mac, "script-served", {"n": 1})
         store.record_behind(mac, "script-served", {"n": 2})
         await asyncio.wait_for(store.room_behind(), 5)
         assert store.problem and store.queued_behind == 2 and store.behind_flushes == 0
         with pytest.raises(StoreUnavailable):
             store.record_behind(mac, "script-served", {"n": 3})
-    finally:
-        subprocess.run(["chattr", "-i", *files], check=True)
     store.record(mac, "again")
     assert [e.kind for e in store.events(mac)] == ["first", "script-served", "script-served", "again"]
     store.close()
@@ -239,13 +250,10 @@ async def test_a_record_written_behind_never_moves_a_machine_back(tmp_path):
 async def test_records_written_behind_outlive_a_failed_write_and_a_failed_group_commit(tmp_path):
     """The disk refuses every write (the files made immutable; SQLite may find out only at COMMIT): what waits
     stays queued, in order, also when a group commit's request made the write; written once the disk is back."""
-    require_root("chattr +i")
     path, mac = tmp_path / "s.sqlite3", "52:54:00:00:00:01"
     store = Store(path)
     store.record(mac, "first")
-    files = [str(path), f"{path}-wal"]
-    subprocess.run(["chattr", "+i", *files], check=True)
-    try:
+    with immutable(path):
         store.record_behind(mac, "script-served", {"n": 1})
         await asyncio.sleep(0.2)
         assert store.problem and store.queued_behind == 1
@@ -254,8 +262,6 @@ async def test_records_written_behind_outlive_a_failed_write_and_a_failed_group_
                 store.record_behind(mac, "script-served", {"n": 2})
             await committed
         assert store.queued_behind == 1
-    finally:
-        subprocess.run(["chattr", "-i", *files], check=True)
     store.record(mac, "again")
     assert [e.kind for e in store.events(mac)] == ["first", "script-served", "again"]
     store.close()
