@@ -100,6 +100,10 @@ class JobOwner(Protocol):
     def reboot_soon(self, mac: str) -> None: ...
 
 
+# How long a first boot's overlay waits for the machine's first record, written behind by another process (100 ms).
+FIRST_RECORD_WAIT_SECONDS = 1.0
+
+
 class Booter:
     def __init__(self, config: Config, store: Store, templates: Templates, keys: ServerKeys,
                  siblings: Siblings | None = None) -> None:
@@ -461,21 +465,30 @@ class Booter:
             "authorized_keys": [self._keys.ssh_public, *self._config.server.ssh_keys],
         }
 
-    def seen(self, mac_text: str) -> bool:
-        """Whether the machine has a row here yet (what this process wrote behind counts; another's only once
-        written)."""
-        return self._store.node(canonical_mac(mac_text)) is not None
-
     def overlay(self, mac_text: str, token: str, urls: Urls) -> Payload:
         """The node config as an initrd overlay (cpio), for any Linux initramfs."""
         config = self.node_config(mac_text, token, urls)
-        return Payload(OVERLAY_NAME, data=overlay_cpio(config, after=self._initrd_bytes(config["mac"])),
-                       mac=config["mac"])
+        return self._overlay(config, self._store.node(config["mac"]))
 
-    def _initrd_bytes(self, mac: str) -> int:
+    async def overlay_kept(self, mac_text: str, token: str, urls: Urls) -> Payload:
+        """overlay() for the servers that can wait. Its padding depends on the machine's platform, which a first
+        boot's script recorded; another process of this server (or a replica) may have served that script, its
+        record still in that process's write-behind queue (WRITE_BEHIND_SECONDS): a live token's overlay waits up
+        to FIRST_RECORD_WAIT_SECONDS for the machine's row rather than guess. The token is checked first: a forged
+        one does not wait."""
+        config = self.node_config(mac_text, token, urls)
+        node, deadline = self._store.node(config["mac"]), time.monotonic() + FIRST_RECORD_WAIT_SECONDS
+        while node is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            node = self._store.node(config["mac"])
+        return self._overlay(config, node)
+
+    def _overlay(self, config: dict[str, Any], node: Node | None) -> Payload:
+        return Payload(OVERLAY_NAME, data=overlay_cpio(config, after=self._initrd_bytes(node)), mac=config["mac"])
+
+    def _initrd_bytes(self, node: Node | None) -> int:
         """Bytes of the initrds the machine's profile loads before the overlay, where they are joined unpadded: by
         UEFI's kernel stub. Under BIOS iPXE itself starts each initrd on a 4-byte boundary (so: 0)."""
-        node = self._store.node(mac)
         if node is None or node.facts.get("platform") != "efi":
             return 0
         profile = self.spec_of(node).profile

@@ -32,8 +32,6 @@ from ..errors import BadRequest
 from ..payload import Payload
 from .routes import BOOTER, PUBLIC_ADDRESS, get, post
 
-# How long a first boot's overlay waits for the machine's first record, written behind by another process (100 ms).
-FIRST_RECORD_WAIT_SECONDS = 1.0
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
@@ -189,16 +187,7 @@ async def node_config(request: web.Request) -> web.Response:
 
 async def overlay(request: web.Request) -> web.Response:
     booter = request.app[BOOTER]
-    mac, token = request.match_info["mac"], request.match_info["token"]
-    payload = booter.overlay(mac, token, urls(request))  # its token checked first: only a live one waits below
-    # Its padding depends on the machine's platform, which a first boot's script recorded. Another process of this
-    # server (or a replica) may have served that script, its record still in that process's write-behind queue
-    # (WRITE_BEHIND_SECONDS): wait for it to land rather than guess.
-    if not booter.seen(mac):
-        deadline = time.monotonic() + FIRST_RECORD_WAIT_SECONDS
-        while not booter.seen(mac) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        payload = booter.overlay(mac, token, urls(request))
+    payload = await booter.overlay_kept(request.match_info["mac"], request.match_info["token"], urls(request))
     assert payload.data is not None
     response = web.Response(body=payload.data, content_type="application/octet-stream")
     await response.prepare(request)
