@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from support.net import listeners  # tests/support: fuzz/run puts tests/ on the path
+
 from bootserver.dhcp import DhcpPacket
 from bootserver.errors import BadRequest
 from bootserver.mac import canonical_mac
@@ -162,18 +164,8 @@ class Server:
         return [pid]
 
     def listening(self) -> int:
-        """How many of the server's processes hold a socket listening on its HTTP port (from /proc)."""
-        inodes = set()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == self.http and fields[3] == "0A":  # 0A: LISTEN
-                    inodes.add(f"socket:[{fields[9]}]")
-        count = 0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                count += any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
-        return count
+        """How many of the server's processes hold a socket listening on its HTTP port."""
+        return len(listeners(self.http) & set(self.pids()))
 
     def fds(self) -> int:
         """Open files of all the server's processes."""

@@ -17,6 +17,7 @@ import asyncssh
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.config import hostname_site, server_section
+from support.net import listeners
 from support.serve import serving
 from support.wait import until, until_async
 
@@ -47,23 +48,6 @@ def served(tmp_path: Path):
         yield process, config, data, log
 
 
-def listeners(port: int) -> set[int]:
-    """The pids of the processes holding a socket that listens on TCP `port`, read from /proc."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                inodes.add(f"socket:[{fields[9]}]")
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
-                    pids.add(int(entry.name))
-            except OSError:  # gone meanwhile, or not ours
-                continue
-    return pids
 
 
 def http_port(log: Path) -> int:
